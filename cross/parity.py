@@ -1,0 +1,151 @@
+"""Cross-architecture parity: does the emulated arm64 device compute what x86-64 computes?
+
+Two halves in one file, so the device runs exactly the code the host runs:
+
+``probe`` (runs anywhere ``edgefleet[device]`` is installed, host or device)
+    loads the package through :class:`edgefleet.device.predictor.Predictor` (which also
+    checks the golden outputs), writes every int8 variant's logits on the given inputs,
+    and one DP-SGD round of :func:`edgefleet.device.dp.train_dp_sgd` from the package's
+    fp32 weights with a fixed seed.
+
+``compare`` (host only: needs root, the cached rootfs and scikit-learn for the split)
+    runs the probe natively and inside the device (``cross/run.sh``) on the whole digits
+    test split and prints the agreement as one JSON object.
+
+    python cross/parity.py compare --package out/digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CROSS = Path(__file__).resolve().parent
+#: The int8 variants a device serves; fp32 is reported too, for reference.
+VARIANTS = ("onnx-int8", "tflite-int8", "onnx-fp32")
+DP_SEED = 20240611
+#: One local round as a device runs it (clip C, noise σ, Poisson rate q, steps, lr).
+DP_CONFIG = {"clip": 1.0, "sigma": 1.0, "q": 0.1, "steps": 10, "lr": 0.1}
+#: float32 weights after 10 steps: BLAS kernels differ per architecture in the last bits.
+DP_ATOL = 1e-4
+
+
+def probe(package: Path, inputs: Path, out: Path) -> None:
+    """Write logits per variant and the weights after one seeded DP-SGD round to ``out``."""
+    from edgefleet.device.dp import DpSgdConfig, train_dp_sgd
+    from edgefleet.device.predictor import Predictor
+    from edgefleet.models.mlp import MLP
+
+    data = np.load(inputs, allow_pickle=False)
+    result: dict[str, Any] = {}
+    manifest = None
+    for name in VARIANTS:
+        pred = Predictor.load(package, variant=name, threads=1)
+        manifest = pred.manifest
+        result[f"logits/{name}"] = pred.logits(data["x"])
+    assert manifest is not None
+    mean = np.asarray(manifest.normalization.mean, dtype=np.float32)
+    std = np.asarray(manifest.normalization.std, dtype=np.float32)
+    with np.load(package / "params.npz", allow_pickle=False) as p:
+        params = [p[f"arr_{i}"] for i in range(len(p.files))]
+    model = MLP.from_params(params)
+    x_dp = ((data["dp_x"] - mean) / std).astype(np.float32)
+    train_dp_sgd(model, x_dp, data["dp_y"], DpSgdConfig(**DP_CONFIG),  # type: ignore[arg-type]
+                 np.random.default_rng(DP_SEED))
+    for i, arr in enumerate(model.params):
+        result[f"dp/{i}"] = arr
+    result["machine"] = np.array(platform.machine())
+    np.savez(out, **result)
+
+
+def _device_probe(package: Path, work: Path, rootfs: str | None, cpu: str | None) -> None:
+    cmd = [str(CROSS / "run.sh")]
+    if rootfs:
+        cmd += ["--rootfs", rootfs]
+    if cpu:
+        cmd += ["--cpu", cpu]
+    cmd += ["--ro-bind", f"{CROSS}:/mnt/cross", "--ro-bind", f"{package}:/mnt/pkg",
+            "--bind", f"{work}:/mnt/io", "--",
+            "python", "/mnt/cross/parity.py", "probe", "--package", "/mnt/pkg",
+            "--inputs", "/mnt/io/inputs.npz", "--out", "/mnt/io/arm64.npz"]
+    subprocess.run(cmd, check=True, timeout=900)
+
+
+def compare(package: Path, rootfs: str | None = None, cpu: str | None = None) -> dict[str, Any]:
+    """Run the probe on both architectures; argmax agreement and DP weight differences.
+
+    ``cpu`` is the emulated CPU model (``cross/run.sh --cpu``; default a Raspberry Pi 4's).
+    """
+    from edgefleet.models.build import load_params
+    from edgefleet.models.tasks import get_task
+
+    split = get_task("digits").split()
+    package = package.resolve()
+    with tempfile.TemporaryDirectory(prefix="edgefleet-parity-") as tmp:
+        work = Path(tmp)
+        np.savez(work / "inputs.npz", x=split.x_test, dp_x=split.x_train[:400],
+                 dp_y=split.y_train[:400])
+        subprocess.run([sys.executable, __file__, "probe", "--package", str(package),
+                        "--inputs", str(work / "inputs.npz"), "--out", str(work / "x86.npz")],
+                       check=True, timeout=600)
+        _device_probe(package, work, rootfs, cpu)
+        host = dict(np.load(work / "x86.npz", allow_pickle=False))
+        dev = dict(np.load(work / "arm64.npz", allow_pickle=False))
+    report: dict[str, Any] = {
+        "host_machine": str(host["machine"]), "device_machine": str(dev["machine"]),
+        "device_cpu": cpu or "cortex-a72",
+        "n_test": len(split.y_test), "variants": {},
+    }
+    for name in VARIANTS:
+        a, b = host[f"logits/{name}"], dev[f"logits/{name}"]
+        report["variants"][name] = {
+            "argmax_agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
+            "max_abs_logit_diff": float(np.max(np.abs(a - b))),
+            "accuracy_x86": float(np.mean(a.argmax(1) == split.y_test)),
+            "accuracy_arm64": float(np.mean(b.argmax(1) == split.y_test)),
+        }
+    start = load_params(package / "params.npz")
+    n = len(start)
+    diff = max(float(np.max(np.abs(host[f"dp/{i}"] - dev[f"dp/{i}"]))) for i in range(n))
+    upd = np.concatenate([(host[f"dp/{i}"] - start[i]).ravel() for i in range(n)])
+    upd_dev = np.concatenate([(dev[f"dp/{i}"] - start[i]).ravel() for i in range(n)])
+    report["dp"] = {
+        **DP_CONFIG, "seed": DP_SEED, "max_abs_weight_diff": diff, "atol": DP_ATOL,
+        "update_norm": float(np.linalg.norm(upd)),
+        "relative_update_diff": float(np.linalg.norm(upd - upd_dev) / np.linalg.norm(upd)),
+        "within_tolerance": diff <= DP_ATOL,
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``probe`` or ``compare`` (see the module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("probe", help="write logits and a DP round for these inputs")
+    p.add_argument("--package", type=Path, required=True)
+    p.add_argument("--inputs", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("compare", help="x86-64 against the emulated arm64 device")
+    c.add_argument("--package", type=Path, required=True)
+    c.add_argument("--rootfs", help="rootfs to use (default: the cached one)")
+    c.add_argument("--cpu", help="emulated CPU model (default: cortex-a72, a Pi 4)")
+    args = ap.parse_args(argv)
+    if args.cmd == "probe":
+        probe(args.package, args.inputs, args.out)
+    else:
+        print(json.dumps(compare(args.package, args.rootfs, args.cpu), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

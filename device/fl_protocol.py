@@ -1,0 +1,73 @@
+"""What the ServerApp and the device's ClientApp agree on: config keys, reply codes, arrays.
+
+Kept in one small module so the two sides cannot drift: a decline for privacy budget
+travels as a Flower ``Error`` with :data:`DECLINED_BUDGET`, which the server counts as
+a declined node rather than a failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "DECLINED_BUDGET",
+    "DP_MODES",
+    "METRICS",
+    "REJECTED_INPUT",
+    "from_arrays",
+    "is_decline",
+    "to_arrays",
+]
+
+#: Record names inside each message (Flower's strategies default to these).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+#: ``Error.code`` of a device that refuses to train because of its privacy budget.
+DECLINED_BUDGET = 4101
+#: ``Error.code`` of a device that refuses a malformed global model or task config.
+REJECTED_INPUT = 4102
+
+DP_MODES = ("sample", "client", "off")
+
+
+def is_decline(code: int) -> bool:
+    """True for replies the server counts as a declined node, not a failed one."""
+    return code == DECLINED_BUDGET
+
+
+def to_arrays(params: Sequence[npt.NDArray[np.floating]]) -> list[npt.NDArray[np.float32]]:
+    """The MLP's ``[W1, b1, ...]`` as contiguous float32 arrays for an ``ArrayRecord``."""
+    return [np.ascontiguousarray(p, dtype=np.float32) for p in params]
+
+
+def from_arrays(arrays: Sequence[npt.NDArray[np.generic]], sizes: Sequence[int] | None = None
+                ) -> list[npt.NDArray[np.float32]]:
+    """Validate a received global model: float, finite, shapes chaining as an MLP.
+
+    Raises ``ValueError`` naming the problem; ``sizes`` pins the expected layer sizes.
+    """
+    out: list[npt.NDArray[np.float32]] = []
+    for i, a in enumerate(arrays):
+        arr = np.asarray(a)
+        if arr.dtype.kind != "f":
+            raise ValueError(f"array {i} has dtype {arr.dtype}, expected float")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"array {i} holds NaN or Inf")
+        out.append(arr.astype(np.float32))
+    if len(out) < 2 or len(out) % 2:
+        raise ValueError(f"expected [W1, b1, ...], got {len(out)} arrays")
+    got = [out[0].shape[0] if out[0].ndim == 2 else -1]
+    for w, b in zip(out[::2], out[1::2], strict=True):
+        if w.ndim != 2 or b.shape != (w.shape[1],) or w.shape[0] != got[-1]:
+            raise ValueError(f"inconsistent layer shapes {w.shape} / {b.shape}")
+        got.append(w.shape[1])
+    if sizes is not None and tuple(got) != tuple(sizes):
+        raise ValueError(f"layer sizes {tuple(got)} differ from expected {tuple(sizes)}")
+    return out

@@ -1,0 +1,1 @@
+"""The server side of edgefleet: federated runs, registry, cloud scorer, ingest, CLI."""

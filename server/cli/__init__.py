@@ -1,0 +1,84 @@
+"""``edgefleet``: the fleet operator's command line.
+
+Each command group lives in its own module and registers itself on :data:`app`;
+heavy libraries are imported inside commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from edgefleet.device.cli_support import run_app, version_callback
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="edgefleet",
+    help=(
+        "Operate an edgefleet: build and quantize models, run federated training, "
+        "sign and roll out updates, and watch the fleet's telemetry.\n\n"
+        "Start with: edgefleet models build --task digits --out out/digits"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Operate an edgefleet."""
+
+
+def _register() -> None:
+    """Attach every command group; their modules import heavy libraries lazily."""
+    from edgefleet.server.cli import (
+        audit_cmd,
+        certs_cmd,
+        demo_cmd,
+        devices_cmd,
+        explain_cmd,
+        fleet_cmd,
+        ingest_cmd,
+        keys_cmd,
+        models_cmd,
+        predict_cmd,
+        registry_cmd,
+        retrain_cmd,
+        rollout_cmd,
+        scorer_cmd,
+        telemetry_cmd,
+        train_cmd,
+    )
+
+    groups = {
+        "models": models_cmd.app, "certs": certs_cmd.app, "scorer": scorer_cmd.app,
+        "fleet": fleet_cmd.app, "ingest": ingest_cmd.app, "telemetry": telemetry_cmd.app,
+        "devices": devices_cmd.app, "keys": keys_cmd.app, "registry": registry_cmd.app,
+        "audit": audit_cmd.app, "retrain": retrain_cmd.retrain_app,
+        "approvals": retrain_cmd.approvals_app,
+    }
+    for name, group in groups.items():
+        app.add_typer(group, name=name)
+    commands: dict[str, Callable[..., Any]] = {
+        "demo": demo_cmd.demo, "train": train_cmd.train, "predict": predict_cmd.predict,
+        "explain": explain_cmd.explain, "alerts": fleet_cmd.alerts, "report": fleet_cmd.report,
+    }
+    for name, fn in commands.items():
+        app.command(name)(fn)
+    fleet_cmd.app.command("init")(devices_cmd.fleet_init)
+    rollout_cmd.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    run_app(app)

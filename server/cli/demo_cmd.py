@@ -1,0 +1,109 @@
+"""``edgefleet demo``: run a whole fleet on this machine and print what happened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.panel import Panel
+from rich.table import Table
+
+from edgefleet.device.cli_support import console, print_json
+
+__all__ = ["demo"]
+
+
+def demo(
+    devices: int = typer.Option(5, "--devices", "-n", min=2, max=50, help="Device agents."),
+    rounds: int = typer.Option(3, "--rounds", "-r", min=1, help="Federated rounds."),
+    task: str = typer.Option("digits", "--task", help="digits or vibration."),
+    epsilon: float = typer.Option(8.0, "--epsilon", min=0.01, help="DP budget of the run."),
+    rate: float = typer.Option(20.0, "--rate", min=0.1, help="Sensor frames/s per device."),
+    stream: float = typer.Option(20.0, "--stream", min=0.0,
+                                 help="Seconds of streaming after the rollout."),
+    workdir: Path = typer.Option(Path("demo-out"), "--workdir",
+                                 help="Logs, keys, stores and the HTML report go here."),
+    arm_devices: int = typer.Option(0, "--arm-devices", min=0,
+                                    help="Run the last N agents in emulated arm64 devices "
+                                         "(cross/; root; see docs/arm64.md)."),
+    tampered_update: bool = typer.Option(False, "--tampered-update",
+                                         help="Also assign an update whose archive was "
+                                              "corrupted after signing; devices refuse it."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Start broker, registry, ingest, scorer, SuperLink and N agents; train, roll out, report.
+
+    Everything runs as real processes on loopback ports; Ctrl-C stops them all.
+    Examples:
+      edgefleet demo --devices 5 --rounds 3 --task digits
+      edgefleet demo --devices 3 --arm-devices 2 --rounds 2 --tampered-update   # as root
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from edgefleet.server.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(devices=devices, rounds=rounds, task=task, epsilon=epsilon, rate=rate,
+                       stream_s=stream, workdir=workdir, arm_devices=arm_devices,
+                       tampered_update=tampered_update)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, disable=json_out) as bar:
+        tid = bar.add_task("starting", total=None)
+        last: list[str] = []
+
+        def say(msg: str) -> None:
+            if last and not json_out:
+                bar.console.print(f"[green]✓[/] {last[-1]}")
+            last.append(msg)
+            bar.update(tid, description=msg)
+
+        report = run_demo(opts, say)
+        say("done")
+    if json_out:
+        print_json(report)
+        return
+    _print_report(report)
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    t = Table("round", "accuracy", "ε", "nodes", title="federated training (DP)")
+    for row in r["rounds"]:
+        eps = row["epsilon"]
+        t.add_row(str(row["round"]), f"{row['accuracy']:.4f}",
+                  "—" if eps is None else f"{eps:.3f}", str(row["nodes"]))
+    console.print(t)
+    lat = r["latency_ms"]
+    tel = r["telemetry"]
+    lines = [
+        f"devices {r['devices']}   inferences {r['inferences']}",
+        f"answered locally {_pct(r['local_share'])}   by the cloud {_pct(r['fallback_share'])}"
+        f"   degraded {_pct(r['degraded_share'])}",
+        f"latency p50 {lat['p50'] or 0:.3f} ms   p99 {lat['p99'] or 0:.3f} ms",
+        f"telemetry published {tel['published']}   stored {tel['stored']}   lost {tel['lost']}"
+        f"   duplicated {tel['duplicated']}   (duplicates dropped at ingest "
+        f"{tel['duplicates_dropped_at_ingest']}, still spooled {tel['pending']})",
+    ]
+    console.print(Panel("\n".join(lines), title="fleet"))
+    ev = Table("rollout event", "model", "devices", "status", title="rollout")
+    for e in r["rollout"]:
+        ev.add_row(e["event"], f"{e.get('model')}@{e.get('version')}",
+                   ", ".join(e.get("devices") or []) or "fleet", str(e.get("status")))
+    console.print(ev)
+    d = Table("device", "model", "inferences", "ε spent")
+    for row in r["per_device"]:
+        d.add_row(row["device"], row["model"], str(row["inferences"]),
+                  "—" if row["epsilon"] is None else f"{row['epsilon']:.3f}")
+    console.print(d)
+    if r.get("arm"):
+        console.print("emulated arm64 devices: " + ", ".join(
+            f"{k} ({v['machine']}, {v['variant']})" for k, v in r["arm"]["devices"].items()))
+    if r.get("tampered"):
+        t = r["tampered"]
+        console.print(f"tampered update {t['ref']} refused by: {', '.join(t['refused_by'])}")
+    console.print(f"HTML report: {r.get('html_report')}   work folder: {r['workdir']}")
+    console.print("step times (s): " + ", ".join(f"{k}: {v}" for k, v in
+                                                  r["timings_s"].items()))

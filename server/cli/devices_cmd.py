@@ -1,0 +1,199 @@
+"""``edgefleet devices enroll|ls|revoke|sync`` and ``edgefleet fleet init``: who may join.
+
+Every command takes ``--home`` (default ``$EDGEFLEET_HOME``, else
+``~/.local/share/edgefleet``), the fleet home that ``fleet init`` creates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgefleet.device.cli_support import console, print_json
+
+__all__ = ["app", "fleet_init"]
+
+app = typer.Typer(help="Enroll devices (credentials, keys, bundles), list and revoke them.",
+                  no_args_is_help=True)
+
+
+def _home_option() -> Any:
+    return typer.Option(None, "--home", envvar="EDGEFLEET_HOME",
+                        help="Fleet home folder [default: ~/.local/share/edgefleet].")
+
+
+def _open(home: Path | None) -> Any:
+    from edgefleet.server.fleet_home import FleetHome
+
+    return FleetHome(home)
+
+
+def _host_port(value: str, what: str) -> tuple[str, int]:
+    from edgefleet.device.errors import UsageError
+    from edgefleet.server.cli.scorer_cmd import parse_broker
+
+    try:
+        return parse_broker(value)
+    except UsageError:
+        raise UsageError(f"{what} must be HOST:PORT, not {value!r}") from None
+
+
+def fleet_init(
+    home: Path | None = _home_option(),
+    broker: str = typer.Option("127.0.0.1:1883", "--broker", help="Broker HOST:PORT devices use."),
+    broker_ca: Path | None = typer.Option(None, "--broker-ca", help="CA of the broker's TLS "
+                                                                    "certificate (turns TLS on)."),
+    broker_pid_file: Path | None = typer.Option(
+        None, "--broker-pid-file", help="mosquitto's pid file; enroll/revoke SIGHUP it "
+                                        "(Debian: /run/mosquitto/mosquitto.pid)."),
+    superlink: str | None = typer.Option(None, "--superlink", help="SuperLink HOST:PORT."),
+    superlink_ca: Path | None = typer.Option(None, "--superlink-ca",
+                                             help="CA of the SuperLink (edgefleet certs init)."),
+    metadata_url: str = typer.Option("", "--metadata-url", help="Registry TUF metadata URL."),
+    targets_url: str = typer.Option("", "--targets-url", help="Registry targets URL."),
+    trusted_root: Path | None = typer.Option(None, "--trusted-root",
+                                             help="root.json to pin (edgefleet registry root)."),
+    update: bool = typer.Option(False, "--update", help="Change the settings of an existing "
+                                                       "home (devices are kept)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Create the fleet home: fleet.toml, service accounts and broker password/ACL files.
+
+    Example:
+        edgefleet fleet init --broker mqtt.example.org:8883 --broker-ca ca.pem
+        --superlink fl.example.org:9092 --superlink-ca certs/ca.pem
+        --metadata-url https://reg.example.org/metadata/
+        --targets-url https://reg.example.org/targets/ --trusted-root root.json
+
+    Then point mosquitto at the files it prints (password_file, acl_file).
+    """
+    from edgefleet.server.fleet_home import SERVICE_ROLES, FleetHome
+
+    host, port = _host_port(broker, "--broker")
+    if superlink:
+        _host_port(superlink, "--superlink")
+    h = FleetHome.create(home, update=update, broker_host=host, broker_port=port,
+                         broker_ca=broker_ca, broker_pid_file=broker_pid_file,
+                         superlink=superlink, superlink_ca=superlink_ca,
+                         metadata_url=metadata_url, targets_url=targets_url,
+                         trusted_root=trusted_root)
+    files = h.broker_files()
+    services = {r: str(h.root / "services" / f"{r}.password") for r in SERVICE_ROLES}
+    info = {"home": str(h.root), "password_file": str(files.password_file),
+            "acl_file": str(files.acl_file), "services": services}
+    if json_out:
+        print_json(info)
+        return
+    console.print(f"[green]fleet home[/] {h.root}")
+    console.print(f"mosquitto: password_file {files.password_file}\n"
+                  f"           acl_file {files.acl_file}")
+    console.print("service passwords: " + ", ".join(services.values()))
+
+
+@app.command()
+def enroll(
+    name: str = typer.Argument(..., help="Device name (its MQTT user and telemetry id)."),
+    group: str = typer.Option("default", "--group", "-g", help="Rollout group."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Bundle folder, or a .tar.gz "
+                                    "[default: <home>/bundles/NAME]."),
+    no_register: bool = typer.Option(False, "--no-register", help="Do not contact the "
+                                     "SuperLink now (run `devices sync` later)."),
+    home: Path | None = _home_option(),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Create a device's broker account and SuperNode key and write its bundle.
+
+    Example: edgefleet devices enroll pi-07 --group line-2 --out pi-07.tar.gz
+
+    Copy the bundle to the device over a trusted channel, then on the device:
+    sudo edgefleet-agent enroll pi-07.tar.gz --state-dir /var/lib/edgefleet
+    """
+    from edgefleet.server.fleet_home import enroll_device
+
+    h = _open(home)
+    conn = None if no_register else h.superlink_conn()
+    bundle = enroll_device(h, name, group, out=out, superlink=conn)
+    row = h.devices.get(name)
+    if json_out:
+        print_json({"bundle": str(bundle), "device": row.as_dict()})
+        return
+    console.print(f"[green]enrolled[/] {name} (group {group}); bundle {bundle} "
+                  f"(secret: copy it to the device, then delete it)")
+    if row.fl_state == "pending" and h.settings.superlink:
+        console.print("SuperNode key not registered yet: run `edgefleet devices sync`")
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts).isoformat(
+        sep=" ", timespec="seconds")
+
+
+@app.command("ls")
+def ls(home: Path | None = _home_option(),
+       json_out: bool = typer.Option(False, "--json", help="One JSON object: {devices: [...]}."),
+       ) -> None:
+    """List enrolled devices (revoked ones too) with their SuperLink state.
+
+    Example: edgefleet devices ls --json
+    """
+    from rich.table import Table
+
+    rows = _open(home).devices.all()
+    if json_out:
+        print_json({"devices": [r.as_dict() for r in rows]})
+        return
+    t = Table(title=f"{sum(r.active for r in rows)} enrolled, "
+                    f"{sum(not r.active for r in rows)} revoked")
+    for col in ("device", "group", "enrolled", "revoked", "SuperNode", "node id"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.name, r.group, _when(r.enrolled_at), _when(r.revoked_at), r.fl_state,
+                  "-" if r.node_id is None else str(r.node_id))
+    console.print(t)
+
+
+@app.command()
+def revoke(name: str = typer.Argument(..., help="Device name."),
+           home: Path | None = _home_option(),
+           json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")
+           ) -> None:
+    """Cut a device off the broker and the SuperLink.
+
+    Removes its broker account (and SIGHUPs the broker when broker_pid_file is set) and
+    unregisters its SuperNode key from the SuperLink.
+
+    Example: edgefleet devices revoke pi-07
+    """
+    from edgefleet.server.fleet_home import revoke_device
+
+    h = _open(home)
+    revoke_device(h, name, superlink=h.superlink_conn())
+    row = h.devices.get(name)
+    if json_out:
+        print_json({"device": row.as_dict()})
+        return
+    console.print(f"[red]revoked[/] {name}; SuperNode {row.fl_state}")
+
+
+@app.command()
+def sync(home: Path | None = _home_option(),
+         json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Register pending SuperNode keys and unregister revoked ones on the SuperLink.
+
+    Example: edgefleet devices sync
+    """
+    from edgefleet.device.errors import UsageError
+    from edgefleet.server.fleet_home import register_pending
+
+    h = _open(home)
+    conn = h.superlink_conn()
+    if conn is None:
+        raise UsageError("no SuperLink configured (edgefleet fleet init --update --superlink)")
+    done = register_pending(h, conn)
+    if json_out:
+        print_json({"synced": done})
+        return
+    console.print(f"synced {len(done)} device(s): {', '.join(done) or '-'}")

@@ -1,0 +1,181 @@
+"""``edgefleet fleet ls|show``, ``edgefleet alerts``, ``edgefleet report``: read the fleet store.
+
+Every command takes ``--db`` (a SQLite path or a ``postgresql://`` DSN; default
+``$EDGEFLEET_DB`` or ``~/.local/share/edgefleet/fleet.db``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.errors import UsageError
+
+__all__ = ["alerts", "app", "db_option", "report"]
+
+app = typer.Typer(help="The device registry: who is online, what they run, how they do.",
+                  no_args_is_help=True)
+
+
+def db_option() -> Any:
+    """The shared ``--db`` option."""
+    return typer.Option(None, "--db", envvar="EDGEFLEET_DB",
+                        help="Fleet store: SQLite path or postgresql:// DSN "
+                             "[default: ~/.local/share/edgefleet/fleet.db].")
+
+
+def _store(db: str | None) -> Any:
+    from edgefleet.server.store import default_db, open_store
+
+    target = db or default_db()
+    if "://" not in target and not Path(target).exists():
+        raise UsageError(f"no fleet store at {target} (run `edgefleet ingest run` first, "
+                         "or pass --db)")
+    return open_store(target)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+
+
+def _rate(n: int, total: int) -> float | None:
+    return round(n / total, 4) if total else None
+
+
+def _row(d: dict[str, Any]) -> dict[str, Any]:
+    drift = [v for v in (d["drift_input"], d["drift_confidence"]) if v is not None]
+    return {"device": d["device"], "online": bool(d["online"]), "last_seen": d["last_seen"],
+            "model_version": d["model_version"], "model_name": d["model_name"],
+            "inferences": d["n_inferences"],
+            "fallback_rate": _rate(d["n_fallback"], d["n_inferences"]),
+            "degraded_rate": _rate(d["n_degraded"], d["n_inferences"]),
+            "drift": max(drift) if drift else None, "epsilon": d["epsilon"],
+            "messages": d["messages"], "spool_dropped": d["spool_dropped"]}
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{v:.1%}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+@app.command("ls")
+def ls(db: str | None = db_option(),
+       json_out: bool = typer.Option(False, "--json", help="One JSON object: {devices: [...]}.")
+       ) -> None:
+    """List every device the ingest has heard of.
+
+    Example: edgefleet fleet ls --db fleet.db
+    """
+    from rich.table import Table
+
+    rows = [_row(d) for d in _store(db).devices()]
+    if json_out:
+        print_json({"devices": rows})
+        return
+    t = Table(title=f"{len(rows)} devices")
+    for col in ("device", "online", "last seen", "model", "inferences", "fallback",
+                "degraded", "drift PSI", "ε"):
+        t.add_column(col, justify="left" if col in ("device", "model", "last seen") else "right")
+    for r in rows:
+        t.add_row(r["device"], "[green]yes[/]" if r["online"] else "[red]no[/]",
+                  _when(r["last_seen"]), r["model_version"] or "-", str(r["inferences"]),
+                  _fmt(r["fallback_rate"], True), _fmt(r["degraded_rate"], True),
+                  _fmt(r["drift"]), _fmt(r["epsilon"]))
+    console.print(t)
+
+
+@app.command()
+def show(device: str = typer.Argument(..., help="Device id."), db: str | None = db_option(),
+         json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """Everything the store knows about one device: registry row, latest report, events.
+
+    Example: edgefleet fleet show pi-07
+    """
+    store = _store(db)
+    d = store.device(device)
+    if d is None:
+        raise UsageError(f"unknown device {device!r} (see `edgefleet fleet ls`)")
+    events = store.events(device=device, limit=20)
+    if json_out:
+        print_json({"device": {**_row(d), **d}, "events": events})
+        return
+    r = _row(d)
+    console.print(f"[bold]{device}[/]  {'[green]online[/]' if r['online'] else '[red]offline[/]'}"
+                  f"  last seen {_when(r['last_seen'])}  model {r['model_name'] or '-'} "
+                  f"{r['model_version'] or ''}")
+    console.print(f"inferences {r['inferences']}  fallback {_fmt(r['fallback_rate'], True)}  "
+                  f"degraded {_fmt(r['degraded_rate'], True)}  drift {_fmt(r['drift'])}  "
+                  f"ε {_fmt(r['epsilon'])}  messages {d['messages']} "
+                  f"(duplicates dropped {d['duplicates']})  spool dropped {d['spool_dropped']}")
+    body = d["last_metrics"] or {}
+    lat = body.get("latency_ms") or {}
+    if lat:
+        console.print(f"latency p50 {_fmt(lat.get('p50'))} ms  p95 {_fmt(lat.get('p95'))} ms  "
+                      f"p99 {_fmt(lat.get('p99'))} ms")
+    sysinfo = body.get("system") or {}
+    if sysinfo:
+        console.print("system " + "  ".join(f"{k} {v}" for k, v in sysinfo.items()
+                                            if v is not None))
+    for e in events:
+        console.print(f"  {_when(e['ts'])}  {e['kind']:24s} {e['message']}")
+
+
+def alerts(db: str | None = db_option(),
+           limit: int = typer.Option(50, "--limit", min=1, help="How many recent events."),
+           json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """Open alerts (drift, fallback/degraded rate, silent devices) and recent alert events.
+
+    Example: edgefleet alerts --json
+    """
+    from rich.table import Table
+
+    store = _store(db)
+    open_ = store.open_alerts()
+    events = [e for e in store.events(limit=limit * 4)
+              if e["kind"].startswith(("alert.", "resolved."))][:limit]
+    if json_out:
+        print_json({"open": open_, "events": events})
+        return
+    t = Table(title=f"{len(open_)} open alerts")
+    for col in ("device", "alert", "since"):
+        t.add_column(col)
+    for a in open_:
+        t.add_row(a["device"], a["kind"], _when(a["since"]))
+    console.print(t)
+    for e in events:
+        colour = "yellow" if e["kind"].startswith("alert.") else "green"
+        console.print(f"  {_when(e['ts'])}  {e['device'] or '-':16s} [{colour}]{e['kind']}[/]"
+                      f"  {e['message']}")
+
+
+def report(out: Path = typer.Option(..., "--out", help="Folder for index.html and PNGs."),
+           db: str | None = db_option(),
+           limit: int = typer.Option(20_000, "--limit", min=1,
+                                     help="Metrics messages to read (newest)."),
+           fl_db: Path | None = typer.Option(
+               None, "--fl-db", help="FL store (fl.db in `edgefleet train --work-dir`): adds "
+               "accuracy per device (min, median, max, worst) of recent federated runs."),
+           json_out: bool = typer.Option(False, "--json", help="Print what was written.")
+           ) -> None:
+    """Write an HTML fleet report with latency, confidence, fallback and drift plots.
+
+    Example: edgefleet report --out out/report && xdg-open out/report/index.html
+
+    With federated runs: edgefleet report --out out/report --fl-db .edgefleet/fl/fl.db
+    """
+    from edgefleet.server.fleet_report import write_report
+
+    written = write_report(_store(db), out, limit=limit, fl_db=fl_db)
+    if json_out:
+        print_json({"report": str(written), "files": sorted(p.name for p in out.iterdir())})
+        return
+    console.print(f"[green]wrote[/] {written}")

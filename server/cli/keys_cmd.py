@@ -1,0 +1,92 @@
+"""``edgefleet keys``: create and rotate the registry's TUF signing keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgefleet.device.cli_support import console, print_json
+from edgefleet.server.cli.registry_cmd import HOME, PASSPHRASE_FILE, ROOT_KEY, open_registry
+
+__all__ = ["app"]
+
+app = typer.Typer(help="TUF signing keys (Ed25519): init, rotate, show.", no_args_is_help=True)
+
+
+@app.command()
+def init(
+    home: Path = HOME,
+    root_key: Path | None = ROOT_KEY,
+    passphrase_file: Path | None = PASSPHRASE_FILE,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Create one key per role (files mode 0600) and sign root v1 and the first metadata.
+
+    Keep the root key offline with --root-key on removable media; only keys init and
+    keys rotate need it. Set EDGEFLEET_KEY_PASSPHRASE (or --passphrase-file) to encrypt.
+
+    Example: edgefleet keys init --registry /srv/registry --root-key /media/usb/root.pem
+    """
+    from edgefleet.server.keys import ROLES
+
+    reg = open_registry(home, root_key, passphrase_file)
+    signers = {role: reg.keys.generate(role) for role in ROLES}
+    reg.init_repo()
+    out = {"registry": str(home), "root": str(reg.repo.metadata_dir / "1.root.json"),
+           "keys": {r: s.public_key.keyid for r, s in signers.items()},
+           "encrypted": reg.keys.passphrase is not None}
+    if json_out:
+        print_json(out)
+        return
+    for role, keyid in out["keys"].items():  # type: ignore[attr-defined]
+        console.print(f"{role:9} {keyid}  {reg.keys.path(role)}")
+    console.print(f"provision devices with {out['root']}")
+
+
+@app.command()
+def rotate(
+    role: str = typer.Argument(..., help="root, targets, snapshot or timestamp."),
+    home: Path = HOME,
+    root_key: Path | None = ROOT_KEY,
+    passphrase_file: Path | None = PASSPHRASE_FILE,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Replace a role's key: a new root version (signed by old and new root key) names it.
+
+    Devices follow on their next refresh; the old key file is kept as
+    <role>.<keyid>.retired.pem so it can be destroyed deliberately.
+
+    Example: edgefleet keys rotate timestamp
+    """
+    reg = open_registry(home, root_key, passphrase_file)
+    keyid = reg.repo.rotate(role)
+    version = reg.repo.root().version
+    reg.audit.append("keys.rotate", role=role, keyid=keyid, root_version=version)
+    if json_out:
+        print_json({"role": role, "keyid": keyid, "root_version": version})
+    else:
+        console.print(f"{role} key is now {keyid} (root v{version})")
+
+
+@app.command()
+def show(
+    home: Path = HOME,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show the keys and thresholds the current root names, and when metadata expires.
+
+    Example: edgefleet keys show --json
+    """
+    reg = open_registry(home)
+    root = reg.repo.root()
+    out = {"root_version": root.version, "expires": root.expires.isoformat(),
+           "roles": {name: {"keyids": role.keyids, "threshold": role.threshold}
+                     for name, role in root.roles.items()},
+           "timestamp_expires": reg.repo.timestamp().expires.isoformat()}
+    if json_out:
+        print_json(out)
+        return
+    for name, r in out["roles"].items():  # type: ignore[attr-defined]
+        console.print(f"{name:9} threshold {r['threshold']}  {', '.join(r['keyids'])}")
+    console.print(f"root v{out['root_version']} expires {out['expires']}")

@@ -1,0 +1,149 @@
+"""``edgefleet registry``: push signed model packages, list them, serve them to devices."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.table import Table
+
+from edgefleet.device.cli_support import console, print_json
+
+if TYPE_CHECKING:
+    from edgefleet.server.registry import Registry
+
+__all__ = ["HOME", "PASSPHRASE_FILE", "ROOT_KEY", "app", "open_registry"]
+
+app = typer.Typer(help="The model registry: versions, lineage, metrics, TUF-signed artifacts.",
+                  no_args_is_help=True)
+
+HOME = typer.Option(Path("registry"), "--registry", envvar="EDGEFLEET_REGISTRY",
+                    help="Registry home folder (database, artifacts, TUF metadata, audit log).")
+ROOT_KEY = typer.Option(None, "--root-key", envvar="EDGEFLEET_ROOT_KEY",
+                        help="Root private key kept offline (default: <registry>/keys/root.pem).")
+PASSPHRASE_FILE = typer.Option(None, "--passphrase-file",
+                               help="File holding the key passphrase (or set "
+                                    "EDGEFLEET_KEY_PASSPHRASE).")
+
+
+def open_registry(home: Path, root_key: Path | None = None,
+                  passphrase_file: Path | None = None) -> Registry:
+    """The registry in ``home`` with its key ring (passphrase from file or environment)."""
+    from edgefleet.server.keys import KeyRing
+    from edgefleet.server.registry import Registry
+
+    secret = (passphrase_file.read_bytes().strip() if passphrase_file
+              else os.environ.get("EDGEFLEET_KEY_PASSPHRASE", "").encode())
+    keys = KeyRing(home / "keys", passphrase=secret or None, root_key=root_key)
+    return Registry(home, keys)
+
+
+@app.command()
+def push(
+    package: Path = typer.Argument(..., help="Model package folder (with manifest.json)."),
+    home: Path = HOME,
+    passphrase_file: Path | None = PASSPHRASE_FILE,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Verify a package, store it by sha256 and sign it into the TUF targets metadata.
+
+    Example: edgefleet registry push out/digits --registry /srv/edgefleet/registry
+    """
+    reg = open_registry(home, passphrase_file=passphrase_file)
+    rec = reg.push(package)
+    if json_out:
+        print_json(rec.as_dict())
+    else:
+        console.print(f"pushed {rec.name}@{rec.version} sha256:{rec.sha256[:16]}… as {rec.target}")
+
+
+@app.command("ls")
+def ls(
+    model: str | None = typer.Argument(None, help="Only this model."),
+    home: Path = HOME,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """List registered model versions with their metrics and lineage.
+
+    Example: edgefleet registry ls digits-mlp --json
+    """
+    reg = open_registry(home)
+    recs = reg.list(model)
+    if json_out:
+        print_json({"models": [r.as_dict() for r in recs]})
+        return
+    table = Table("model", "version", "task", "size", "sha256", "accuracy", "pushed", "yanked")
+    for r in recs:
+        acc = r.metrics.get("accuracy") if isinstance(r.metrics, dict) else None
+        if isinstance(acc, dict):
+            acc = next(iter(acc.values()), None)
+        table.add_row(r.name, r.version, r.task, str(r.size), r.sha256[:12],
+                      f"{acc:.3f}" if isinstance(acc, float) else "-",
+                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.pushed_at)),
+                      "yes" if r.yanked else "")
+    console.print(table)
+
+
+@app.command()
+def yank(
+    ref: str = typer.Argument(..., help="MODEL@VERSION to stop vouching for."),
+    home: Path = HOME,
+    passphrase_file: Path | None = PASSPHRASE_FILE,
+) -> None:
+    """Remove a version from the signed targets: devices refuse it from the next refresh on.
+
+    Example: edgefleet registry yank digits-mlp@1.0.0
+    """
+    from edgefleet.server.registry import parse_ref
+
+    reg = open_registry(home, passphrase_file=passphrase_file)
+    name, version = parse_ref(ref)
+    reg.yank(name, version)
+    console.print(f"yanked {name}@{version}")
+
+
+@app.command()
+def root(
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write root.json."),
+    home: Path = HOME,
+) -> None:
+    """Write the newest signed root.json: the trust anchor devices are provisioned with.
+
+    Example: edgefleet registry root --out /etc/edgefleet/root.json
+    """
+    reg = open_registry(home)
+    version = reg.repo.root().version
+    out.write_bytes(reg.repo.root_bytes(version))
+    console.print(f"wrote root v{version} to {out}")
+
+
+@app.command()
+def serve(
+    home: Path = HOME,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8470, help="TCP port (0: any free port)."),
+    refresh: float = typer.Option(3600.0, help="Re-sign the timestamp every this many seconds."),
+    passphrase_file: Path | None = PASSPHRASE_FILE,
+) -> None:
+    """Serve TUF metadata and package archives over HTTP until interrupted.
+
+    The timestamp key must be on this machine: the timestamp is re-signed every
+    --refresh seconds so devices never see it expire. Put TLS in front for HTTPS.
+
+    Example: edgefleet registry serve --host 0.0.0.0 --port 8470
+    """
+    from edgefleet.server.registry_http import RegistryServer
+
+    reg = open_registry(home, passphrase_file=passphrase_file)
+    reg.repo.refresh_timestamp()
+    srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts, host, port).start()
+    console.print(f"serving {home} at {srv.url} (metadata: {srv.url}/metadata/)")
+    try:
+        while True:
+            time.sleep(refresh)
+            reg.repo.refresh_timestamp()
+    except KeyboardInterrupt:
+        srv.stop()

@@ -1,0 +1,198 @@
+"""``edgefleet retrain watch`` and ``edgefleet approvals``: drift-triggered retraining.
+
+See docs/retraining.md for the policy and its ``[retrain]`` config section.
+"""
+
+from __future__ import annotations
+
+import getpass
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgefleet.device.cli_support import console, print_json
+from edgefleet.server.cli.registry_cmd import HOME
+from edgefleet.server.cli.rollout_cmd import BROKER
+
+__all__ = ["approvals_app", "retrain_app"]
+
+retrain_app = typer.Typer(help="Retrain a group when its alerts stay up (docs/retraining.md).",
+                          no_args_is_help=True)
+approvals_app = typer.Typer(help="Retraining requests waiting for an operator.",
+                            invoke_without_command=True)
+
+STATE = "retrain.db"
+
+
+@retrain_app.command()
+def watch(
+    group: str = typer.Option(..., "--group", help="Device group to watch and retrain."),
+    db: str = typer.Option(..., "--db", help="Telemetry store (path or DSN) of `ingest run`."),
+    config: Path | None = typer.Option(None, "--config", help="TOML with a [retrain] table."),
+    fleet: Path | None = typer.Option(None, "--fleet",
+                                      help="Fleet home (group membership); without it every "
+                                           "device in the store is the group."),
+    home: Path = HOME,
+    broker: str = BROKER,
+    superlink: str | None = typer.Option(None, "--superlink", help="Overrides retrain.superlink."),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates",
+                                                  help="Overrides retrain.root_certificates."),
+    interval: float = typer.Option(30.0, "--interval", min=0.1, help="Seconds between checks."),
+    once: bool = typer.Option(False, "--once", help="Evaluate once and exit (tests, cron)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (with --once)."),
+) -> None:
+    """Evaluate the group's alerts every --interval s; retrain when they are sustained.
+
+    Examples:
+
+      edgefleet retrain watch --group lab --db fleet.db --config retrain.toml --fleet fleet/
+
+      edgefleet retrain watch --group lab --db fleet.db --once --json      (from cron)
+    """
+    from edgefleet.device.config import load_config
+    from edgefleet.server.cli.registry_cmd import open_registry
+    from edgefleet.server.retrain import RetrainConfig, RetrainController
+    from edgefleet.server.retrain_actions import (
+        StoreSignals,
+        TrainCommand,
+        canary_with,
+        promote_with,
+        push_with,
+    )
+    from edgefleet.server.rollout import FleetView, RolloutController, StoreHealthSource
+    from edgefleet.server.store import open_store
+
+    over: dict[str, Any] = {}
+    if superlink:
+        over["superlink"] = superlink
+    if root_certificates:
+        over["root_certificates"] = str(root_certificates.resolve())
+    cfg = load_config(RetrainConfig, [config] if config else [])
+    policy = cfg.retrain.model_copy(update=over)
+    registry = open_registry(home)
+    store = open_store(db)
+    signals = StoreSignals(store, fleet)
+    view: FleetView | None = None
+
+    def fleet_view() -> FleetView:
+        nonlocal view
+        if view is None:
+            host, _, port = broker.rpartition(":")
+            import os
+
+            view = FleetView(host or "127.0.0.1", int(port),
+                             username=os.environ.get("EDGEFLEET_MQTT_USERNAME"),
+                             password=os.environ.get("EDGEFLEET_MQTT_PASSWORD"))
+        return view
+
+    def rollout_ctl() -> RolloutController:
+        v = fleet_view()
+        return RolloutController(registry, v, _Health(v, StoreHealthSource(store)))
+
+    def canary(model: str, version: str, p: Any) -> Any:
+        return canary_with(rollout_ctl(), fleet_view())(model, version, p)
+
+    def promote(model: str) -> None:
+        promote_with(rollout_ctl())(model)
+
+    ctl = RetrainController(
+        policy, group, signals=signals, audit=registry.audit, state=home / STATE,
+        start_run=TrainCommand(home / "retrain", len(signals.members(group))),
+        push=push_with(registry), canary=canary, promote=promote)
+    try:
+        while True:
+            ev = ctl.evaluate()
+            if once and json_out:
+                print_json(ev.as_dict())
+            else:
+                console.print(f"{time.strftime('%H:%M:%S')} {group}: {ev.action} "
+                              f"({ev.alerting}/{ev.devices} alerting, streak {ev.streak}) "
+                              f"{ev.detail or ''}")
+            if once:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if view is not None:
+            view.close()
+        store.close()
+
+
+class _Health:
+    """Update-state health (rollbacks, refusals) and, where it is silent, the store's counters."""
+
+    def __init__(self, view: Any, store_health: Any) -> None:
+        self.view, self.store_health = view, store_health
+
+    def health(self, device: str, since: float = 0.0) -> Any:
+        """The view's rates, else the store's."""
+        return self.view.health(device, since) or self.store_health.health(device, since)
+
+
+@approvals_app.callback()
+def pending(
+    ctx: typer.Context,
+    home: Path = HOME,
+    all_: bool = typer.Option(False, "--all", help="Decided requests too."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """List retraining requests waiting for approval (policy with require_approval = true).
+
+    Examples:
+
+      edgefleet approvals
+
+      edgefleet approvals approve 3f2a9c01de
+
+      edgefleet approvals deny 3f2a9c01de
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgefleet.server.retrain import Approvals
+
+    rows = Approvals(home / STATE).rows(None if all_ else "pending")
+    if json_out:
+        print_json({"requests": rows})
+        return
+    if not rows:
+        console.print("no retraining requests pending")
+    for r in rows:
+        d = r["details"]
+        console.print(f"{r['id']}  group {r['group']}  {r['status']}  "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['created']))}  "
+                      f"{len(d.get('alerting', []))}/{d.get('devices', '?')} devices alerting")
+
+
+def _decide(rid: str, home: Path, approve: bool, json_out: bool) -> None:
+    from edgefleet.server.audit import AuditLog
+    from edgefleet.server.retrain import Approvals, decide
+
+    row = decide(Approvals(home / STATE), AuditLog(home / "audit.jsonl"), rid, approve,
+                 getpass.getuser())
+    if json_out:
+        print_json(row)
+    else:
+        console.print(f"request {rid} ({row['group']}): {row['status']}")
+
+
+@approvals_app.command()
+def approve(
+    rid: str = typer.Argument(..., help="Request id from `edgefleet approvals`."),
+    home: Path = HOME,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Approve a retraining request; the next `retrain watch` evaluation runs it."""
+    _decide(rid, home, True, json_out)
+
+
+@approvals_app.command()
+def deny(
+    rid: str = typer.Argument(..., help="Request id from `edgefleet approvals`."),
+    home: Path = HOME,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Deny a retraining request; the group's streak starts again from zero."""
+    _decide(rid, home, False, json_out)

@@ -1,0 +1,95 @@
+"""``edgefleet scorer``: run the cloud scorer that answers devices' unsure samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgefleet.device.cli_support import console, print_json
+
+__all__ = ["app", "parse_broker"]
+
+app = typer.Typer(
+    help="The cloud scorer: answers the samples devices are unsure about (MQTT 5 "
+         "request/response, shared subscription, micro-batching).",
+    no_args_is_help=True,
+)
+
+
+def parse_broker(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``HOST``, port 1883) → ``(host, port)``."""
+    from edgefleet.device.errors import UsageError
+
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, 1883
+    try:
+        num = int(port)
+    except ValueError:
+        raise UsageError(f"--broker must be HOST:PORT, not {value!r}") from None
+    if not host or not 0 < num < 65536:
+        raise UsageError(f"--broker must be HOST:PORT, not {value!r}")
+    return host, num
+
+
+@app.command()
+def run(
+    package: Path = typer.Option(..., "--package", "-p", help="Cloud model package folder."),
+    broker: str = typer.Option("127.0.0.1:1883", "--broker", help="MQTT broker HOST:PORT."),
+    scorer_id: str = typer.Option("scorer", "--id", help="This process's name (in replies "
+                                  "and its status topic)."),
+    group: str = typer.Option("scorers", "--group", help="Shared-subscription group: "
+                              "scorers in one group split the requests."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Largest micro-batch."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0,
+                                      help="Longest a request waits for its batch to fill."),
+    threads: int = typer.Option(2, "--threads", min=1, help="onnxruntime threads."),
+    username: str = typer.Option("", "--username", help="MQTT user name."),
+    password_env: str = typer.Option("", "--password-env", help="Name of the environment "
+                                     "variable holding the MQTT password."),
+    duration: float = typer.Option(0.0, "--duration", min=0.0,
+                                   help="Stop after this many seconds (0: until SIGTERM)."),
+    json_out: bool = typer.Option(False, "--json", help="On exit, print the counters as JSON."),
+) -> None:
+    """Serve a cloud model package to devices through the broker until stopped.
+
+    Two processes with the same --group split the load:
+
+        edgefleet scorer run --package out/digits-cloud --broker 127.0.0.1:1883 --id s1
+        edgefleet scorer run --package out/digits-cloud --broker 127.0.0.1:1883 --id s2
+
+    Each process publishes a retained status (online/offline) on
+    edgefleet/v1/scorer/<id>/status; see docs/fallback.md for topics and payloads.
+    """
+    import os
+    import signal
+    import threading
+
+    from edgefleet.device.metrics import Metrics
+    from edgefleet.device.mqtt_link import MqttConfig
+    from edgefleet.device.predictor import Predictor
+    from edgefleet.server.scorer import Scorer, ScorerConfig
+
+    host, port = parse_broker(broker)
+    mqtt = MqttConfig(host=host, port=port, username=username or None,
+                      password=os.environ.get(password_env) if password_env else None)
+    cfg = ScorerConfig(scorer_id=scorer_id, group=group, max_batch=max_batch,
+                       max_wait_ms=max_wait_ms)
+    metrics = Metrics()
+    predictor = Predictor.load(package, threads=threads, metrics=metrics)
+    scorer = Scorer(predictor, mqtt, cfg, metrics)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if duration:
+        threading.Timer(duration, stop.set).start()
+    if not json_out:
+        console.print(f"scorer {scorer_id}: {scorer.model} on {host}:{port} (group {group})")
+    scorer.run(stop)
+    counters = metrics.snapshot()["counters"]
+    if json_out:
+        print_json({"scorer": scorer_id, "model": scorer.model, "counters": counters})
+    else:
+        console.print(f"scorer {scorer_id} stopped: {counters.get('scorer_replies_ok', 0)} "
+                      "answers")

@@ -1,0 +1,152 @@
+"""``edgefleet train``: federated training with differential privacy on Flower."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgefleet.device.cli_support import console, print_json
+
+__all__ = ["train"]
+
+
+def _sigterm_as_interrupt(_sig: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def train(
+    task: str = typer.Option("digits", help="Task whose partitions the devices hold."),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Federated rounds."),
+    dp: str = typer.Option("sample", "--dp",
+                           help="sample: DP-SGD on each device (per-record ε); client: Flower's "
+                                "client-level DP (per-device ε); off: no DP."),
+    epsilon: float = typer.Option(3.0, "--epsilon", min=0.001, help="Target ε for this run."),
+    delta: float = typer.Option(1e-5, "--delta", min=1e-12, max=0.1, help="δ of the guarantee."),
+    devices: int = typer.Option(5, "--devices", min=1, help="SuperNodes (embedded) or expected."),
+    superlink: str = typer.Option("", "--superlink",
+                                  help="host:port of a running SuperLink; empty starts an "
+                                       "embedded SuperLink and --devices SuperNodes."),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates",
+                                                  help="CA of a remote SuperLink's TLS cert."),
+    insecure: bool = typer.Option(False, "--insecure",
+                                  help="Embedded run without TLS and node authentication."),
+    strategy: str = typer.Option("fedavg", "--strategy",
+                                 help="fedavg, fedprox, fedadam, or the poisoning-robust "
+                                      "trimmed (trimmed mean) and median (coordinate-wise)."),
+    trim_beta: float = typer.Option(0.2, "--trim-beta", min=0.0, max=0.49,
+                                    help="trimmed: share cut from each tail per coordinate."),
+    norm_bound: float = typer.Option(0.0, "--norm-bound", min=0.0,
+                                     help="Clip each device's update to this L2 norm before "
+                                          "aggregation (0: off)."),
+    fraction: float = typer.Option(1.0, "--fraction", min=0.01, max=1.0,
+                                   help="Share of connected devices sampled per round."),
+    min_nodes: int = typer.Option(0, "--min-nodes", min=0,
+                                  help="Devices needed per round (0: all of --devices)."),
+    local_steps: int = typer.Option(5, "--local-steps", min=1,
+                                    help="Local steps per round (few, large steps suit DP)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="(Expected) batch size."),
+    lr: float = typer.Option(0.1, "--lr", min=1e-6, help="Local learning rate."),
+    clip: float = typer.Option(1.0, "--clip", min=1e-6, help="Per-example clip (sample DP)."),
+    update_clip: float = typer.Option(1.0, "--update-clip", min=1e-6,
+                                      help="Model-update clip (client DP)."),
+    pretrain_epochs: int = typer.Option(40, "--pretrain-epochs", min=0,
+                                        help="Pretrain on the public (calibration) split "
+                                             "before round 1; 0: start from random weights."),
+    round_timeout: float = typer.Option(120.0, "--round-timeout", min=1.0,
+                                        help="Seconds to wait for replies in a round."),
+    seed: int = typer.Option(-1, "--seed", help="Seed (-1: fresh entropy for the DP noise)."),
+    out: Path = typer.Option(Path("out/digits-fl"), "--out", "-o", help="Model package folder."),
+    fmt: str = typer.Option("all", "--format", help="Package formats: onnx, tflite or all."),
+    work: Path = typer.Option(Path(".edgefleet/fl"), "--work-dir",
+                              help="Certificates, logs, node state and the run database."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
+) -> None:
+    """Train a model across devices with Flower and package the result.
+
+    Examples:
+
+      edgefleet train --task digits --rounds 5 --epsilon 3          (embedded, TLS + node auth)
+
+      edgefleet train --rounds 3 --dp client --devices 10 --json
+
+      edgefleet train --strategy trimmed --norm-bound 3 --dp off     (poisoning-robust)
+
+      edgefleet train --superlink 10.0.0.2:8000 --root-certificates ca.pem --devices 20
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from edgefleet.device.errors import UsageError
+    from edgefleet.server.fl_runner import (
+        EmbeddedFederation,
+        SuperLinkConn,
+        check_settings,
+        follow_run,
+        submit_run,
+    )
+    from edgefleet.server.fl_settings import run_settings
+    from edgefleet.server.fl_store import FlStore, RoundRow
+
+    if dp not in ("sample", "client", "off"):
+        raise UsageError(f"--dp must be sample, client or off, not {dp!r}")
+    work = work.resolve()
+    tag = uuid.uuid4().hex[:12]
+    settings = run_settings({
+        "tag": tag, "task": task, "num-rounds": rounds, "strategy": strategy,
+        "trim-beta": trim_beta, "norm-bound": norm_bound,
+        "fraction": fraction, "min-nodes": min_nodes or devices, "num-nodes": devices,
+        "dp": dp, "epsilon": epsilon, "delta": delta, "clip": clip, "update-clip": update_clip,
+        "local-steps": local_steps, "batch-size": batch_size, "lr": lr, "seed": seed,
+        "pretrain-epochs": pretrain_epochs, "round-timeout": round_timeout,
+        "db": str(work / "fl.db"), "out": str(out.resolve()), "formats": fmt})
+    check_settings(settings)
+    store = FlStore(work / "fl.db")
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    rows: list[RoundRow] = []
+    with Progress(TextColumn("[bold]round"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), console=console, disable=json_out) as bar:
+        tid = bar.add_task("starting", total=rounds)
+
+        def on_round(r: RoundRow) -> None:
+            rows.append(r)
+            eps = "" if r.epsilon is None else f"  ε={r.epsilon:.3f}"
+            bar.update(tid, completed=r.round, description=(
+                f"accuracy {r.accuracy:.3f}  loss {r.loss:.3f}  nodes {r.nodes}{eps}"))
+
+        if superlink:
+            conn = SuperLinkConn(superlink, work / "cli", root_certificates)
+            run_id = submit_run(conn, settings, work)
+            run = follow_run(store, tag, conn, run_id, on_round)
+        else:
+            with EmbeddedFederation(work / "embedded", devices=devices,
+                                    secure=not insecure) as fed:
+                bar.update(tid, description="submitting run")
+                run_id = submit_run(fed.conn, settings, work)
+                run = follow_run(store, tag, fed.conn, run_id, on_round)
+    final = run.final or {}
+    result = {
+        "run": tag, "flower_run_id": run_id,
+        "rounds": [{"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "nodes": r.nodes,
+                    "declined": r.declined, "failed": r.failed, "epsilon": r.epsilon}
+                   for r in store.rounds(tag) if r.round > 0],
+        "final": {"accuracy": final.get("accuracy"), "epsilon": final.get("epsilon"),
+                  "delta": final.get("delta")},
+        "devices": final.get("devices", []),
+        "device_accuracy": final.get("device_accuracy"),
+        "package": final.get("package"),
+    }
+    if json_out:
+        print_json(result)
+        return
+    f = result["final"]
+    eps_txt = "no DP" if f["epsilon"] is None else f"ε={f['epsilon']:.3f} at δ={f['delta']:g}"
+    console.print(f"[green]run {tag} finished[/]: accuracy {f['accuracy']:.4f}, {eps_txt}")
+    spread = result["device_accuracy"]
+    if spread:
+        console.print(f"accuracy per device ({spread['devices']} devices): min {spread['min']:.4f}"
+                      f", median {spread['median']:.4f}, max {spread['max']:.4f}; worst: node "
+                      f"{spread['worst']}")
+    console.print(f"model package → {result['package']}")

@@ -1,0 +1,110 @@
+"""TLS certificates for the SuperLink and authentication keys for SuperNodes.
+
+Generated at run time, never committed: a private CA, a SuperLink server certificate
+for the given host names/IPs, and one EC P-384 key pair per SuperNode in OpenSSH format
+(what ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register``
+read). Private keys are written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+__all__ = ["CertPaths", "init_certs", "make_node_key"]
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """Where :func:`init_certs` put things."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    node_keys: tuple[Path, ...]
+
+    def public_key(self, i: int) -> Path:
+        """The OpenSSH public key of node ``i`` (to register with the SuperLink)."""
+        return self.node_keys[i].with_suffix(".pub")
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    return x509.SubjectAlternativeName(names)
+
+
+def make_node_key(path: Path) -> Path:
+    """Write an EC P-384 private key (OpenSSH) to ``path`` and its public key to ``.pub``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(path, key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.OpenSSH,
+                                   serialization.NoEncryption()), private=True)
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH)
+    _write(path.with_suffix(".pub"), pub + b"\n")
+    return path
+
+
+def init_certs(out: Path, hosts: list[str] | None = None, nodes: int = 0,
+               days: int = 365) -> CertPaths:
+    """Create a CA, a SuperLink certificate for ``hosts`` and ``nodes`` SuperNode key pairs."""
+    hosts = hosts or ["127.0.0.1", "localhost", "::1"]
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet FL CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    srv_key = ec.generate_private_key(ec.SECP384R1())
+    srv = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+           .issuer_name(ca_name).public_key(srv_key.public_key())
+           .serial_number(x509.random_serial_number())
+           .not_valid_before(now - dt.timedelta(minutes=5))
+           .not_valid_after(now + dt.timedelta(days=days))
+           .add_extension(_san(hosts), critical=False)
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                          critical=False)
+           .sign(ca_key, hashes.SHA384()))
+    paths = CertPaths(out / "ca.pem", out / "server.pem", out / "server.key",
+                      tuple(out / "nodes" / f"node-{i}.key" for i in range(nodes)))
+    _write(paths.ca, ca.public_bytes(serialization.Encoding.PEM))
+    _write(out / "ca.key", _pem_key(ca_key), private=True)
+    _write(paths.server_cert, srv.public_bytes(serialization.Encoding.PEM))
+    _write(paths.server_key, _pem_key(srv_key), private=True)
+    for p in paths.node_keys:
+        make_node_key(p)
+    return paths

@@ -1,0 +1,253 @@
+"""The cloud scorer: answers devices' low-confidence samples with the heavier model.
+
+Several scorer processes subscribe to the same *shared* subscription
+(``$share/<group>/edgefleet/v1/score/request/+``), so the broker splits the requests
+between them and a dead one only loses what it held. Requests go into a bounded queue;
+one worker drains it in micro-batches (up to ``max_batch``, waiting at most
+``max_wait_ms`` for the batch to fill), runs the batch through a verified
+:class:`~edgefleet.device.predictor.Predictor`, and replies to each request's Response
+Topic with its Correlation Data. A bad request gets an error reply and a counter; a
+scorer never crashes on input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from edgefleet.device.config import StrictModel
+from edgefleet.device.errors import InputError
+from edgefleet.device.metrics import Metrics, default_metrics
+from edgefleet.device.mqtt_link import MqttConfig, MqttLink, Will
+from edgefleet.device.predictor import Predictor
+from edgefleet.device.score_protocol import (
+    MAX_REQUEST_BYTES,
+    ScoreProtocolError,
+    ScoreReply,
+    ScoreRequest,
+    decode_request,
+    encode,
+    scorer_status_topic,
+    shared_request_filter,
+    valid_response_topic,
+)
+
+__all__ = ["Scorer", "ScorerConfig"]
+
+log = logging.getLogger(__name__)
+
+
+class ScorerConfig(StrictModel):
+    """How one scorer process runs."""
+
+    scorer_id: str = Field(default="scorer", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    group: str = Field(default="scorers", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    max_batch: int = Field(default=32, ge=1, le=4096)
+    max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    queue_size: int = Field(default=1024, ge=1)
+    qos: int = Field(default=0, ge=0, le=1)
+
+
+@dataclass
+class _Job:
+    payload: bytes
+    reply_to: str
+    corr: bytes | None
+    received: float
+
+
+class Scorer:
+    """One scorer process's MQTT link, request queue and batching worker.
+
+    Example::
+
+        scorer = Scorer(Predictor.load("out/digits-cloud"), MqttConfig(port=1883))
+        scorer.run(stop_event)          # until stop_event is set
+    """
+
+    def __init__(self, predictor: Predictor, mqtt: MqttConfig,
+                 cfg: ScorerConfig | None = None, metrics: Metrics | None = None) -> None:
+        self.predictor = predictor
+        self.cfg = cfg or ScorerConfig()
+        self.metrics = metrics if metrics is not None else default_metrics()
+        m = predictor.manifest
+        self.model = f"{m.name}@{m.version}"
+        self._queue: queue.Queue[_Job] = queue.Queue(self.cfg.queue_size)
+        self._status_topic = scorer_status_topic(self.cfg.scorer_id)
+        offline = json.dumps({"state": "offline", "scorer": self.cfg.scorer_id}).encode()
+        self.link = MqttLink(mqtt, f"scorer-{self.cfg.scorer_id}", prefix="scorer_mqtt",
+                             metrics=self.metrics, will=Will(self._status_topic, offline),
+                             on_connected=self._on_connected, on_message=self._on_message)
+
+    # -- network side -------------------------------------------------------------------
+    def _on_connected(self, client: Any) -> None:
+        client.subscribe(shared_request_filter(self.cfg.group), qos=self.cfg.qos)
+        # Published after SUBSCRIBE on the same connection: once someone sees "online",
+        # the subscription is in place.
+        online = {"state": "online", "scorer": self.cfg.scorer_id, "model": self.model,
+                  "group": self.cfg.group}
+        client.publish(self._status_topic, json.dumps(online).encode(), qos=1, retain=True)
+        log.info("scorer %s online (model %s, group %s)", self.cfg.scorer_id, self.model,
+                 self.cfg.group)
+
+    def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
+        self.metrics.inc("scorer_requests")
+        props = getattr(msg, "properties", None)
+        reply_to = getattr(props, "ResponseTopic", None)
+        corr = getattr(props, "CorrelationData", None)
+        if not valid_response_topic(reply_to):
+            # Nowhere safe to answer: count it, never relay to an arbitrary topic.
+            self.metrics.inc("scorer_bad_response_topic")
+            log.warning("request on %s without a valid response topic dropped", msg.topic)
+            return
+        job = _Job(bytes(msg.payload), str(reply_to),
+                   bytes(corr) if isinstance(corr, bytes | bytearray) else None,
+                   time.monotonic())
+        if job.corr is None:
+            self.metrics.inc("scorer_no_correlation")
+        if len(job.payload) > MAX_REQUEST_BYTES:  # refuse before queueing or parsing
+            self._reply(job, ScoreReply(ok=False, error="too_large",
+                                        message=f"request exceeds {MAX_REQUEST_BYTES} bytes"))
+            return
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.metrics.inc("scorer_overloaded")
+            self._reply(job, ScoreReply(ok=False, error="overloaded",
+                                        message="scorer queue is full"))
+
+    def _reply(self, job: _Job, reply: ScoreReply) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        client = self.link.client
+        if client is None:
+            self.metrics.inc("scorer_reply_dropped")
+            return
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if job.corr is not None:
+            props.CorrelationData = job.corr
+        try:
+            client.publish(job.reply_to, encode(reply), qos=self.cfg.qos, properties=props)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.info("reply to %s not sent: %s", job.reply_to, exc)
+            self.metrics.inc("scorer_reply_dropped")
+            return
+        self.metrics.inc("scorer_replies_ok" if reply.ok else f"scorer_errors_{reply.error}")
+
+    # -- batching worker ----------------------------------------------------------------
+    def _next_batch(self, timeout: float) -> list[_Job]:
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        end = time.monotonic() + self.cfg.max_wait_ms / 1e3
+        while len(batch) < self.cfg.max_batch:
+            left = end - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=left) if left > 0
+                             else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _parse(self, job: _Job) -> tuple[ScoreRequest, np.ndarray] | None:
+        """A valid request and its validated input row, or None after an error reply."""
+        try:
+            req = decode_request(job.payload)
+        except ScoreProtocolError as exc:
+            self._reply(job, ScoreReply(ok=False, error=exc.reason,  # type: ignore[arg-type]
+                                        message=str(exc)[:500]))
+            return None
+        if time.monotonic() - job.received > req.deadline_ms / 1e3:
+            self.metrics.inc("scorer_expired")  # the device has answered on its own already
+            return None
+        if req.task != self.predictor.manifest.task:
+            self._reply(job, ScoreReply(ok=False, error="wrong_task",
+                                        message=f"this scorer serves task "
+                                                f"{self.predictor.manifest.task!r}"))
+            return None
+        try:
+            row = self.predictor.validate(np.asarray(req.features, dtype=np.float32))
+        except InputError as exc:
+            self._reply(job, ScoreReply(ok=False, error="bad_input", message=str(exc)[:500]))
+            return None
+        if req.raw is not None:
+            self.metrics.inc("scorer_raw_received")
+        return req, row
+
+    def score(self, batch: list[_Job]) -> None:
+        """Answer one micro-batch (errors per request; the batch itself never fails)."""
+        good: list[tuple[_Job, np.ndarray]] = []
+        for job in batch:
+            parsed = self._parse(job)
+            if parsed is not None:
+                good.append((job, parsed[1]))
+        if not good:
+            return
+        try:
+            preds = self.predictor.predict_batch(np.concatenate([r for _, r in good]))
+        except Exception as exc:  # a runtime failure must not take the scorer down
+            log.exception("scoring a batch of %d failed", len(good))
+            for job, _ in good:
+                self._reply(job, ScoreReply(ok=False, error="internal",
+                                            message=type(exc).__name__))
+            return
+        self.metrics.observe("scorer_batch_size", float(len(good)),
+                             (1, 2, 4, 8, 16, 32, 64, 128, 256))
+        for (job, _), p in zip(good, preds, strict=True):
+            self._reply(job, ScoreReply(ok=True, label=p.label, label_name=p.label_name,
+                                        confidence=min(1.0, max(0.0, p.confidence)),
+                                        probabilities=[float(v) for v in p.probabilities],
+                                        model=self.model, scorer=self.cfg.scorer_id,
+                                        batch=len(good)))
+
+    # -- running ------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set: network thread plus this thread batching."""
+        net = threading.Thread(target=self._network, args=(stop,), name="scorer-net",
+                               daemon=True)
+        net.start()
+        try:
+            while not stop.is_set():
+                batch = self._next_batch(timeout=0.1)
+                if batch:
+                    try:
+                        self.score(batch)
+                    except Exception:  # belt and braces: log, count, keep serving
+                        log.exception("scorer worker failed on a batch")
+                        self.metrics.inc("scorer_worker_errors")
+        finally:
+            stop.set()
+            net.join(5)
+            self._go_offline()
+
+    def _network(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.link.step(0.05)
+            except Exception:
+                log.exception("scorer network step failed")
+                self.metrics.inc("scorer_mqtt_loop_errors")
+                stop.wait(0.1)
+
+    def _go_offline(self) -> None:
+        client = self.link.client
+        if client is not None and self.link.connected:
+            offline = {"state": "offline", "scorer": self.cfg.scorer_id}
+            try:
+                client.publish(self._status_topic, json.dumps(offline).encode(), qos=1,
+                               retain=True)
+                client.loop(0.1)
+            except Exception:
+                log.debug("offline status not sent", exc_info=True)
+        self.link.close()
+

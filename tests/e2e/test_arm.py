@@ -1,0 +1,147 @@
+"""Emulated arm64 devices (cross/): the rootfs really is aarch64, our int8 models run in
+it through edgefleet's own code, and it computes what x86-64 computes.
+
+The first test builds the cached rootfs when it is missing (minutes, once per machine;
+see docs/arm64.md); afterwards this file takes well under a minute of emulation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet.server.broker import MosquittoBroker
+from tests.conftest import run_cli
+from tests.support.cross import device_argv, ensure_rootfs, parity_module, run_in_device
+
+pytestmark = [pytest.mark.arm, pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(2400)]
+
+
+@pytest.fixture(scope="module")
+def rootfs() -> Path:
+    return ensure_rootfs()
+
+
+def test_device_is_aarch64_with_the_checkout_installed(rootfs: Path) -> None:
+    out = run_in_device(
+        ["sh", "-c", "uname -m; python -c 'import platform, sys; "
+         "print(platform.machine(), sys.version_info[:2])'; edgefleet-agent --version"],
+        rootfs=rootfs, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "aarch64"
+    assert lines[1] == "aarch64 (3, 11)"
+    host = run_cli("--version", program="edgefleet-agent")
+    assert lines[2] == host.stdout.strip()
+
+
+def test_each_device_keeps_its_own_disk(rootfs: Path, tmp_path: Path) -> None:
+    pi1, pi2 = tmp_path / "pi1", tmp_path / "pi2"
+    write = run_in_device(["sh", "-c", "echo pi1 > /etc/edgefleet-id; hostname"],
+                          rootfs=rootfs, state=pi1, hostname="pi1")
+    assert write.returncode == 0, write.stderr
+    assert write.stdout.strip() == "pi1"
+    again = run_in_device(["cat", "/etc/edgefleet-id"], rootfs=rootfs, state=pi1)
+    assert again.stdout.strip() == "pi1"
+    other = run_in_device(["cat", "/etc/edgefleet-id"], rootfs=rootfs, state=pi2)
+    assert other.returncode != 0
+    assert not (rootfs / "etc" / "edgefleet-id").exists()
+
+
+def test_device_reads_a_host_pty_and_reaches_a_loopback_broker(
+        rootfs: Path, mosquitto: MosquittoBroker) -> None:
+    """What an emulated agent will need: frames from a host pty (via pyserial) and the
+    host's broker on 127.0.0.1 (via paho), both running on aarch64."""
+    import os
+    import subprocess
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    got: list[bytes] = []
+    done = threading.Event()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    sub.on_connect = lambda c, *_: c.subscribe("arm/test", qos=1)
+    sub.on_message = lambda c, u, m: (got.append(m.payload), done.set())
+    sub.connect(mosquitto.host, mosquitto.port)
+    sub.loop_start()
+    master, slave = os.openpty()
+    code = (
+        "import platform, serial, paho.mqtt.publish as pub\n"
+        f"s = serial.Serial({os.ttyname(slave)!r}, 115200, timeout=60)\n"
+        "print('open', flush=True)\n"
+        "line = s.readline().strip().decode()\n"
+        f"pub.single('arm/test', platform.machine() + ' ' + line, qos=1, "
+        f"hostname={mosquitto.host!r}, port={mosquitto.port})\n"
+    )
+    proc = subprocess.Popen(device_argv(["python", "-c", code], rootfs=rootfs),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "open"
+        os.write(master, b"frame-42\n")
+        assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+        assert done.wait(30)
+    finally:
+        proc.kill()
+        proc.wait()
+        sub.loop_stop()
+        os.close(master)
+        os.close(slave)
+    assert got == [b"aarch64 frame-42"]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_int8_inference_inside_the_device_matches_the_host(
+        rootfs: Path, digits_package: Path, tmp_path: Path, backend: str) -> None:
+    from edgefleet.models.tasks import get_task
+
+    rows = get_task("digits").split().x_test[:64]
+    np.save(tmp_path / "rows.npy", rows)
+    dev = run_in_device(
+        ["edgefleet", "predict", "/mnt/pkg", "--input", "/mnt/io/rows.npy",
+         "--backend", backend, "--threads", "1", "--json"],
+        rootfs=rootfs, ro_binds={digits_package: "/mnt/pkg", tmp_path: "/mnt/io"})
+    assert dev.returncode == 0, dev.stderr
+    host = run_cli("predict", str(digits_package), "--input", str(tmp_path / "rows.npy"),
+                   "--backend", backend, "--threads", "1", "--json")
+    assert host.returncode == 0, host.stderr
+    dev_labels = [r["label"] for r in json.loads(dev.stdout)]
+    host_labels = [r["label"] for r in json.loads(host.stdout)]
+    assert len(dev_labels) == len(rows)
+    assert dev_labels == host_labels
+
+
+def test_device_refuses_a_tampered_package(rootfs: Path, digits_package: Path,
+                                           tmp_path: Path) -> None:
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(digits_package, pkg)
+    blob = bytearray((pkg / "model_int8.tflite").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (pkg / "model_int8.tflite").write_bytes(bytes(blob))
+    np.save(tmp_path / "rows.npy", np.zeros((1, 64), dtype=np.float32))
+    dev = run_in_device(
+        ["edgefleet", "predict", "/mnt/pkg", "--input", "/mnt/io/rows.npy",
+         "--backend", "tflite"],
+        rootfs=rootfs, ro_binds={pkg: "/mnt/pkg", tmp_path: "/mnt/io"})
+    assert dev.returncode != 0
+    assert "model_int8.tflite" in dev.stderr + dev.stdout
+    assert "Traceback" not in dev.stderr
+
+
+def test_arm64_and_x86_64_agree(rootfs: Path, digits_package: Path) -> None:
+    report = parity_module().compare(digits_package, str(rootfs))
+    assert report["device_machine"] == "aarch64"
+    assert report["n_test"] > 300
+    for name in ("onnx-int8", "tflite-int8"):
+        v = report["variants"][name]
+        assert v["argmax_agreement"] >= 0.995, (name, v)
+        assert v["accuracy_arm64"] > 0.9, (name, v)
+    dp = report["dp"]
+    assert dp["update_norm"] > 0
+    assert dp["within_tolerance"], dp

@@ -1,0 +1,135 @@
+"""Enrollment end to end with the operator's and the device's commands: a real SuperLink,
+a real mosquitto, a real TUF root; then revocation cuts the device off both."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edgefleet.device.agent_config import load_agent_config
+from edgefleet.device.metrics import Metrics
+from edgefleet.device.spool import Spool
+from edgefleet.device.telemetry import TelemetryPublisher
+from edgefleet.server.broker import free_port
+from edgefleet.server.fl_runner import BIN, CONN, EmbeddedFederation
+from edgefleet.server.fleet_home import FleetHome
+from tests.conftest import run_cli
+from tests.support.enroll import Inbox, home_broker
+from tests.support.telemetry import raw_client, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+def _json(*args: str, program: str = "edgefleet") -> dict[str, object]:
+    res = run_cli(*args, "--json", program=program, timeout=120)
+    assert res.returncode == 0, res.stderr + res.stdout
+    out: dict[str, object] = json.loads(res.stdout)
+    return out
+
+
+def _node_status(fed: EmbeddedFederation, node_id: int) -> str | None:
+    res = fed.conn.flwr("supernode", "ls", CONN, "--format", "json", "-v")
+    for n in json.loads(res.stdout[res.stdout.index("{"):])["nodes"]:
+        if int(n["node-id"]) == node_id:
+            return str(n["status"])
+    return None
+
+
+def _supernode(fed: EmbeddedFederation, name: str, cfg_path: Path) -> subprocess.Popen[bytes]:
+    cfg = load_agent_config(cfg_path).fl
+    assert cfg.root_certificates and cfg.auth_private_key
+    return fed._spawn(name, [  # reuse its logging and process-group handling
+        str(BIN / "flower-supernode"), "--superlink", cfg.superlink, "--port", str(free_port()),
+        "--root-certificates", str(cfg.root_certificates),
+        "--auth-supernode-private-key", str(cfg.auth_private_key)], fed.work / name)
+
+
+def test_enroll_install_doctor_publish_then_revoke(tmp_path: Path,
+                                                   digits_package: Path) -> None:
+    reg = tmp_path / "registry"
+    root = Path(str(_json("keys", "init", "--registry", str(reg))["root"]))
+    with EmbeddedFederation(tmp_path / "fl", devices=0, secure=True) as fed:
+        assert fed.certs is not None
+        home_dir = tmp_path / "home"
+        _json("fleet", "init", "--home", str(home_dir), "--broker",
+              f"127.0.0.1:{free_port()}", "--broker-pid-file", str(tmp_path / "mosq.pid"),
+              "--superlink", f"127.0.0.1:{fed.port}", "--superlink-ca", str(fed.certs.ca),
+              "--metadata-url", "http://127.0.0.1:9/metadata/", "--targets-url",
+              "http://127.0.0.1:9/targets/", "--trusted-root", str(root))
+        home = FleetHome(home_dir)
+        broker = home_broker(home, tmp_path / "broker")
+        try:
+            # Operator: enroll (the SuperNode key is registered on the SuperLink now).
+            bundle = tmp_path / "dev1.tar.gz"
+            out = _json("devices", "enroll", "dev1", "--group", "g1", "--out", str(bundle),
+                        "--home", str(home_dir))
+            device = out["device"]
+            assert isinstance(device, dict) and device["fl_state"] == "registered"
+            node_id = int(device["node_id"])
+            assert _node_status(fed, node_id) == "registered"
+            assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
+
+            # Device: install with safe modes; doctor accepts the result.
+            state = tmp_path / "state"
+            cfg_path = Path(str(_json("enroll", str(bundle), "--state-dir", str(state),
+                                      "--config-out", str(tmp_path / "etc" / "agent.toml"),
+                                      "--model", str(digits_package),
+                                      program="edgefleet-agent")["config"]))
+            for d in (state, state / "keys"):
+                assert stat.S_IMODE(d.stat().st_mode) == 0o700
+            keys = sorted(p.name for p in (state / "keys").iterdir())
+            assert keys == ["mqtt.password", "node.key", "root.json", "superlink-ca.pem"]
+            assert all(stat.S_IMODE((state / "keys" / k).stat().st_mode) == 0o600 for k in keys)
+            assert stat.S_IMODE(cfg_path.stat().st_mode) == 0o600
+            assert (state / "keys" / "mqtt.password").read_text().strip() not in \
+                cfg_path.read_text()
+            doctor = _json("doctor", "-c", str(cfg_path), program="edgefleet-agent")
+            assert doctor["ok"] is True, doctor
+
+            # The installed credentials publish telemetry that the ingest account reads.
+            cfg = load_agent_config(cfg_path)
+            ingest = Inbox(broker.port, "ingest", home.service_credentials("ingest").password,
+                           "edgefleet/v1/+/+")
+            pub = TelemetryPublisher("dev1", cfg.mqtt, Spool(tmp_path / "spool.db"),
+                                     metrics=Metrics()).start()
+            try:
+                pub.publish("event", {"kind": "hello"})
+                assert pub.drain(10)
+                assert wait_until(lambda: "edgefleet/v1/dev1/event" in ingest.topics(), 10)
+            finally:
+                pub.stop()
+                ingest.close()
+
+            # Its SuperNode key is accepted: the node comes online.
+            _supernode(fed, "sn-before", cfg_path)
+            assert wait_until(lambda: _node_status(fed, node_id) == "online", 60, 1.0), \
+                fed.log_tail("sn-before")
+            fed.kill("sn-before")
+
+            # Operator: revoke. Broker (SIGHUP through the pid file) and SuperLink refuse it.
+            out = _json("devices", "revoke", "dev1", "--home", str(home_dir))
+            assert isinstance(out["device"], dict) and out["device"]["fl_state"] == "unregistered"
+            password = cfg.mqtt.secret()
+
+            def refused() -> bool:
+                try:
+                    raw_client(broker.port, "dev1-late", "dev1", password).disconnect()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            assert wait_until(refused, 10, 0.2), "broker still accepts the revoked device"
+            assert _node_status(fed, node_id) == "unregistered"
+            late = _supernode(fed, "sn-after", cfg_path)
+            assert wait_until(lambda: late.poll() is not None, 90, 0.5), \
+                "SuperLink kept a revoked SuperNode"
+            assert late.returncode != 0
+            assert "Failed to activate SuperNode" in fed.log_tail("sn-after", 40)
+            listed = _json("devices", "ls", "--home", str(home_dir))["devices"]
+            assert isinstance(listed, list) and listed[0]["active"] is False
+        finally:
+            broker.kill()

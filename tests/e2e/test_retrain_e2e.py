@@ -1,0 +1,123 @@
+"""Drift-triggered retraining on loopback, every part real.
+
+The demo fleet (server/demo.py: broker with ACL, registry, ingest, scorer, SuperLink,
+3 enrolled agents on ptys with their SuperNodes) runs the bootstrap digits model while
+the simulators send a shifted field (dimmer camera + noise). The devices' drift monitors
+report it, the ingest raises drift alerts, `edgefleet retrain watch --once` (twice: the
+policy wants 2 sustained evaluations) trains federatedly on the devices' shifted samples,
+registers the model, runs a canary and promotes it; every device ends on the new model.
+Accuracy on shifted data from the same shift is measured for both packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import edgefleet.device.enroll as enroll
+from edgefleet.models.shift import Shift, package_accuracy, shifted_dataset
+from edgefleet.server.audit import AuditLog
+from edgefleet.server.demo import BIN, Demo, DemoOptions, _wait
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+SHIFT = "intensity=0.5,noise=1"
+
+
+def _drifted(demo: Demo) -> int:
+    st = demo._store()
+    try:
+        return sum(1 for a in st.open_alerts() if a["kind"] == "drift")
+    finally:
+        st.close()
+
+
+def _with_shifted_samples(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each device's FL data: labelled samples it stored from the shifted field."""
+    real = enroll.install_bundle
+    count = iter(range(100))
+
+    def install(bundle: Path, state: Path, **kw: Any) -> Path:
+        i = next(count)
+        x, y = shifted_dataset("digits", Shift.parse(SHIFT, "digits"), 400, seed=1000 + i)
+        data = tmp_path / f"samples-{i}.npz"
+        np.savez(data, x=x, y=y)
+        kw["overrides"]["fl"]["node_config"]["data"] = str(data)
+        return real(bundle, state, **kw)
+
+    monkeypatch.setattr(enroll, "install_bundle", install)
+
+
+def _shift_simulators(demo: Demo) -> None:
+    """Restart every simulator on the same pty path, now sending the shifted field."""
+    for i, name in enumerate(demo.s.devices):
+        demo.procs.stop_many([f"sim-{name}"], 10, signal.SIGINT)
+        sensor = demo.s.work / "devices" / name / "sensor"
+        demo.procs.start(f"sim2-{name}", [
+            str(BIN / "edgefleet-sensor-sim"), "--task", "digits", "--create-pty", str(sensor),
+            "--rate", "20", "--seed", str(50 + i), "--shift", SHIFT])
+
+
+@pytest.mark.timeout(480)
+def test_shift_drift_retrain_canary_promote(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_shifted_samples(monkeypatch, tmp_path)
+    demo = Demo(DemoOptions(devices=3, rate=20.0, workdir=tmp_path / "fleet"),
+                lambda _msg: None)
+    try:
+        demo.build_models()
+        demo.start_services()
+        demo.start_devices()
+        assert _drifted(demo) == 0  # the field the bootstrap model was trained on
+        _shift_simulators(demo)
+        _wait(lambda: _drifted(demo) >= 2, 120, "drift alerts from the shifted devices")
+        w = demo.s.work
+        cfg = w / "retrain.toml"
+        cfg.write_text("[retrain]\nkinds = [\"drift\"]\nmin_share = 0.5\n"
+                       "sustain_evaluations = 2\ntask = \"digits\"\nrounds = 3\n"
+                       "epsilon = 8.0\nmin_nodes = 2\npretrain_epochs = 20\n"
+                       "canary_percent = 34\ncanary_watch_seconds = 6\n"
+                       "canary_threshold = 0.6\n")
+        op = demo.home.service_credentials("operator")
+        env = {**os.environ, "EDGEFLEET_MQTT_USERNAME": op.username,
+               "EDGEFLEET_MQTT_PASSWORD": op.password}
+        assert demo.s.broker is not None and demo.fed is not None
+        cmd = [str(BIN / "edgefleet"), "retrain", "watch", "--group", "demo", "--db",
+               str(w / "fleet.db"), "--fleet", str(w / "fleet"), "--registry",
+               str(w / "registry"), "--broker", f"127.0.0.1:{demo.s.broker.port}",
+               "--superlink", f"127.0.0.1:{demo.fed.port}", "--root-certificates",
+               str(demo.fed.certs.ca), "--config", str(cfg), "--once", "--json"]
+        evs = []
+        for _ in range(2):
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                                 check=False)
+            assert res.returncode == 0, res.stderr[-3000:]
+            evs.append(json.loads(res.stdout))
+        assert [e["action"] for e in evs] == ["counting", "retrained"], evs
+        done = evs[1]["detail"]
+        assert done["canary"] == "promoted", done
+        model, version = done["model"], done["version"]
+        _wait(lambda: demo._on_version(version, model) >= 3, 120, f"every device on {version}")
+        actions = [e["action"] for e in AuditLog(w / "registry" / "audit.jsonl").entries()]
+        steps = [a for a in actions if a.startswith("retrain.")]
+        assert steps == ["retrain.trigger", "retrain.run_started", "retrain.run_finished",
+                         "retrain.registered", "retrain.canary_started", "retrain.promoted"]
+        assert "rollout.start" in actions and "rollout.promote" in actions
+        AuditLog(w / "registry" / "audit.jsonl").verify()
+        # Accuracy on fresh shifted data (same shift, other seed) before and after.
+        x, y = shifted_dataset("digits", Shift.parse(SHIFT, "digits"), 1000, seed=7)
+        pkgs = sorted((w / "registry" / "retrain" / "packages").iterdir())
+        assert len(pkgs) == 1
+        before = package_accuracy(demo.s.device_pkg, x, y)  # type: ignore[arg-type]
+        after = package_accuracy(pkgs[0], x, y)
+        print(f"accuracy on shifted data: bootstrap {before:.3f}, retrained {after:.3f}")
+        assert after > before + 0.2, (before, after)
+    finally:
+        demo.close()

@@ -1,0 +1,62 @@
+"""``edgefleet rollout/promote/rollback`` publish retained assignments on a real mosquitto."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.conftest import run_cli
+from tests.support.updates import make_registry, package_version
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def _retained(port: int, pattern: str, settle: float = 1.0) -> dict[str, Any]:
+    got: dict[str, Any] = {}
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda _c, _u, m: got.__setitem__(m.topic, json.loads(m.payload)
+                                                     if m.payload else None)
+    c.connect("127.0.0.1", port)
+    c.subscribe(pattern, qos=1)
+    c.loop_start()
+    time.sleep(settle)
+    c.loop_stop()
+    c.disconnect()
+    return got
+
+
+def test_rollout_promote_rollback_cli(tmp_path: Path, digits_package: Path,
+                                      mosquitto: Any) -> None:
+    reg = make_registry(tmp_path / "registry")
+    reg.push(package_version(digits_package, tmp_path / "p1", "1.0.0"))
+    reg.close()
+    env = {"EDGEFLEET_REGISTRY": str(tmp_path / "registry"),
+           "EDGEFLEET_BROKER": f"127.0.0.1:{mosquitto.port}"}
+
+    res = run_cli("rollout", "digits-mlp@1.0.0", "--devices", "d1,d2", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["status"] == "running" and r["devices"] == ["d1", "d2"]
+    seen = _retained(mosquitto.port, "edgefleet/v1/update/assign/#")
+    assert {t.rsplit("/", 1)[-1]: v["version"] for t, v in seen.items()} == {"d1": "1.0.0",
+                                                                              "d2": "1.0.0"}
+    res = run_cli("promote", "digits-mlp", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    seen = _retained(mosquitto.port, "edgefleet/v1/update/assign/#")
+    assert seen == {"edgefleet/v1/update/assign/fleet": {
+        "model": "digits-mlp", "version": "1.0.0", "rollout": r["id"], "shadow": False}}
+
+    res = run_cli("rollback", "digits-mlp", env=env)
+    assert res.returncode == 64 and "no earlier fleet version" in res.stderr
+    res = run_cli("rollout", "digits-mlp@9.9.9", "--fleet", env=env)
+    assert res.returncode == 64 and "not in the registry" in res.stderr
+    res = run_cli("rollout", "digits-mlp@1.0.0", "--canary", "10%", env=env)
+    assert res.returncode == 64 and "no devices" in res.stderr
+    res = run_cli("audit", "verify", "--json", env=env)
+    assert res.returncode == 0 and json.loads(res.stdout)["entries"] == 4

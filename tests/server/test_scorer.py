@@ -1,0 +1,171 @@
+"""The cloud scorer against a real mosquitto: answers, micro-batches, and bad requests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet.device.metrics import Metrics
+from edgefleet.device.predictor import Predictor
+from edgefleet.device.score_protocol import (
+    MAX_REQUEST_BYTES,
+    ScoreRequest,
+    encode,
+    request_topic,
+    response_topic,
+)
+from edgefleet.server.broker import MosquittoBroker
+from edgefleet.server.cli.scorer_cmd import parse_broker
+from tests.conftest import run_cli
+from tests.support import cascade as support
+from tests.support.cascade import Spy, digit_rows, publish_request, reply_json, scorer_thread
+
+cloud_pkg = support.cloud_pkg
+
+pytestmark = pytest.mark.timeout(120)
+
+REPLY_TO = response_topic("tester")
+
+
+def _request(row: np.ndarray, **over: object) -> bytes:
+    req = ScoreRequest(task="digits", model="digits-mlp@1.0.0", mode="features",
+                       features=[float(v) for v in row], deadline_ms=5000)
+    return encode(req.model_copy(update=over)) if over else encode(req)
+
+
+def test_answers_carry_label_model_and_correlation(cloud_pkg: Path,
+                                                   mosquitto: MosquittoBroker) -> None:
+    rows = digit_rows(6)
+    want = [p.label for p in Predictor.load(cloud_pkg, threads=1).predict_batch(rows)]
+    with scorer_thread(cloud_pkg, mosquitto, scorer_id="s-a"), \
+            Spy(mosquitto, REPLY_TO) as spy:
+        for i, row in enumerate(rows):
+            publish_request(spy, request_topic("tester"), _request(row), reply_to=REPLY_TO,
+                            corr=b"id-%d" % i)
+        msgs = spy.wait_for(lambda ms: len(ms) >= 6, 15)
+    by_corr = {props.CorrelationData: reply_json(p) for _, p, props in msgs}
+    assert sorted(by_corr) == sorted(b"id-%d" % i for i in range(6))
+    for i in range(6):
+        r = by_corr[b"id-%d" % i]
+        assert r["ok"] and r["label"] == want[i] and r["scorer"] == "s-a"
+        assert r["model"].startswith("digits-cloud@")
+        assert abs(sum(r["probabilities"]) - 1.0) < 1e-4
+
+
+def test_concurrent_requests_are_micro_batched(cloud_pkg: Path,
+                                               mosquitto: MosquittoBroker) -> None:
+    m = Metrics()
+    rows = digit_rows(24)
+    with scorer_thread(cloud_pkg, mosquitto, scorer_id="s-b", max_wait_ms=50, metrics=m), \
+            Spy(mosquitto, REPLY_TO) as spy:
+        for i, row in enumerate(rows):  # a burst: the 50 ms batch window collects several
+            publish_request(spy, request_topic("tester"), _request(row), reply_to=REPLY_TO,
+                            corr=b"%d" % i)
+        msgs = spy.wait_for(lambda ms: len(ms) >= 24, 15)
+    batches = [reply_json(p)["batch"] for _, p, _ in msgs]
+    assert max(batches) > 1
+    assert m.counter("scorer_replies_ok") == 24
+
+
+BAD = [
+    ("not json", b"{nope", "bad_json"),
+    ("wrong version", b'{"v":2}', "bad_request"),
+    ("missing features", json.dumps({"v": 1, "task": "digits", "model": "m", "mode":
+                                      "features", "deadline_ms": 100}).encode(), "bad_request"),
+    ("NaN feature", b'{"v":1,"task":"digits","model":"m","mode":"features",'
+                    b'"features":[NaN],"deadline_ms":100}', "bad_request"),
+    ("raw in features mode", json.dumps({"v": 1, "task": "digits", "model": "m", "mode":
+                                         "features", "features": [1.0], "raw": [1.0],
+                                         "deadline_ms": 100}).encode(), "bad_request"),
+    ("wrong task", json.dumps({"v": 1, "task": "vibration", "model": "m", "mode": "features",
+                               "features": [1.0], "deadline_ms": 100}).encode(), "wrong_task"),
+    ("wrong shape", json.dumps({"v": 1, "task": "digits", "model": "m", "mode": "features",
+                                "features": [1.0] * 63, "deadline_ms": 100}).encode(),
+     "bad_input"),
+    ("out of range", json.dumps({"v": 1, "task": "digits", "model": "m", "mode": "features",
+                                 "features": [99.0] * 64, "deadline_ms": 100}).encode(),
+     "bad_input"),
+    ("too large", b"[" + b"1," * (MAX_REQUEST_BYTES // 2) + b"1]", "too_large"),
+]
+
+
+def test_bad_requests_get_error_replies_and_counters(cloud_pkg: Path,
+                                                     mosquitto: MosquittoBroker) -> None:
+    m = Metrics()
+    with scorer_thread(cloud_pkg, mosquitto, scorer_id="s-c", metrics=m) as scorer, \
+            Spy(mosquitto, REPLY_TO) as spy:
+        for i, (_, payload, _) in enumerate(BAD):
+            publish_request(spy, request_topic("tester"), payload, reply_to=REPLY_TO,
+                            corr=b"bad-%d" % i)
+        msgs = spy.wait_for(lambda ms: len(ms) >= len(BAD), 15)
+        # no response topic, and a response topic outside the prefix: nothing to answer
+        publish_request(spy, request_topic("tester"), _request(digit_rows(1)[0]),
+                        reply_to=None, corr=b"x")
+        publish_request(spy, request_topic("tester"), _request(digit_rows(1)[0]),
+                        reply_to="devices/victim/cmd", corr=b"y")
+        # and the scorer still answers a good request afterwards
+        publish_request(spy, request_topic("tester"), _request(digit_rows(1)[0]),
+                        reply_to=REPLY_TO, corr=b"good")
+        spy.wait_for(lambda ms: any(p.CorrelationData == b"good" for _, _, p in ms), 15)
+        assert scorer.link.connected
+    got = {props.CorrelationData: reply_json(p) for _, p, props in msgs}
+    for i, (name, _, code) in enumerate(BAD):
+        reply = got[b"bad-%d" % i]
+        assert reply["ok"] is False and reply["error"] == code, name
+        assert reply["message"]
+    assert m.counter("scorer_bad_response_topic") == 2
+    assert m.counter("scorer_errors_bad_request") == 4
+    assert m.counter("scorer_errors_bad_input") == 2
+    assert m.counter("scorer_errors_too_large") == 1
+    assert m.counter("scorer_mqtt_callback_errors") == 0
+
+
+def test_overloaded_queue_answers_overloaded(cloud_pkg: Path,
+                                             mosquitto: MosquittoBroker) -> None:
+    from edgefleet.server.scorer import Scorer, ScorerConfig
+
+    m = Metrics()
+    scorer = Scorer(Predictor.load(cloud_pkg, threads=1, metrics=m), support.mqtt_cfg(mosquitto),
+                    ScorerConfig(scorer_id="s-d", queue_size=2), m)
+    stop = threading.Event()
+    net = threading.Thread(target=scorer._network, args=(stop,), daemon=True)
+    net.start()  # network only: nothing drains the queue
+    try:
+        with Spy(mosquitto, REPLY_TO) as spy:
+            spy.wait_for(lambda _: scorer.link.connected, 10)
+            time.sleep(0.2)  # let the SUBSCRIBE reach the broker
+            for i in range(5):
+                publish_request(spy, request_topic("tester"), _request(digit_rows(1)[0]),
+                                reply_to=REPLY_TO, corr=b"%d" % i)
+            msgs = spy.wait_for(lambda ms: len(ms) >= 3, 15)
+    finally:
+        stop.set()
+        net.join(5)
+        scorer.link.close()
+    assert {reply_json(p)["error"] for _, p, _ in msgs} == {"overloaded"}
+    assert m.counter("scorer_overloaded") == 3
+
+
+@pytest.mark.parametrize(("text", "want"), [("h:1883", ("h", 1883)), ("h", ("h", 1883)),
+                                            ("::1:8883", ("::1", 8883))])
+def test_parse_broker(text: str, want: tuple[str, int]) -> None:
+    assert parse_broker(text) == want
+
+
+def test_cli_refuses_bad_broker_and_tampered_package(cloud_pkg: Path, tmp_path: Path) -> None:
+    proc = run_cli("scorer", "run", "--package", str(cloud_pkg), "--broker", "h:port")
+    assert proc.returncode == 64 and "HOST:PORT" in proc.stderr
+    bad = tmp_path / "cloud"
+    shutil.copytree(cloud_pkg, bad)
+    with (bad / "model_fp32.onnx").open("r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02")
+    proc = run_cli("scorer", "run", "--package", str(bad), "--broker", "127.0.0.1:1")
+    assert proc.returncode != 0 and "model_fp32.onnx" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,85 @@
+"""The fleet store on SQLite and on a real PostgreSQL: migrations, dedupe, registry."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgefleet.device.errors import EdgefleetError
+from edgefleet.device.telemetry_schema import MetricsBody
+from edgefleet.server.alerts import AlertThresholds, check_metrics, check_silent
+from edgefleet.server.store import MIGRATIONS, Store, open_store
+from tests.support.postgres import postgres_server
+
+
+@pytest.fixture(scope="module")
+def pg_dsn() -> Iterator[str]:
+    with postgres_server() as dsn:
+        yield dsn
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s = open_store(tmp_path / "fleet.db")
+    else:
+        s = open_store(request.getfixturevalue("pg_dsn"))
+        for table in ("messages", "devices", "events", "open_alerts", "rejects"):
+            s.execute(f"DELETE FROM {table}")
+    yield s
+    s.close()
+
+
+def test_exactly_once_and_registry(store: Store) -> None:
+    with store.transaction() as st:
+        assert st.insert_message("d1", "b" * 16, 1, "event", 1.0, 10.0, "{}")
+        assert not st.insert_message("d1", "b" * 16, 1, "event", 1.0, 11.0, "{}")
+        assert st.insert_message("d1", "c" * 16, 1, "event", 1.0, 11.0, "{}")  # new boot
+        st.touch_device("d1", 11.0, 2, 1)
+        st.set_status("d1", True, 11.0, "c" * 16)
+        st.update_metrics("d1", 5.0, {"n_inferences": 10, "model_version": "1.0.0"}, {"a": 1})
+        # an older spooled report does not overwrite a newer one
+        assert not st.update_metrics("d1", 4.0, {"n_inferences": 3}, {"a": 0})
+        st.count_rejects({"malformed": 2})
+        st.count_rejects({"malformed": 1, "oversized": 1})
+    assert store.message_stats() == {"rows": 2, "distinct": 2}
+    d = store.device("d1")
+    assert d is not None
+    assert (d["online"], d["messages"], d["duplicates"], d["n_inferences"]) == (1, 2, 1, 10)
+    assert d["last_metrics"] == {"a": 1}
+    assert store.rejects() == {"malformed": 3, "oversized": 1}
+    assert [m["boot"] for m in store.messages(device="d1")] == ["b" * 16, "c" * 16]
+
+
+def test_alerts_raise_once_and_resolve(store: Store) -> None:
+    th = AlertThresholds(drift_psi=0.2, fallback_rate=0.3, min_inferences=10, silent_after=60)
+    bad = MetricsBody(inferences=100, fallback=50, drift={"input_psi": 0.5})
+    good = MetricsBody(inferences=200, fallback=10, drift={"input_psi": 0.01})
+    with store.transaction() as st:
+        st.touch_device("d1", 100.0, 1, 0)
+        check_metrics(st, "d1", bad, 100.0, th)
+        check_metrics(st, "d1", bad, 101.0, th)  # still bad: no second event
+    kinds = sorted(e["kind"] for e in store.events())
+    assert kinds == ["alert.drift", "alert.fallback_rate"]
+    with store.transaction() as st:
+        check_metrics(st, "d1", good, 102.0, th)
+        check_silent(st, 1000.0, th)
+    kinds = [e["kind"] for e in store.events()]
+    assert "resolved.drift" in kinds and "resolved.fallback_rate" in kinds
+    assert "alert.silent" in kinds
+    assert [a["kind"] for a in store.open_alerts()] == ["silent"]
+
+
+def test_reopen_keeps_schema_and_refuses_newer(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    open_store(path).close()
+    assert open_store(path).migrate() == len(MIGRATIONS)
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (len(MIGRATIONS) + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(EdgefleetError, match="newer than this edgefleet"):
+        open_store(path)

@@ -1,0 +1,201 @@
+"""Test support for signed model updates: a registry on loopback HTTP and a device beside it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgefleet.device.metrics import Metrics
+from edgefleet.device.package import MANIFEST_NAME, file_sha256
+from edgefleet.device.serving import ServingModel
+from edgefleet.device.tuf_client import TufClient, TufClientConfig
+from edgefleet.device.updater import Assignment, HealthPolicy, Updater
+from edgefleet.server.keys import ROLES, KeyRing
+from edgefleet.server.registry import Registry
+from edgefleet.server.registry_http import RegistryHandler, RegistryServer
+from edgefleet.server.tuf_repo import Expiry
+
+
+def make_registry(home: Path, expiry: Expiry | None = None) -> Registry:
+    """A registry with fresh keys and an initialized TUF repository."""
+    keys = KeyRing(home / "keys")
+    for role in ROLES:
+        keys.generate(role)
+    reg = Registry(home, keys, expiry)
+    reg.init_repo()
+    return reg
+
+
+def rehash(pkg: Path) -> None:
+    """Recompute every file's size and sha256 in the manifest (what a signer would do)."""
+    m = json.loads((pkg / MANIFEST_NAME).read_text())
+    for rel in m["files"]:
+        m["files"][rel] = {"sha256": file_sha256(pkg / rel), "size": (pkg / rel).stat().st_size}
+    (pkg / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
+
+
+def package_version(src: Path, dest: Path, version: str,
+                    edit: Callable[[dict[str, Any], Path], None] | None = None) -> Path:
+    """A copy of package ``src`` as ``version``; ``edit(manifest, folder)`` may change it."""
+    shutil.copytree(src, dest)
+    m = json.loads((dest / MANIFEST_NAME).read_text())
+    m["version"] = version
+    if edit:
+        edit(m, dest)
+    (dest / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
+    rehash(dest)
+    return dest
+
+
+def flip_bytes(path: Path, offset_from_end: int = 64, count: int = 8) -> None:
+    """Corrupt a model file in place (weights sit near the end of these small graphs)."""
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) - offset_from_end)
+    for i in range(start, min(len(data), start + count)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+class Mode:
+    """What a :class:`FaultyHandler` does to matching responses (set by the test)."""
+
+    def __init__(self) -> None:
+        self.match: str | None = None  # substring of the URL path
+        self.kind = "pass"  # pass | truncate | extra | drip | replace
+        self.body: bytes = b""
+
+
+class FaultyHandler(RegistryHandler):
+    """A registry that misbehaves the way attackers and bad networks do."""
+
+    mode: Mode
+
+    def send_body(self, data: bytes) -> None:
+        mode = self.mode
+        if mode.match is None or mode.match not in self.path or mode.kind == "pass":
+            super().send_body(data)
+            return
+        if mode.kind == "replace":
+            super().send_body(mode.body)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if mode.kind == "truncate":
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+        elif mode.kind == "extra":
+            body = data + b"\0" * (len(data) + 4096)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif mode.kind == "drip":
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(min(len(data), 5)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(1.0)
+            except OSError:
+                pass
+            self.close_connection = True
+
+
+def faulty_server(reg: Registry) -> tuple[RegistryServer, Mode]:
+    """A loopback registry server whose responses a test can corrupt."""
+    mode = Mode()
+    handler = type("Handler", (FaultyHandler,), {"mode": mode})
+    srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts, handler=handler).start()
+    return srv, mode
+
+
+@dataclass
+class Device:
+    """A device's updater pointed at a registry URL, with events recorded."""
+
+    state: Path
+    updater: Updater
+    serving: ServingModel
+    metrics: Metrics
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+def make_device(state: Path, reg: Registry, url: str, *, socket_timeout_s: float = 5.0,
+                health: HealthPolicy | None = None) -> Device:
+    """A device provisioned with the registry's root v1."""
+    metrics = Metrics()
+    cfg = TufClientConfig(f"{url}/metadata/", f"{url}/targets/",
+                          socket_timeout_s=socket_timeout_s)
+    tuf = TufClient(state, cfg, reg.repo.root_bytes(1))
+    serving = ServingModel(metrics)
+    events: list[tuple[str, dict[str, Any]]] = []
+    upd = Updater(state, tuf, serving, health=health or HealthPolicy(probe_inferences=10),
+                  events=lambda kind, **d: events.append((kind, d)), metrics=metrics)
+    upd.start()
+    return Device(state, upd, serving, metrics, events)
+
+
+class Traffic:
+    """Calls ``serving.predict`` in a loop on a thread and counts failures."""
+
+    def __init__(self, serving: ServingModel, sample: Any) -> None:
+        self.serving, self.sample = serving, sample
+        self.ok = self.failed = 0
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.serving.predict(self.sample)
+                self.ok += 1
+                if self.serving.active is not None:
+                    self.versions.add(self.serving.active.manifest.version)
+            except Exception:
+                self.failed += 1
+            time.sleep(0.002)
+
+    def __enter__(self) -> Traffic:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def assign(version: str, model: str = "digits-mlp", shadow: bool = False) -> Assignment:
+    """An assignment of ``model@version``."""
+    return Assignment(model, version, shadow=shadow)
+
+
+def start_agent(device_id: str, state: Path, reg: Registry, url: str, broker_port: int,
+                groups: tuple[str, ...] = ()) -> tuple[Any, Device]:
+    """A device following rollouts over MQTT (in this process, on its own threads)."""
+    from edgefleet.device.mqtt_link import MqttConfig
+    from edgefleet.device.update_agent import UpdateAgent
+
+    dev = make_device(state, reg, url)
+    agent = UpdateAgent(device_id, dev.updater, MqttConfig(port=broker_port), groups=groups,
+                        metrics=dev.metrics, state_interval=0.3)
+    return agent.start(), dev
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``cond`` until true; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
