@@ -27,7 +27,10 @@ def _settings(tag: str, tmp: Path, rounds: int) -> object:
 def test_killed_node_round_completes_node_rejoins_and_link_restart_keeps_state(
         tmp_path: Path) -> None:
     store = FlStore(tmp_path / "fl.db")
-    with EmbeddedFederation(tmp_path / "fed", devices=3, secure=True) as fed:
+    # The budget is not under test here: room for 8 rounds at ε=8 whatever the sampling,
+    # so run 2 sees all three nodes however many run-1 rounds each one trained in.
+    with EmbeddedFederation(tmp_path / "fed", devices=3, secure=True,
+                            node_config=lambda i: {"privacy-budget": 100.0}) as fed:
         # The SuperLink frees a killed node's session only when its heartbeat expires
         # (Flower: 60 s); until then the same key cannot activate again and
         # flower-supernode exits. The agent restarts it with backoff (SupervisedProcess),
