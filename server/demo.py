@@ -2,11 +2,12 @@
 
 Every part is the real one, started as its own process with the operator's commands:
 mosquitto (with the generated password file and ACL), the TUF registry server, the
-telemetry ingest, the cloud scorer and a Flower SuperLink; then N enrolled device agents,
-each fed by ``edgefleet-sensor-sim`` through its own pseudo-terminal and running its own
-SuperNode. The demo trains a model federatedly with differential privacy, signs and
-rolls it out (canary, then promote), streams inferences with the cloud fallback, stops
-everything and reports from the fleet store. Ctrl-C at any point stops every process.
+telemetry ingest, the cloud scorer, the rollout guard and a Flower SuperLink; then N
+enrolled device agents, each fed by ``edgefleet-sensor-sim`` through its own
+pseudo-terminal and running its own SuperNode. The demo trains a model federatedly with
+differential privacy, signs and rolls it out (canary, then promote), streams inferences
+with the cloud fallback, stops everything and reports from the fleet store. Ctrl-C at
+any point stops every process.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class Demo:
 
     # -- 2. services --------------------------------------------------------------------
     def start_services(self) -> None:
-        """Fleet home, broker with ACL, registry, ingest, scorer, SuperLink."""
+        """Fleet home, broker with ACL, registry, ingest, scorer, rollout guard, SuperLink."""
         from edgefleet.server import fleet_home
         from edgefleet.server.fl_runner import EmbeddedFederation
 
@@ -199,6 +200,15 @@ class Demo:
                                     "SCORER_PASSWORD", "--threads", "1"],
                          env={"SCORER_PASSWORD": scorer.password})
         _wait((w / "fleet.db").exists, 30, "the ingest service")
+        # Canaries stop on bad health even after `rollout --watch` has returned.
+        op = self.home.service_credentials("operator")
+        self.procs.start("rollout-guard", [str(BIN / "edgefleet"), "rollout", "guard",
+                                           "--registry", str(reg), "--broker",
+                                           f"127.0.0.1:{bport}", "--db", str(w / "fleet.db"),
+                                           "--interval", "2"],
+                         env={"EDGEFLEET_MQTT_USERNAME": op.username,
+                              "EDGEFLEET_MQTT_PASSWORD": op.password,
+                              "EDGEFLEET_LOG": "INFO"})
 
     # -- 3. devices ---------------------------------------------------------------------
     def start_devices(self) -> None:
@@ -498,7 +508,7 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
     try:
         with demo.step("building the device and cloud models"):
             demo.build_models()
-        with demo.step("starting broker, registry, ingest, scorer and SuperLink"):
+        with demo.step("starting broker, registry, ingest, scorer, guard and SuperLink"):
             demo.start_services()
         with demo.step(f"enrolling and starting {opts.devices} device agents"):
             demo.start_devices()

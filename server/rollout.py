@@ -9,6 +9,14 @@ promotion or stops a running canary. Every step is an audit-log entry.
 
 Health comes through :class:`HealthSource`, a one-method protocol, so the same logic
 works from the devices' update-state messages (:class:`FleetView`) or the telemetry store.
+:meth:`RolloutController.check` is the one health check: ``rollout --watch`` and the
+long-running ``rollout guard`` (:mod:`edgefleet.server.rollout_guard`) both call it on a
+freshly loaded row. What it must remember per (rollout, device) -- the store counters
+when the rollout began, whether the device ever ran the candidate -- lives in
+``registry.db`` (:class:`RolloutLedger`), so a restarted or second guard agrees with the
+first. Stopping claims the row (``running`` -> ``stopping`` -> ``stopped``) with
+conditional updates, so two guards never stop a canary twice, and a stop interrupted
+between the claim and the re-assignments is finished by the next check.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from edgefleet.device.errors import EdgefleetError, UsageError
@@ -30,21 +39,61 @@ from edgefleet.device.update_agent import (
     device_topic,
     group_topic,
 )
-from edgefleet.server.registry import Registry
+from edgefleet.server.registry import Registry, target_path
 
-__all__ = ["FleetView", "HealthRates", "HealthSource", "Rollout", "RolloutController",
-           "StoreHealthSource"]
+__all__ = ["MIGRATIONS", "CombinedHealth", "Counts", "FleetView", "HealthRates",
+           "HealthSource", "Rollout", "RolloutController", "RolloutLedger",
+           "StoreHealthSource", "migrate"]
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY, model TEXT NOT NULL, version TEXT NOT NULL, mode TEXT NOT NULL,
-    devices TEXT NOT NULL, baseline TEXT NOT NULL, grp TEXT, shadow INTEGER NOT NULL,
-    threshold REAL NOT NULL, status TEXT NOT NULL, reason TEXT,
-    created REAL NOT NULL, updated REAL NOT NULL
-);
-"""
+#: Numbered schema changes of the rollout tables in ``registry.db``, applied in order in
+#: one transaction and recorded in ``rollout_migrations`` (the store's scheme). Version 1
+#: is the table that existed before migrations, hence ``IF NOT EXISTS``.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: rollouts
+        """CREATE TABLE IF NOT EXISTS rollouts (
+            id TEXT PRIMARY KEY, model TEXT NOT NULL, version TEXT NOT NULL,
+            mode TEXT NOT NULL, devices TEXT NOT NULL, baseline TEXT NOT NULL, grp TEXT,
+            shadow INTEGER NOT NULL, threshold REAL NOT NULL, status TEXT NOT NULL,
+            reason TEXT, created REAL NOT NULL, updated REAL NOT NULL)""",
+    ],
+    [  # 2: per (rollout, device): store counters at the rollout's start, candidate seen
+        """CREATE TABLE rollout_devices (
+            rollout TEXT NOT NULL, device TEXT NOT NULL, boot TEXT,
+            inferences INTEGER, errors INTEGER, degraded INTEGER, fallback INTEGER,
+            recorded REAL, on_candidate REAL, PRIMARY KEY (rollout, device))""",
+        "CREATE INDEX rollouts_status ON rollouts (status)",
+    ],
+]
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Apply the rollout migrations ``db`` (autocommit mode) has not seen; returns the version."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS rollout_migrations ("
+                   "version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
+        have = db.execute("SELECT MAX(version) FROM rollout_migrations").fetchone()[0] or 0
+        if have > len(MIGRATIONS):
+            raise EdgefleetError(f"registry.db has rollout schema v{have}, newer than this "
+                                 f"edgefleet (v{len(MIGRATIONS)}): upgrade edgefleet")
+        for version in range(have + 1, len(MIGRATIONS) + 1):
+            for stmt in MIGRATIONS[version - 1]:
+                db.execute(stmt)
+            db.execute("INSERT INTO rollout_migrations VALUES (?, ?)", (version, time.time()))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return len(MIGRATIONS)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """``registry.db`` in autocommit mode (transactions explicit), migrated."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    migrate(db)
+    return db
 
 
 @dataclass(frozen=True)
@@ -57,6 +106,10 @@ class HealthRates:
     degraded: int = 0
     fallback: int = 0
     rolled_back: bool = False
+    #: The target of the device's last refused update (from its retained state), if any.
+    refused: str | None = None
+    #: False when the source knows the version but has no counts (a state without health).
+    measured: bool = True
 
     def bad_rate(self) -> float:
         """(errors + degraded + fallback) / inferences."""
@@ -66,8 +119,9 @@ class HealthRates:
 class HealthSource(Protocol):
     """Where the controller learns how a device is doing."""
 
-    def health(self, device: str, since: float = 0.0) -> HealthRates | None:
-        """The device's current rates (and rollbacks after ``since``), or None if unknown."""
+    def health(self, device: str, since: float = 0.0,
+               rollout: str | None = None) -> HealthRates | None:
+        """The device's rates (rollbacks after ``since``, rates for ``rollout``) or None."""
 
 
 class Publisher(Protocol):
@@ -114,17 +168,48 @@ class RolloutController:
         self.publisher = publisher
         self.health = health
         self.min_inferences = min_inferences
-        self._db = sqlite3.connect(registry.home / "registry.db", timeout=30)
-        self._db.executescript(_SCHEMA)
+        self._db = connect(registry.home / "registry.db")
+        self.ledger = RolloutLedger(self._db)
+        #: The rates each device of a rollout showed at its last check (``guard --json``).
+        self.observed: dict[str, dict[str, HealthRates]] = {}
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._db.close()
 
     # --- storage ---------------------------------------------------------------------
     def _save(self, r: Rollout) -> None:
         r.updated = time.time()
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (r.id, r.model, r.version, r.mode, json.dumps(r.devices), json.dumps(r.baseline),
-                 r.group, int(r.shadow), r.threshold, r.status, r.reason, r.created, r.updated))
+        self._db.execute(
+            "INSERT OR REPLACE INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (r.id, r.model, r.version, r.mode, json.dumps(r.devices), json.dumps(r.baseline),
+             r.group, int(r.shadow), r.threshold, r.status, r.reason, r.created, r.updated))
+
+    def _claim(self, rid: str, frm: tuple[str, ...], to: str, **cols: Any) -> bool:
+        """Move row ``rid`` from one of ``frm`` to ``to`` atomically; False if another won."""
+        sets = ", ".join(f"{k} = ?" for k in ("status", *cols, "updated"))
+        marks = ",".join("?" * len(frm))
+        cur = self._db.execute(f"UPDATE rollouts SET {sets} WHERE id = ? AND status IN "
+                               f"({marks})", (to, *cols.values(), time.time(), rid, *frm))
+        return cur.rowcount == 1
+
+    def get(self, rid: str) -> Rollout:
+        """The rollout ``rid`` as stored now."""
+        row = self._db.execute("SELECT * FROM rollouts WHERE id = ?", (rid,)).fetchone()
+        if row is None:
+            raise UsageError(f"no rollout {rid}")
+        return self._load(row)
+
+    def active(self) -> list[Rollout]:
+        """Rollouts a guard must look at (running, or a stop to finish); bad rows skipped."""
+        out = []
+        for row in self._db.execute("SELECT * FROM rollouts WHERE status IN "
+                                    "('running', 'stopping') ORDER BY created").fetchall():
+            try:
+                out.append(self._load(row))
+            except (ValueError, TypeError, IndexError) as exc:
+                log.error("rollout row %r is unreadable, skipped: %s", row[0], exc)
+        return out
 
     def _load(self, row: tuple[Any, ...]) -> Rollout:
         return Rollout(row[0], row[1], row[2], row[3], json.loads(row[4]), json.loads(row[5]),
@@ -186,14 +271,27 @@ class RolloutController:
         return r
 
     def check(self, r: Rollout, *, actor: str | None = None) -> Rollout:
-        """Stop a running canary whose candidate is unhealthy on any of its devices."""
+        """Stop a running canary whose candidate is unhealthy on any of its devices.
+
+        Callers pass a freshly loaded row (``get``/``active``); a ``stopping`` row is a
+        stop someone began and did not finish, and is finished here.
+        """
+        if r.status == "stopping":
+            return self.stop(r, r.reason or "stop interrupted", actor=actor, automatic=True)
         if r.status != "running" or self.health is None or r.shadow:
             return r
+        target = target_path(r.model, r.version)
+        seen = self.observed.setdefault(r.id, {})
         for d in r.devices:
-            h = self.health.health(d, since=r.created)
+            h = self.health.health(d, since=r.created, rollout=r.id)
             if h is None:
                 continue
-            if h.rolled_back:
+            seen[d] = h
+            if h.version == r.version:
+                self.ledger.saw_candidate(r.id, d)
+            left = (h.version != r.version and h.version == r.baseline.get(d)
+                    and self.ledger.seen_candidate(r.id, d))
+            if h.rolled_back or h.refused == target or left:
                 return self.stop(r, f"{d} rolled back or refused {r.version}", actor=actor,
                                  automatic=True)
             if (h.version == r.version and h.inferences >= self.min_inferences
@@ -203,31 +301,59 @@ class RolloutController:
                                  actor=actor, automatic=True)
         return r
 
+    def check_all(self, *, actor: str | None = None) -> list[Rollout]:
+        """One guard pass: :meth:`check` every running rollout; a failing one is logged."""
+        out = []
+        for r in self.active():
+            try:
+                out.append(self.check(r, actor=actor))
+            except (EdgefleetError, OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("checking rollout %s of %s@%s failed: %s", r.id, r.model, r.version,
+                          exc)
+                out.append(r)
+        return out
+
     def watch(self, r: Rollout, seconds: float, interval: float = 0.5) -> Rollout:
-        """Check ``r`` every ``interval`` s for ``seconds`` or until it is not running."""
+        """Check ``r`` every ``interval`` s for ``seconds`` or until it is not running.
+
+        The same check a ``rollout guard`` runs, on the stored row each time, so a guard
+        stopping it meanwhile ends the watch (and it is never stopped twice).
+        """
         end = time.monotonic() + seconds
-        while time.monotonic() < end and r.status == "running":
-            r = self.check(r)
-            time.sleep(interval)
+        r = self.get(r.id)
+        while time.monotonic() < end and r.status in ("running", "stopping"):
+            r = self.check(self.get(r.id))
+            if r.status == "running":
+                time.sleep(interval)
         return r
 
     def stop(self, r: Rollout, reason: str, *, actor: str | None = None,
              automatic: bool = False) -> Rollout:
-        """Return each canary device to its baseline version (or clear its assignment)."""
+        """Return each canary device to its baseline version (or clear its assignment).
+
+        Idempotent: the row is claimed (``running`` -> ``stopping``) before anything is
+        published, re-assignments are retained messages (publishing twice is harmless), and
+        only whoever moves it ``stopping`` -> ``stopped`` writes the audit entry. A rollout
+        another process already stopped or promoted is returned as stored.
+        """
+        if not self._claim(r.id, ("running",), "stopping", reason=reason):
+            current = self.get(r.id)
+            if current.status != "stopping":
+                return current
+            r, reason = current, current.reason or reason
         for d in r.devices:
             base = r.baseline.get(d)
             self.publisher.publish(device_topic(d),
                                    _assignment(r.model, base, r.id) if base else b"")
         if r.mode == "group" and r.group:
             self.publisher.publish(group_topic(r.group), b"")
-        r.status, r.reason = "stopped", reason
-        self._save(r)
-        self.registry.audit.append("rollout.stopped", actor=actor or ("auto" if automatic else
-                                                                       None),
-                                   rollout=r.id, model=r.model, version=r.version,
-                                   reason=reason, automatic=automatic)
-        log.warning("rollout %s of %s@%s stopped: %s", r.id, r.model, r.version, reason)
-        return r
+        if self._claim(r.id, ("stopping",), "stopped"):
+            self.registry.audit.append("rollout.stopped",
+                                       actor=actor or ("auto" if automatic else None),
+                                       rollout=r.id, model=r.model, version=r.version,
+                                       reason=reason, automatic=automatic)
+            log.warning("rollout %s of %s@%s stopped: %s", r.id, r.model, r.version, reason)
+        return self.get(r.id)
 
     def promote(self, model: str, *, actor: str | None = None) -> Rollout:
         """Make the running rollout's version the fleet-wide assignment."""
@@ -235,22 +361,25 @@ class RolloutController:
         if r is None:
             raise UsageError(f"no running rollout of {model} to promote")
         previous = self.latest(model, ("promoted",))
+        baseline = {"fleet": previous.version if previous else None}
+        # Claimed before publishing: a guard stopping it at the same moment wins or loses
+        # as a whole, never half of each.
+        if not self._claim(r.id, ("running",), "promoted", baseline=json.dumps(baseline)):
+            raise UsageError(f"rollout {r.id} of {model} is {self.get(r.id).status} now")
         self.publisher.publish(FLEET_TOPIC, _assignment(model, r.version, r.id))
         # Device-specific assignments of earlier canaries would override the fleet one.
         for d in sorted({d for past in self.rollouts(model) for d in past.devices}):
             self.publisher.publish(device_topic(d), b"")
         if r.mode == "group" and r.group:
             self.publisher.publish(group_topic(r.group), b"")
-        r.status = "promoted"
-        r.baseline = {"fleet": previous.version if previous else None}
-        self._save(r)
+        r = self.get(r.id)
         self.registry.audit.append("rollout.promote", actor=actor, rollout=r.id, model=model,
                                    version=r.version)
         return r
 
     def rollback(self, model: str, *, actor: str | None = None) -> Rollout:
         """Stop a running canary, or return the fleet to the version before the last promotion."""
-        running = self.latest(model, ("running",))
+        running = self.latest(model, ("running", "stopping"))
         if running is not None:
             r = self.stop(running, "rolled back by the operator", actor=actor)
             self.registry.audit.append("rollout.rollback", actor=actor, rollout=r.id,
@@ -286,6 +415,7 @@ class FleetView:
                                   client_id=client_id or f"rollout-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         if username:
             self.client.username_pw_set(username, password)
@@ -305,6 +435,14 @@ class FleetView:
         client.subscribe("edgefleet/v1/update/event/+", qos=1)
         self._connected.set()
 
+    def _on_disconnect(self, *_args: Any) -> None:
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up now (paho reconnects in the background)."""
+        return self._connected.is_set()
+
     def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
         try:
             body = json.loads(msg.payload)
@@ -323,7 +461,13 @@ class FleetView:
         """Publish QoS 1 and wait until the broker has it."""
         if not topic.startswith(ASSIGN_ROOT):
             raise UsageError(f"refusing to publish outside {ASSIGN_ROOT}: {topic}")
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        try:
+            info.wait_for_publish(10)
+        except (RuntimeError, ValueError) as exc:
+            raise EdgefleetError(f"publishing {topic} failed: {exc}") from None
+        if not info.is_published():
+            raise EdgefleetError(f"the broker did not acknowledge {topic} within 10 s")
 
     def fleet(self, settle_s: float = 1.0) -> dict[str, str | None]:
         """Known devices and the version each runs (waits ``settle_s`` for retained states)."""
@@ -331,18 +475,26 @@ class FleetView:
         with self._lock:
             return {d: s.get("version") for d, s in self.states.items()}
 
-    def health(self, device: str, since: float = 0.0) -> HealthRates | None:
-        """Rates from the device's last state message, and its rollback/refusal events."""
+    def health(self, device: str, since: float = 0.0,
+               rollout: str | None = None) -> HealthRates | None:
+        """Rates from the device's last state message, and its rollback/refusal events.
+
+        Events are not retained, so a watcher that connects later learns of a refusal from
+        the state's ``last`` outcome instead (``refused``).
+        """
         with self._lock:
             state = self.states.get(device)
             bad = any(e.get("device") == device and e.get("event") in ("rolled_back", "rejected")
-                      and float(e.get("ts", 0)) >= since for e in self.events)
+                      and _num(e.get("ts")) >= since for e in self.events)
         if state is None:
             return None
-        h = state.get("health") or {}
-        return HealthRates(state.get("version"), int(h.get("inferences", 0)),
-                           int(h.get("errors", 0)), int(h.get("degraded", 0)),
-                           int(h.get("fallback", 0)), rolled_back=bad)
+        h, last = _obj(state.get("health")), _obj(state.get("last"))
+        refused = last.get("target") if last.get("outcome") == "rejected" else None
+        return HealthRates(state.get("version"), int(_num(h.get("inferences"))),
+                           int(_num(h.get("errors"))), int(_num(h.get("degraded"))),
+                           int(_num(h.get("fallback"))), rolled_back=bad,
+                           refused=refused if isinstance(refused, str) else None,
+                           measured=isinstance(state.get("health"), dict))
 
     def close(self) -> None:
         """Disconnect."""
@@ -350,25 +502,172 @@ class FleetView:
         self.client.disconnect()
 
 
-class StoreHealthSource:
-    """Health from the telemetry store (``edgefleet ingest``): counter deltas since first asked.
+def _obj(value: Any) -> dict[str, Any]:
+    """A JSON object from a device's message, {} when it is anything else."""
+    return value if isinstance(value, dict) else {}
 
-    The store keeps cumulative counts per device; the first call for a device records
-    them as its baseline, so later rates cover only what happened since the rollout began.
+
+def _num(value: Any) -> float:
+    """A number from a device's JSON, 0 when missing or not a number (never raises)."""
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A device's cumulative store counters within one agent boot."""
+
+    boot: str | None
+    inferences: int = 0
+    errors: int = 0
+    degraded: int = 0
+    fallback: int = 0
+
+    @staticmethod
+    def from_body(boot: str | None, body: dict[str, Any]) -> Counts:
+        """From a telemetry ``metrics`` body (the stored ``last_metrics`` or a message)."""
+        counters = _obj(body.get("counters"))
+        return Counts(boot, int(_num(body.get("inferences"))),
+                      int(_num(counters.get("inference_errors"))),
+                      int(_num(body.get("degraded"))), int(_num(body.get("fallback"))))
+
+
+class RolloutLedger:
+    """What a health check remembers per (rollout, device), in ``registry.db``.
+
+    The first writer of a baseline wins (``INSERT ... DO NOTHING``, then read back), so two
+    guards that start at once still agree. Without a connection it keeps the same records
+    in memory (one process, e.g. a unit test).
     """
 
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        self._base: dict[str, tuple[int, int, int, int]] = {}
+    def __init__(self, db: sqlite3.Connection | None = None) -> None:
+        self._db = db
+        self._mem: dict[tuple[str, str], tuple[Counts | None, bool]] = {}
 
-    def health(self, device: str, since: float = 0.0) -> HealthRates | None:
+    def baseline(self, rollout: str, device: str) -> Counts | None:
+        """The stored counters this rollout measures the device from, if recorded."""
+        if self._db is None:
+            return self._mem.get((rollout, device), (None, False))[0]
+        row = self._db.execute("SELECT boot, inferences, errors, degraded, fallback, recorded "
+                               "FROM rollout_devices WHERE rollout = ? AND device = ?",
+                               (rollout, device)).fetchone()
+        if row is None or row[5] is None:
+            return None
+        return Counts(row[0], *(int(x) for x in row[1:5]))
+
+    def set_baseline(self, rollout: str, device: str, c: Counts, *,
+                     replace: bool = False) -> Counts:
+        """Record ``c`` unless a baseline exists (``replace``: the device rebooted)."""
+        if self._db is None:
+            old, seen = self._mem.get((rollout, device), (None, False))
+            if old is None or replace:
+                self._mem[(rollout, device)] = (c, seen)
+            return self._mem[(rollout, device)][0] or c
+        vals = (c.boot, c.inferences, c.errors, c.degraded, c.fallback, time.time())
+        self._db.execute("INSERT INTO rollout_devices (rollout, device) VALUES (?, ?) "
+                         "ON CONFLICT (rollout, device) DO NOTHING", (rollout, device))
+        self._db.execute("UPDATE rollout_devices SET boot = ?, inferences = ?, errors = ?, "
+                         "degraded = ?, fallback = ?, recorded = ? WHERE rollout = ? AND "
+                         "device = ?" + ("" if replace else " AND recorded IS NULL"),
+                         (*vals, rollout, device))
+        return self.baseline(rollout, device) or c
+
+    def saw_candidate(self, rollout: str, device: str) -> None:
+        """Note that the device ran the candidate (leaving it later is a rollback)."""
+        if self._db is None:
+            base, _ = self._mem.get((rollout, device), (None, False))
+            self._mem[(rollout, device)] = (base, True)
+            return
+        self._db.execute("INSERT INTO rollout_devices (rollout, device, on_candidate) "
+                         "VALUES (?, ?, ?) ON CONFLICT (rollout, device) DO UPDATE SET "
+                         "on_candidate = COALESCE(rollout_devices.on_candidate, "
+                         "excluded.on_candidate)", (rollout, device, time.time()))
+
+    def seen_candidate(self, rollout: str, device: str) -> bool:
+        """Whether the device was ever seen running the candidate."""
+        if self._db is None:
+            return self._mem.get((rollout, device), (None, False))[1]
+        row = self._db.execute("SELECT on_candidate FROM rollout_devices WHERE rollout = ? "
+                               "AND device = ?", (rollout, device)).fetchone()
+        return row is not None and row[0] is not None
+
+
+class StoreHealthSource:
+    """Health from the telemetry store (``edgefleet ingest``): counter deltas since a baseline.
+
+    The store keeps cumulative counts per device and agent boot. A rollout's baseline for a
+    device is its newest stored ``metrics`` report from before the rollout began (else the
+    counts when first asked), recorded once in the :class:`RolloutLedger`; so rates cover
+    what happened since the rollout began, whoever asks and however often they restart.
+    A device that rebooted since (new boot id, counters from zero) is measured from zero.
+    """
+
+    def __init__(self, store: Any, ledger: RolloutLedger | None = None) -> None:
+        self.store = store
+        self.ledger = ledger or RolloutLedger()
+
+    def health(self, device: str, since: float = 0.0,
+               rollout: str | None = None) -> HealthRates | None:
         """Rates of ``device`` from its newest stored metrics report."""
         row = self.store.device(device)
         if row is None:
             return None
-        counters = (row.get("last_metrics") or {}).get("counters") or {}
-        now = (int(row.get("n_inferences") or 0), int(counters.get("inference_errors", 0)),
-               int(row.get("n_degraded") or 0), int(row.get("n_fallback") or 0))
-        base = self._base.setdefault(device, now)
-        d = [max(0, a - b) for a, b in zip(now, base, strict=True)]
+        body = _obj(row.get("last_metrics"))
+        newest = self._report(device, None)
+        now = replace(Counts.from_body(newest[0] if newest else None, body),
+                      inferences=int(row.get("n_inferences") or 0),
+                      degraded=int(row.get("n_degraded") or 0),
+                      fallback=int(row.get("n_fallback") or 0))
+        key = rollout or ""
+        base = self.ledger.baseline(key, device)
+        if base is None:
+            base = self.ledger.set_baseline(key, device, self._at_start(device, since, now))
+        elif None not in (base.boot, now.boot) and base.boot != now.boot:
+            base = self.ledger.set_baseline(key, device, Counts(now.boot), replace=True)
+        d = [max(0, a - b) for a, b in zip(
+            (now.inferences, now.errors, now.degraded, now.fallback),
+            (base.inferences, base.errors, base.degraded, base.fallback), strict=True)]
         return HealthRates(row.get("model_version"), d[0], d[1], d[2], d[3])
+
+    def _report(self, device: str, before: float | None) -> tuple[str, Counts] | None:
+        """(boot, counters) of the newest stored metrics message (at or before ``before``)."""
+        find = getattr(self.store, "last_metrics_message", None)
+        msg = find(device, before) if find is not None else None
+        if msg is None:
+            return None
+        try:
+            body = json.loads(msg["payload"]).get("body")
+            return str(msg["boot"]), Counts.from_body(str(msg["boot"]), body
+                                                      if isinstance(body, dict) else {})
+        except (ValueError, AttributeError):
+            return None
+
+    def _at_start(self, device: str, since: float, now: Counts) -> Counts:
+        """The device's counters when the rollout began, from the stored reports."""
+        at = self._report(device, since) if since else None
+        if at is None:
+            return now  # nothing stored from before: count from now
+        if now.boot is not None and at[0] != now.boot:
+            return Counts(now.boot)  # rebooted after the rollout began: counting from zero
+        return at[1]
+
+
+class CombinedHealth:
+    """Update-state health (rollbacks, refusals) and, where it is silent, the store's counters."""
+
+    def __init__(self, view: HealthSource, store_health: HealthSource) -> None:
+        self.view, self.store_health = view, store_health
+
+    def health(self, device: str, since: float = 0.0,
+               rollout: str | None = None) -> HealthRates | None:
+        """The view's rates; the store's where the view has none (keeping its rollbacks)."""
+        v = self.view.health(device, since, rollout)
+        if v is not None and v.measured:
+            return v
+        s = self.store_health.health(device, since, rollout)
+        if s is None or v is None:
+            return v or s
+        return replace(s, version=v.version or s.version, rolled_back=v.rolled_back,
+                       refused=v.refused)

@@ -248,6 +248,17 @@ class Store:
         out = [dict(zip(keys, r, strict=True)) for r in rows]
         return out[::-1] if newest else out
 
+    def last_metrics_message(self, device: str,
+                             before: float | None = None) -> dict[str, Any] | None:
+        """The device's newest stored ``metrics`` message (sent at or before ``before``)."""
+        where, params = "device = ? AND kind = 'metrics'", [device]
+        if before is not None:
+            where += " AND ts <= ?"
+            params.append(before)  # type: ignore[arg-type]
+        rows = self.query(f"SELECT boot, ts, payload FROM messages WHERE {where} "
+                          "ORDER BY ts DESC, id DESC LIMIT 1", params)
+        return dict(zip(("boot", "ts", "payload"), rows[0], strict=True)) if rows else None
+
     def message_stats(self, device: str | None = None) -> dict[str, int]:
         """Row count and distinct (device, boot, seq) count (equal unless the schema broke)."""
         where, params = ("WHERE device = ?", (device,)) if device else ("", ())

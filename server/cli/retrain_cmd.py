@@ -61,7 +61,12 @@ def watch(
         promote_with,
         push_with,
     )
-    from edgefleet.server.rollout import FleetView, RolloutController, StoreHealthSource
+    from edgefleet.server.rollout import (
+        CombinedHealth,
+        FleetView,
+        RolloutController,
+        StoreHealthSource,
+    )
     from edgefleet.server.store import open_store
 
     over: dict[str, Any] = {}
@@ -89,7 +94,9 @@ def watch(
 
     def rollout_ctl() -> RolloutController:
         v = fleet_view()
-        return RolloutController(registry, v, _Health(v, StoreHealthSource(store)))
+        ctl = RolloutController(registry, v)
+        ctl.health = CombinedHealth(v, StoreHealthSource(store, ctl.ledger))
+        return ctl
 
     def canary(model: str, version: str, p: Any) -> Any:
         return canary_with(rollout_ctl(), fleet_view())(model, version, p)
@@ -119,17 +126,6 @@ def watch(
         if view is not None:
             view.close()
         store.close()
-
-
-class _Health:
-    """Update-state health (rollbacks, refusals) and, where it is silent, the store's counters."""
-
-    def __init__(self, view: Any, store_health: Any) -> None:
-        self.view, self.store_health = view, store_health
-
-    def health(self, device: str, since: float = 0.0) -> Any:
-        """The view's rates, else the store's."""
-        return self.view.health(device, since) or self.store_health.health(device, since)
 
 
 @approvals_app.callback()

@@ -1,16 +1,24 @@
-"""``edgefleet rollout`` / ``promote`` / ``rollback``: who runs which model version.
+"""``edgefleet rollout`` / ``rollout guard`` / ``promote`` / ``rollback``: who runs which version.
 
 Assignments are retained MQTT messages (see docs/updates.md); devices fetch and verify
-the named version through TUF themselves.
+the named version through TUF themselves. ``edgefleet rollout MODEL@VERSION ...`` is
+``edgefleet rollout start MODEL@VERSION ...``; ``edgefleet rollout guard`` is the service
+that stops unhealthy canaries when nobody is watching (docs/operations.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from edgefleet.device.cli_support import console, print_json
 from edgefleet.device.errors import UsageError
@@ -19,23 +27,52 @@ from edgefleet.server.cli.registry_cmd import HOME, open_registry
 if TYPE_CHECKING:
     from edgefleet.server.rollout import FleetView, RolloutController
 
-__all__ = ["promote", "register", "rollback", "rollout"]
+__all__ = ["guard", "promote", "register", "rollback", "rollout", "rollout_app"]
+
+
+class _StartByDefault(TyperGroup):
+    """``rollout MODEL@VERSION ...`` means ``rollout start MODEL@VERSION ...``.
+
+    A reference always holds an ``@``, so it can never be mistaken for a subcommand name.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
+
+
+rollout_app = typer.Typer(
+    cls=_StartByDefault, no_args_is_help=True,
+    help="Roll a model version out (`edgefleet rollout MODEL@VERSION --canary 10%` is "
+         "`rollout start`), or guard running canaries (`rollout guard`).")
 
 BROKER = typer.Option("127.0.0.1:1883", "--broker", envvar="EDGEFLEET_BROKER",
                       help="MQTT broker host:port the devices listen on (credentials: "
                            "$EDGEFLEET_MQTT_USERNAME, $EDGEFLEET_MQTT_PASSWORD).")
 
 
-def _controller(home: Path, broker: str) -> tuple[RolloutController, FleetView]:
-    from edgefleet.server.rollout import FleetView, RolloutController
-
+def _host_port(broker: str) -> tuple[str, int]:
     host, _, port = broker.rpartition(":")
     try:
-        view = FleetView(host or "127.0.0.1", int(port),
-                         username=os.environ.get("EDGEFLEET_MQTT_USERNAME"),
-                         password=os.environ.get("EDGEFLEET_MQTT_PASSWORD"))
+        return host or "127.0.0.1", int(port)
     except ValueError:
         raise UsageError(f"--broker {broker!r}: expected HOST:PORT") from None
+
+
+def _view(broker: str) -> FleetView:
+    from edgefleet.server.rollout import FleetView
+
+    host, port = _host_port(broker)
+    return FleetView(host, port, username=os.environ.get("EDGEFLEET_MQTT_USERNAME"),
+                     password=os.environ.get("EDGEFLEET_MQTT_PASSWORD"))
+
+
+def _controller(home: Path, broker: str) -> tuple[RolloutController, FleetView]:
+    from edgefleet.server.rollout import RolloutController
+
+    _host_port(broker)
+    view = _view(broker)
     return RolloutController(open_registry(home), view, view), view
 
 
@@ -130,8 +167,80 @@ def rollback(
         console.print(f"rolled back {model}@{r.version}: {r.reason}")
 
 
+def guard(
+    interval: float = typer.Option(10.0, "--interval", min=0.1,
+                                   help="Seconds between passes over the running canaries."),
+    once: bool = typer.Option(False, "--once", help="One pass, then exit (cron, tests)."),
+    db: str | None = typer.Option(None, "--db", envvar="EDGEFLEET_DB",
+                                  help="Telemetry store of `ingest run`: health for devices "
+                                       "whose update state says nothing."),
+    min_inferences: int = typer.Option(20, "--min-inferences", min=1,
+                                       help="Judge a device's rate only after this many "
+                                            "inferences on the candidate."),
+    home: Path = HOME,
+    broker: str = BROKER,
+    json_out: bool = typer.Option(False, "--json", help="With --once: one JSON object; "
+                                  "else one JSON line per pass."),
+) -> None:
+    """Stop every running canary that turns unhealthy, also when no --watch is running.
+
+    Runs until SIGTERM/SIGINT; waits out a vanished broker. The stop is the one
+    `rollout --watch` makes (devices back on their previous version, an audit entry with
+    actor rollout-guard); restarts and a second guard neither lose track nor stop twice.
+
+    Examples:
+
+      edgefleet rollout guard --registry registry/ --broker 127.0.0.1:1883 --db fleet.db
+
+      edgefleet rollout guard --once --json          (from cron)
+    """
+    from edgefleet.server.rollout_guard import GuardPass, RolloutGuard
+    from edgefleet.server.store import open_store
+
+    _host_port(broker)
+    store = open_store(db) if db else None
+    g = RolloutGuard(open_registry(home), lambda: _view(broker), store=store,
+                     interval=interval, min_inferences=min_inferences)
+
+    def report(p: GuardPass) -> None:
+        if json_out and once:
+            print_json(p.as_dict())
+            return
+        if json_out:  # a service: one compact line per pass (JSON Lines)
+            sys.stdout.write(json.dumps(p.as_dict(), sort_keys=True) + "\n")
+            sys.stdout.flush()
+            return
+        running = sum(1 for c in p.checked if c["status"] == "running")
+        console.print(f"{time.strftime('%H:%M:%S')} {len(p.checked)} checked, "
+                      f"{running} running, {len(p.stopped)} stopped"
+                      + "".join(f"\n  stopped {c['id']} {c['model']}@{c['version']}: "
+                                f"{c['reason']}" for c in p.checked if c["id"] in p.stopped))
+
+    def _stop(*_: Any) -> None:
+        g.stop()
+
+    try:
+        if once:
+            report(g.run_pass())
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop)
+        if not json_out:
+            console.print(f"guarding the running canaries of {home} every {interval:g} s "
+                          f"(broker {broker}); Ctrl-C to stop")
+        g.run(report)
+    finally:
+        g.close()
+        if store is not None:
+            store.close()
+    if not json_out:
+        console.print(f"stopped after {g.passes} passes ({g.failures} failed)")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the three top-level commands to ``app``."""
-    app.command("rollout")(rollout)
+    """Add ``rollout`` (start, guard), ``promote`` and ``rollback`` to ``app``."""
+    rollout_app.command("start")(rollout)
+    rollout_app.command("guard")(guard)
+    app.add_typer(rollout_app, name="rollout")
     app.command("promote")(promote)
     app.command("rollback")(rollback)
