@@ -88,6 +88,10 @@ class _ServingView:
     def predict(self, x: Any) -> Prediction:
         return self.serving.predict(x)
 
+    def validate_and_predict(self, x: Any) -> tuple[np.ndarray, Prediction]:
+        """Validated once, by the model that answers (a swap in between cannot split them)."""
+        return self.serving.validate_and_predict(x)
+
 
 def _child_path() -> str:
     """PATH for flower-supernode with our venv's bin first: systemd's PATH lacks it, and
@@ -182,7 +186,9 @@ class Agent:
         from edgefleet.device.telemetry import TelemetryPublisher
 
         spool = Spool(self.state_dir / "telemetry-spool.db",
-                      max_messages=self.cfg.telemetry.spool_max_messages, metrics=self.metrics)
+                      max_messages=self.cfg.telemetry.spool_max_messages,
+                      max_bytes=self.cfg.telemetry.spool_max_bytes,
+                      max_age_s=self.cfg.telemetry.spool_max_age_s, metrics=self.metrics)
         self.publisher = TelemetryPublisher(self.cfg.device_id, self.cfg.mqtt, spool,
                                             metrics=self.metrics).start()
         self.reporter = TelemetryReporter(self.publisher, interval=self.cfg.telemetry.interval_s,

@@ -15,6 +15,7 @@ from edgefleet.device.backends import DEFAULT_THREADS
 from edgefleet.device.config import StrictModel, load_config
 from edgefleet.device.fallback import FallbackConfig
 from edgefleet.device.mqtt_link import MqttConfig
+from edgefleet.device.spool import DEFAULT_MAX_BYTES
 from edgefleet.device.telemetry_schema import DEVICE_ID_PATTERN
 
 __all__ = [
@@ -61,6 +62,13 @@ class TelemetrySection(StrictModel):
     enabled: bool = True
     interval_s: float = Field(default=10.0, gt=0)
     spool_max_messages: int = Field(default=50_000, ge=100)
+    spool_max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024 * 1024,
+                                 description="Cap on spooled topic + payload bytes; oldest "
+                                             "dropped (SQLite overhead and a 4 MiB disk "
+                                             "reserve come on top).")
+    spool_max_age_s: float | None = Field(default=None, gt=0,
+                                          description="Drop spooled messages older than "
+                                                      "this (default: no age limit).")
     drift_window: int = Field(default=500, ge=10)
 
 

@@ -76,7 +76,8 @@ class TelemetryReporter:
         spool = self.publisher.spool
         body = build_metrics_body(
             self.metrics, drift=self.drift, system=self.sampler.sample(),
-            spool={"pending": spool.count(), "dropped": spool.dropped()})
+            spool={"pending": spool.count(), "dropped": spool.dropped(),
+                   "bytes": spool.nbytes()})
         if self.extra:
             body.update(self.extra())
         return body

@@ -70,7 +70,10 @@ class TelemetryPublisher:
 
     # -- producing ------------------------------------------------------------------------
     def publish(self, kind: str, body: dict[str, Any]) -> int:
-        """Spool one message and return its sequence number (it is sent in the background)."""
+        """Spool one message and return its sequence number (it is sent in the background).
+
+        A full disk does not raise: the spool drops (and counts) instead.
+        """
         with self._seq_lock:
             self._seq += 1
             seq = self._seq
@@ -82,8 +85,10 @@ class TelemetryPublisher:
                 self.metrics.inc("telemetry_oversized_dropped")
                 raise UsageError(f"telemetry message of {len(payload)} bytes is above the "
                                  f"{MAX_PAYLOAD_BYTES}-byte limit")
-            self.spool.append(topic_for(self.device_id, kind), payload)  # type: ignore[arg-type]
-        self.metrics.inc("telemetry_spooled")
+            stored = self.spool.append(topic_for(self.device_id, kind),  # type: ignore[arg-type]
+                                       payload)
+        if stored:  # 0: the spool had to drop it (counted there as dropped)
+            self.metrics.inc("telemetry_spooled")
         return seq
 
     # -- paho callbacks (run on the publisher thread, wrapped by MqttLink) ------------------
