@@ -408,14 +408,15 @@ class Spool:
         out: list[Row] = []
         with self._lock:
             while len(out) < limit:
+                want = limit - len(out)
                 rows = self._db.execute(
                     "SELECT id, topic, payload FROM spool WHERE id > ? ORDER BY id LIMIT ?",
-                    (after_id, limit - len(out))).fetchall()
-                if not rows:
-                    break
-                after_id = int(rows[-1][0])
+                    (after_id, want)).fetchall()
                 out.extend((int(i), str(t), bytes(p)) for i, t, p in rows
                            if i not in self._deferred)
+                if len(rows) < want:
+                    break  # the end of the spool (the usual case: one query)
+                after_id = int(rows[-1][0])
         return out
 
     def ack(self, ids: Iterable[int]) -> None:

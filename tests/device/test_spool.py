@@ -226,6 +226,7 @@ def test_disk_full_without_room_keeps_what_it_holds(tmp_path: Path) -> None:
             sp.ack([i for i, _, _ in rows[:4]])  # cannot be deleted now: remembered
             assert sp.count() == 6
             assert [i for i, _, _ in sp.pending(0, 100)] == [i for i, _, _ in rows[4:]]
+            assert [i for i, _, _ in sp.pending(0, 3)] == [i for i, _, _ in rows[4:7]]
             assert m.counter("telemetry_spool_ack_deferred") == 4
             (disk / "filler").unlink()
             assert sp.append("t", _payload(30))
