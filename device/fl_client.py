@@ -6,6 +6,11 @@ Dirichlet shares of a task's training split; deployed, it reads the labelled sam
 the agent stored (``data="path/to/samples.npz"`` with arrays ``x`` and ``y``). A fixed
 20 % of the local data is held out for federated evaluation.
 
+Flower runs every message in a fresh process, so what a message would recompute is
+kept in the node's state folder (with the privacy ledger): the demo share
+(:mod:`edgefleet.device.share_cache`) and the calibrated σ
+(:func:`~edgefleet.device.dp.noise_for_epsilon_cached`).
+
 ``dp = "sample"``: DP-SGD (:mod:`edgefleet.device.dp`) with the noise calibrated so the
 whole run spends the requested ε, and every round recorded in the device's privacy
 ledger before the update is sent. A device whose ledger would pass its budget declines.
@@ -30,7 +35,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from pydantic import Field
 
 from edgefleet.device.config import StrictModel, load_config
-from edgefleet.device.dp import DpSgdConfig, noise_for_epsilon, train_dp_sgd
+from edgefleet.device.dp import DpSgdConfig, noise_for_epsilon_cached, train_dp_sgd
 from edgefleet.device.errors import ConfigError, EdgefleetError
 from edgefleet.device.fl_attack import Attack, poison_update
 from edgefleet.device.fl_protocol import (
@@ -44,6 +49,7 @@ from edgefleet.device.fl_protocol import (
 )
 from edgefleet.device.metrics import default_metrics
 from edgefleet.device.privacy_ledger import PrivacyBudgetExceeded, PrivacyLedger
+from edgefleet.device.share_cache import cached_share, share_key
 
 __all__ = ["LocalData", "NodeSettings", "app", "load_local_data"]
 
@@ -62,7 +68,8 @@ class NodeSettings(StrictModel):
     alpha: float = Field(0.5, gt=0)
     partition_seed: int = 0
     data: str = ""
-    state_dir: str = Field("", description="Folder of the privacy ledger (default: FLWR_HOME)")
+    state_dir: str = Field("", description="Folder of the privacy ledger and caches "
+                                           "(default: FLWR_HOME)")
     privacy_budget: float = Field(10.0, gt=0)
     privacy_delta: float = Field(1e-5, gt=0, lt=1)
     attack: Attack = Field("", description="TEST/BENCHMARK ONLY: send a poisoned update")
@@ -103,13 +110,20 @@ def _load_local_data(key: str) -> LocalData:
             raise ConfigError(f"samples need x (n, features) and y (n,), got {x.shape}/{y.shape}",
                               path=s.data)
         return LocalData(x, y, seed=s.partition_seed)
-    from edgefleet.models.tasks import get_task
-
     if s.partition_id >= s.num_partitions:
         raise ConfigError(f"partition-id {s.partition_id} >= num-partitions {s.num_partitions}")
+    key = share_key(s.task, s.partition_id, s.num_partitions, s.alpha, s.partition_seed)
+    x, y = cached_share(_state_dir(s), key, lambda: _demo_share(s))
+    return LocalData(x, y, seed=s.partition_id)
+
+
+def _demo_share(s: NodeSettings) -> tuple[F32, I64]:
+    """Partition ``partition-id`` of the task's training split (what the cache stores)."""
+    from edgefleet.models.tasks import get_task
+
     split = get_task(s.task).split()
     part = _partition(s.task, s.num_partitions, s.alpha, s.partition_seed)[s.partition_id]
-    return LocalData(split.x_train[part], split.y_train[part], seed=s.partition_id)
+    return split.x_train[part], split.y_train[part]
 
 
 @cache
@@ -120,9 +134,14 @@ def _partition(task: str, n: int, alpha: float, seed: int) -> list[npt.NDArray[n
     return dirichlet_partition(get_task(task).split().y_train, n, alpha, seed)
 
 
+def _state_dir(s: NodeSettings) -> Path:
+    """The node's state folder: privacy ledger, σ cache and demo share cache."""
+    return Path(s.state_dir or os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
+
+
 def _ledger(s: NodeSettings) -> PrivacyLedger:
-    base = Path(s.state_dir or os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
-    return PrivacyLedger(base / "privacy-ledger.json", s.privacy_budget, s.privacy_delta)
+    return PrivacyLedger(_state_dir(s) / "privacy-ledger.json", s.privacy_budget,
+                         s.privacy_delta)
 
 
 def _normalize(x: F32, cfg: Any) -> F32:
@@ -176,7 +195,8 @@ def _train(msg: Message, context: Context) -> Message:
     if mode == "sample":
         delta = float(cfg["delta"])
         planned = int(cfg["num-rounds"]) * steps
-        sigma = noise_for_epsilon(float(cfg["target-epsilon"]), delta, q, planned)
+        sigma = noise_for_epsilon_cached(_state_dir(s), float(cfg["target-epsilon"]), delta, q,
+                                         planned)
         dp = DpSgdConfig(clip=float(cfg.get("clip", 1.0)), sigma=sigma, q=q, steps=steps,
                          lr=float(cfg.get("lr", 0.1)), momentum=float(cfg.get("momentum", 0.0)))
         try:

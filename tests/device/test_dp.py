@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 import dp_accounting as dpa
 import numpy as np
 import pytest
 from dp_accounting import rdp
 
+from edgefleet.device import dp as dp_mod
 from edgefleet.device.dp import (
+    SIGMA_CACHE,
     DpEvent,
     DpSgdConfig,
     clip_and_noise,
     epsilon_for,
     noise_for_epsilon,
+    noise_for_epsilon_cached,
     poisson_batch,
     train_dp_sgd,
 )
@@ -101,3 +110,104 @@ def test_dp_sgd_learns_with_moderate_noise() -> None:
                       rng)
     assert ev == DpEvent(0.1, 0.8, 150)
     assert model.accuracy(x, y) > max(before, 0.8)
+
+
+# σ cache: (ε, δ, q, steps) of a 3-round run of 20 steps, as a device calibrates it.
+CAL = (3.0, 1e-5, 32 / 230, 60)
+
+
+@pytest.fixture
+def calibrations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float, float, int]]:
+    """Every call that really calibrates σ (the cache must not, on a hit)."""
+    calls: list[tuple[float, float, float, int]] = []
+    real = noise_for_epsilon
+
+    def spy(eps: float, delta: float, q: float, steps: int) -> float:
+        calls.append((eps, delta, q, steps))
+        return real(eps, delta, q, steps)
+
+    monkeypatch.setattr(dp_mod, "noise_for_epsilon", spy)
+    return calls
+
+
+@pytest.mark.slow
+def test_sigma_cache_hit_gives_the_freshly_calibrated_sigma(
+        tmp_path: Path, calibrations: list[tuple[float, float, float, int]]) -> None:
+    first = noise_for_epsilon_cached(tmp_path, *CAL)
+    assert calibrations == [CAL] and (tmp_path / SIGMA_CACHE).is_file()
+    again = noise_for_epsilon_cached(tmp_path, *CAL)
+    assert calibrations == [CAL]  # read from the state folder, not recalibrated
+    fresh = noise_for_epsilon.__wrapped__(*CAL)  # bypasses the in-process lru_cache too
+    assert first == again == fresh
+    assert epsilon_for([DpEvent(CAL[2], again, CAL[3])], CAL[1]) <= CAL[0]
+    # Another key (more steps) is a miss with its own σ, and both stay cached.
+    other = noise_for_epsilon_cached(tmp_path, 3.0, 1e-5, CAL[2], 80)
+    assert other > first and len(calibrations) == 2
+    assert noise_for_epsilon_cached(tmp_path, *CAL) == first and len(calibrations) == 2
+
+
+def _garbage(_: bytes) -> bytes:
+    return b"\x00\xffnot json"
+
+
+def _truncated(b: bytes) -> bytes:
+    return b[: len(b) // 2]
+
+
+def _sigma_edited(b: bytes) -> bytes:  # valid JSON, σ changed without its checksum
+    doc = json.loads(b)
+    doc["entries"][0]["sigma"] = 0.5
+    return json.dumps(doc).encode()
+
+
+def _other_schema(b: bytes) -> bytes:
+    return json.dumps({**json.loads(b), "schema": 99}).encode()
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated, _sigma_edited, _other_schema,
+                                    lambda _: b""])
+def test_damaged_sigma_cache_is_recalibrated_not_an_error(
+        tmp_path: Path, calibrations: list[tuple[float, float, float, int]],
+        damage: Callable[[bytes], bytes]) -> None:
+    expected = noise_for_epsilon_cached(tmp_path, *CAL)
+    path = tmp_path / SIGMA_CACHE
+    path.write_bytes(damage(path.read_bytes()))
+    assert noise_for_epsilon_cached(tmp_path, *CAL) == expected
+    assert calibrations == [CAL, CAL]
+    assert noise_for_epsilon_cached(tmp_path, *CAL) == expected  # rewritten: a hit again
+    assert calibrations == [CAL, CAL]
+
+
+def test_sigma_cache_never_spends_more_than_the_target(
+        tmp_path: Path, calibrations: list[tuple[float, float, float, int]]) -> None:
+    """An entry with a valid checksum but too little noise (forged) is recalibrated."""
+    expected = noise_for_epsilon_cached(tmp_path, *CAL)
+    path = tmp_path / SIGMA_CACHE
+    doc = json.loads(path.read_text())
+    key = doc["entries"][0]["key"]
+    doc["entries"][0].update(sigma=0.9, sha256=dp_mod._entry_digest(key, 0.9))
+    path.write_text(json.dumps(doc))
+    assert epsilon_for([DpEvent(CAL[2], 0.9, CAL[3])], CAL[1]) > CAL[0]
+    assert noise_for_epsilon_cached(tmp_path, *CAL) == expected
+    assert len(calibrations) == 2
+
+
+@pytest.mark.slow
+def test_accounting_loads_only_the_rdp_part_of_dp_accounting() -> None:
+    """A fresh process accounts ε without the PLD accountant and calibration (SciPy
+    signal/optimize); importing the package afterwards still gives all of it."""
+    code = """
+import sys
+from edgefleet.device.dp import DpEvent, epsilon_for
+eps = epsilon_for([DpEvent(0.08, 1.1, 60)], 1e-5)
+heavy = [m for m in ("dp_accounting.pld", "dp_accounting.mechanism_calibration",
+                     "scipy.optimize", "scipy.signal") if m in sys.modules]
+import dp_accounting as dpa
+from dp_accounting import rdp
+acc = rdp.RdpAccountant()
+acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.08, dpa.GaussianDpEvent(1.1)), 60))
+print(heavy, eps == acc.get_epsilon(1e-5), callable(dpa.calibrate_dp_mechanism))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert res.stdout.split("\n")[0] == "[] True True"
