@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -182,13 +183,23 @@ class Agent:
 
     def _start_telemetry(self) -> None:
         from edgefleet.device.reporter import TelemetryReporter
-        from edgefleet.device.spool import Spool
+        from edgefleet.device.spool import MemorySpool, Spool, SpoolLike
         from edgefleet.device.telemetry import TelemetryPublisher
 
-        spool = Spool(self.state_dir / "telemetry-spool.db",
-                      max_messages=self.cfg.telemetry.spool_max_messages,
-                      max_bytes=self.cfg.telemetry.spool_max_bytes,
-                      max_age_s=self.cfg.telemetry.spool_max_age_s, metrics=self.metrics)
+        t = self.cfg.telemetry
+        spool: SpoolLike
+        try:
+            spool = Spool(self.state_dir / "telemetry-spool.db", max_messages=t.spool_max_messages,
+                          max_bytes=t.spool_max_bytes, max_age_s=t.spool_max_age_s,
+                          metrics=self.metrics)
+        except (OSError, sqlite3.Error) as exc:
+            # A disk too full (or failing) to open the spool must not stop inference: keep a
+            # bounded in-memory spool, say so loudly, and count it; the disk spool comes
+            # back on the next start. The file on disk is left untouched.
+            log.error("telemetry spool unavailable (%s); buffering in memory until restart", exc)
+            self.metrics.inc("telemetry_spool_unavailable")
+            spool = MemorySpool(max_messages=min(t.spool_max_messages, 10_000),
+                                metrics=self.metrics, max_bytes=min(t.spool_max_bytes, 8 << 20))
         self.publisher = TelemetryPublisher(self.cfg.device_id, self.cfg.mqtt, spool,
                                             metrics=self.metrics).start()
         self.reporter = TelemetryReporter(self.publisher, interval=self.cfg.telemetry.interval_s,
