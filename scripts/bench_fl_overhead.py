@@ -5,8 +5,9 @@ authentication, as ``edgefleet train`` runs them) serve two runs in turn: first 
 bare Message-API app in ``scripts/bare_flower_app`` (FedAvg, a trivial NumPy update of
 the same array shapes), then ours with sample-level DP. Both runs time a round on the
 ServerApp side, between consecutive ``evaluate_fn`` calls (train + federated
-evaluation of every node). Writes docs/bench/fl_overhead.md; ``--render results.json``
-rewrites it from a saved run's numbers without measuring again.
+evaluation of every node). Writes docs/bench/fl_overhead.md. ``--runs N`` repeats the whole
+measurement N times (the machine is shared and noisy); ``--render a.json b.json ...``
+rewrites the text from saved runs' numbers without measuring again.
 """
 
 from __future__ import annotations
@@ -155,8 +156,15 @@ def measure() -> dict[str, Any]:
     return results
 
 
-def render(r: dict[str, Any]) -> str:
-    """The section's text from measured results (``--render results.json`` redoes only this)."""
+def _ratios(r: dict[str, Any]) -> tuple[float, float]:
+    """(mean ratio over all rounds, mean ratio over rounds 2..) of one run."""
+    return (statistics.mean(r["ours"]) / statistics.mean(r["bare"]),
+            statistics.mean(r["ours"][1:]) / statistics.mean(r["bare"][1:]))
+
+
+def render(runs: list[dict[str, Any]]) -> str:
+    """The section's text from measured runs (the last one in detail)."""
+    r = runs[-1]
     bare, ours, load = r["bare"], r["ours"], r["load"]
     first, later, imports = r["first"], r["later"], r["imports"]
     mb, mo = statistics.mean(bare), statistics.mean(ours)
@@ -166,14 +174,27 @@ def render(r: dict[str, Any]) -> str:
     steps = [[k, f"{first[k]:.2f}", f"{later[k]:.2f}"] for k in STEPS]
     steps.append(["**total**", f"**{sum(first.values()):.2f}**",
                   f"**{sum(later.values()):.2f}**"])
+    repeats = ""
+    if len(runs) > 1:
+        rep = [[str(i + 1), " / ".join(f"{x:.1f}" for x in q["load"]),
+                f"{statistics.mean(q['bare']):.1f}", f"{statistics.mean(q['ours']):.1f}",
+                f"{_ratios(q)[0]:.2f}x", f"{_ratios(q)[1]:.2f}x"] for i, q in enumerate(runs)]
+        allr = [_ratios(q)[0] for q in runs]
+        repeats = (f"\nThe same benchmark run {len(runs)} times in a row (the tables here are "
+                   f"from run {len(runs)}); mean ratio over the runs "
+                   f"**{statistics.mean(allr):.2f}x** (from {min(allr):.2f}x to "
+                   f"{max(allr):.2f}x):\n\n" + md_table(
+                       ["run", "load avg before / between / after", "bare mean, s",
+                        "ours mean, s", "ratio", f"ratio, rounds 2–{ROUNDS}"], rep) + "\n")
     # An evaluate message imports the module and loads the (by then cached) share.
     ev_later = sum(later[k] for k in STEPS[:2])
     extra = NODES * (sum(later.values()) + ev_later) / 2
     warm_b, warm_o = statistics.mean(bare[1:]), statistics.mean(ours[1:])
     gap = warm_o - warm_b
     share = (f"{extra:.1f} s of the {gap:.1f} s difference in rounds 2–{ROUNDS}" if extra < gap
-             else f"{extra:.1f} s, more than the {gap:.1f} s measured in rounds 2–{ROUNDS}: in "
-             "this run the two apps' rounds differ by less than the machine's noise")
+             else f"{extra:.1f} s, while our rounds 2–{ROUNDS} took {gap:+.1f} s against the bare "
+             "app's: in this run the two apps' rounds differ by less than the machine's noise "
+             "(the bare app always runs first, so an order effect is not ruled out either)")
     return f"""
 One real `flower-superlink` and {NODES} real `flower-supernode` processes (TLS, node
 authentication) serve two runs of {ROUNDS} rounds in turn: a bare Flower Message-API app
@@ -182,7 +203,7 @@ digits MLP's shapes, 19240 bytes each way) and ours (`edgefleet` ServerApp and C
 sample-level DP at ε=3: 20 DP-SGD steps, ledger write, accounting, server-side
 evaluation, SQLite). A round is timed on the ServerApp side, between consecutive
 `evaluate_fn` calls: train and federated evaluation on every node.
-Run: `python scripts/bench_fl_overhead.py`.
+Run: `python scripts/bench_fl_overhead.py [--runs N]`.
 
 {md_table(["", "bare Flower, s", "edgefleet (DP on), s", "ratio"], rows)}
 
@@ -192,8 +213,11 @@ Our overhead: **{mo / mb:.2f}x** a bare Flower round over the {ROUNDS} rounds
 (round 1's training messages fill them).
 The machine is shared: its 1-minute load average was {load[0]:.1f} before the bare run,
 {load[1]:.1f} between the runs and {load[2]:.1f} after ours (2 cores), so every number here
-carries that noise; compare runs by their ratios, not their seconds.
-
+carries that noise; compare runs by their ratios, not their seconds. And a round's time
+moves in steps: the ServerApp's grid pulls replies every 3 s (Flower's
+`send_and_receive`), so each of a round's two phases (train, evaluate) ends on a 3 s
+tick, and a difference of less than that per phase cannot show in one round.
+{repeats}
 Where a round's time goes: Flower 1.41's SuperNode starts a fresh `flwr-clientapp`
 process for every message (train and evaluate), which loads the app and handles one
 message, and the SuperNode and the ServerApp's grid poll for work. Cold start of a
@@ -229,12 +253,14 @@ the machine's noise, which here moves a round by seconds.
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--render":
-        results = json.loads(Path(sys.argv[2]).read_text())
+    """``[--runs N]`` measures N times in a row; ``--render a.json ...`` only rewrites the text."""
+    args = sys.argv[1:]
+    if args[:1] == ["--render"]:
+        runs = [json.loads(Path(f).read_text()) for f in args[1:]]
     else:
-        results = measure()
-    print(write_section("fl_overhead", "Federated round overhead vs bare Flower",
-                        render(results)))
+        n = int(args[1]) if args[:1] == ["--runs"] else 1
+        runs = [measure() for _ in range(n)]
+    print(write_section("fl_overhead", "Federated round overhead vs bare Flower", render(runs)))
 
 
 if __name__ == "__main__":
