@@ -243,9 +243,11 @@ def build_package(opts: BuildOptions, progress: Progress | None = None) -> Build
         spec.check()
         teacher = distill.load_teacher(spec.teacher, task.name, list(task.labels))
         say(f"distilling MLP {model.sizes} from {teacher.name}@{teacher.version} "
-            f"(K={spec.temperature:g}, α={spec.alpha:g}) for {opts.train.epochs} epochs")
-        t_logits = distill.teacher_logits(spec.teacher, teacher, split.x_train)
-        distill.train_distilled(model, x, split.y_train, t_logits, spec, cfg)
+            f"(K={spec.temperature:g}, α={spec.alpha:g}, mixup {spec.mixup:g}) "
+            f"for {opts.train.epochs} epochs")
+        t_fn = distill.teacher_function(spec.teacher, teacher)
+        distill.train_distilled(model, x, split.y_train, t_fn(split.x_train), spec, cfg,
+                                x_raw=split.x_train, teacher_fn=t_fn, norm=norm)
         lineage.update(distill.lineage(spec, teacher))
     return package_model(
         task, model, norm, opts.out, formats=opts.formats, name=opts.name, version=opts.version,

@@ -2,9 +2,11 @@
 
 A device answers locally when its calibrated confidence is at least τ and escalates
 otherwise. τ is chosen at build time on the *calibration* split (the test split stays
-held out for the figures we publish): the smallest τ, i.e. the fewest escalations, whose
-cascade accuracy stays within ``max_loss`` of the cloud model answering everything, in
-at least ``confidence`` (80 %) of paired bootstrap resamples of that split.
+held out for the figures we publish), plus the task's extra calibration samples when it
+has them (generated tasks: a 0.5-point target needs thousands of samples to resolve;
+see ``Task.calib_pool``): the smallest τ, i.e. the fewest escalations, whose cascade
+accuracy stays within ``max_loss`` of the cloud model answering everything, in at least
+``confidence`` (80 %) of paired bootstrap resamples of those samples.
 The choice goes into the device package's ``fallback_threshold``; only
 ``manifest.json`` is rewritten, so every file hash in it still holds.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "apply_cascade",
     "cascade_curve",
     "choose_threshold",
+    "score_samples",
     "score_split",
 ]
 
@@ -43,6 +46,8 @@ DEFAULT_MAX_LOSS = 0.005
 #: Share of bootstrap resamples of the calibration split in which τ must meet the target.
 DEFAULT_CONFIDENCE = 0.8
 MAX_CANDIDATES = 512
+#: Rows per ``predict_batch`` call (the predictor refuses larger batches).
+CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -127,19 +132,36 @@ def choose_threshold(scores: Scores, max_loss: float = DEFAULT_MAX_LOSS, *,
 
 
 def score_split(device: Predictor, cloud: Predictor, split: str = "calib") -> Scores:
-    """Run both packages on one split (``calib`` or ``test``) of their common task."""
+    """Run both packages on ``calib`` (the task's calibration pool) or ``test``."""
     if device.manifest.task != cloud.manifest.task:
         raise UsageError(f"device package is for task {device.manifest.task!r} but the cloud "
                          f"package is for {cloud.manifest.task!r}")
     if list(device.manifest.labels) != list(cloud.manifest.labels):
         raise UsageError("device and cloud packages have different labels")
-    data = get_task(device.manifest.task).split()
-    x, y = (data.x_calib, data.y_calib) if split == "calib" else (data.x_test, data.y_test)
-    dev = device.predict_batch(x)
-    cld = cloud.predict_batch(x)
-    return Scores(confidence=np.array([p.confidence for p in dev], dtype=np.float64),
-                  device_pred=np.array([p.label for p in dev], dtype=np.int64),
-                  cloud_pred=np.array([p.label for p in cld], dtype=np.int64),
+    task = get_task(device.manifest.task)
+    if split == "calib":
+        x, y = task.calib_pool()
+    else:
+        data = task.split()
+        x, y = data.x_test, data.y_test
+    return score_samples(device, cloud, x, y)
+
+
+def score_samples(device: Predictor, cloud: Predictor, x: npt.NDArray[np.floating],
+                  y: npt.NDArray[np.integer]) -> Scores:
+    """Both packages' answers on any labelled samples (in chunks the predictor accepts)."""
+    conf: list[float] = []
+    dev_pred: list[int] = []
+    cloud_pred: list[int] = []
+    for start in range(0, len(y), CHUNK):
+        rows = x[start:start + CHUNK]
+        dev = device.predict_batch(rows)
+        conf += [p.confidence for p in dev]
+        dev_pred += [p.label for p in dev]
+        cloud_pred += [p.label for p in cloud.predict_batch(rows)]
+    return Scores(confidence=np.array(conf, dtype=np.float64),
+                  device_pred=np.array(dev_pred, dtype=np.int64),
+                  cloud_pred=np.array(cloud_pred, dtype=np.int64),
                   y=np.asarray(y, dtype=np.int64))
 
 

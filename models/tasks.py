@@ -51,6 +51,10 @@ class Task:
     feature_names: tuple[str, ...] | None = None
     test_fraction: float = 0.2
     calib_fraction: float = 0.15
+    #: More held-out samples from the same source (generated tasks), disjoint from train
+    #: and test by construction. Only choices that *evaluate* on calibration data use them
+    #: (the cascade's τ, see :meth:`calib_pool`); temperature, FL and the split do not.
+    extra_calib: Callable[[], tuple[F32, I64]] | None = field(default=None, repr=False)
 
     @property
     def n_classes(self) -> int:
@@ -68,6 +72,14 @@ class Task:
         tr, cal = stratified_split(y[rest], self.calib_fraction, seed=20240612)
         train, calib = rest[tr], rest[cal]
         return Split(x[train], y[train], x[calib], y[calib], x[test], y[test])
+
+    def calib_pool(self) -> tuple[F32, I64]:
+        """The calibration split plus :attr:`extra_calib` (if any): more samples for τ."""
+        split = self.split()
+        if self.extra_calib is None:
+            return split.x_calib, split.y_calib
+        x, y = _cached_extra(self.name)
+        return np.concatenate([split.x_calib, x]), np.concatenate([split.y_calib, y])
 
 
 _TASKS: dict[str, Task] = {}
@@ -97,6 +109,14 @@ def get_task(name: str) -> Task:
 @cache
 def _cached_load(name: str) -> tuple[F32, I64]:
     x, y = _TASKS[name].loader()
+    return np.ascontiguousarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+
+
+@cache
+def _cached_extra(name: str) -> tuple[F32, I64]:
+    loader = _TASKS[name].extra_calib
+    assert loader is not None
+    x, y = loader()
     return np.ascontiguousarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
 
 

@@ -63,12 +63,16 @@ def build(
     distill_from: Path | None = typer.Option(
         None, "--distill-from", help="Device profile: learn from this teacher package's soft "
         "targets (e.g. the cloud model) mixed with the labels."),
-    distill_temperature: float = typer.Option(2.0, "--distill-temperature", min=0.05,
+    distill_temperature: float = typer.Option(4.0, "--distill-temperature", min=0.05,
                                               help="With --distill-from: softmax temperature K "
                                                    "of both teacher and student."),
-    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0,
+    alpha: float = typer.Option(0.9, "--alpha", min=0.0, max=1.0,
                                 help="With --distill-from: weight of the soft-target term "
                                      "(1 - alpha goes to the labels)."),
+    distill_mixup: float = typer.Option(0.0, "--distill-mixup", min=0.0, max=16.0,
+                                        help="With --distill-from: mixup inputs per training "
+                                             "row and epoch labelled by the teacher alone "
+                                             "(transfer set; 0: training rows only)."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest's metrics as JSON."),
 ) -> None:
     """Train the task's model, calibrate it, export fp32 ONNX, int8 ONNX and int8 TFLite.
@@ -79,7 +83,7 @@ def build(
         edgefleet models build --task digits --profile cloud --out out/digits-cloud
         edgefleet models build --task digits --out out/digits --cloud-package out/digits-cloud
         edgefleet models build --task digits --hidden 16 --out out/digits-small \
-            --distill-from out/digits-cloud --distill-temperature 2 --alpha 0.5
+            --distill-from out/digits-cloud --distill-temperature 4 --alpha 0.9
     """
     from edgefleet.device.errors import UsageError
     from edgefleet.models.build import BuildOptions, build_package
@@ -105,10 +109,11 @@ def build(
             result = build_cloud_package(copts, progress=lambda m: bar.update(tid,
                                                                               description=m))
         else:
+            spec = None if distill_from is None else DistillSpec(
+                distill_from, distill_temperature, alpha, distill_mixup)
             opts = BuildOptions(task=task, out=out, formats=fmt.value, hidden=sizes, qat=qat,
                                 prune=prune, seed=seed, train=TrainConfig(epochs=epochs or 40),
-                                version=version, distill=None if distill_from is None else
-                                DistillSpec(distill_from, distill_temperature, alpha))
+                                version=version, distill=spec)
             result = build_package(opts, progress=lambda m: bar.update(tid, description=m))
             if cloud_package is not None:
                 from edgefleet.models.cascade import apply_cascade
@@ -142,7 +147,7 @@ def cascade(
                                         "model alone (0.005 = half a point)."),
     confidence: float = typer.Option(0.8, "--confidence", min=0.0, max=0.99,
                                      help="Share of bootstrap resamples of the calibration "
-                                          "split in which τ must meet --max-loss (0: the "
+                                          "samples in which τ must meet --max-loss (0: the "
                                           "plain empirical rule)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report τ without writing it."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object with τ and figures."),
@@ -150,8 +155,9 @@ def cascade(
     """Choose the device's fallback threshold τ against a cloud model and store it.
 
     τ is the smallest threshold (fewest escalations) whose cascade accuracy on the
-    calibration split stays within --max-loss of the cloud model alone, in at least
-    --confidence of paired bootstrap resamples of that split. Only
+    calibration split (plus the task's extra calibration samples, if it has any) stays
+    within --max-loss of the cloud model alone, in at least --confidence of paired
+    bootstrap resamples of those samples. Only
     manifest.json is rewritten (fallback_threshold, metrics.cascade); file hashes hold.
 
     Example: edgefleet models cascade out/digits out/digits-cloud --max-loss 0.005

@@ -11,7 +11,13 @@ import pytest
 
 from edgefleet.device.errors import UsageError
 from edgefleet.device.package import load_package
-from edgefleet.models.cascade import Scores, cascade_curve, choose_threshold
+from edgefleet.models.cascade import (
+    CHUNK,
+    Scores,
+    cascade_curve,
+    choose_threshold,
+    score_samples,
+)
 from edgefleet.models.cloud import ensemble_as_mlp
 from edgefleet.models.mlp import MLP
 from tests.conftest import run_cli
@@ -92,6 +98,25 @@ def test_bad_arguments_are_usage_errors() -> None:
         choose_threshold(_scores(), max_loss=1.5)
     with pytest.raises(UsageError):
         choose_threshold(_scores(), confidence=1.0)
+
+
+@pytest.mark.slow
+def test_score_samples_handles_more_rows_than_one_predictor_batch(device_pkg: Path,
+                                                                  cloud_pkg: Path) -> None:
+    from edgefleet.device.predictor import Predictor
+    from edgefleet.models.tasks import get_task
+
+    split = get_task("digits").split()
+    reps = 2 * CHUNK // len(split.y_test) + 2  # three chunks, the last one partial
+    x, y = np.tile(split.x_test, (reps, 1)), np.tile(split.y_test, reps)
+    dev, cloud = Predictor.load(device_pkg, threads=1), Predictor.load(cloud_pkg, threads=1)
+    big = score_samples(dev, cloud, x, y)
+    one = score_samples(dev, cloud, split.x_test, split.y_test)
+    assert len(big.y) == len(y) > 2 * CHUNK
+    np.testing.assert_array_equal(big.device_pred, np.tile(one.device_pred, reps))
+    np.testing.assert_array_equal(big.cloud_pred, np.tile(one.cloud_pred, reps))
+    np.testing.assert_allclose(big.confidence, np.tile(one.confidence, reps), rtol=1e-6)
+    assert big.cloud_accuracy == pytest.approx(one.cloud_accuracy)
 
 
 @pytest.mark.slow

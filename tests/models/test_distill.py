@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.models.distill import DistillSpec, distill_objective, train_distilled
+from edgefleet.device.package import Normalization
+from edgefleet.models.distill import (
+    DistillSpec,
+    distill_objective,
+    mixup_transfer,
+    train_distilled,
+)
 from edgefleet.models.mlp import MLP
 from edgefleet.models.train import TrainConfig
 from tests.conftest import run_cli
@@ -20,10 +26,14 @@ def _data(n: int = 10, d: int = 5, k: int = 4, seed: int = 1):  # type: ignore[n
             rng.normal(scale=3.0, size=(n, k)))
 
 
-@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.5), (4.0, 0.7), (2.0, 1.0)])
-def test_distillation_gradient_matches_finite_differences(temperature: float,
-                                                          alpha: float) -> None:
+@pytest.mark.parametrize(("temperature", "alpha", "unlabelled"),
+                         [(1.0, 0.5, False), (4.0, 0.7, False), (2.0, 1.0, False),
+                          (2.0, 0.5, True)])
+def test_distillation_gradient_matches_finite_differences(temperature: float, alpha: float,
+                                                          unlabelled: bool) -> None:
     x, y, teacher = _data()
+    if unlabelled:  # transfer rows: soft term only
+        y[::3] = -1
     model = MLP.init((5, 7, 6, 4), seed=3)
     model.params = [p.astype(np.float64) for p in model.params]
     obj = distill_objective(teacher, y, temperature, alpha)
@@ -80,6 +90,53 @@ def test_student_follows_teacher_soft_targets_without_labels() -> None:
     assert np.mean(student.predict(x) == teacher.predict(x)) > 0.9
 
 
+def test_unlabelled_rows_have_no_hard_term() -> None:
+    x, y, teacher = _data()
+    model = MLP.init((5, 8, 4), seed=2)
+    model.params = [p.astype(np.float64) for p in model.params]
+    y_missing = y.copy()
+    y_missing[:4] = -1
+    # α = 0 keeps only the hard term: the unlabelled rows contribute nothing to it
+    loss, grads = model.grad_from_logits(x, distill_objective(teacher, y_missing, 2.0, 0.0))
+    ce, g_ce = model.loss_and_grad(x[4:], y[4:])
+    assert loss == pytest.approx(ce * 6 / 10)
+    for a, b in zip(grads, g_ce, strict=True):
+        np.testing.assert_allclose(a, b * 6 / 10, rtol=1e-9, atol=1e-12)
+
+
+def test_mixup_rows_are_convex_mixes_of_two_inputs() -> None:
+    x = np.eye(6, dtype=np.float32) * 10.0  # each row's mass sits in its own column
+    mixed = mixup_transfer(x, 200, np.random.default_rng(0))
+    assert mixed.shape == (200, 6)
+    assert np.all(mixed >= 0) and np.allclose(mixed.sum(axis=1), 10.0, atol=1e-4)
+    assert np.all((mixed > 1e-6).sum(axis=1) <= 2)  # at most two sources per row
+
+
+def test_mixup_student_learns_teacher_between_training_points() -> None:
+    """With 20 labelled rows, the teacher's answers on mixup inputs teach the student more
+    of the teacher's function than the 20 rows alone."""
+    rng = np.random.default_rng(0)
+    teacher = MLP.init((4, 32, 3), seed=9)
+    x = rng.normal(size=(20, 4)).astype(np.float32)
+    probe = rng.normal(size=(2000, 4)).astype(np.float32)
+    norm = Normalization(mean=[0.0] * 4, std=[1.0] * 4)
+    calls: list[int] = []
+
+    def t_fn(raw: np.ndarray) -> np.ndarray:
+        calls.append(len(raw))
+        return teacher.forward(raw)
+
+    agree = {}
+    for mix in (0.0, 8.0):
+        spec = DistillSpec(Path("."), temperature=2.0, alpha=1.0, mixup=mix)
+        student = train_distilled(MLP.init((4, 32, 3), seed=1), x, teacher.predict(x),
+                                  teacher.forward(x), spec, TrainConfig(epochs=40, seed=0),
+                                  x_raw=x, teacher_fn=t_fn, norm=norm)
+        agree[mix] = float(np.mean(student.predict(probe) == teacher.predict(probe)))
+    assert sum(calls) == 8 * 20 * 40  # one fresh transfer set per epoch, nothing for mix 0
+    assert agree[8.0] > agree[0.0] + 0.03, agree
+
+
 def test_bad_settings_are_refused() -> None:
     from edgefleet.device.errors import UsageError
 
@@ -87,6 +144,8 @@ def test_bad_settings_are_refused() -> None:
         DistillSpec(Path("."), temperature=0.0).check()
     with pytest.raises(UsageError):
         DistillSpec(Path("."), alpha=1.5).check()
+    with pytest.raises(UsageError):
+        DistillSpec(Path("."), mixup=-1.0).check()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +165,8 @@ def test_models_build_distill_from_records_teacher_in_lineage(teacher: Path,
     out = tmp_path / "student"
     res = run_cli("models", "build", "--task", "digits", "--hidden", "16", "--format", "onnx",
                   "--epochs", "10", "--out", str(out), "--distill-from", str(teacher),
-                  "--distill-temperature", "3", "--alpha", "0.6", "--json")
+                  "--distill-temperature", "3", "--alpha", "0.6", "--distill-mixup", "0.5",
+                  "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["metrics"]["onnx-int8"]["accuracy"] > 0.85
     info = json.loads(run_cli("models", "inspect", str(out), "--json").stdout)
@@ -114,7 +174,7 @@ def test_models_build_distill_from_records_teacher_in_lineage(teacher: Path,
     t_manifest = json.loads((teacher / "manifest.json").read_text())
     assert dist["teacher"] == f"{t_manifest['name']}@{t_manifest['version']}"
     assert dist["teacher_sha256"] == t_manifest["files"]["model_fp32.onnx"]["sha256"]
-    assert (dist["temperature"], dist["alpha"]) == (3.0, 0.6)
+    assert (dist["temperature"], dist["alpha"], dist["mixup"]) == (3.0, 0.6, 0.5)
     assert info["lineage"]["layers"] == [64, 16, 10]
     assert sorted(info["variants"]) == ["onnx-fp32", "onnx-int8"]
 

@@ -32,6 +32,24 @@ def test_registered_and_deterministic() -> None:
     assert np.bincount(ya).tolist() == [6] * len(LABELS)
 
 
+def test_extra_calibration_windows_are_disjoint_and_only_in_the_pool() -> None:
+    """τ gets 3500 more calibration windows; the split itself (FL, temperature) is unchanged."""
+    from edgefleet.models.vibration import CALIB_EXTRA_PER_CLASS
+
+    task = get_task("vibration")
+    split = task.split()
+    x, y = task.calib_pool()
+    extra = CALIB_EXTRA_PER_CLASS * len(LABELS)
+    assert len(y) == len(split.y_calib) + extra
+    np.testing.assert_array_equal(x[: len(split.y_calib)], split.x_calib)
+    assert np.bincount(y[len(split.y_calib):]).tolist() == [CALIB_EXTRA_PER_CLASS] * len(LABELS)
+    seen = {r.tobytes() for r in np.concatenate([split.x_train, split.x_test])}
+    assert not any(r.tobytes() in seen for r in x[len(split.y_calib):])
+    assert len(split.y_calib) == 420  # the split did not grow
+    digits = get_task("digits")
+    assert len(digits.calib_pool()[1]) == len(digits.split().y_calib)  # no extra: unchanged
+
+
 def test_fault_signatures() -> None:
     """Each class shows the physics it is documented to have, on average."""
     w, y = generate_windows(per_class=60, seed=1)
