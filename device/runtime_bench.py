@@ -2,10 +2,12 @@
 
 The two are timed in alternating blocks within one run on the same loaded model and the
 same input, so a noisy neighbour on a shared CPU slows both alike and the ratio stays
-meaningful. The bare call is ``InferenceSession.run`` for ONNX and
-``set_tensor + invoke + get_tensor`` for LiteRT, on an input already normalized and
-quantized; the Predictor's time includes validation, normalization, quantization,
-temperature softmax and metrics.
+meaningful. The bare call is the backend's ``run_raw`` (onnxruntime's session run with a
+reused ``RunOptions``; LiteRT ``set_tensor + invoke + get_tensor``) on an input already
+normalized and quantized; the Predictor's time includes validation, normalization,
+quantization, temperature softmax and metrics. A third series times the same sample
+through :class:`~edgefleet.device.fallback.HybridPredictor` answering locally (τ = 0, no
+scorer), i.e. what the cascade adds on top of the Predictor.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ def _timed_block(fn: Callable[[Any], Any], arg: Any, n: int, out: list[float]) -
 
 def bench_backend(package: Path | str, backend: str, *, runs: int = 2000, block: int = 100,
                   threads: int = DEFAULT_THREADS) -> dict[str, float | str]:
-    """``{variant, predictor_ms_p50, raw_ms_p50, ratio}`` for one backend at batch 1."""
-    pred = Predictor.load(package, backend=backend, threads=threads, metrics=Metrics())
+    """``{variant, predictor_ms_p50, raw_ms_p50, ratio, cascade_ms_p50}`` for one backend
+    at batch 1."""
+    from edgefleet.device.fallback import FallbackConfig, HybridPredictor
+
+    metrics = Metrics()
+    pred = Predictor.load(package, backend=backend, threads=threads, metrics=metrics)
+    hybrid = HybridPredictor(pred, FallbackConfig(threshold=0.0), None, metrics)
     m = pred.manifest
     x = np.asarray(m.golden[0].input if m.golden else np.zeros(m.input.shape),
                    dtype=np.float32)
@@ -46,15 +53,18 @@ def bench_backend(package: Path | str, backend: str, *, runs: int = 2000, block:
     warm = max(block, 50)
     _timed_block(pred.predict, x, warm, [])
     _timed_block(raw_fn, feed, warm, [])
+    _timed_block(hybrid.predict, x, warm, [])
     t_pred: list[float] = []
     t_raw: list[float] = []
+    t_casc: list[float] = []
     for _ in range(max(1, runs // block)):
         _timed_block(raw_fn, feed, block, t_raw)
         _timed_block(pred.predict, x, block, t_pred)
+        _timed_block(hybrid.predict, x, block, t_casc)
     p50_pred = float(np.median(t_pred)) * 1e3
     p50_raw = float(np.median(t_raw)) * 1e3
     return {"variant": pred.variant, "predictor_ms_p50": p50_pred, "raw_ms_p50": p50_raw,
-            "ratio": p50_pred / p50_raw}
+            "ratio": p50_pred / p50_raw, "cascade_ms_p50": float(np.median(t_casc)) * 1e3}
 
 
 def bench_package(package: Path | str, *, backends: tuple[str, ...] = BACKENDS,

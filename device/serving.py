@@ -7,6 +7,10 @@ the new model cannot give (an exception or non-finite output) is served by the
 previous one instead, and a burst of such errors calls ``on_error_burst`` (the updater
 rolls back). A shadow model, when set, sees the same inputs; only its agreement with
 the active model and its latency are recorded: it never changes an answer.
+
+An input is validated once, by the active model; the previous and the shadow model reuse
+that check when their :attr:`~Predictor.input_spec` is the same, and check it themselves
+when it is not.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from edgefleet.device.errors import EdgefleetError, InputError
 from edgefleet.device.metrics import Metrics, default_metrics
@@ -78,9 +84,20 @@ class ServingModel:
             self._shadow_ms = 0.0
         self.metrics.set("shadow_version", candidate.manifest.version if candidate else None)
 
-    def _model_error(self, model: Predictor, x: Any) -> tuple[Prediction | None, str | None]:
+    @staticmethod
+    def _on(other: Predictor, model: Predictor, arr: np.ndarray, x: Any) -> Prediction:
+        """``other``'s answer to an input ``model`` validated as ``arr``: the check is
+        reused only if ``other`` would accept exactly the same inputs."""
+        if other.input_spec == model.input_spec:
+            return other.predict_validated(arr)
+        return other.predict(x)
+
+    def _model_error(self, model: Predictor, arr: np.ndarray, x: Any,
+                     checked_by: Predictor | None = None
+                     ) -> tuple[Prediction | None, str | None]:
         try:
-            pred = model.predict(x)
+            pred = (model.predict_validated(arr) if checked_by is None
+                    else self._on(model, checked_by, arr, x))
         except InputError:
             raise
         except Exception as exc:  # any runtime failure is the model's, not the daemon's
@@ -91,6 +108,10 @@ class ServingModel:
 
     def predict(self, x: Any) -> Prediction:
         """Answer one raw sample with the active model (the previous one if it fails)."""
+        return self.validate_and_predict(x)[1]
+
+    def validate_and_predict(self, x: Any) -> tuple[np.ndarray, Prediction]:
+        """:meth:`predict`, also handing back the row as the active model validated it."""
         with self._lock:
             model, previous, shadow = self.active, self._previous, self.shadow
             watching = self._watch_left > 0
@@ -98,7 +119,8 @@ class ServingModel:
                 self._watch_left -= 1
         if model is None:
             raise EdgefleetError("no model is active")
-        pred, error = self._model_error(model, x)
+        arr = model.validate(x)
+        pred, error = self._model_error(model, arr, x)
         self._count(model, pred)
         if error is not None:
             self.metrics.inc("inference_errors")
@@ -107,14 +129,14 @@ class ServingModel:
                 self._count_watch_error(model, error)
             if previous is None:
                 raise EdgefleetError(f"model {model.manifest.version} failed: {error}")
-            pred = previous.predict(x)
+            pred = self._on(previous, model, arr, x)
         elif watching and self._watch_left == 0:
             with self._lock:
                 self._previous = None
         assert pred is not None
         if shadow is not None:
-            self._run_shadow(shadow, x, pred)
-        return pred
+            self._run_shadow(shadow, model, arr, x, pred)
+        return arr, pred
 
     def _count(self, model: Predictor, pred: Prediction | None) -> None:
         tau = model.manifest.fallback_threshold
@@ -141,10 +163,11 @@ class ServingModel:
             self.on_error_burst(f"{self.policy.max_errors} errors in the first "
                                 f"{self.policy.watch_inferences} inferences ({error})")
 
-    def _run_shadow(self, shadow: Predictor, x: Any, pred: Prediction) -> None:
+    def _run_shadow(self, shadow: Predictor, model: Predictor, arr: np.ndarray, x: Any,
+                    pred: Prediction) -> None:
         t0 = time.perf_counter()
         try:
-            got, error = self._model_error(shadow, x)
+            got, error = self._model_error(shadow, arr, x, checked_by=model)
         except InputError:
             return
         ms = (time.perf_counter() - t0) * 1e3

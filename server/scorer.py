@@ -194,7 +194,8 @@ class Scorer:
         if not good:
             return
         try:
-            preds = self.predictor.predict_batch(np.concatenate([r for _, r in good]))
+            # Each row was validated in _parse: do not check the batch a second time.
+            preds = self.predictor.predict_batch_validated(np.concatenate([r for _, r in good]))
         except Exception as exc:  # a runtime failure must not take the scorer down
             log.exception("scoring a batch of %d failed", len(good))
             for job, _ in good:

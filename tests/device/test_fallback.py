@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edgefleet.device.errors import InputError
 from edgefleet.device.fallback import FallbackConfig, HybridPredictor
 from edgefleet.device.metrics import Metrics
 from edgefleet.device.mqtt_link import MqttConfig
@@ -174,3 +175,90 @@ def test_threshold_comes_from_manifest_unless_overridden(device_pkg: Path) -> No
     assert HybridPredictor(pred, FallbackConfig(threshold=0.7), None, m).tau == 0.7
     ans = HybridPredictor(pred, FallbackConfig(threshold=1.0), None, m).predict(digit_rows(1))
     assert ans.source == "degraded" and ans.reason == "no_client"
+
+
+@pytest.fixture
+def validations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A spy on ``Predictor.validate``: one entry per call, on any predictor."""
+    calls: list[int] = []
+    real = Predictor.validate
+
+    def spy(self: Predictor, x: Any) -> np.ndarray:
+        calls.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(Predictor, "validate", spy)
+    return calls
+
+
+#: onnx runs on the module's ONNX-only package; tflite needs the TensorFlow-built one.
+BACKEND_PKGS = [pytest.param(("onnx", "device_pkg"), id="onnx"),
+                pytest.param(("tflite", "digits_package"), id="tflite",
+                             marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=BACKEND_PKGS)
+def backend_pkg(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    backend, fixture = request.param
+    return backend, request.getfixturevalue(fixture)
+
+
+def _served(pkg: Path, backend: str, m: Metrics) -> Any:
+    """The agent's view of a ServingModel: an active model, a previous one under watch,
+    and a shadow of the same package (all three may answer the same input)."""
+    from edgefleet.device.agent import _ServingView
+    from edgefleet.device.serving import ServingModel
+
+    serving = ServingModel(m)
+    serving.swap(Predictor.load(pkg, backend=backend, threads=1, metrics=m), watch=False)
+    serving.swap(Predictor.load(pkg, backend=backend, threads=1, metrics=m))
+    serving.set_shadow(Predictor.load(pkg, backend=backend, threads=1, metrics=m))
+    return _ServingView(serving)
+
+
+def test_cascade_validates_each_input_once(backend_pkg: tuple[str, Path],
+                                           validations: list[int]) -> None:
+    backend, pkg = backend_pkg
+    m = Metrics()
+    pred = Predictor.load(pkg, backend=backend, threads=1, metrics=m)
+    row = digit_rows(1)[0]
+    cases = [(FallbackConfig(threshold=0.0), "local", None),
+             (FallbackConfig(threshold=1.0), "degraded", "no_client"),
+             (FallbackConfig(threshold=1.0, mode="off"), "local", "policy_off")]
+    for target in (pred, _served(pkg, backend, m)):
+        for cfg, source, reason in cases:
+            validations.clear()
+            ans = HybridPredictor(target, cfg, None, m).predict(row)  # type: ignore[arg-type]
+            assert (ans.source, ans.reason) == (source, reason)
+            assert len(validations) == 1, (target, cfg)
+            assert ans.local.label == pred.predict(row).label
+    # The served answers ran the shadow too, on the same single check.
+    assert m.counter("shadow_inferences") == len(cases)
+    assert m.counter("shadow_errors") == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [(np.full(64, np.nan, np.float32), "nonfinite"),
+     (np.full(64, 17.0, np.float32), "range"),
+     (np.zeros(63, np.float32), "shape"),
+     (np.array(["x"] * 64), "dtype")],
+)
+def test_cascade_rejects_bad_input_typed_and_counted(backend_pkg: tuple[str, Path],
+                                                     bad: Any, reason: str,
+                                                     validations: list[int]) -> None:
+    backend, pkg = backend_pkg
+    m = Metrics()
+    pred = Predictor.load(pkg, backend=backend, threads=1, metrics=m)
+    for n, target in enumerate((pred, _served(pkg, backend, m)), start=1):
+        validations.clear()
+        hp = HybridPredictor(target, FallbackConfig(threshold=1.0), None, m)  # type: ignore[arg-type]
+        with pytest.raises(InputError) as exc:
+            hp.predict(bad)
+        assert exc.value.reason == reason
+        assert len(validations) == 1
+        assert m.counter(f"inputs_invalid_{reason}") == n
+    counters = m.snapshot()["counters"]
+    assert counters.get("inferences", 0) == 0
+    assert counters.get("shadow_inferences", 0) == 0
+    assert not [k for k in counters if k.startswith("fallback_")]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edgefleet.device.errors import InputError, ModelRejected, PackageError, UsageError
+from edgefleet.device.golden import normalize
 from edgefleet.device.metrics import Metrics
 from edgefleet.device.package import load_package, write_manifest
 from edgefleet.device.predictor import Prediction, Predictor
@@ -78,9 +79,11 @@ def test_variant_and_backend_choice(digits_package: Path) -> None:
         (np.full(64, 1e300), "nonfinite"),  # overflows float32
     ],
 )
-def test_bad_input_is_typed_and_counted(digits_package: Path, bad: object, reason: str) -> None:
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_bad_input_is_typed_and_counted(digits_package: Path, bad: object, reason: str,
+                                        backend: str) -> None:
     metrics = Metrics()
-    p = Predictor.load(digits_package, metrics=metrics)
+    p = Predictor.load(digits_package, backend=backend, metrics=metrics)
     with pytest.raises(InputError) as exc:
         p.predict(bad)
     assert exc.value.reason == reason
@@ -96,6 +99,65 @@ def test_predict_refuses_a_batch(digits_package: Path) -> None:
     with pytest.raises(InputError) as exc:
         p.predict(np.zeros((2, 64), np.float32))
     assert exc.value.reason == "shape"
+    # The trusted entry point still refuses a batch (it would answer for row 0 only).
+    with pytest.raises(InputError) as exc:
+        p.predict_validated(p.validate(np.zeros((2, 64), np.float32)))
+    assert exc.value.reason == "shape"
+
+
+def _softmax64(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_fast_path_matches_the_reference_pipeline(digits_package: Path, backend: str,
+                                                  test_split: tuple[np.ndarray, np.ndarray]
+                                                  ) -> None:
+    """predict() against normalize → backend.run (sequential int8 quantization in the
+    backend, as the golden check runs it) → softmax(logits / T)."""
+    p = Predictor.load(digits_package, backend=backend, metrics=Metrics())
+    x = test_split[0].astype(np.float32)
+    norm = normalize(x, p.manifest.normalization)
+    want = _softmax64(p.backend.run(norm), p.manifest.temperature)
+    got = np.stack([p.predict(row).probabilities for row in x])
+    same = np.ones(len(x), dtype=bool)
+    if backend == "tflite":
+        # The Predictor folds normalization into the quantization (x * a + b): at a
+        # rounding tie that may move one int8 input by one step, never more.
+        q_ref = p.backend.prepare(norm).astype(int)
+        qa, qb = p._qa, p._qb
+        assert qa is not None and qb is not None
+        q_new = np.rint(np.clip(x * qa + qb, -128, 127)).astype(int)
+        diff = np.abs(q_ref - q_new)
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 1000
+        same = ~diff.any(axis=1)
+        assert same.mean() > 0.99
+    np.testing.assert_allclose(got[same], want[same], rtol=0, atol=1e-9)
+    assert np.array_equal(got.argmax(axis=1)[same], want.argmax(axis=1)[same])
+    batch = np.stack([q.probabilities for q in p.predict_batch(x)])
+    np.testing.assert_allclose(batch, got, rtol=0, atol=1e-12)
+
+
+def test_int8_softmax_table_underflow_falls_back(digits_package: Path,
+                                                 test_split: tuple[np.ndarray, np.ndarray]
+                                                 ) -> None:
+    """With a tiny temperature every table entry of a row can underflow to 0; the row is
+    then computed from its own max, as the float path does."""
+    base = Predictor.load(digits_package, backend="tflite", metrics=Metrics())
+    m = base.manifest.model_copy(update={"temperature": 1e-4})
+    p = Predictor(m, base.root, base.variant, base.backend, Metrics())
+    x = test_split[0][:50].astype(np.float32)
+    logits = p.logits(x)
+    assert np.any(np.add.reduce(p._table.take(p._forward(p.validate(x))), axis=1) == 0)  # type: ignore[union-attr]
+    for row, lg, q in zip(x, logits, p.predict_batch(x), strict=True):
+        one = p.predict(row)
+        want = _softmax64(lg[None, :], 1e-4)[0]
+        assert np.all(np.isfinite(one.probabilities))
+        np.testing.assert_allclose(one.probabilities, want, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(q.probabilities, want, rtol=0, atol=1e-12)
+        assert one.label == int(np.argmax(lg)) == q.label
 
 
 def _copy(pkg: Path, tmp_path: Path) -> Path:
@@ -122,3 +184,48 @@ def test_wrong_golden_is_refused(digits_package: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelRejected, match="onnx-int8"):
         Predictor.load(pkg, backend="onnx")
     assert Predictor.load(pkg, backend="tflite").variant == "tflite-int8"
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_two_threads_get_their_own_answers(digits_package: Path, backend: str,
+                                           test_split: tuple[np.ndarray, np.ndarray]) -> None:
+    """The agent answers from two threads (inference loop, local API) on one Predictor."""
+    import threading
+
+    p = Predictor.load(digits_package, backend=backend, metrics=Metrics())
+    x = test_split[0][:64].astype(np.float32)
+    want = [p.predict(row).probabilities for row in x]
+    wrong: list[int] = []
+
+    def hammer(offset: int) -> None:
+        for k in range(1500):
+            i = (k * 7 + offset) % len(x)
+            if not np.array_equal(p.predict(x[i]).probabilities, want[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=hammer, args=(o,)) for o in (0, 31)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_float32_bounds_accept_exactly_what_the_float64_bounds_accept() -> None:
+    """The range check compares float32 inputs with float32 bounds rounded inwards."""
+    from edgefleet.device.predictor import _f32_bound
+
+    rng = np.random.default_rng(0)
+    bounds = [0.1, -0.1, 1 / 3, 16.0, 1e-40, -1e-40, 3.5e38, -3.5e38, 1e300, -1e300,
+              *rng.normal(0, 100, 200).tolist()]
+    for b in bounds:
+        lo, hi = _f32_bound(b, up=True), _f32_bound(b, up=False)
+        # A lower bound never admits -inf, an upper bound never +inf.
+        assert lo.dtype == hi.dtype == np.float32 and lo > -np.inf and hi < np.inf
+        near = np.float32(np.clip(b, -3.4e38, 3.4e38))
+        xs = np.array([np.nextafter(near, np.float32(-np.inf)), near,
+                       np.nextafter(near, np.float32(np.inf)), np.inf, -np.inf, np.nan],
+                      dtype=np.float32)
+        with np.errstate(invalid="ignore"):
+            assert np.array_equal(xs >= lo, xs.astype(np.float64) >= b), b
+            assert np.array_equal(xs <= hi, xs.astype(np.float64) <= b), b

@@ -131,7 +131,7 @@ def test_error_burst_after_activation_rolls_back(tmp_path: Path,
         calls["n"] += 1
         raise RuntimeError("runtime fault")
 
-    new._run = broken  # type: ignore[method-assign]  # the new model starts failing
+    new._run_raw = broken  # type: ignore[method-assign]  # the new model starts failing
     sample = np.asarray(new.manifest.golden[0].input, dtype=np.float32)
     answers = [dev.serving.predict(sample) for _ in range(10)]
     assert all(a.label == new.manifest.golden[0].label for a in answers)  # served by 1.0.0
