@@ -232,12 +232,14 @@ def bench(
     runs: int = typer.Option(2000, "--runs", min=100, help="Timed calls per figure."),
     threads: int = typer.Option(3, "--threads", min=1, help="Runtime threads."),
     json_out: bool = typer.Option(False, "--json",
-                                  help="{backend: {predictor_ms_p50, raw_ms_p50, ratio}}."),
+                                  help="{backend: {variant, predictor_ms_p50, raw_ms_p50, "
+                                       "ratio, cascade_ms_p50}}."),
 ) -> None:
     """Predictor overhead: its median batch-1 latency against the bare runtime call.
 
-    Both are timed in alternating blocks in one run on the same int8 model and input.
-    The package is verified first; an altered package is refused.
+    Both are timed in alternating blocks in one run on the same int8 model and input,
+    with a third series: the same sample through the cascade (a HybridPredictor
+    answering locally). The package is verified first; an altered package is refused.
 
     Example: edgefleet models bench out/digits --json
     """
@@ -248,11 +250,12 @@ def bench(
         print_json(res)
         return
     table = Table(title=f"{package}: batch 1, median of {runs} calls")
-    for col in ("backend", "variant", "predictor", "bare runtime", "ratio"):
+    for col in ("backend", "variant", "predictor", "bare runtime", "ratio", "cascade"):
         table.add_column(col, justify="left" if col in ("backend", "variant") else "right")
     for name, r in res.items():
         table.add_row(name, str(r["variant"]), f"{r['predictor_ms_p50'] * 1e3:.1f} µs",
-                      f"{r['raw_ms_p50'] * 1e3:.1f} µs", f"{r['ratio']:.2f}")
+                      f"{r['raw_ms_p50'] * 1e3:.1f} µs", f"{r['ratio']:.2f}",
+                      f"{r['cascade_ms_p50'] * 1e3:.1f} µs")
     console.print(table)
 
 

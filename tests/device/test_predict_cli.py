@@ -64,6 +64,7 @@ def test_bench_json_keys(digits_package: Path) -> None:
     for r in res.values():
         assert r["predictor_ms_p50"] > 0 and r["raw_ms_p50"] > 0
         assert r["ratio"] == pytest.approx(r["predictor_ms_p50"] / r["raw_ms_p50"])
+        assert r["cascade_ms_p50"] > 0
 
 
 @pytest.mark.parametrize("victim", ["model_int8.onnx", "model_int8.tflite"])
