@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -62,7 +63,14 @@ def _quiet_libraries() -> None:
 
 
 def run_app(app: typer.Typer) -> None:
-    """Run a Typer app; :class:`EdgefleetError` becomes ``error: ...`` and its exit code."""
+    """Run a Typer app; :class:`EdgefleetError` becomes ``error: ...`` and its exit code.
+
+    SIGINT always means "stop": a shell starts background jobs (``cmd &`` in a script)
+    with SIGINT ignored, and Python then never raises KeyboardInterrupt, so ``kill -INT``
+    from a supervisor (the demo stopping its simulators, a test) would be lost.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _quiet_libraries()
     try:
         app()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from edgefleet.device.frames import Frame, PayloadType
 from edgefleet.device.metrics import Metrics
 from edgefleet.device.serial_reader import SerialReader
 from edgefleet.models.sensor_sim import samples
-from tests.conftest import run_cli
+from tests.conftest import BIN, run_cli
 from tests.device.serial_support import PtyPair, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -86,3 +88,21 @@ def test_sim_usage_errors(tmp_path: Path) -> None:
     proc = run_cli("--port", str(tmp_path / "nope"), "--count", "1",
                    program="edgefleet-sensor-sim")
     assert proc.returncode == 64 and "cannot open" in proc.stderr
+
+
+def test_sim_stops_on_sigint_even_when_started_with_it_ignored(tmp_path: Path) -> None:
+    pty = tmp_path / "sensor"
+    # `trap '' INT; exec` hands the sim an ignored SIGINT, as `sim &` in a script does.
+    sim = subprocess.Popen(["bash", "-c", 'trap "" INT; exec "$@"', "sim",
+                            str(BIN / "edgefleet-sensor-sim"), "--task", "digits",
+                            "--create-pty", str(pty), "--rate", "200"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(pty.exists, 30)
+        time.sleep(1.0)  # nobody reads: the pty fills and the writer may block
+        sim.send_signal(signal.SIGINT)
+        assert sim.wait(15) == 0
+        assert not pty.exists()
+    finally:
+        if sim.poll() is None:
+            sim.kill()
