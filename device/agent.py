@@ -159,7 +159,8 @@ class Agent:
             u = self.cfg.updates
             assert u.trusted_root is not None
             tuf = TufClient(self.state_dir, TufClientConfig(
-                metadata_url=u.metadata_url, targets_url=u.targets_url or u.metadata_url),
+                metadata_url=u.metadata_url, targets_url=u.targets_url or u.metadata_url,
+                ca_file=u.ca_file),
                 u.trusted_root.read_bytes())
             self.updater = Updater(self.state_dir / "updates", tuf, self.serving,
                                    variant=self.cfg.model.variant, metrics=self.metrics)

@@ -79,6 +79,20 @@ class UpdatesSection(StrictModel):
     metadata_url: str = ""
     targets_url: str = ""
     trusted_root: Path | None = Field(default=None, description="The pinned TUF root.json.")
+    ca_file: Path | None = Field(
+        default=None, description="PEM CA that signed the registry's HTTPS certificate "
+                                  "(the fleet CA; default: the system's trust store).")
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> UpdatesSection:
+        urls = [u for u in (self.metadata_url, self.targets_url) if u]
+        https = [u.lower().startswith("https://") for u in urls]
+        if any(https) and not all(https):
+            raise ValueError("metadata_url and targets_url must both be https:// (a plain "
+                             "targets URL shows which model version is fetched)")
+        if self.ca_file is not None and not any(https):
+            raise ValueError("ca_file is set but the registry URLs are not https://")
+        return self
 
 
 class FlSection(StrictModel):

@@ -11,6 +11,7 @@
     │   ├── ModelRejected          a model failed its golden inputs or trial load
     │   └── UpdateRejected         a model update refused before activation (``reason``)
     │       ├── UpdateUnavailable  the repository could not be reached (retried later)
+    │       │   └── TlsRejected    its HTTPS certificate did not verify (wrong CA, MITM)
     │       ├── TargetNotSigned    the assignment names a target TUF does not vouch for
     │       ├── SignatureRejected  metadata not signed by the trusted keys (unknown key)
     │       ├── RollbackRejected   metadata older than what the device has seen
@@ -120,6 +121,16 @@ class UpdateUnavailable(UpdateRejected):
     """The repository could not be reached or answered with an HTTP error; retry later."""
 
     reason = "unavailable"
+
+
+class TlsRejected(UpdateUnavailable):
+    """The registry's HTTPS certificate did not verify against the configured CA.
+
+    A subclass of :class:`UpdateUnavailable` so the agent keeps retrying with backoff
+    (a renewed certificate or a fixed network heals it) while counting every refusal.
+    """
+
+    reason = "tls"
 
 
 class TargetNotSigned(UpdateRejected):

@@ -7,26 +7,35 @@ device needs: every failure becomes one :class:`UpdateRejected` subclass with a 
 from a tampered one) and gives up on slow servers; and the highest metadata versions
 ever seen, kept in our own fsynced state file, so wiping the TUF cache does not let an
 older, still-unexpired repository state back in.
+
+Over ``https://`` the fetcher verifies the registry's certificate (TLS 1.2 or newer)
+against ``ca_file`` (the fleet CA) or, without one, the system's trust store; a
+certificate that does not verify becomes :class:`TlsRejected` with the URL and the
+OpenSSL reason.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tuf
 import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
+from tuf.ngclient._internal.proxy import ProxyEnvironment
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from edgefleet.device.durable import atomic_write_json, fsync_dir, read_json
 from edgefleet.device.errors import (
+    ConfigError,
     DownloadTooLarge,
     DownloadTruncated,
     MetadataExpired,
@@ -36,11 +45,12 @@ from edgefleet.device.errors import (
     SlowRetrieval,
     TargetMismatch,
     TargetNotSigned,
+    TlsRejected,
     UpdateRejected,
     UpdateUnavailable,
 )
 
-__all__ = ["HighestSeen", "TufClient", "TufClientConfig"]
+__all__ = ["HighestSeen", "TufClient", "TufClientConfig", "client_tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +70,39 @@ class TufClientConfig:
     min_bytes_per_s: float = 1024.0
     timestamp_max_bytes: int = 16384
     targets_max_bytes: int = 5_000_000
+    #: PEM CA bundle that must have signed the registry's HTTPS certificate (None: the
+    #: system's trust store). Only used for ``https://`` URLs.
+    ca_file: Path | None = None
+
+
+def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verify server certificates and host names, TLS 1.2 or newer, against ``ca_file``."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the registry CA bundle: {exc}",
+                          path=str(ca_file)) from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class _TlsFailure(tuf_exc.DownloadError):
+    """The TLS handshake with the repository failed (certificate did not verify)."""
+
+
+def _tls_reason(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind a urllib3 error, if a TLS failure caused it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        nxt = getattr(seen, "reason", None)
+        seen = nxt if isinstance(nxt, BaseException) else seen.__cause__ or seen.__context__
+    return None
 
 
 class _CountingFetcher(Urllib3Fetcher):
-    """Urllib3Fetcher that counts bytes per URL and enforces an average-rate floor."""
+    """Urllib3Fetcher that counts bytes per URL, enforces an average-rate floor and TLS."""
 
     def __init__(self, config: TufClientConfig) -> None:
         super().__init__(chunk_size=64 * 1024)
@@ -71,11 +110,27 @@ class _CountingFetcher(Urllib3Fetcher):
         self._cfg = config
         self.received: dict[str, int] = {}
         self.last_url = ""
+        # urllib3 verifies https by default (system CAs); our context pins the fleet CA.
+        # Same proxy handling as ngclient's, only with our ssl_context for every pool.
+        if not isinstance(getattr(self, "_proxy_env", None), ProxyEnvironment):
+            raise RuntimeError("python-tuf's Urllib3Fetcher changed: cannot set the TLS CA")
+        self._proxy_env = ProxyEnvironment(
+            headers={"User-Agent": f"edgefleet python-tuf/{tuf.__version__}"},
+            ssl_context=client_tls_context(config.ca_file))
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         self.received[url] = 0
         self.last_url = url
-        return self._counted(url, super()._fetch(url))
+        try:
+            chunks = super()._fetch(url)
+        except urllib3.exceptions.HTTPError as exc:
+            tls = _tls_reason(exc)
+            if tls is not None:
+                why = getattr(tls, "verify_message", None) or tls.reason or str(tls)
+                raise _TlsFailure(f"{url}: TLS handshake failed: {why}") from exc
+            # ngclient would say only "Failed to download"; keep urllib3's reason.
+            raise tuf_exc.DownloadError(f"{url}: {getattr(exc, 'reason', None) or exc}") from exc
+        return self._counted(url, chunks)
 
     def _counted(self, url: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
         start = time.monotonic()
@@ -138,6 +193,9 @@ class HighestSeen:
 def _translate(exc: Exception, *, target: str | None = None) -> UpdateRejected:
     """Map a python-tuf exception to our error with a stable reason."""
     msg = str(exc) or type(exc).__name__
+    if isinstance(exc, _TlsFailure):
+        return TlsRejected(f"{msg} (is [updates] ca_file the CA that signed the registry's "
+                           "certificate?)", target=target)
     if isinstance(exc, tuf_exc.UnsignedMetadataError):
         return SignatureRejected(msg, target=target)
     if isinstance(exc, tuf_exc.ExpiredMetadataError):
@@ -225,7 +283,7 @@ class TufClient:
     def _download_error(self, exc: Exception, info: TargetFile, target: str) -> UpdateRejected:
         got = self.fetcher.received.get(self.fetcher.last_url, 0)
         if isinstance(exc, tuf_exc.SlowRetrievalError | tuf_exc.DownloadLengthMismatchError
-                      | tuf_exc.DownloadHTTPError):
+                      | tuf_exc.DownloadHTTPError | _TlsFailure):
             return _translate(exc, target=target)
         if got < info.length:
             return DownloadTruncated(f"got {got} of {info.length} signed bytes", target=target)

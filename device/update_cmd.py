@@ -24,10 +24,12 @@ app = typer.Typer(help="Signed model updates (TUF) with A/B slots and automatic 
 STATE = typer.Option(..., "--state", help="The device's update state folder (slots, TUF cache).")
 REPO = typer.Option(..., "--repo", help="Registry base URL, e.g. http://127.0.0.1:8470")
 ROOT = typer.Option(..., "--root", help="The trusted root.json this device was provisioned with.")
+CA_FILE = typer.Option(None, "--ca-file", help="CA that signed the registry's HTTPS "
+                                               "certificate (default: the system's CAs).")
 
 
 def _updater(state: Path, repo: str, root: Path, variant: str | None,
-             timeout: float) -> Updater:
+             timeout: float, ca_file: Path | None = None) -> Updater:
     from edgefleet.device.serving import ServingModel
     from edgefleet.device.tuf_client import TufClient, TufClientConfig
     from edgefleet.device.updater import Updater
@@ -37,7 +39,8 @@ def _updater(state: Path, repo: str, root: Path, variant: str | None,
     except OSError as exc:
         raise UsageError(f"{root}: cannot read the trusted root: {exc.strerror}") from None
     repo = repo.rstrip("/")
-    cfg = TufClientConfig(f"{repo}/metadata/", f"{repo}/targets/", socket_timeout_s=timeout)
+    cfg = TufClientConfig(f"{repo}/metadata/", f"{repo}/targets/", socket_timeout_s=timeout,
+                          ca_file=ca_file)
     serving = ServingModel()
     upd = Updater(state, TufClient(state, cfg, root_bytes), serving, variant=variant)
     upd.start()
@@ -50,6 +53,7 @@ def once(
     state: Path = STATE,
     repo: str = REPO,
     root: Path = ROOT,
+    ca_file: Path | None = CA_FILE,
     variant: str | None = typer.Option(None, help="Variant to serve (default: the manifest's)."),
     timeout: float = typer.Option(30.0, help="Seconds of silence before a download is dropped."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -62,7 +66,7 @@ def once(
     from edgefleet.device.updater import Assignment
 
     model, _, version = ref.partition("@")
-    upd = _updater(state, repo, root, variant, timeout)
+    upd = _updater(state, repo, root, variant, timeout, ca_file)
     outcome = upd.apply(Assignment.from_dict({"model": model, "version": version}))
     _slot, info = upd.slots.active()
     if json_out:
@@ -107,6 +111,7 @@ def run(
     state: Path = STATE,
     repo: str = REPO,
     root: Path = ROOT,
+    ca_file: Path | None = CA_FILE,
     broker: str = typer.Option("127.0.0.1:1883", help="MQTT broker host:port."),
     group: list[str] = typer.Option([], help="Groups this device belongs to (repeatable)."),
     variant: str | None = typer.Option(None, help="Variant to serve (default: the manifest's)."),
@@ -120,7 +125,7 @@ def run(
     from edgefleet.device.update_agent import UpdateAgent
 
     host, _, port = broker.rpartition(":")
-    upd = _updater(state, repo, root, variant, 30.0)
+    upd = _updater(state, repo, root, variant, 30.0, ca_file)
     agent = UpdateAgent(device, upd, MqttConfig(host=host or "127.0.0.1", port=int(port)),
                         groups=tuple(group)).start()
     stop = threading.Event()

@@ -3,7 +3,9 @@
 A loopback registry serves a digits package under several versions; one device applies
 them one after another while a thread keeps asking it for predictions. Reports the
 median time of each update stage and inference p50/p99 idle vs during updates, side by
-side in one run, and the number of failed inferences (must be 0).
+side in one run, and the number of failed inferences (must be 0). The TUF refresh and
+download are also timed over HTTPS (a fleet-CA certificate, ``registry serve --tls-cert``'s
+server) interleaved with plain HTTP, for the cost of TLS.
 
     .venv/bin/python scripts/bench_updates.py [--package out/digits] [--updates 6]
 """
@@ -29,9 +31,10 @@ from edgefleet.device.sandbox import trial_load
 from edgefleet.device.serving import ServingModel
 from edgefleet.device.tuf_client import TufClient, TufClientConfig
 from edgefleet.device.updater import Assignment, Updater
+from edgefleet.server.fl_certs import init_certs, issue_server_cert
 from edgefleet.server.keys import ROLES, KeyRing
 from edgefleet.server.registry import Registry
-from edgefleet.server.registry_http import RegistryServer
+from edgefleet.server.registry_http import RegistryServer, server_tls_context
 
 
 def _version(src: Path, dest: Path, version: str) -> Path:
@@ -119,16 +122,26 @@ def main() -> None:
         busy.stop.set()
         busy.t.join()
 
-        # The stages on their own (same machine, same run).
-        stage: dict[str, list[float]] = {k: [] for k in ("refresh", "download", "trial", "load")}
+        # The stages on their own (same machine, same run); transfer over HTTP and HTTPS
+        # interleaved, each client keeping its connections alive as a device does.
+        certs = init_certs(tmp / "certs")
+        cert, key = issue_server_cert(certs.ca.parent, "registry", ["127.0.0.1"])
+        tls_srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts,
+                                 tls=server_tls_context(cert, key)).start()
+        tls_tuf = TufClient(tmp / "dev-tls", TufClientConfig(
+            f"{tls_srv.url}/metadata/", f"{tls_srv.url}/targets/", ca_file=certs.ca),
+            reg.repo.root_bytes())
+        stage: dict[str, list[float]] = {k: [] for k in ("refresh", "download", "trial", "load",
+                                                         "refresh_tls", "download_tls")}
         for v in versions[1:]:
-            t0 = time.perf_counter()
-            tuf.refresh(f"digits-mlp/{v}.tar")
-            stage["refresh"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            tuf.fetch(f"digits-mlp/{v}.tar", tmp / "dl.tar")
-            stage["download"].append(time.perf_counter() - t0)
-            (tmp / "dl.tar").unlink()
+            for client, sfx in ((tuf, ""), (tls_tuf, "_tls")):
+                t0 = time.perf_counter()
+                client.refresh(f"digits-mlp/{v}.tar")
+                stage["refresh" + sfx].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                client.fetch(f"digits-mlp/{v}.tar", tmp / "dl.tar")
+                stage["download" + sfx].append(time.perf_counter() - t0)
+                (tmp / "dl.tar").unlink()
             t0 = time.perf_counter()
             trial_load(tmp / "p" / v, ["onnx-int8"])
             stage["trial"].append(time.perf_counter() - t0)
@@ -136,6 +149,7 @@ def main() -> None:
             Predictor.load(tmp / "p" / v, variant="onnx-int8", threads=1, metrics=Metrics())
             stage["load"].append(time.perf_counter() - t0)
         srv.stop()
+        tls_srv.stop()
 
         med = statistics.median
         size = (reg.artifacts / reg.list()[0].sha256).stat().st_size
@@ -157,9 +171,18 @@ def main() -> None:
             ["inferences", len(idle.lat), len(busy.lat), ""],
             ["failed inferences", idle.failed, busy.failed, ""],
         ])
+        tls = md_table(["transfer (median ms)", "HTTP", "HTTPS", "ratio"], [
+            [name, f"{med(stage[k]) * 1e3:.1f}", f"{med(stage[k + '_tls']) * 1e3:.1f}",
+             f"{med(stage[k + '_tls']) / med(stage[k]):.2f}"]
+            for name, k in (("TUF refresh (metadata only)", "refresh"),
+                            (f"TUF refresh + verified download ({size // 1024} KiB)",
+                             "download"))])
         body = (f"{args.updates} updates of the digits package (onnx-int8) from a loopback "
                 "registry; median of each stage.\n\n"
                 + md_table(["stage", "median ms"], rows) + "\n\n" + lat + "\n\n"
+                "Plain HTTP vs HTTPS (TLS 1.2+, EC P-384 certificate from the fleet CA), the "
+                "same requests interleaved; each client keeps its connections alive.\n\n"
+                + tls + "\n\n"
                 "Command: `.venv/bin/python scripts/bench_updates.py`\n")
         path = write_section("updates", "Signed model updates", body)
         print(path.read_text())

@@ -9,6 +9,7 @@ A folder (or a ``.tar.gz`` of it) whose files are all 0600::
     superlink-ca.pem  the SuperLink's CA (FL over TLS)
     node.key          the SuperNode private key (its public key is registered)
     root.json         the pinned TUF root: which keys may sign models
+    registry-ca.pem   the CA of the registry's HTTPS certificate, when it uses TLS
 
 ``edgefleet-agent enroll`` (device/enroll.py) installs it and rewrites the names to
 absolute paths. The bundle holds secrets: move it to the device over a trusted channel
@@ -35,6 +36,7 @@ BUNDLE_FILES: dict[tuple[str, str], str] = {
     ("fl", "root_certificates"): "superlink-ca.pem",
     ("fl", "auth_private_key"): "node.key",
     ("updates", "trusted_root"): "root.json",
+    ("updates", "ca_file"): "registry-ca.pem",
 }
 
 
@@ -48,6 +50,8 @@ def agent_template(s: FleetSettings, name: str, group: str) -> dict[str, Any]:
     if s.metadata_url:
         cfg["updates"] = {"enabled": True, "metadata_url": s.metadata_url,
                           "targets_url": s.targets_url, "trusted_root": "root.json"}
+        if s.registry_ca:
+            cfg["updates"]["ca_file"] = "registry-ca.pem"
     if s.superlink:
         cfg["fl"] = {"enabled": True, "superlink": s.superlink, "insecure": False,
                      "root_certificates": "superlink-ca.pem", "auth_private_key": "node.key"}
@@ -70,7 +74,7 @@ def write_bundle(s: FleetSettings, name: str, group: str, password: str, stage: 
     (stage / "mqtt.password").write_text(password + "\n")
     (stage / "node.pub").unlink(missing_ok=True)  # public; the server keeps it
     for src, dst in ((s.broker_ca, "broker-ca.pem"), (s.superlink_ca, "superlink-ca.pem"),
-                     (s.trusted_root, "root.json")):
+                     (s.trusted_root, "root.json"), (s.registry_ca, "registry-ca.pem")):
         if src is not None:
             _copy_private(src, stage / dst)
     for f in stage.iterdir():

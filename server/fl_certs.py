@@ -1,9 +1,10 @@
-"""TLS certificates for the SuperLink and authentication keys for SuperNodes.
+"""The fleet's private CA, its server certificates, and SuperNode authentication keys.
 
 Generated at run time, never committed: a private CA, a SuperLink server certificate
 for the given host names/IPs, and one EC P-384 key pair per SuperNode in OpenSSH format
 (what ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register``
-read). Private keys are written with mode 0600.
+read). :func:`issue_server_cert` signs more server certificates with the same CA (the
+model registry's HTTPS), so devices trust one fleet CA. Private keys are mode 0600.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["CertPaths", "init_certs", "make_node_key"]
+__all__ = ["CertPaths", "init_certs", "issue_server_cert", "make_node_key"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,25 @@ def make_node_key(path: Path) -> Path:
     return path
 
 
+def _server_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, hosts: list[str],
+                 days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A TLS server certificate for ``hosts`` (SAN), signed by ``ca``."""
+    now = dt.datetime.now(dt.UTC)
+    srv_key = ec.generate_private_key(ec.SECP384R1())
+    srv = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+           .issuer_name(ca.subject).public_key(srv_key.public_key())
+           .serial_number(x509.random_serial_number())
+           .not_valid_before(now - dt.timedelta(minutes=5))
+           .not_valid_after(min(now + dt.timedelta(days=days), ca.not_valid_after_utc))
+           .add_extension(_san(hosts), critical=False)
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                          critical=False)
+           .sign(ca_key, hashes.SHA384()))
+    return srv, srv_key
+
+
 def init_certs(out: Path, hosts: list[str] | None = None, nodes: int = 0,
                days: int = 365) -> CertPaths:
     """Create a CA, a SuperLink certificate for ``hosts`` and ``nodes`` SuperNode key pairs."""
@@ -87,18 +108,7 @@ def init_certs(out: Path, hosts: list[str] | None = None, nodes: int = 0,
                                        data_encipherment=False, key_agreement=False,
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA384()))
-    srv_key = ec.generate_private_key(ec.SECP384R1())
-    srv = (x509.CertificateBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-           .issuer_name(ca_name).public_key(srv_key.public_key())
-           .serial_number(x509.random_serial_number())
-           .not_valid_before(now - dt.timedelta(minutes=5))
-           .not_valid_after(now + dt.timedelta(days=days))
-           .add_extension(_san(hosts), critical=False)
-           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-           .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                          critical=False)
-           .sign(ca_key, hashes.SHA384()))
+    srv, srv_key = _server_cert(ca, ca_key, hosts, days)
     paths = CertPaths(out / "ca.pem", out / "server.pem", out / "server.key",
                       tuple(out / "nodes" / f"node-{i}.key" for i in range(nodes)))
     _write(paths.ca, ca.public_bytes(serialization.Encoding.PEM))
@@ -108,3 +118,26 @@ def init_certs(out: Path, hosts: list[str] | None = None, nodes: int = 0,
     for p in paths.node_keys:
         make_node_key(p)
     return paths
+
+
+def issue_server_cert(ca_dir: Path, name: str, hosts: list[str],
+                      days: int = 365) -> tuple[Path, Path]:
+    """Sign ``<ca_dir>/<name>.pem`` (+ ``.key``) for ``hosts`` with the CA of ``init_certs``.
+
+    One CA for the SuperLink and the registry means a device trusts a single fleet root.
+    The certificate never outlives the CA. Returns (certificate, private key).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or name in ("ca", "server"):
+        raise ValueError(f"bad certificate name {name!r}")
+    if not hosts:
+        raise ValueError("at least one host name or IP is needed")
+    ca_pem, ca_key_pem = ca_dir / "ca.pem", ca_dir / "ca.key"
+    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_key_pem}: not an EC private key")
+    srv, srv_key = _server_cert(ca, ca_key, hosts, days)
+    cert, key = ca_dir / f"{name}.pem", ca_dir / f"{name}.key"
+    _write(key, _pem_key(srv_key), private=True)
+    _write(cert, srv.public_bytes(serialization.Encoding.PEM))
+    return cert, key

@@ -71,6 +71,9 @@ class FleetSettings(StrictModel):
     metadata_url: str = ""
     targets_url: str = ""
     trusted_root: Path | None = Field(default=None, description="TUF root.json devices pin.")
+    registry_ca: Path | None = Field(
+        default=None, description="CA of the registry's HTTPS certificate (usually the "
+                                  "fleet CA of `edgefleet certs init`).")
 
     @model_validator(mode="after")
     def _complete(self) -> FleetSettings:
@@ -78,6 +81,12 @@ class FleetSettings(StrictModel):
             raise ValueError("superlink needs superlink_ca (devices use TLS)")
         if self.metadata_url and self.trusted_root is None:
             raise ValueError("metadata_url needs trusted_root (the root.json devices pin)")
+        https = [u.lower().startswith("https://") for u in (self.metadata_url, self.targets_url)
+                 if u]
+        if any(https) and not all(https):
+            raise ValueError("metadata_url and targets_url must both be https:// or both not")
+        if self.registry_ca is not None and not any(https):
+            raise ValueError("registry_ca needs https:// registry URLs")
         return self
 
 
@@ -144,7 +153,8 @@ class FleetHome:
         root = Path(root) if root is not None else default_root()
         if (root / "fleet.toml").exists() and not update:
             raise UsageError(f"{root} already holds a fleet (pass --update to change it)")
-        for key in ("broker_ca", "broker_pid_file", "superlink_ca", "trusted_root"):
+        for key in ("broker_ca", "broker_pid_file", "superlink_ca", "trusted_root",
+                    "registry_ca"):
             if settings.get(key) is not None:
                 settings[key] = Path(settings[key]).resolve()
         try:
@@ -154,7 +164,7 @@ class FleetHome:
             where = ".".join(str(x) for x in err["loc"])
             raise UsageError(f"{where + ': ' if where else ''}"
                              f"{str(err['msg']).removeprefix('Value error, ')}") from None
-        for path in (cfg.broker_ca, cfg.superlink_ca, cfg.trusted_root):
+        for path in (cfg.broker_ca, cfg.superlink_ca, cfg.trusted_root, cfg.registry_ca):
             if path is not None and not path.is_file():
                 raise ConfigError("file not found", path=str(path))
         _private_dir(root)

@@ -1,28 +1,45 @@
-"""Serve TUF metadata and model archives over HTTP (a threaded ``http.server``).
+"""Serve TUF metadata and model archives over HTTP or HTTPS (a threaded ``http.server``).
 
 The server is deliberately dumb: devices trust nothing it says beyond what the signed
 metadata vouches for, so it only needs to map URLs to files without escaping its
 folders. ``/metadata/<file>`` comes from the repository's metadata folder;
 ``/targets/<dir>/<sha256>.<name>`` (TUF consistent-snapshot target URLs) comes straight
 from the content-addressed artifact store, keyed by the sha256 in the name.
+
+TUF already makes the bytes tamper-proof; TLS adds what TUF does not: confidentiality
+of the models and of which version each device fetches. The TLS handshake runs on the
+connection's own thread (not in ``accept``), so a client that never finishes it cannot
+stall the others.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import socket
+import ssl
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RegistryHandler", "RegistryServer"]
+__all__ = ["RegistryHandler", "RegistryServer", "server_tls_context"]
 
 log = logging.getLogger(__name__)
 
 _METADATA_NAME = re.compile(r"^(?:\d+\.)?(root|targets|snapshot|timestamp)\.json$")
 _TARGET_NAME = re.compile(r"^(?:[A-Za-z0-9._-]+/)*([0-9a-f]{64})\.[A-Za-z0-9._-]+$")
+#: Seconds a TLS client gets for the handshake and between reads/writes afterwards.
+TLS_IO_TIMEOUT_S = 30.0
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context (TLS 1.2 or newer) for ``cert`` (PEM chain) and its ``key``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
 
 
 class RegistryHandler(BaseHTTPRequestHandler):
@@ -32,6 +49,9 @@ class RegistryHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "edgefleet-registry"
     sys_version = ""
+    # Headers and body go out as two writes (two TLS records); with Nagle on, the second
+    # waits for the client's delayed ACK, ~40 ms per response over HTTPS.
+    disable_nagle_algorithm = True
 
     def resolve(self, url_path: str) -> Path | None:
         """The file behind ``url_path``, or None (404)."""
@@ -70,22 +90,46 @@ class RegistryHandler(BaseHTTPRequestHandler):
 
 
 class RegistryServer(ThreadingHTTPServer):
-    """An HTTP server for one registry home; ``start()`` runs it on a daemon thread."""
+    """An HTTP(S) server for one registry home; ``start()`` runs it on a daemon thread.
+
+    With ``tls`` (see :func:`server_tls_context`) every connection must speak TLS.
+    """
 
     daemon_threads = True
 
     def __init__(self, metadata_dir: Path, artifacts_dir: Path, host: str = "127.0.0.1",
-                 port: int = 0, handler: type[RegistryHandler] = RegistryHandler) -> None:
+                 port: int = 0, handler: type[RegistryHandler] = RegistryHandler,
+                 tls: ssl.SSLContext | None = None) -> None:
         super().__init__((host, port), handler)
         self.metadata_dir = metadata_dir
         self.artifacts_dir = artifacts_dir
+        self.tls = tls
+        #: Connections dropped because their TLS handshake failed (wrong CA, plain HTTP).
+        self.tls_handshake_failures = 0
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:8123``."""
+        """Base URL, e.g. ``http://127.0.0.1:8123`` (``https://`` with TLS)."""
         host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host!s}:{port}"
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        raw: socket.socket = request
+        raw.settimeout(TLS_IO_TIMEOUT_S)
+        try:
+            conn = self.tls.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            self.tls_handshake_failures += 1
+            log.info("TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            conn.close()
 
     def start(self) -> RegistryServer:
         """Serve on a background thread."""

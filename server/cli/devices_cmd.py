@@ -56,6 +56,9 @@ def fleet_init(
     targets_url: str = typer.Option("", "--targets-url", help="Registry targets URL."),
     trusted_root: Path | None = typer.Option(None, "--trusted-root",
                                              help="root.json to pin (edgefleet registry root)."),
+    registry_ca: Path | None = typer.Option(None, "--registry-ca",
+                                            help="CA of the registry's HTTPS certificate "
+                                                 "(the fleet CA: certs/ca.pem)."),
     update: bool = typer.Option(False, "--update", help="Change the settings of an existing "
                                                        "home (devices are kept)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -67,6 +70,7 @@ def fleet_init(
         --superlink fl.example.org:9092 --superlink-ca certs/ca.pem
         --metadata-url https://reg.example.org/metadata/
         --targets-url https://reg.example.org/targets/ --trusted-root root.json
+        --registry-ca certs/ca.pem
 
     Then point mosquitto at the files it prints (password_file, acl_file).
     """
@@ -79,7 +83,7 @@ def fleet_init(
                          broker_ca=broker_ca, broker_pid_file=broker_pid_file,
                          superlink=superlink, superlink_ca=superlink_ca,
                          metadata_url=metadata_url, targets_url=targets_url,
-                         trusted_root=trusted_root)
+                         trusted_root=trusted_root, registry_ca=registry_ca)
     files = h.broker_files()
     services = {r: str(h.root / "services" / f"{r}.password") for r in SERVICE_ROLES}
     info = {"home": str(h.root), "password_file": str(files.password_file),

@@ -120,26 +120,60 @@ def root(
     console.print(f"wrote root v{version} to {out}")
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @app.command()
 def serve(
     home: Path = HOME,
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8470, help="TCP port (0: any free port)."),
     refresh: float = typer.Option(3600.0, help="Re-sign the timestamp every this many seconds."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="Server certificate (PEM, "
+                                         "chain) for HTTPS, e.g. from `edgefleet certs issue`."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="Private key of --tls-cert."),
     passphrase_file: Path | None = PASSPHRASE_FILE,
 ) -> None:
-    """Serve TUF metadata and package archives over HTTP until interrupted.
+    """Serve TUF metadata and package archives over HTTP, or HTTPS, until interrupted.
 
     The timestamp key must be on this machine: the timestamp is re-signed every
-    --refresh seconds so devices never see it expire. Put TLS in front for HTTPS.
+    --refresh seconds so devices never see it expire. TUF protects integrity either way;
+    HTTPS (--tls-cert/--tls-key, TLS 1.2+) also hides the models and which version each
+    device fetches. Plain HTTP is meant for loopback and development.
 
     Example: edgefleet registry serve --host 0.0.0.0 --port 8470
+    --tls-cert certs/registry.pem --tls-key certs/registry.key
     """
-    from edgefleet.server.registry_http import RegistryServer
+    import ssl
 
+    from edgefleet.device.cli_support import err_console
+    from edgefleet.device.errors import ConfigError, UsageError
+    from edgefleet.server.registry_http import RegistryServer, server_tls_context
+
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    tls: ssl.SSLContext | None = None
+    if tls_cert is not None and tls_key is not None:
+        try:
+            tls = server_tls_context(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate or key: {exc}",
+                              path=str(tls_cert)) from None
+    elif not _loopback(host):
+        err_console.print(f"[yellow]warning:[/] serving plain HTTP on {host}: anyone on the "
+                          "network sees the models and which version each device fetches "
+                          "(pass --tls-cert/--tls-key)")
     reg = open_registry(home, passphrase_file=passphrase_file)
     reg.repo.refresh_timestamp()
-    srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts, host, port).start()
+    srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts, host, port, tls=tls).start()
     console.print(f"serving {home} at {srv.url} (metadata: {srv.url}/metadata/)")
     try:
         while True:

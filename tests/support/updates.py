@@ -130,11 +130,11 @@ class Device:
 
 
 def make_device(state: Path, reg: Registry, url: str, *, socket_timeout_s: float = 5.0,
-                health: HealthPolicy | None = None) -> Device:
-    """A device provisioned with the registry's root v1."""
+                health: HealthPolicy | None = None, ca_file: Path | None = None) -> Device:
+    """A device provisioned with the registry's root v1 (``ca_file``: the registry's CA)."""
     metrics = Metrics()
     cfg = TufClientConfig(f"{url}/metadata/", f"{url}/targets/",
-                          socket_timeout_s=socket_timeout_s)
+                          socket_timeout_s=socket_timeout_s, ca_file=ca_file)
     tuf = TufClient(state, cfg, reg.repo.root_bytes(1))
     serving = ServingModel(metrics)
     events: list[tuple[str, dict[str, Any]]] = []
