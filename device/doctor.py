@@ -49,8 +49,8 @@ def _keys(cfg: AgentConfig) -> tuple[bool, str]:
     wanted: list[Path] = []
     m = cfg.mqtt
     wanted += [p for p in (m.ca_file, m.cert_file, m.key_file) if p is not None]
-    if cfg.updates.enabled and cfg.updates.trusted_root:
-        wanted.append(cfg.updates.trusted_root)
+    if cfg.updates.enabled:
+        wanted += [p for p in (cfg.updates.trusted_root, cfg.updates.ca_file) if p]
     if cfg.fl.enabled:
         wanted += [p for p in (cfg.fl.root_certificates, cfg.fl.auth_private_key) if p]
     missing = [str(p) for p in wanted if not p.is_file()]

@@ -93,8 +93,8 @@ class _TlsFailure(tuf_exc.DownloadError):
 def _tls_reason(exc: BaseException) -> ssl.SSLError | None:
     """The ``ssl.SSLError`` behind a urllib3 error, if a TLS failure caused it."""
     seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
+    for _ in range(8):  # MaxRetryError -> SSLError, sometimes one wrapper more; no cycles
+        if seen is None or isinstance(seen, ssl.SSLError):
             return seen
         nxt = getattr(seen, "reason", None)
         seen = nxt if isinstance(nxt, BaseException) else seen.__cause__ or seen.__context__

@@ -222,6 +222,14 @@ def test_fleet_bundle_carries_the_registry_ca(tmp_path: Path, fleet_ca: CertPath
         install_bundle(b, tmp_path / "state").read_text()))
     assert cfg.updates.ca_file == (tmp_path / "state" / "keys" / "registry-ca.pem").resolve()
     assert cfg.updates.ca_file.read_bytes() == fleet_ca.ca.read_bytes()
+    from edgefleet.device.doctor import run_checks
+
+    def keys_check() -> Any:
+        return next(c for c in run_checks(cfg) if c.name == "keys")
+
+    assert keys_check().ok
+    cfg.updates.ca_file.unlink()  # the doctor names a missing registry CA
+    assert not keys_check().ok and "registry-ca.pem" in keys_check().detail
 
     from edgefleet.device.errors import UsageError
 
