@@ -259,9 +259,10 @@ class Spool:
     def _check_space(self) -> None:
         """While the disk is full: lift the tight cap once there is room again."""
         if self._tight is None:
+            # At most one look (a stat) per _RESERVE_RETRY_S: _ensure_reserve restarts the
+            # clock and returns at once when the reserve is whole.
             if (self.reserve_bytes
-                    and time.monotonic() - self._reserve_tried > _RESERVE_RETRY_S
-                    and not self.reserve_path.exists()):
+                    and time.monotonic() - self._reserve_tried > _RESERVE_RETRY_S):
                 self._ensure_reserve()
             return
         try:
