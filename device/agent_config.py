@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from edgefleet.device.backends import DEFAULT_THREADS
-from edgefleet.device.config import StrictModel, load_config
+from edgefleet.device.config import StrictModel, load_config, registry_is_https
 from edgefleet.device.fallback import FallbackConfig
 from edgefleet.device.mqtt_link import MqttConfig
 from edgefleet.device.spool import DEFAULT_MAX_BYTES
@@ -85,12 +85,8 @@ class UpdatesSection(StrictModel):
 
     @model_validator(mode="after")
     def _one_scheme(self) -> UpdatesSection:
-        urls = [u for u in (self.metadata_url, self.targets_url) if u]
-        https = [u.lower().startswith("https://") for u in urls]
-        if any(https) and not all(https):
-            raise ValueError("metadata_url and targets_url must both be https:// (a plain "
-                             "targets URL shows which model version is fetched)")
-        if self.ca_file is not None and not any(https):
+        https = registry_is_https(self.metadata_url, self.targets_url)
+        if self.ca_file is not None and not https:
             raise ValueError("ca_file is set but the registry URLs are not https://")
         return self
 

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edgefleet.device.errors import ConfigError
 
-__all__ = ["StrictModel", "deep_merge", "dump_toml", "load_config", "read_toml"]
+__all__ = ["StrictModel", "deep_merge", "dump_toml", "load_config", "read_toml",
+           "registry_is_https"]
 
 
 class StrictModel(BaseModel):
@@ -27,6 +28,18 @@ class StrictModel(BaseModel):
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def registry_is_https(metadata_url: str, targets_url: str) -> bool:
+    """Whether the set registry URLs are https://; ValueError if only one of them is.
+
+    Shared by the device's ``[updates]`` and the fleet settings that write it.
+    """
+    https = [u.lower().startswith("https://") for u in (metadata_url, targets_url) if u]
+    if any(https) and not all(https):
+        raise ValueError("metadata_url and targets_url must both be https:// (a plain "
+                         "targets URL shows which model version is fetched)")
+    return any(https)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

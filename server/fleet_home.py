@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from edgefleet.device.config import StrictModel, dump_toml, load_config
+from edgefleet.device.config import StrictModel, dump_toml, load_config, registry_is_https
 from edgefleet.device.errors import ConfigError, UsageError
 from edgefleet.device.telemetry_schema import DEVICE_ID_PATTERN
 from edgefleet.server.broker_acl import (
@@ -81,11 +81,8 @@ class FleetSettings(StrictModel):
             raise ValueError("superlink needs superlink_ca (devices use TLS)")
         if self.metadata_url and self.trusted_root is None:
             raise ValueError("metadata_url needs trusted_root (the root.json devices pin)")
-        https = [u.lower().startswith("https://") for u in (self.metadata_url, self.targets_url)
-                 if u]
-        if any(https) and not all(https):
-            raise ValueError("metadata_url and targets_url must both be https:// or both not")
-        if self.registry_ca is not None and not any(https):
+        https = registry_is_https(self.metadata_url, self.targets_url)
+        if self.registry_ca is not None and not https:
             raise ValueError("registry_ca needs https:// registry URLs")
         return self
 
