@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from edgefleet.device.cli_support import edgefleet_version
 from edgefleet.device.durable import atomic_write_bytes
 
 __all__ = ["FORMAT", "cached_share", "share_key", "share_path"]
@@ -34,14 +35,8 @@ FORMAT = 1
 def share_key(task: str, partition_id: int, num_partitions: int, alpha: float,
               seed: int) -> str:
     """What a demo share is a function of (floats by ``repr``: exact), and which code made it."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        made_by = f"edgefleet {version('edgefleet')}"
-    except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
-        made_by = "edgefleet ?"
     return (f"share v{FORMAT} task={task} partition={partition_id}/{num_partitions} "
-            f"alpha={float(alpha)!r} seed={seed} {made_by}")
+            f"alpha={float(alpha)!r} seed={seed} edgefleet {edgefleet_version()}")
 
 
 def share_path(state_dir: Path, key: str) -> Path:
