@@ -382,11 +382,10 @@ class Spool:
                 self._lose(1)
                 return 0
             try:
-                return self._insert(topic, payload, size, room=0)
+                return self._insert(topic, payload, size, room=0)  # rolls back on error
             except (sqlite3.Error, OSError) as exc:
                 if not is_disk_full(exc):
                     raise
-                self._rollback()
             # The disk is full: room from the reserve and the oldest messages, one retry.
             if self._tight is None:
                 log.warning("telemetry spool: disk full at %d bytes spooled; dropping the "
@@ -399,7 +398,6 @@ class Spool:
             except (sqlite3.Error, OSError) as exc:
                 if not is_disk_full(exc):
                     raise
-                self._rollback()
                 self._lose(1)
                 self.metrics.inc("telemetry_spool_disk_full")
                 rid = 0
