@@ -202,9 +202,8 @@ class Spool:
         try:
             return self._connect()
         except sqlite3.DatabaseError as exc:
-            if is_disk_full(exc) and self.reserve_path.exists():
-                self._release_reserve()  # the -shm and WAL files need a little room
-                return self._open()
+            if is_disk_full(exc) and self._release_reserve():
+                return self._open()  # the -shm and WAL files needed a little room
             if _storage_error(exc):
                 raise  # the file may be fine; quarantining it would lose what it holds
             stamp = int(time.time())
@@ -246,15 +245,17 @@ class Spool:
                 log.warning("cannot create the spool reserve %s: %s", self.reserve_path, exc)
             return False
 
-    def _release_reserve(self) -> None:
+    def _release_reserve(self) -> bool:
+        """Delete the reserve; True only if it was there and is gone now."""
         try:
             self.reserve_path.unlink()
         except FileNotFoundError:
-            return
+            return False
         except OSError as exc:
             log.warning("cannot release the spool reserve %s: %s", self.reserve_path, exc)
-            return
+            return False
         self.metrics.inc("telemetry_spool_reserve_released")
+        return True
 
     def _check_space(self) -> None:
         """While the disk is full: lift the tight cap once there is room again."""
