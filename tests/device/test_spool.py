@@ -262,3 +262,27 @@ def test_full_disk_at_open_is_not_corruption(tmp_path: Path) -> None:
         with pytest.raises(sqlite3.OperationalError):  # no room at all: an error, no quarantine
             Spool(disk / "spool.db", reserve_bytes=0, metrics=m)
         assert not list(disk.glob("*.corrupt-*"))
+
+
+def test_full_disk_at_open_with_a_reserve_that_will_not_go(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit test (fakes): releasing the reserve fails, so opening fails once, not forever."""
+    Spool(tmp_path / "spool.db", reserve_bytes=64 * 1024, metrics=Metrics()).close()
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+
+    def connect(_self: Spool) -> sqlite3.Connection:
+        raise full
+
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".reserve"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Spool, "_connect", connect)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        Spool(tmp_path / "spool.db", reserve_bytes=64 * 1024, metrics=Metrics())
+    assert not list(tmp_path.glob("*.corrupt-*"))
