@@ -156,7 +156,7 @@ def _truncated(b: bytes) -> bytes:
 
 def _sigma_edited(b: bytes) -> bytes:  # valid JSON, σ changed without its checksum
     doc = json.loads(b)
-    doc["entries"][0]["sigma"] = 0.5
+    doc["entries"][0]["sigma"] = 50.0  # more noise: only the checksum can tell
     return json.dumps(doc).encode()
 
 
