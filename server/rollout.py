@@ -40,6 +40,7 @@ from edgefleet.device.update_agent import (
     group_topic,
 )
 from edgefleet.server.registry import Registry, target_path
+from edgefleet.server.store import apply_migrations
 
 __all__ = ["MIGRATIONS", "CombinedHealth", "Counts", "FleetView", "HealthRates",
            "HealthSource", "Rollout", "RolloutController", "RolloutLedger",
@@ -48,8 +49,9 @@ __all__ = ["MIGRATIONS", "CombinedHealth", "Counts", "FleetView", "HealthRates",
 log = logging.getLogger(__name__)
 
 #: Numbered schema changes of the rollout tables in ``registry.db``, applied in order in
-#: one transaction and recorded in ``rollout_migrations`` (the store's scheme). Version 1
-#: is the table that existed before migrations, hence ``IF NOT EXISTS``.
+#: one transaction and recorded in ``rollout_migrations`` (the store's scheme and helper,
+#: :func:`~edgefleet.server.store.apply_migrations`). Version 1 is the table that existed
+#: before migrations, hence ``IF NOT EXISTS``.
 MIGRATIONS: list[list[str]] = [
     [  # 1: rollouts
         """CREATE TABLE IF NOT EXISTS rollouts (
@@ -72,21 +74,14 @@ def migrate(db: sqlite3.Connection) -> int:
     """Apply the rollout migrations ``db`` (autocommit mode) has not seen; returns the version."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("CREATE TABLE IF NOT EXISTS rollout_migrations ("
-                   "version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
-        have = db.execute("SELECT MAX(version) FROM rollout_migrations").fetchone()[0] or 0
-        if have > len(MIGRATIONS):
-            raise EdgefleetError(f"registry.db has rollout schema v{have}, newer than this "
-                                 f"edgefleet (v{len(MIGRATIONS)}): upgrade edgefleet")
-        for version in range(have + 1, len(MIGRATIONS) + 1):
-            for stmt in MIGRATIONS[version - 1]:
-                db.execute(stmt)
-            db.execute("INSERT INTO rollout_migrations VALUES (?, ?)", (version, time.time()))
+        version = apply_migrations(db.execute, lambda sql: db.execute(sql).fetchone()[0],
+                                   "rollout_migrations", MIGRATIONS,
+                                   "registry.db has rollout schema")
     except BaseException:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-    return len(MIGRATIONS)
+    return version
 
 
 def connect(path: Path) -> sqlite3.Connection:

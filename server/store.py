@@ -18,13 +18,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from edgefleet.device.errors import ConfigError, EdgefleetError, MissingExtraError
 
-__all__ = ["MIGRATIONS", "Store", "default_db", "open_store"]
+__all__ = ["MIGRATIONS", "Store", "apply_migrations", "default_db", "open_store"]
 
 _PK = "{PK}"
 MIGRATIONS: list[list[str]] = [
@@ -60,6 +60,28 @@ DEVICE_COLUMNS = ("device", "online", "status_ts", "last_seen", "boot", "model_n
                   "model_version", "training_state", "epsilon", "n_inferences", "n_local",
                   "n_fallback", "n_degraded", "drift_input", "drift_confidence",
                   "spool_dropped", "messages", "duplicates", "metrics_ts")
+
+
+def apply_migrations(execute: Callable[[str, Sequence[Any]], object],
+                     query_one: Callable[[str], Any], table: str,
+                     migrations: Sequence[Sequence[str]], what: str) -> int:
+    """Apply the numbered ``migrations`` not yet recorded in ``table``; returns the version.
+
+    Shared by the fleet store and ``registry.db``'s rollout tables. The caller holds one
+    transaction around it, so a failing step leaves nothing applied; ``what`` names the
+    schema in the error a newer database gets.
+    """
+    execute(f"CREATE TABLE IF NOT EXISTS {table} ("
+            "version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)", ())
+    have = query_one(f"SELECT MAX(version) FROM {table}") or 0
+    if have > len(migrations):
+        raise EdgefleetError(f"{what} v{have}, newer than this edgefleet "
+                             f"(v{len(migrations)}): upgrade edgefleet")
+    for version in range(have + 1, len(migrations) + 1):
+        for stmt in migrations[version - 1]:
+            execute(stmt, ())
+        execute(f"INSERT INTO {table} VALUES (?, ?)", (version, time.time()))
+    return len(migrations)
 
 
 def default_db() -> str:
@@ -141,18 +163,8 @@ class Store:
     def migrate(self) -> int:
         """Apply the migrations this database has not seen; returns the schema version."""
         with self.transaction():
-            self.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                         "version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)")
-            have = self.query("SELECT MAX(version) FROM schema_migrations")[0][0] or 0
-            if have > len(MIGRATIONS):
-                raise EdgefleetError(f"the fleet store has schema v{have}, newer than this "
-                                     f"edgefleet (v{len(MIGRATIONS)}): upgrade edgefleet")
-            for version in range(have + 1, len(MIGRATIONS) + 1):
-                for stmt in MIGRATIONS[version - 1]:
-                    self.execute(stmt)
-                self.execute("INSERT INTO schema_migrations VALUES (?, ?)",
-                             (version, time.time()))
-        return len(MIGRATIONS)
+            return apply_migrations(self.execute, lambda sql: self.query(sql)[0][0],
+                                    "schema_migrations", MIGRATIONS, "the fleet store has schema")
 
     def close(self) -> None:
         """Close the connection."""
