@@ -1,12 +1,13 @@
-"""A demo device's data share, cached in its state folder as one checksummed ``.npz``.
+"""A demo device's data share, cached in its state folder as one ``.npz``.
 
 Flower starts a fresh ClientApp process for every message, and building a demo share
 means importing scikit-learn, loading the task, splitting it and drawing the Dirichlet
 partition (~0.7 s) each time. The share is a pure function of (task, partition id,
 number of partitions, α, seed) and of the code (:data:`FORMAT`, edgefleet's version), so
 the first message stores it and later ones read it.
-The file holds its key and a SHA-256 of key and arrays: a file for another key, a
-damaged or truncated file, or one from an older format is rebuilt, never an error.
+The file holds its key; zip's CRC-32 of every member, which ``np.load`` verifies on read,
+catches damage. A file for another key, a damaged or truncated file, or one from an older
+format is rebuilt, never an error.
 """
 
 from __future__ import annotations
@@ -44,26 +45,17 @@ def share_path(state_dir: Path, key: str) -> Path:
     return state_dir / f"demo-share-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
-def _digest(key: str, x: F32, y: I64) -> str:
-    h = hashlib.sha256(key.encode())
-    for a in (x, y):
-        h.update(f"\0{a.dtype.str}{a.shape}\0".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def _read(path: Path, key: str) -> tuple[F32, I64] | None:
     try:
         with np.load(path, allow_pickle=False) as f:
-            stored_key, digest = str(f["key"]), str(f["sha256"])
+            stored_key = str(f["key"])
             x, y = np.asarray(f["x"]), np.asarray(f["y"])
     except FileNotFoundError:
         return None
-    except Exception as exc:  # zip, zlib, format or I/O errors alike: the cache is only a cache
+    except Exception as exc:  # zip (bad CRC-32), format or I/O errors: the cache is only a cache
         log.warning("data share cache %s unreadable (%s); rebuilding", path, exc)
         return None
-    if stored_key != key or x.dtype != np.float32 or y.dtype != np.int64 \
-            or digest != _digest(key, x, y):
+    if stored_key != key or x.dtype != np.float32 or y.dtype != np.int64:
         log.warning("data share cache %s does not match %r; rebuilding", path, key)
         return None
     return x, y
@@ -79,7 +71,7 @@ def cached_share(state_dir: Path, key: str,
     x, y = build()
     x, y = np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64)
     buf = io.BytesIO()
-    np.savez(buf, x=x, y=y, key=np.array(key), sha256=np.array(_digest(key, x, y)))
+    np.savez(buf, x=x, y=y, key=np.array(key))
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
