@@ -71,7 +71,6 @@ def _view(broker: str) -> FleetView:
 def _controller(home: Path, broker: str) -> tuple[RolloutController, FleetView]:
     from edgefleet.server.rollout import RolloutController
 
-    _host_port(broker)
     view = _view(broker)
     return RolloutController(open_registry(home), view, view), view
 
