@@ -263,10 +263,11 @@ class Store:
     def last_metrics_message(self, device: str,
                              before: float | None = None) -> dict[str, Any] | None:
         """The device's newest stored ``metrics`` message (sent at or before ``before``)."""
-        where, params = "device = ? AND kind = 'metrics'", [device]
+        where = "device = ? AND kind = 'metrics'"
+        params: list[Any] = [device]
         if before is not None:
             where += " AND ts <= ?"
-            params.append(before)  # type: ignore[arg-type]
+            params.append(before)
         rows = self.query(f"SELECT boot, ts, payload FROM messages WHERE {where} "
                           "ORDER BY ts DESC, id DESC LIMIT 1", params)
         return dict(zip(("boot", "ts", "payload"), rows[0], strict=True)) if rows else None
