@@ -3,9 +3,10 @@
 Two halves in one file, so the device runs exactly the code the host runs:
 
 ``probe`` (runs anywhere ``edgefleet[device]`` is installed, host or device)
-    loads the package through :class:`edgefleet.device.predictor.Predictor` (which also
+    loads the package through :class:`edgefleet.device.runtime.predictor.Predictor` (which also
     checks the golden outputs), writes every int8 variant's logits on the given inputs,
-    and one DP-SGD round of :func:`edgefleet.device.dp.train_dp_sgd` from the package's
+    and one DP-SGD round of :func:`edgefleet.device.fl.dp_sgd.train_dp_sgd`
+    from the package's
     fp32 weights with a fixed seed.
 
 ``compare`` (host only: needs root, the cached rootfs and scikit-learn for the split)
@@ -40,9 +41,9 @@ DP_ATOL = 1e-4
 
 def probe(package: Path, inputs: Path, out: Path) -> None:
     """Write logits per variant and the weights after one seeded DP-SGD round to ``out``."""
-    from edgefleet.device.dp import DpSgdConfig, train_dp_sgd
-    from edgefleet.device.predictor import Predictor
-    from edgefleet.models.mlp import MLP
+    from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
+    from edgefleet.device.runtime.mlp import MLP
+    from edgefleet.device.runtime.predictor import Predictor
 
     data = np.load(inputs, allow_pickle=False)
     result: dict[str, Any] = {}
@@ -84,8 +85,8 @@ def compare(package: Path, rootfs: str | None = None, cpu: str | None = None) ->
 
     ``cpu`` is the emulated CPU model (``cross/run.sh --cpu``; default a Raspberry Pi 4's).
     """
-    from edgefleet.models.build import load_params
-    from edgefleet.models.tasks import get_task
+    from edgefleet.models.build.pipeline import load_params
+    from edgefleet.models.core.tasks import get_task
 
     split = get_task("digits").split()
     package = package.resolve()

@@ -32,10 +32,10 @@ import paho.mqtt.client as mqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import md_table, write_section
 
-from edgefleet.device.enroll import install_bundle
-from edgefleet.server.broker import BrokerConfig, MosquittoBroker, free_port
-from edgefleet.server.fl_runner import BIN, EmbeddedFederation
-from edgefleet.server.fleet_home import FleetHome, enroll_device
+from edgefleet.device.agent.enroll import install_bundle
+from edgefleet.server.fl.runner import BIN, EmbeddedFederation
+from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker, free_port
+from edgefleet.server.fleet.home import FleetHome, enroll_device
 
 TARGET_MB = 150
 VARIANTS = ("onnx-int8", "tflite-int8")
@@ -187,7 +187,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="Sampling time per variant.")
     args = ap.parse_args()
-    from edgefleet.models.build import BuildOptions, build_package
+    from edgefleet.models.build.pipeline import BuildOptions, build_package
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-mem-") as tmp:
         work = Path(tmp)

@@ -40,13 +40,13 @@ def _timed_device_start(rootfs: str) -> float:
     t0 = time.perf_counter()
     subprocess.run([str(CROSS / "run.sh"), "--rootfs", rootfs, "--", "python", "-c",
                     "import onnxruntime, ai_edge_litert.interpreter, "
-                    "edgefleet.device.predictor"], check=True, timeout=600)
+                    "edgefleet.device.runtime.predictor"], check=True, timeout=600)
     return time.perf_counter() - t0
 
 
 def _golden_on_cpu(rootfs: str, pkg: Path, cpu: str) -> str:
     """Whether each int8 variant passes its golden check on QEMU CPU model ``cpu``."""
-    code = ("from edgefleet.device.predictor import Predictor\n"
+    code = ("from edgefleet.device.runtime.predictor import Predictor\n"
             "for v in ('onnx-int8', 'tflite-int8'):\n"
             "    try:\n"
             "        Predictor.load('/mnt/pkg', variant=v, threads=1); print(v, 'passes')\n"
@@ -72,7 +72,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-arm-") as tmp:
         pkg = args.package
         if pkg is None:
-            from edgefleet.models.build import BuildOptions, build_package
+            from edgefleet.models.build.pipeline import BuildOptions, build_package
 
             pkg = Path(tmp) / "digits"
             build_package(BuildOptions(task="digits", out=pkg, formats="all", seed=0))
@@ -96,10 +96,10 @@ def main() -> int:
         f"Whole digits test split ({first['n_test']} samples), one package, "
         f"{first['host_machine']} natively against {first['device_machine']} under "
         "qemu-user (cross/parity.py; the device runs the same probe through "
-        "`edgefleet.device.predictor.Predictor`, golden check included).\n\n"
+        "`edgefleet.device.runtime.predictor.Predictor`, golden check included).\n\n"
         + md_table(["emulated CPU", "variant", "argmax agreement", "max abs Δ logit",
                     "accuracy x86-64", "accuracy arm64"], rows)
-        + "\n\nOne DP-SGD round (`edgefleet.device.dp.train_dp_sgd`, "
+        + "\n\nOne DP-SGD round (`edgefleet.device.privacy.accounting.train_dp_sgd`, "
         f"C={dp['clip']}, σ={dp['sigma']}, q={dp['q']}, {dp['steps']} steps, "
         f"lr={dp['lr']}, seed {dp['seed']}) from the package's fp32 weights on 400 "
         "training rows, arm64 against x86-64:\n\n"

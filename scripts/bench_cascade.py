@@ -27,13 +27,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import DOCS, md_table, write_section
 
-from edgefleet.device.fallback import FallbackConfig, HybridPredictor
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.score_client import ScoreClient
-from edgefleet.models.build import BuildOptions, build_package
-from edgefleet.models.cascade import (
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.inference.cascade import FallbackConfig, HybridPredictor
+from edgefleet.device.inference.score_client import ScoreClient
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.models.build.cloud import CloudOptions, build_cloud_package
+from edgefleet.models.build.pipeline import BuildOptions, build_package
+from edgefleet.models.core.cascade import (
     DEFAULT_MAX_LOSS,
     CascadeReport,
     Scores,
@@ -41,9 +42,8 @@ from edgefleet.models.cascade import (
     score_samples,
     score_split,
 )
-from edgefleet.models.cloud import CloudOptions, build_cloud_package
-from edgefleet.models.tasks import get_task, task_names
-from edgefleet.server.broker import MosquittoBroker
+from edgefleet.models.core.tasks import get_task, task_names
+from edgefleet.server.fleet.broker import MosquittoBroker
 
 BIN = Path(sys.executable).parent
 TARGET_LOCAL = 0.90
@@ -56,8 +56,8 @@ def fresh_samples(task: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Newly generated labelled samples for a simulated task (None for real data)."""
     if task != "vibration":
         return None
-    from edgefleet.device.features import band_energies
-    from edgefleet.models.vibration import CALIB_EXTRA_SEED, SEED, generate_windows
+    from edgefleet.device.input.features import band_energies
+    from edgefleet.models.core.vibration import CALIB_EXTRA_SEED, SEED, generate_windows
 
     seed = SEED + FRESH_SEED_OFFSET
     assert seed != CALIB_EXTRA_SEED

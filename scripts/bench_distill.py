@@ -29,16 +29,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import md_table, write_section
 
-from edgefleet.device.package import load_package
-from edgefleet.device.predictor import Predictor
-from edgefleet.models.build import BuildOptions, build_package
-from edgefleet.models.cascade import DEFAULT_MAX_LOSS, apply_cascade
-from edgefleet.models.cloud import CloudOptions, build_cloud_package
-from edgefleet.models.distill import DistillSpec, teacher_function, train_distilled
-from edgefleet.models.evaluate import evaluate_package
-from edgefleet.models.mlp import MLP
-from edgefleet.models.tasks import get_task
-from edgefleet.models.train import TrainConfig, apply_normalization, fit_normalization, train_sgd
+from edgefleet.device.runtime.manifest import load_package
+from edgefleet.device.runtime.mlp import MLP
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.models.build.cloud import CloudOptions, build_cloud_package
+from edgefleet.models.build.pipeline import BuildOptions, build_package
+from edgefleet.models.core.cascade import DEFAULT_MAX_LOSS, apply_cascade
+from edgefleet.models.core.distill import DistillSpec, teacher_function, train_distilled
+from edgefleet.models.core.evaluate import evaluate_package
+from edgefleet.models.core.tasks import get_task
+from edgefleet.models.core.train import (
+    TrainConfig,
+    apply_normalization,
+    fit_normalization,
+    train_sgd,
+)
 
 TASKS = ("digits", "vibration")
 HIDDEN = (8, 16)

@@ -23,13 +23,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import DOCS, md_table, write_section
 
-from edgefleet.device.fl_client import app as client_app
-from edgefleet.models.mlp import MLP
-from edgefleet.models.partition import dirichlet_partition
-from edgefleet.models.train import TrainConfig, train_sgd
-from edgefleet.server.fl_inprocess import InProcessGrid
-from edgefleet.server.fl_server import FleetStrategy
-from edgefleet.server.fl_settings import build_strategy, run_settings
+from edgefleet.device.fl.client import app as client_app
+from edgefleet.device.runtime.mlp import MLP
+from edgefleet.models.core.partition import dirichlet_partition
+from edgefleet.models.core.train import TrainConfig, train_sgd
+from edgefleet.server.fl.inprocess import InProcessGrid
+from edgefleet.server.fl.server_app import FleetStrategy
+from edgefleet.server.fl.settings import build_strategy, run_settings
 
 DEVICES, ROUNDS, SEED = 10, 15, 0
 SEEDS = (0, 1, 2)  # seeds the final rows are repeated with (init, sampling, DP noise)
@@ -93,7 +93,7 @@ def public_median_grad_norm() -> float:
     Cross-fitted on the public split: pretrain on one half, measure on the other, and
     the other way round. No device data is touched, so choosing C from it costs no ε.
     """
-    from edgefleet.models.train import apply_normalization
+    from edgefleet.models.core.train import apply_normalization
 
     s = run_settings({})
     task, norm, _ = s.initial_model()

@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import md_table, write_section
 
-from edgefleet.server.fl_runner import (
+from edgefleet.server.fl.runner import (
     BIN,
     CONN,
     EmbeddedFederation,
@@ -34,8 +34,8 @@ from edgefleet.server.fl_runner import (
     follow_run,
     submit_run,
 )
-from edgefleet.server.fl_settings import run_settings
-from edgefleet.server.fl_store import FlStore
+from edgefleet.server.fl.settings import run_settings
+from edgefleet.server.fl.store import FlStore
 
 NODES, ROUNDS = 5, 3
 BARE_APP = Path(__file__).resolve().parent / "bare_flower_app"
@@ -86,10 +86,11 @@ import json, time
 import numpy as np
 import flwr.supernode.cli.flwr_clientapp  # loaded by Flower's process before any app
 t0 = time.perf_counter()
-import edgefleet.device.fl_client as fc
+import edgefleet.device.fl.client as fc
 t1 = time.perf_counter()
-from edgefleet.device.dp import DpEvent, DpSgdConfig, _dpa, noise_for_epsilon_cached, train_dp_sgd
-from edgefleet.models.mlp import MLP
+from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
+from edgefleet.device.privacy.accounting import DpEvent, _dpa, noise_for_epsilon_cached
+from edgefleet.device.runtime.mlp import MLP
 s = fc.node_settings({"partition-id": 0, "num-partitions": %d})
 d = fc.load_local_data(s)
 t2 = time.perf_counter()
@@ -147,7 +148,7 @@ def measure() -> dict[str, Any]:
         print("ours", ours, load, flush=True)
     first, later = clientapp_cold_costs(work)
     imports = {m: cold_import_seconds(m, work) for m in
-               ("flwr.clientapp", "bare_app", "edgefleet.device.fl_client")}
+               ("flwr.clientapp", "bare_app", "edgefleet.device.fl.client")}
     print("imports", imports, f"total {time.monotonic() - t0:.0f} s", flush=True)
     results = {"bare": bare, "ours": ours, "load": load, "first": first, "later": later,
                "imports": imports}

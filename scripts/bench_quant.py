@@ -2,7 +2,7 @@
 
 Two models: the digits MLP (built by the real ``models build`` pipeline, so accuracy is
 defined) and a MobileNetV1-class vision network with random weights (latency and size do
-not depend on weight values; see ``edgefleet.models.vision``). Both runtimes run the same
+not depend on weight values; see ``edgefleet.models.build.vision``). Both runtimes run the same
 function from the same weights. Latency is the bare runtime call (``run_raw``) on an
 already prepared input, timed in interleaved rounds so that load from other processes
 on a shared machine hits every variant alike. Writes ``docs/bench/quant.md``.
@@ -26,18 +26,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import md_table, write_section
 
-from edgefleet.device.backends import InferenceBackend, open_backend
-from edgefleet.device.golden import normalize
-from edgefleet.device.package import Variant
-from edgefleet.models.build import BuildOptions, build_package, load_params
-from edgefleet.models.mlp import MLP
-from edgefleet.models.tasks import get_task
-from edgefleet.models.tflite_export import export_tflite_fp32
-from edgefleet.models.vision import (
+from edgefleet.device.runtime.backends import InferenceBackend, open_backend
+from edgefleet.device.runtime.golden import normalize
+from edgefleet.device.runtime.manifest import Variant
+from edgefleet.device.runtime.mlp import MLP
+from edgefleet.models.build.pipeline import BuildOptions, build_package, load_params
+from edgefleet.models.build.tflite_export import export_tflite_fp32
+from edgefleet.models.build.vision import (
     MobileNetSpec,
     export_vision_variants,
     synthetic_images,
 )
+from edgefleet.models.core.tasks import get_task
 
 THREADS = os.cpu_count() or 1
 VISION = MobileNetSpec(input_size=128, width=1.0, n_classes=1000)
@@ -224,7 +224,7 @@ CPU int8 flags: {', '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)}
   dominates; its ratios say little about int8 arithmetic.
 - **{VISION.label}** ({VISION.n_classes} classes, {n_params / 1e6:.1f} M parameters, random
   weights with batch-norm statistics set from synthetic images; defined once in tf-keras,
-  ONNX written from the same weights by `edgefleet.models.vision.keras_to_onnx`):
+  ONNX written from the same weights by `edgefleet.models.build.vision.keras_to_onnx`):
   "agree" is the fraction of 64 synthetic images whose int8 argmax equals the same
   runtime's fp32 argmax (a random network has small logit margins, so expect a trained
   one to agree more often). ONNX fp32 and TFLite fp32 logits differ by at most

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support.robust
 from bench_common import md_table, write_section
 
-from edgefleet.server.fl_robust import device_spread
+from edgefleet.server.fl.robust import device_spread
 from tests.support.robust import DEVICES, run_inprocess
 
 ROUNDS = 15

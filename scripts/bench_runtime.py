@@ -24,17 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import md_table, write_section
 
-from edgefleet.device.frames import Frame, PayloadType, encode_frame
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.runtime_bench import bench_package
-from edgefleet.device.serial_faults import corrupt_bytes
-from edgefleet.device.serial_reader import SerialReader
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.inference.bench import bench_package
+from edgefleet.device.input.serial_reader import SerialReader
+from edgefleet.device.wire.frames import Frame, PayloadType, encode_frame
+from edgefleet.models.sim.serial_faults import corrupt_bytes
 
 RUNS = 4000
 
 
 def _build(tmp: Path, task: str, hidden: tuple[int, ...] | None) -> Path:
-    from edgefleet.models.build import BuildOptions, build_package
+    from edgefleet.models.build.pipeline import BuildOptions, build_package
 
     out = tmp / f"{task}-{'x'.join(map(str, hidden or ())) or 'default'}"
     build_package(BuildOptions(task=task, out=out, formats="all", hidden=hidden, seed=0))

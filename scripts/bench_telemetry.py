@@ -18,14 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import md_table, write_section  # type: ignore[import-not-found]
 
-from edgefleet.device.metrics import CONFIDENCE_BUCKETS, Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.reporter import build_metrics_body
-from edgefleet.device.spool import MemorySpool, Spool
-from edgefleet.device.telemetry import TelemetryPublisher
-from edgefleet.server.broker import BrokerConfig, MosquittoBroker
-from edgefleet.server.ingest import IngestConfig, IngestService
-from edgefleet.server.store import open_store
+from edgefleet.device.core.metrics import CONFIDENCE_BUCKETS, Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.telemetry.publisher import TelemetryPublisher
+from edgefleet.device.telemetry.reporter import build_metrics_body
+from edgefleet.device.telemetry.spool import MemorySpool, Spool
+from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker
+from edgefleet.server.telemetry.ingest import IngestConfig, IngestService
+from edgefleet.server.telemetry.store import open_store
 
 
 def _body() -> dict[str, object]:

@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 from bench_common import md_table, write_section
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.package import MANIFEST_NAME, file_sha256
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.sandbox import trial_load
-from edgefleet.device.serving import ServingModel
-from edgefleet.device.tuf_client import TufClient, TufClientConfig
-from edgefleet.device.updater import Assignment, Updater
-from edgefleet.server.fl_certs import init_certs, issue_server_cert
-from edgefleet.server.keys import ROLES, KeyRing
-from edgefleet.server.registry import Registry
-from edgefleet.server.registry_http import RegistryServer, server_tls_context
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.inference.serving import ServingModel
+from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.device.updates.installer import Assignment, Updater
+from edgefleet.device.updates.sandbox import trial_load
+from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
+from edgefleet.server.fleet.keys import ROLES, KeyRing
+from edgefleet.server.fleet.pki import init_certs, issue_server_cert
+from edgefleet.server.registry.http import RegistryServer, server_tls_context
+from edgefleet.server.registry.repository import Registry
 
 
 def _version(src: Path, dest: Path, version: str) -> Path:
@@ -79,7 +79,7 @@ def main() -> None:
     try:
         src = args.package
         if src is None:
-            from edgefleet.models.build import BuildOptions, build_package
+            from edgefleet.models.build.pipeline import BuildOptions, build_package
 
             src = tmp / "digits"
             build_package(BuildOptions(task="digits", out=src, formats="onnx", seed=0))

@@ -5,7 +5,7 @@ Several scorer processes subscribe to the same *shared* subscription
 between them and a dead one only loses what it held. Requests go into a bounded queue;
 one worker drains it in micro-batches (up to ``max_batch``, waiting at most
 ``max_wait_ms`` for the batch to fill), runs the batch through a verified
-:class:`~edgefleet.device.predictor.Predictor`, and replies to each request's Response
+:class:`~edgefleet.device.runtime.predictor.Predictor`, and replies to each request's Response
 Topic with its Correlation Data. A bad request gets an error reply and a counter; a
 scorer never crashes on input.
 """
@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from edgefleet.device.config import StrictModel
-from edgefleet.device.errors import InputError
-from edgefleet.device.metrics import Metrics, default_metrics
-from edgefleet.device.mqtt_link import MqttConfig, MqttLink, Will
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.score_protocol import (
+from edgefleet.device.core.config import StrictModel
+from edgefleet.device.core.errors import InputError
+from edgefleet.device.core.metrics import Metrics, default_metrics
+from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink, Will
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.device.wire.scoring import (
     MAX_REQUEST_BYTES,
     ScoreProtocolError,
     ScoreReply,

@@ -24,7 +24,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
 @pytest.fixture(scope="session")
 def digits_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A digits package with every variant (ONNX fp32/int8, TFLite int8), built once."""
-    from edgefleet.models.build import BuildOptions, build_package
+    from edgefleet.models.build.pipeline import BuildOptions, build_package
 
     out = tmp_path_factory.mktemp("pkg") / "digits"
     build_package(BuildOptions(task="digits", out=out, formats="all", seed=0))
@@ -34,7 +34,7 @@ def digits_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def mosquitto(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A real mosquitto on a free loopback port, stopped after the test."""
-    from edgefleet.server.broker import MosquittoBroker
+    from edgefleet.server.fleet.broker import MosquittoBroker
 
     broker = MosquittoBroker(tmp_path / "broker").start()
     yield broker

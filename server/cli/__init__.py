@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.device.cli_support import run_app, version_callback
+from edgefleet.device.core.cli_support import run_app, version_callback
 
 __all__ = ["app", "main"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.server.cli.registry_cmd import HOME
 
 __all__ = ["app"]
@@ -23,7 +23,7 @@ def verify(
 
     Example: edgefleet audit verify --registry /srv/registry
     """
-    from edgefleet.server.audit import AuditLog
+    from edgefleet.server.fleet.audit import AuditLog
 
     report = AuditLog(home / "audit.jsonl").verify()
     if json_out:
@@ -42,7 +42,7 @@ def show(
 
     Example: edgefleet audit show --limit 5
     """
-    from edgefleet.server.audit import AuditLog
+    from edgefleet.server.fleet.audit import AuditLog
 
     entries = AuditLog(home / "audit.jsonl").entries()[-limit:]
     if json_out:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 
 __all__ = ["app"]
 
@@ -31,7 +31,7 @@ def init(
     --ssl-keyfile certs/server.key --enable-supernode-auth, and register each node with
     flwr supernode register certs/nodes/node-0.pub
     """
-    from edgefleet.server.fl_certs import init_certs
+    from edgefleet.server.fleet.pki import init_certs
 
     paths = init_certs(out, hosts=host, nodes=nodes, days=days)
     info = {"ca": str(paths.ca), "server_cert": str(paths.server_cert),
@@ -63,8 +63,8 @@ def issue(
     Then: edgefleet registry serve --tls-cert certs/registry.pem --tls-key certs/registry.key,
     and give devices certs/ca.pem as [updates] ca_file (fleet init --registry-ca).
     """
-    from edgefleet.device.errors import UsageError
-    from edgefleet.server.fl_certs import issue_server_cert
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.fleet.pki import issue_server_cert
 
     for f in (ca_dir / "ca.pem", ca_dir / "ca.key"):
         if not f.is_file():

@@ -9,7 +9,7 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 
 __all__ = ["demo"]
 
@@ -41,7 +41,7 @@ def demo(
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from edgefleet.server.demo import DemoOptions, run_demo
+    from edgefleet.server.demo.fleet import DemoOptions, run_demo
 
     opts = DemoOptions(devices=devices, rounds=rounds, task=task, epsilon=epsilon, rate=rate,
                        stream_s=stream, workdir=workdir, arm_devices=arm_devices,

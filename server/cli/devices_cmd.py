@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 
 __all__ = ["app", "fleet_init"]
 
@@ -26,13 +26,13 @@ def _home_option() -> Any:
 
 
 def _open(home: Path | None) -> Any:
-    from edgefleet.server.fleet_home import FleetHome
+    from edgefleet.server.fleet.home import FleetHome
 
     return FleetHome(home)
 
 
 def _host_port(value: str, what: str) -> tuple[str, int]:
-    from edgefleet.device.errors import UsageError
+    from edgefleet.device.core.errors import UsageError
     from edgefleet.server.cli.scorer_cmd import parse_broker
 
     try:
@@ -74,7 +74,7 @@ def fleet_init(
 
     Then point mosquitto at the files it prints (password_file, acl_file).
     """
-    from edgefleet.server.fleet_home import SERVICE_ROLES, FleetHome
+    from edgefleet.server.fleet.home import SERVICE_ROLES, FleetHome
 
     host, port = _host_port(broker, "--broker")
     if superlink:
@@ -115,7 +115,7 @@ def enroll(
     Copy the bundle to the device over a trusted channel, then on the device:
     sudo edgefleet-agent enroll pi-07.tar.gz --state-dir /var/lib/edgefleet
     """
-    from edgefleet.server.fleet_home import enroll_device
+    from edgefleet.server.fleet.home import enroll_device
 
     h = _open(home)
     conn = None if no_register else h.superlink_conn()
@@ -171,7 +171,7 @@ def revoke(name: str = typer.Argument(..., help="Device name."),
 
     Example: edgefleet devices revoke pi-07
     """
-    from edgefleet.server.fleet_home import revoke_device
+    from edgefleet.server.fleet.home import revoke_device
 
     h = _open(home)
     revoke_device(h, name, superlink=h.superlink_conn())
@@ -189,8 +189,8 @@ def sync(home: Path | None = _home_option(),
 
     Example: edgefleet devices sync
     """
-    from edgefleet.device.errors import UsageError
-    from edgefleet.server.fleet_home import register_pending
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.fleet.home import register_pending
 
     h = _open(home)
     conn = h.superlink_conn()

@@ -8,8 +8,8 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from edgefleet.device.cli_support import console, print_json
-from edgefleet.device.errors import UsageError
+from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.device.core.errors import UsageError
 
 __all__ = ["explain"]
 
@@ -70,8 +70,8 @@ def explain(
     being the training mean. Example:
     edgefleet explain out/digits --input sample.npy --png why.png
     """
-    from edgefleet.models.explain import explain_package
-    from edgefleet.models.tasks import get_task
+    from edgefleet.models.core.explain import explain_package
+    from edgefleet.models.core.tasks import get_task
 
     x = _load_row(input_file, row)
     manifest, ex = explain_package(package, x, None if target < 0 else target, steps=steps)

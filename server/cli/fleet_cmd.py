@@ -12,8 +12,8 @@ from typing import Any
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
-from edgefleet.device.errors import UsageError
+from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.device.core.errors import UsageError
 
 __all__ = ["alerts", "app", "db_option", "report"]
 
@@ -29,7 +29,7 @@ def db_option() -> Any:
 
 
 def _store(db: str | None) -> Any:
-    from edgefleet.server.store import default_db, open_store
+    from edgefleet.server.telemetry.store import default_db, open_store
 
     target = db or default_db()
     if "://" not in target and not Path(target).exists():
@@ -172,7 +172,7 @@ def report(out: Path = typer.Option(..., "--out", help="Folder for index.html an
 
     With federated runs: edgefleet report --out out/report --fl-db .edgefleet/fl/fl.db
     """
-    from edgefleet.server.fleet_report import write_report
+    from edgefleet.server.telemetry.report import write_report
 
     written = write_report(_store(db), out, limit=limit, fl_db=fl_db)
     if json_out:

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.server.cli.fleet_cmd import db_option
 
 __all__ = ["app"]
@@ -43,10 +43,10 @@ def run(
 
     Example: edgefleet ingest run --db fleet.db --port 1883 --username ingest
     """
-    from edgefleet.device.config import StrictModel, load_config
-    from edgefleet.device.metrics import default_metrics
-    from edgefleet.server.ingest import IngestConfig, IngestService
-    from edgefleet.server.store import default_db, open_store
+    from edgefleet.device.core.config import StrictModel, load_config
+    from edgefleet.device.core.metrics import default_metrics
+    from edgefleet.server.telemetry.ingest import IngestConfig, IngestService
+    from edgefleet.server.telemetry.store import default_db, open_store
 
     class _File(StrictModel):
         ingest: IngestConfig = IngestConfig()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.server.cli.registry_cmd import HOME, PASSPHRASE_FILE, ROOT_KEY, open_registry
 
 __all__ = ["app"]
@@ -28,7 +28,7 @@ def init(
 
     Example: edgefleet keys init --registry /srv/registry --root-key /media/usb/root.pem
     """
-    from edgefleet.server.keys import ROLES
+    from edgefleet.server.fleet.keys import ROLES
 
     reg = open_registry(home, root_key, passphrase_file)
     signers = {role: reg.keys.generate(role) for role in ROLES}

@@ -10,7 +10,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 
 __all__ = ["app"]
 
@@ -85,10 +85,10 @@ def build(
         edgefleet models build --task digits --hidden 16 --out out/digits-small \
             --distill-from out/digits-cloud --distill-temperature 4 --alpha 0.9
     """
-    from edgefleet.device.errors import UsageError
-    from edgefleet.models.build import BuildOptions, build_package
-    from edgefleet.models.distill import DistillSpec
-    from edgefleet.models.train import TrainConfig
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.models.build.pipeline import BuildOptions, build_package
+    from edgefleet.models.core.distill import DistillSpec
+    from edgefleet.models.core.train import TrainConfig
 
     try:
         sizes = tuple(int(s) for s in hidden.split(",") if s.strip()) or None
@@ -98,7 +98,7 @@ def build(
                   console=console, transient=True, disable=json_out) as bar:
         tid = bar.add_task("building", total=None)
         if profile is ProfileChoice.cloud:
-            from edgefleet.models.cloud import CloudOptions, build_cloud_package
+            from edgefleet.models.build.cloud import CloudOptions, build_cloud_package
 
             if cloud_package is not None or distill_from is not None:
                 raise UsageError("--cloud-package and --distill-from apply to --profile device")
@@ -116,11 +116,11 @@ def build(
                                 version=version, distill=spec)
             result = build_package(opts, progress=lambda m: bar.update(tid, description=m))
             if cloud_package is not None:
-                from edgefleet.models.cascade import apply_cascade
+                from edgefleet.models.core.cascade import apply_cascade
 
                 bar.update(tid, description="choosing the fallback threshold τ")
                 apply_cascade(result.path, cloud_package, max_loss=max_loss)
-                from edgefleet.device.package import load_package
+                from edgefleet.device.runtime.manifest import load_package
 
                 result = type(result)(result.path, load_package(result.path))
     if json_out:
@@ -162,7 +162,7 @@ def cascade(
 
     Example: edgefleet models cascade out/digits out/digits-cloud --max-loss 0.005
     """
-    from edgefleet.models.cascade import apply_cascade
+    from edgefleet.models.core.cascade import apply_cascade
 
     report = apply_cascade(device_package, cloud_package, max_loss=max_loss,
                            confidence=confidence, write=not dry_run)
@@ -192,7 +192,7 @@ def eval_(
 
     Example: edgefleet models eval out/digits
     """
-    from edgefleet.models.evaluate import evaluate_package
+    from edgefleet.models.core.evaluate import evaluate_package
 
     manifest, res = evaluate_package(package, runs=runs)
     if json_out:
@@ -243,7 +243,7 @@ def bench(
 
     Example: edgefleet models bench out/digits --json
     """
-    from edgefleet.device.runtime_bench import bench_package
+    from edgefleet.device.inference.bench import bench_package
 
     res = bench_package(package, runs=runs, threads=threads)
     if json_out:
@@ -265,7 +265,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Verify a package's files against its manifest and show what it holds."""
-    from edgefleet.device.package import load_package
+    from edgefleet.device.runtime.manifest import load_package
 
     m = load_package(package)
     if json_out:

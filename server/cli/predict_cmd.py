@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 
 __all__ = ["predict"]
 
@@ -44,8 +44,8 @@ def predict(
     """
     import numpy as np
 
-    from edgefleet.device.errors import UsageError
-    from edgefleet.device.predictor import Predictor
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.device.runtime.predictor import Predictor
 
     pred = Predictor.load(package, backend=backend.value if backend else None, threads=threads)
     try:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 
 if TYPE_CHECKING:
-    from edgefleet.server.registry import Registry
+    from edgefleet.server.registry.repository import Registry
 
 __all__ = ["HOME", "PASSPHRASE_FILE", "ROOT_KEY", "app", "open_registry"]
 
@@ -32,8 +32,8 @@ PASSPHRASE_FILE = typer.Option(None, "--passphrase-file",
 def open_registry(home: Path, root_key: Path | None = None,
                   passphrase_file: Path | None = None) -> Registry:
     """The registry in ``home`` with its key ring (passphrase from file or environment)."""
-    from edgefleet.server.keys import KeyRing
-    from edgefleet.server.registry import Registry
+    from edgefleet.server.fleet.keys import KeyRing
+    from edgefleet.server.registry.repository import Registry
 
     secret = (passphrase_file.read_bytes().strip() if passphrase_file
               else os.environ.get("EDGEFLEET_KEY_PASSPHRASE", "").encode())
@@ -97,7 +97,7 @@ def yank(
 
     Example: edgefleet registry yank digits-mlp@1.0.0
     """
-    from edgefleet.server.registry import parse_ref
+    from edgefleet.server.registry.repository import parse_ref
 
     reg = open_registry(home, passphrase_file=passphrase_file)
     name, version = parse_ref(ref)
@@ -154,9 +154,9 @@ def serve(
     """
     import ssl
 
-    from edgefleet.device.cli_support import err_console
-    from edgefleet.device.errors import ConfigError, UsageError
-    from edgefleet.server.registry_http import RegistryServer, server_tls_context
+    from edgefleet.device.core.cli_support import err_console
+    from edgefleet.device.core.errors import ConfigError, UsageError
+    from edgefleet.server.registry.http import RegistryServer, server_tls_context
 
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.server.cli.registry_cmd import HOME
 from edgefleet.server.cli.rollout_cmd import BROKER
 
@@ -51,23 +51,23 @@ def watch(
 
       edgefleet retrain watch --group lab --db fleet.db --once --json      (from cron)
     """
-    from edgefleet.device.config import load_config
+    from edgefleet.device.core.config import load_config
     from edgefleet.server.cli.registry_cmd import open_registry
-    from edgefleet.server.retrain import RetrainConfig, RetrainController
-    from edgefleet.server.retrain_actions import (
+    from edgefleet.server.retrain.actions import (
         StoreSignals,
         TrainCommand,
         canary_with,
         promote_with,
         push_with,
     )
-    from edgefleet.server.rollout import (
+    from edgefleet.server.retrain.policy import RetrainConfig, RetrainController
+    from edgefleet.server.rollout.controller import (
         CombinedHealth,
         FleetView,
         RolloutController,
         StoreHealthSource,
     )
-    from edgefleet.server.store import open_store
+    from edgefleet.server.telemetry.store import open_store
 
     over: dict[str, Any] = {}
     if superlink:
@@ -147,7 +147,7 @@ def pending(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from edgefleet.server.retrain import Approvals
+    from edgefleet.server.retrain.policy import Approvals
 
     rows = Approvals(home / STATE).rows(None if all_ else "pending")
     if json_out:
@@ -163,8 +163,8 @@ def pending(
 
 
 def _decide(rid: str, home: Path, approve: bool, json_out: bool) -> None:
-    from edgefleet.server.audit import AuditLog
-    from edgefleet.server.retrain import Approvals, decide
+    from edgefleet.server.fleet.audit import AuditLog
+    from edgefleet.server.retrain.policy import Approvals, decide
 
     row = decide(Approvals(home / STATE), AuditLog(home / "audit.jsonl"), rid, approve,
                  getpass.getuser())

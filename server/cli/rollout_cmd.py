@@ -20,12 +20,12 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from edgefleet.device.cli_support import console, print_json
-from edgefleet.device.errors import UsageError
+from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.device.core.errors import UsageError
 from edgefleet.server.cli.registry_cmd import HOME, open_registry
 
 if TYPE_CHECKING:
-    from edgefleet.server.rollout import FleetView, RolloutController
+    from edgefleet.server.rollout.controller import FleetView, RolloutController
 
 __all__ = ["guard", "promote", "register", "rollback", "rollout", "rollout_app"]
 
@@ -61,7 +61,7 @@ def _host_port(broker: str) -> tuple[str, int]:
 
 
 def _view(broker: str) -> FleetView:
-    from edgefleet.server.rollout import FleetView
+    from edgefleet.server.rollout.controller import FleetView
 
     host, port = _host_port(broker)
     return FleetView(host, port, username=os.environ.get("EDGEFLEET_MQTT_USERNAME"),
@@ -69,7 +69,7 @@ def _view(broker: str) -> FleetView:
 
 
 def _controller(home: Path, broker: str) -> tuple[RolloutController, FleetView]:
-    from edgefleet.server.rollout import RolloutController
+    from edgefleet.server.rollout.controller import RolloutController
 
     view = _view(broker)
     return RolloutController(open_registry(home), view, view), view
@@ -103,7 +103,7 @@ def rollout(
       edgefleet rollout digits-mlp@1.1.0 --devices pi-01,pi-02 --shadow
       edgefleet rollout digits-mlp@1.1.0 --group lab
     """
-    from edgefleet.server.registry import parse_ref
+    from edgefleet.server.registry.repository import parse_ref
 
     model, version = parse_ref(ref)
     ctl, view = _controller(home, broker)
@@ -193,8 +193,8 @@ def guard(
 
       edgefleet rollout guard --once --json          (from cron)
     """
-    from edgefleet.server.rollout_guard import GuardPass, RolloutGuard
-    from edgefleet.server.store import open_store
+    from edgefleet.server.rollout.guard import GuardPass, RolloutGuard
+    from edgefleet.server.telemetry.store import open_store
 
     _host_port(broker)
     store = open_store(db) if db else None

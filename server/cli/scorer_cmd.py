@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 
 __all__ = ["app", "parse_broker"]
 
@@ -19,7 +19,7 @@ app = typer.Typer(
 
 def parse_broker(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``HOST``, port 1883) → ``(host, port)``."""
-    from edgefleet.device.errors import UsageError
+    from edgefleet.device.core.errors import UsageError
 
     host, sep, port = value.rpartition(":")
     if not sep:
@@ -66,9 +66,9 @@ def run(
     import signal
     import threading
 
-    from edgefleet.device.metrics import Metrics
-    from edgefleet.device.mqtt_link import MqttConfig
-    from edgefleet.device.predictor import Predictor
+    from edgefleet.device.core.metrics import Metrics
+    from edgefleet.device.core.mqtt_link import MqttConfig
+    from edgefleet.device.runtime.predictor import Predictor
     from edgefleet.server.scorer import Scorer, ScorerConfig
 
     host, port = parse_broker(broker)

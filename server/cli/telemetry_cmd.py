@@ -7,7 +7,7 @@ import time
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.server.cli.fleet_cmd import _store, _when, db_option
 
 __all__ = ["app"]

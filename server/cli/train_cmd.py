@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from edgefleet.device.cli_support import console, print_json
+from edgefleet.device.core.cli_support import console, print_json
 
 __all__ = ["train"]
 
@@ -79,16 +79,16 @@ def train(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from edgefleet.device.errors import UsageError
-    from edgefleet.server.fl_runner import (
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.fl.runner import (
         EmbeddedFederation,
         SuperLinkConn,
         check_settings,
         follow_run,
         submit_run,
     )
-    from edgefleet.server.fl_settings import run_settings
-    from edgefleet.server.fl_store import FlStore, RoundRow
+    from edgefleet.server.fl.settings import run_settings
+    from edgefleet.server.fl.store import FlStore, RoundRow
 
     if dp not in ("sample", "client", "off"):
         raise UsageError(f"--dp must be sample, client or off, not {dp!r}")

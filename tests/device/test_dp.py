@@ -13,20 +13,17 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from edgefleet.device import dp as dp_mod
-from edgefleet.device.dp import (
+from edgefleet.device.core.errors import UsageError
+from edgefleet.device.fl.dp_sgd import DpSgdConfig, clip_and_noise, poisson_batch, train_dp_sgd
+from edgefleet.device.privacy import accounting as dp_mod
+from edgefleet.device.privacy.accounting import (
     SIGMA_CACHE,
     DpEvent,
-    DpSgdConfig,
-    clip_and_noise,
     epsilon_for,
     noise_for_epsilon,
     noise_for_epsilon_cached,
-    poisson_batch,
-    train_dp_sgd,
 )
-from edgefleet.device.errors import UsageError
-from edgefleet.models.mlp import MLP
+from edgefleet.device.runtime.mlp import MLP
 
 
 def test_clipping_bounds_each_example_without_noise() -> None:
@@ -198,7 +195,7 @@ def test_accounting_loads_only_the_rdp_part_of_dp_accounting() -> None:
     signal/optimize); importing the package afterwards still gives all of it."""
     code = """
 import sys
-from edgefleet.device.dp import DpEvent, epsilon_for
+from edgefleet.device.privacy.accounting import DpEvent, epsilon_for
 eps = epsilon_for([DpEvent(0.08, 1.1, 60)], 1e-5)
 heavy = [m for m in ("dp_accounting.pld", "dp_accounting.mechanism_calibration",
                      "scipy.optimize", "scipy.signal") if m in sys.modules]

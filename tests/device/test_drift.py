@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgefleet.device.drift import DriftMonitor, histogram_probs, psi
-from edgefleet.models.reference_stats import quantile_edges, reference_stats
-from edgefleet.models.tasks import get_task
+from edgefleet.device.inference.drift import DriftMonitor, histogram_probs, psi
+from edgefleet.models.core.reference_stats import quantile_edges, reference_stats
+from edgefleet.models.core.tasks import get_task
 
 
 def test_psi_basics() -> None:

@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.device.errors import InputError
-from edgefleet.device.fallback import FallbackConfig, HybridPredictor
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.score_client import ScoreClient
-from edgefleet.device.score_protocol import REQUEST_PREFIX, request_topic
-from edgefleet.server.broker import MosquittoBroker, free_port
+from edgefleet.device.core.errors import InputError
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.inference.cascade import FallbackConfig, HybridPredictor
+from edgefleet.device.inference.score_client import ScoreClient
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.device.wire.scoring import REQUEST_PREFIX, request_topic
+from edgefleet.server.fleet.broker import MosquittoBroker, free_port
 from tests.support import cascade as support
 from tests.support.cascade import Spy, digit_rows, mqtt_cfg, scorer_thread
 
@@ -206,8 +206,8 @@ def backend_pkg(request: pytest.FixtureRequest) -> tuple[str, Path]:
 def _served(pkg: Path, backend: str, m: Metrics) -> Any:
     """The agent's view of a ServingModel: an active model, a previous one under watch,
     and a shadow of the same package (all three may answer the same input)."""
-    from edgefleet.device.agent import _ServingView
-    from edgefleet.device.serving import ServingModel
+    from edgefleet.device.agent.daemon import _ServingView
+    from edgefleet.device.inference.serving import ServingModel
 
     serving = ServingModel(m)
     serving.swap(Predictor.load(pkg, backend=backend, threads=1, metrics=m), watch=False)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgefleet.device.errors import InputError
-from edgefleet.device.features import (
+from edgefleet.device.core.errors import InputError
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.input.features import (
     BAND_EDGES_HZ,
     N_BANDS,
     N_FEATURES,
@@ -15,7 +16,6 @@ from edgefleet.device.features import (
     band_energies,
     window_features,
 )
-from edgefleet.device.metrics import Metrics
 
 T = np.arange(WINDOW) / SAMPLE_RATE_HZ
 

@@ -9,7 +9,8 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefleet.device.frames import (
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.wire.frames import (
     HEADER,
     CobsError,
     FrameDecoder,
@@ -18,8 +19,7 @@ from edgefleet.device.frames import (
     cobs_encode,
     encode_frame,
 )
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.serial_faults import FaultInjector, Faults, corrupt_bytes
+from edgefleet.models.sim.serial_faults import FaultInjector, Faults, corrupt_bytes
 
 frames_st = st.lists(
     st.tuples(st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),

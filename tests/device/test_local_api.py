@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.device.errors import InputError
-from edgefleet.device.local_api import MAX_REQUEST_BYTES, LocalApiServer, request
-from edgefleet.device.metrics import Metrics
+from edgefleet.device.agent.local_api import MAX_REQUEST_BYTES, LocalApiServer, request
+from edgefleet.device.core.errors import InputError
+from edgefleet.device.core.metrics import Metrics
 
 
 def _predict(batch: np.ndarray) -> list[dict[str, Any]]:
@@ -75,7 +75,7 @@ def test_garbage_and_oversize(api: Any) -> None:
 
 
 def test_socket_path_over_the_af_unix_limit_is_a_config_error(tmp_path: Path) -> None:
-    from edgefleet.device.errors import ConfigError
+    from edgefleet.device.core.errors import ConfigError
 
     deep = tmp_path / ("d" * 120) / "agent.sock"
     with pytest.raises(ConfigError, match=r"api\.socket"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.models.tasks import get_task
+from edgefleet.models.core.tasks import get_task
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.errors import InputError, ModelRejected, PackageError, UsageError
-from edgefleet.device.golden import normalize
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.package import load_package, write_manifest
-from edgefleet.device.predictor import Prediction, Predictor
-from edgefleet.models.mlp import softmax
-from edgefleet.models.tasks import get_task
+from edgefleet.device.core.errors import InputError, ModelRejected, PackageError, UsageError
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.runtime.golden import normalize
+from edgefleet.device.runtime.manifest import load_package, write_manifest
+from edgefleet.device.runtime.mlp import softmax
+from edgefleet.device.runtime.predictor import Prediction, Predictor
+from edgefleet.models.core.tasks import get_task
 
 pytestmark = pytest.mark.slow
 
@@ -213,7 +213,7 @@ def test_two_threads_get_their_own_answers(digits_package: Path, backend: str,
 
 def test_float32_bounds_accept_exactly_what_the_float64_bounds_accept() -> None:
     """The range check compares float32 inputs with float32 bounds rounded inwards."""
-    from edgefleet.device.predictor import _f32_bound
+    from edgefleet.device.runtime.predictor import _f32_bound
 
     rng = np.random.default_rng(0)
     bounds = [0.1, -0.1, 1 / 3, 16.0, 1e-40, -1e-40, 3.5e38, -3.5e38, 1e300, -1e300,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.dp import DpEvent, epsilon_for
-from edgefleet.device.metrics import default_metrics
-from edgefleet.device.privacy_ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+from edgefleet.device.core.metrics import default_metrics
+from edgefleet.device.privacy.accounting import DpEvent, epsilon_for
+from edgefleet.device.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
 
 EV = DpEvent(q=0.1, sigma=1.0, steps=20)
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefleet.device.score_protocol import (
+from edgefleet.device.wire.scoring import (
     MAX_REQUEST_BYTES,
     ScoreProtocolError,
     ScoreReply,

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.features import WINDOW, window_features
-from edgefleet.device.frames import Frame, PayloadType
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.serial_reader import SerialReader
-from edgefleet.models.sensor_sim import samples
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.input.features import WINDOW, window_features
+from edgefleet.device.input.serial_reader import SerialReader
+from edgefleet.device.wire.frames import Frame, PayloadType
+from edgefleet.models.sim.sensor_sim import samples
 from tests.conftest import BIN, run_cli
 from tests.device.serial_support import PtyPair, wait_until
 

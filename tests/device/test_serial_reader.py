@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.frames import Frame, PayloadType, encode_frame
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.retry import Backoff
-from edgefleet.device.serial_faults import FaultInjector, Faults
-from edgefleet.device.serial_reader import SerialReader, open_port
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.retry import Backoff
+from edgefleet.device.input.serial_reader import SerialReader, open_port
+from edgefleet.device.wire.frames import Frame, PayloadType, encode_frame
+from edgefleet.models.sim.serial_faults import FaultInjector, Faults
 from tests.device.serial_support import PtyPair, wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(60)]

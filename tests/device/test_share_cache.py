@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device import fl_client
-from edgefleet.device.share_cache import cached_share, share_key, share_path
+from edgefleet.device.fl import client as fl_client
+from edgefleet.device.fl.share_cache import cached_share, share_key, share_path
 
 CFG = {"partition-id": 2, "num-partitions": 5}
 BUILD_SHARE = fl_client._demo_share  # the real builder, whatever a test spies on

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.agent_config import AgentConfig, ModelSection, load_agent_config
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.spool import DEFAULT_MAX_BYTES, MemorySpool, Spool
+from edgefleet.device.agent.settings import AgentConfig, ModelSection, load_agent_config
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.telemetry.spool import DEFAULT_MAX_BYTES, MemorySpool, Spool
 from tests.support.tmpfs import fill, small_tmpfs
 
 

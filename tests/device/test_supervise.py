@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.retry import Backoff
-from edgefleet.device.supervise import SupervisedProcess
+from edgefleet.device.agent.supervise import SupervisedProcess
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.retry import Backoff
 
 
 def _wait(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]

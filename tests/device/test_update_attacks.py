@@ -16,12 +16,12 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 
-from edgefleet.device import errors
-from edgefleet.device.package import MANIFEST_NAME, file_sha256
-from edgefleet.device.updater import HealthPolicy
-from edgefleet.server.registry import Registry
-from edgefleet.server.registry_http import RegistryServer
-from edgefleet.server.tuf_repo import Expiry
+from edgefleet.device.core import errors
+from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
+from edgefleet.device.updates.installer import HealthPolicy
+from edgefleet.server.registry.http import RegistryServer
+from edgefleet.server.registry.repository import Registry
+from edgefleet.server.registry.tuf_repo import Expiry
 from tests.support.updates import (
     Device,
     Mode,
@@ -254,7 +254,7 @@ def test_signed_but_mutated_tflite_fails_the_sandboxed_trial(tmp_path: Path,
 
 
 def test_rehash_helper_keeps_packages_valid(tmp_path: Path, digits_package: Path) -> None:
-    from edgefleet.device.package import load_package
+    from edgefleet.device.runtime.manifest import load_package
 
     pkg = package_version(digits_package, tmp_path / "p", "3.0.0")
     rehash(pkg)

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.slots import SlotStore
-from edgefleet.device.updater import FAULT_STEPS
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.device.updates.installer import FAULT_STEPS
+from edgefleet.device.updates.slots import SlotStore
 from tests.support.updates import make_registry, package_version
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(600)]
@@ -68,7 +68,7 @@ def test_sigkill_at_every_step_and_at_random_points(tmp_path: Path,
     reg = make_registry(tmp_path / "registry")
     for v in VERSIONS:
         reg.push(package_version(digits_package, tmp_path / "pkgs" / v, v))
-    from edgefleet.server.registry_http import RegistryServer
+    from edgefleet.server.registry.http import RegistryServer
 
     srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts).start()
     root = tmp_path / "root.json"

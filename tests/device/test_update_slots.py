@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.device.errors import ModelRejected, PackageError
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.onnx_check import check_no_external_data
-from edgefleet.device.package import MANIFEST_NAME
-from edgefleet.device.package_archive import ArchiveLimits, extract_package, pack_package
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.sandbox import TrialLimits, trial_load
-from edgefleet.device.serving import ServingModel, WatchPolicy
-from edgefleet.device.slots import SlotStore
-from edgefleet.device.updater import Assignment, HealthPolicy
-from edgefleet.server.registry_http import RegistryServer
+from edgefleet.device.core.errors import ModelRejected, PackageError
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.inference.serving import ServingModel, WatchPolicy
+from edgefleet.device.runtime.archive import ArchiveLimits, extract_package, pack_package
+from edgefleet.device.runtime.manifest import MANIFEST_NAME
+from edgefleet.device.runtime.onnx_check import check_no_external_data
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.device.updates.installer import Assignment, HealthPolicy
+from edgefleet.device.updates.sandbox import TrialLimits, trial_load
+from edgefleet.device.updates.slots import SlotStore
+from edgefleet.server.registry.http import RegistryServer
 from tests.support.updates import assign, make_device, make_registry, package_version
 
 pytestmark = pytest.mark.timeout(120)

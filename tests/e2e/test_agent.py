@@ -14,9 +14,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.device.local_api import request
-from edgefleet.models.tasks import get_task
-from edgefleet.server.broker import MosquittoBroker
+from edgefleet.device.agent.local_api import request
+from edgefleet.models.core.tasks import get_task
+from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.conftest import BIN, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

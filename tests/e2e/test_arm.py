@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.server.broker import MosquittoBroker
+from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.conftest import run_cli
 from tests.support.cross import device_argv, ensure_rootfs, parity_module, run_in_device
 
@@ -97,7 +97,7 @@ def test_device_reads_a_host_pty_and_reaches_a_loopback_broker(
 @pytest.mark.parametrize("backend", ["onnx", "tflite"])
 def test_int8_inference_inside_the_device_matches_the_host(
         rootfs: Path, digits_package: Path, tmp_path: Path, backend: str) -> None:
-    from edgefleet.models.tasks import get_task
+    from edgefleet.models.core.tasks import get_task
 
     rows = get_task("digits").split().x_test[:64]
     np.save(tmp_path / "rows.npy", rows)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.server.store import Store
+from edgefleet.server.telemetry.store import Store
 from tests.conftest import BIN
 from tests.e2e.test_demo import _leftovers
 from tests.support.cross import ensure_rootfs, run_in_device

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.fallback import Answer, FallbackConfig, HybridPredictor
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.score_client import ScoreClient
-from edgefleet.server.broker import MosquittoBroker
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.inference.cascade import Answer, FallbackConfig, HybridPredictor
+from edgefleet.device.inference.score_client import ScoreClient
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.support import cascade as support
 from tests.support.cascade import digit_rows, mqtt_cfg, spawn_scorer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.server.store import Store
+from edgefleet.server.telemetry.store import Store
 from tests.conftest import BIN
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.agent_config import load_agent_config
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.spool import Spool
-from edgefleet.device.telemetry import TelemetryPublisher
-from edgefleet.server.broker import free_port
-from edgefleet.server.fl_runner import BIN, CONN, EmbeddedFederation
-from edgefleet.server.fleet_home import FleetHome
+from edgefleet.device.agent.settings import load_agent_config
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.telemetry.publisher import TelemetryPublisher
+from edgefleet.device.telemetry.spool import Spool
+from edgefleet.server.fl.runner import BIN, CONN, EmbeddedFederation
+from edgefleet.server.fleet.broker import free_port
+from edgefleet.server.fleet.home import FleetHome
 from tests.conftest import run_cli
 from tests.support.enroll import Inbox, home_broker
 from tests.support.telemetry import raw_client, wait_until

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.package import load_package
+from edgefleet.device.runtime.manifest import load_package
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

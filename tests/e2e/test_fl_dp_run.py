@@ -14,11 +14,11 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting import rdp
 
-from edgefleet.device.package import load_package
-from edgefleet.server.fl_certs import make_node_key
-from edgefleet.server.fl_runner import EmbeddedFederation, flower_env, follow_run, submit_run
-from edgefleet.server.fl_settings import run_settings
-from edgefleet.server.fl_store import FlStore
+from edgefleet.device.runtime.manifest import load_package
+from edgefleet.server.fl.runner import EmbeddedFederation, flower_env, follow_run, submit_run
+from edgefleet.server.fl.settings import run_settings
+from edgefleet.server.fl.store import FlStore
+from edgefleet.server.fleet.pki import make_node_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.retry import Backoff
-from edgefleet.device.supervise import SupervisedProcess
-from edgefleet.server.fl_runner import EmbeddedFederation, flower_env, follow_run, submit_run
-from edgefleet.server.fl_settings import run_settings
-from edgefleet.server.fl_store import FlStore
+from edgefleet.device.agent.supervise import SupervisedProcess
+from edgefleet.device.core.retry import Backoff
+from edgefleet.server.fl.runner import EmbeddedFederation, flower_env, follow_run, submit_run
+from edgefleet.server.fl.settings import run_settings
+from edgefleet.server.fl.store import FlStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.fault]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.server.fl_runner import EmbeddedFederation, follow_run, submit_run
-from edgefleet.server.fl_settings import run_settings
-from edgefleet.server.fl_store import FlStore
+from edgefleet.server.fl.runner import EmbeddedFederation, follow_run, submit_run
+from edgefleet.server.fl.settings import run_settings
+from edgefleet.server.fl.store import FlStore
 from tests.conftest import run_cli
 from tests.support.robust import ATTACKER, DEVICES, run_inprocess
 

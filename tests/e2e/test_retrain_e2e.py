@@ -1,6 +1,6 @@
 """Drift-triggered retraining on loopback, every part real.
 
-The demo fleet (server/demo.py: broker with ACL, registry, ingest, scorer, SuperLink,
+The demo fleet (server/demo/fleet.py: broker with ACL, registry, ingest, scorer, SuperLink,
 3 enrolled agents on ptys with their SuperNodes) runs the bootstrap digits model while
 the simulators send a shifted field (dimmer camera + noise). The devices' drift monitors
 report it, the ingest raises drift alerts, `edgefleet retrain watch --once` (twice: the
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-import edgefleet.device.enroll as enroll
-from edgefleet.models.shift import Shift, package_accuracy, shifted_dataset
-from edgefleet.server.audit import AuditLog
-from edgefleet.server.demo import BIN, Demo, DemoOptions, _wait
+import edgefleet.device.agent.enroll as enroll
+from edgefleet.models.sim.shift import Shift, package_accuracy, shifted_dataset
+from edgefleet.server.demo.fleet import BIN, Demo, DemoOptions, _wait
+from edgefleet.server.fleet.audit import AuditLog
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

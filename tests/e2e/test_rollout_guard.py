@@ -24,9 +24,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.device.telemetry_schema import topic_for
-from edgefleet.device.update_agent import device_topic, state_topic
-from edgefleet.server.store import open_store
+from edgefleet.device.updates.listener import device_topic, state_topic
+from edgefleet.device.wire.telemetry import topic_for
+from edgefleet.server.telemetry.store import open_store
 from tests.conftest import BIN, run_cli
 from tests.server.test_rollout_cli import _retained
 from tests.support.updates import make_registry, package_version, wait_for

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.spool import Spool
-from edgefleet.device.telemetry import TelemetryPublisher
-from edgefleet.server.broker import MosquittoBroker
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.telemetry.publisher import TelemetryPublisher
+from edgefleet.device.telemetry.spool import Spool
+from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.support.telemetry import raw_client, wait_until
 from tests.support.tmpfs import fill, small_tmpfs
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.spool import Spool
-from edgefleet.device.telemetry import TelemetryPublisher
-from edgefleet.server.broker import BrokerConfig, MosquittoBroker
-from edgefleet.server.store import Store, open_store
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.telemetry.publisher import TelemetryPublisher
+from edgefleet.device.telemetry.spool import Spool
+from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker
+from edgefleet.server.telemetry.store import Store, open_store
 from tests.support.telemetry import as_root_extra, running_ingest, wait_until
 
 N = 10_000

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from edgefleet.device.update_agent import device_topic
-from edgefleet.server.fl_certs import init_certs, issue_server_cert
-from edgefleet.server.rollout import FleetView
+from edgefleet.device.updates.listener import device_topic
+from edgefleet.server.fleet.pki import init_certs, issue_server_cert
+from edgefleet.server.rollout.controller import FleetView
 from tests.support.updates import make_registry, package_version, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]

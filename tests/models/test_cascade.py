@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.errors import UsageError
-from edgefleet.device.package import load_package
-from edgefleet.models.cascade import (
+from edgefleet.device.core.errors import UsageError
+from edgefleet.device.runtime.manifest import load_package
+from edgefleet.device.runtime.mlp import MLP
+from edgefleet.models.build.cloud import ensemble_as_mlp
+from edgefleet.models.core.cascade import (
     CHUNK,
     Scores,
     cascade_curve,
     choose_threshold,
     score_samples,
 )
-from edgefleet.models.cloud import ensemble_as_mlp
-from edgefleet.models.mlp import MLP
 from tests.conftest import run_cli
 from tests.support import cascade as support
 
@@ -103,8 +103,8 @@ def test_bad_arguments_are_usage_errors() -> None:
 @pytest.mark.slow
 def test_score_samples_handles_more_rows_than_one_predictor_batch(device_pkg: Path,
                                                                   cloud_pkg: Path) -> None:
-    from edgefleet.device.predictor import Predictor
-    from edgefleet.models.tasks import get_task
+    from edgefleet.device.runtime.predictor import Predictor
+    from edgefleet.models.core.tasks import get_task
 
     split = get_task("digits").split()
     reps = 2 * CHUNK // len(split.y_test) + 2  # three chunks, the last one partial

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.package import Normalization
-from edgefleet.models.distill import (
+from edgefleet.device.runtime.manifest import Normalization
+from edgefleet.device.runtime.mlp import MLP
+from edgefleet.models.core.distill import (
     DistillSpec,
     distill_objective,
     mixup_transfer,
     train_distilled,
 )
-from edgefleet.models.mlp import MLP
-from edgefleet.models.train import TrainConfig
+from edgefleet.models.core.train import TrainConfig
 from tests.conftest import run_cli
 
 
@@ -138,7 +138,7 @@ def test_mixup_student_learns_teacher_between_training_points() -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    from edgefleet.device.errors import UsageError
+    from edgefleet.device.core.errors import UsageError
 
     with pytest.raises(UsageError):
         DistillSpec(Path("."), temperature=0.0).check()
@@ -151,7 +151,7 @@ def test_bad_settings_are_refused() -> None:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small cloud ensemble of digits (fast to train)."""
-    from edgefleet.models.cloud import CloudOptions, build_cloud_package
+    from edgefleet.models.build.cloud import CloudOptions, build_cloud_package
 
     out = tmp_path_factory.mktemp("teacher") / "digits-cloud"
     build_cloud_package(CloudOptions(task="digits", out=out, members=2, hidden=(64,),

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.models.explain import explain, input_gradient
-from edgefleet.models.mlp import MLP
-from edgefleet.models.tasks import get_task
+from edgefleet.device.runtime.mlp import MLP
+from edgefleet.models.core.explain import explain, input_gradient
+from edgefleet.models.core.tasks import get_task
 from tests.conftest import run_cli
 
 

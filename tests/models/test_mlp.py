@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgefleet.models.mlp import MLP, softmax
-from edgefleet.models.train import TrainConfig, train_sgd
+from edgefleet.device.runtime.mlp import MLP, softmax
+from edgefleet.models.core.train import TrainConfig, train_sgd
 
 
 def _data(n: int = 12, d: int = 5, k: int = 4, seed: int = 1):

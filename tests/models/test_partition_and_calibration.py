@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgefleet.device.errors import UsageError
-from edgefleet.models.calibration import expected_calibration_error, fit_temperature, nll
-from edgefleet.models.partition import dirichlet_partition
-from edgefleet.models.tasks import get_task
+from edgefleet.device.core.errors import UsageError
+from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature, nll
+from edgefleet.models.core.partition import dirichlet_partition
+from edgefleet.models.core.tasks import get_task
 
 
 def test_partition_is_disjoint_complete_and_deterministic() -> None:
@@ -55,7 +55,7 @@ def test_temperature_scaling_fixes_overconfidence() -> None:
     t = fit_temperature(over, y)
     assert 3.0 < t < 5.5
     assert nll(over, y, t) < nll(over, y, 1.0)
-    from edgefleet.models.mlp import softmax
+    from edgefleet.device.runtime.mlp import softmax
 
     assert expected_calibration_error(softmax(over, t), y) < expected_calibration_error(
         softmax(over), y

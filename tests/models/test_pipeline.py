@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.backends import open_backend
-from edgefleet.device.golden import normalize
-from edgefleet.device.package import load_package
-from edgefleet.models.build import load_params
-from edgefleet.models.mlp import MLP
-from edgefleet.models.tasks import get_task
+from edgefleet.device.runtime.backends import open_backend
+from edgefleet.device.runtime.golden import normalize
+from edgefleet.device.runtime.manifest import load_package
+from edgefleet.device.runtime.mlp import MLP
+from edgefleet.models.build.pipeline import load_params
+from edgefleet.models.core.tasks import get_task
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -113,11 +113,11 @@ class _Block:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, _Block())
 from pathlib import Path
-from edgefleet.models.build import BuildOptions, build_package
-from edgefleet.device.errors import MissingExtraError
+from edgefleet.models.build.pipeline import BuildOptions, build_package
+from edgefleet.device.core.errors import MissingExtraError
 out = Path(sys.argv[1])
 r = build_package(BuildOptions(out=out / 'onnx', formats='onnx', train=__import__(
-    'edgefleet.models.train', fromlist=['x']).TrainConfig(epochs=10)))
+    'edgefleet.models.core.train', fromlist=['x']).TrainConfig(epochs=10)))
 print(json.dumps(sorted(r.manifest.variants)))
 try:
     build_package(BuildOptions(out=out / 'tfl', formats='tflite'))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.drift import DriftMonitor
-from edgefleet.device.package import load_package
-from edgefleet.models.tasks import get_task
+from edgefleet.device.inference.drift import DriftMonitor
+from edgefleet.device.runtime.manifest import load_package
+from edgefleet.models.core.tasks import get_task
 
 
 @pytest.mark.slow

@@ -1,16 +1,16 @@
-"""Distribution shifts of the simulated sensors (models/shift.py, ``--shift`` of the simulator)."""
+"""Distribution shifts of the simulated sensors (models/sim/shift.py, simulator `--shift`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgefleet.device.errors import UsageError
-from edgefleet.device.features import band_energies
-from edgefleet.device.frames import PayloadType
-from edgefleet.models.sensor_sim import samples
-from edgefleet.models.shift import Shift, shifted_dataset, shifted_pixels
-from edgefleet.models.vibration import simulate_window
+from edgefleet.device.core.errors import UsageError
+from edgefleet.device.input.features import band_energies
+from edgefleet.device.wire.frames import PayloadType
+from edgefleet.models.core.vibration import simulate_window
+from edgefleet.models.sim.sensor_sim import samples
+from edgefleet.models.sim.shift import Shift, shifted_dataset, shifted_pixels
 
 
 def test_parse_keys_per_task() -> None:

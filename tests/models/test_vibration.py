@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.features import BAND_EDGES_HZ, N_BANDS, band_energies
-from edgefleet.device.predictor import Predictor
-from edgefleet.models.tasks import get_task, task_names
-from edgefleet.models.vibration import LABELS, generate_windows
+from edgefleet.device.input.features import BAND_EDGES_HZ, N_BANDS, band_energies
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.models.core.tasks import get_task, task_names
+from edgefleet.models.core.vibration import LABELS, generate_windows
 from tests.conftest import run_cli
 
 
@@ -34,7 +34,7 @@ def test_registered_and_deterministic() -> None:
 
 def test_extra_calibration_windows_are_disjoint_and_only_in_the_pool() -> None:
     """τ gets 3500 more calibration windows; the split itself (FL, temperature) is unchanged."""
-    from edgefleet.models.vibration import CALIB_EXTRA_PER_CLASS
+    from edgefleet.models.core.vibration import CALIB_EXTRA_PER_CLASS
 
     task = get_task("vibration")
     split = task.split()

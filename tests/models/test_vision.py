@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.backends import open_backend
-from edgefleet.models.vision import (
+from edgefleet.device.runtime.backends import open_backend
+from edgefleet.models.build.vision import (
     MobileNetSpec,
     VisionExport,
     _same_pads,
@@ -70,8 +70,8 @@ def test_synthetic_images_are_deterministic_and_in_range() -> None:
 
 @pytest.mark.slow
 def test_unsupported_layers_are_refused(tmp_path: Path) -> None:
-    from edgefleet.models.tflite_export import _import_tf
-    from edgefleet.models.vision import keras_to_onnx
+    from edgefleet.models.build.tflite_export import _import_tf
+    from edgefleet.models.build.vision import keras_to_onnx
 
     keras = _import_tf()[1]
     km = keras.Sequential([keras.layers.InputLayer(input_shape=(8, 8, 3)),

@@ -6,7 +6,7 @@ import threading
 
 import paho.mqtt.client as mqtt
 
-from edgefleet.server.broker import MosquittoBroker
+from edgefleet.server.fleet.broker import MosquittoBroker
 
 
 def _roundtrip(port: int) -> bytes:

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.spool import Spool
-from edgefleet.device.telemetry import TelemetryPublisher
-from edgefleet.server.broker import BrokerConfig, MosquittoBroker
-from edgefleet.server.broker_acl import (
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.telemetry.publisher import TelemetryPublisher
+from edgefleet.device.telemetry.spool import Spool
+from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker
+from edgefleet.server.fleet.broker_acl import (
     hash_password,
     render_acl,
     verify_password,
     write_acl,
     write_password_file,
 )
-from edgefleet.server.store import open_store
+from edgefleet.server.telemetry.store import open_store
 from tests.support.telemetry import as_root_extra, raw_client, running_ingest, wait_until
 
 USERS = {"dev1": "pw-one", "dev2": "pw-two", "ingest": "pw-ingest"}
@@ -48,7 +48,7 @@ def test_mosquitto_passwd_file_verifies(tmp_path: Path) -> None:
 
 
 def test_bad_names_refused(tmp_path: Path) -> None:
-    from edgefleet.device.errors import UsageError
+    from edgefleet.device.core.errors import UsageError
 
     with pytest.raises(UsageError):
         write_password_file(tmp_path / "pw", {"dev/1": "x"})

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.package import file_sha256
-from edgefleet.server.demo_cross import arm_variant, cross_dir, export_partition
-from edgefleet.server.demo_tamper import bump_version, corrupt_artifact, tampered_copy
+from edgefleet.device.runtime.manifest import file_sha256
+from edgefleet.models.sim.tamper import bump_version, corrupt_artifact, tampered_copy
+from edgefleet.server.demo.arm import arm_variant, cross_dir, export_partition
 from tests.conftest import run_cli
 
 
@@ -55,7 +55,7 @@ def test_cross_dir_is_the_checkout_and_can_be_overridden(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (cross_dir() / "run.sh").is_file()
     monkeypatch.setenv("EDGEFLEET_CROSS_DIR", str(tmp_path))
-    from edgefleet.device.errors import EdgefleetError
+    from edgefleet.device.core.errors import EdgefleetError
 
     with pytest.raises(EdgefleetError, match="EDGEFLEET_CROSS_DIR"):
         cross_dir()

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from edgefleet.device.fl_client import app as client_app
-from edgefleet.device.fl_protocol import DECLINED_BUDGET, REJECTED_INPUT
-from edgefleet.device.metrics import default_metrics
-from edgefleet.server.fl_inprocess import InProcessGrid
-from edgefleet.server.fl_server import FleetStrategy
-from edgefleet.server.fl_settings import build_strategy, run_settings
+from edgefleet.device.core.metrics import default_metrics
+from edgefleet.device.fl.client import app as client_app
+from edgefleet.device.wire.federated import DECLINED_BUDGET, REJECTED_INPUT
+from edgefleet.server.fl.inprocess import InProcessGrid
+from edgefleet.server.fl.server_app import FleetStrategy
+from edgefleet.server.fl.settings import build_strategy, run_settings
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgefleet.server.fl_store import FlStore
-from edgefleet.server.store import open_store
+from edgefleet.server.fl.store import FlStore
+from edgefleet.server.telemetry.store import open_store
 from tests.conftest import run_cli
 
 BIG_NODE = 18_000_000_000_000_000_000  # Flower node ids are unsigned 64-bit

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.drift import DriftMonitor
-from edgefleet.device.metrics import CONFIDENCE_BUCKETS, Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.reporter import TelemetryReporter
-from edgefleet.device.spool import Spool
-from edgefleet.device.telemetry import TelemetryPublisher
-from edgefleet.models.reference_stats import reference_stats
-from edgefleet.server.store import open_store
+from edgefleet.device.core.metrics import CONFIDENCE_BUCKETS, Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.inference.drift import DriftMonitor
+from edgefleet.device.telemetry.publisher import TelemetryPublisher
+from edgefleet.device.telemetry.reporter import TelemetryReporter
+from edgefleet.device.telemetry.spool import Spool
+from edgefleet.models.core.reference_stats import reference_stats
+from edgefleet.server.telemetry.store import open_store
 from tests.conftest import BIN, run_cli
 from tests.support.telemetry import wait_until
 

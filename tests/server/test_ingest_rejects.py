@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.server.store import open_store
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.server.telemetry.store import open_store
 from tests.support.telemetry import raw_client, running_ingest, wait_until
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from edgefleet.device import errors
-from edgefleet.device.tuf_client import TufClient, TufClientConfig
-from edgefleet.server.registry_http import RegistryServer
+from edgefleet.device.core import errors
+from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
+from edgefleet.server.registry.http import RegistryServer
 from tests.conftest import run_cli
 from tests.support.updates import package_version
 
@@ -111,8 +111,8 @@ def test_keys_push_ls_audit_and_rotation(tmp_path: Path, digits_package: Path) -
 
 
 def test_store_health_source_uses_deltas(tmp_path: Path) -> None:
-    from edgefleet.server.rollout import StoreHealthSource
-    from edgefleet.server.store import open_store
+    from edgefleet.server.rollout.controller import StoreHealthSource
+    from edgefleet.server.telemetry.store import open_store
 
     store = open_store(tmp_path / "fleet.db")
     with store.transaction() as st:

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from edgefleet.device import errors
-from edgefleet.device.agent_config import AgentConfig
-from edgefleet.device.enroll import install_bundle
-from edgefleet.device.tuf_client import TufClient, TufClientConfig
-from edgefleet.device.updater import Assignment
-from edgefleet.server.fl_certs import CertPaths, init_certs, issue_server_cert
-from edgefleet.server.fleet_home import FleetHome, enroll_device
-from edgefleet.server.registry import Registry
-from edgefleet.server.registry_http import RegistryServer, server_tls_context
+from edgefleet.device.agent.enroll import install_bundle
+from edgefleet.device.agent.settings import AgentConfig
+from edgefleet.device.core import errors
+from edgefleet.device.updates.installer import Assignment
+from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
+from edgefleet.server.fleet.home import FleetHome, enroll_device
+from edgefleet.server.fleet.pki import CertPaths, init_certs, issue_server_cert
+from edgefleet.server.registry.http import RegistryServer, server_tls_context
+from edgefleet.server.registry.repository import Registry
 from tests.conftest import BIN, run_cli
 from tests.support.updates import make_device, make_registry, package_version
 
@@ -222,7 +222,7 @@ def test_fleet_bundle_carries_the_registry_ca(tmp_path: Path, fleet_ca: CertPath
         install_bundle(b, tmp_path / "state").read_text()))
     assert cfg.updates.ca_file == (tmp_path / "state" / "keys" / "registry-ca.pem").resolve()
     assert cfg.updates.ca_file.read_bytes() == fleet_ca.ca.read_bytes()
-    from edgefleet.device.doctor import run_checks
+    from edgefleet.device.agent.doctor import run_checks
 
     def keys_check() -> Any:
         return next(c for c in run_checks(cfg) if c.name == "keys")
@@ -231,7 +231,7 @@ def test_fleet_bundle_carries_the_registry_ca(tmp_path: Path, fleet_ca: CertPath
     cfg.updates.ca_file.unlink()  # the doctor names a missing registry CA
     assert not keys_check().ok and "registry-ca.pem" in keys_check().detail
 
-    from edgefleet.device.errors import UsageError
+    from edgefleet.device.core.errors import UsageError
 
     with pytest.raises(UsageError, match="registry_ca needs https"):
         FleetHome.create(tmp_path / "h2", trusted_root=root, registry_ca=fleet_ca.ca,

@@ -1,4 +1,4 @@
-"""The retraining policy (server/retrain.py) with a fake clock, fake signals and fake actions;
+"""The retraining policy (server/retrain/policy.py) with a fake clock, fake signals, fake actions;
 the approvals commands against the real CLI."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.errors import EdgefleetError, UsageError
-from edgefleet.server.audit import AuditLog
-from edgefleet.server.retrain import (
+from edgefleet.device.core.errors import EdgefleetError, UsageError
+from edgefleet.server.fleet.audit import AuditLog
+from edgefleet.server.retrain.policy import (
     Approvals,
     CanaryOutcome,
     RetrainController,

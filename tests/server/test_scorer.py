@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.score_protocol import (
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.device.wire.scoring import (
     MAX_REQUEST_BYTES,
     ScoreRequest,
     encode,
     request_topic,
     response_topic,
 )
-from edgefleet.server.broker import MosquittoBroker
 from edgefleet.server.cli.scorer_cmd import parse_broker
+from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.conftest import run_cli
 from tests.support import cascade as support
 from tests.support.cascade import Spy, digit_rows, publish_request, reply_json, scorer_thread

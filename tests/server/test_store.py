@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.errors import EdgefleetError
-from edgefleet.device.telemetry_schema import MetricsBody
-from edgefleet.server.alerts import AlertThresholds, check_metrics, check_silent
-from edgefleet.server.store import MIGRATIONS, Store, open_store
+from edgefleet.device.core.errors import EdgefleetError
+from edgefleet.device.wire.telemetry import MetricsBody
+from edgefleet.server.telemetry.alerts import AlertThresholds, check_metrics, check_silent
+from edgefleet.server.telemetry.store import MIGRATIONS, Store, open_store
 from tests.support.postgres import postgres_server
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import trustme
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.spool import Spool
-from edgefleet.device.telemetry import TelemetryPublisher
-from edgefleet.server.broker import BrokerConfig, MosquittoBroker
-from edgefleet.server.broker_acl import write_acl
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.telemetry.publisher import TelemetryPublisher
+from edgefleet.device.telemetry.spool import Spool
+from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker
+from edgefleet.server.fleet.broker_acl import write_acl
 from tests.support.telemetry import as_root_extra, raw_client, wait_until
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edgefleet.server.telemetry_validate import Accepted, Rejected, validate_message
+from edgefleet.server.telemetry.validate import Accepted, Rejected, validate_message
 
 
 def env(**over: object) -> bytes:

@@ -20,11 +20,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.predictor import Predictor
-from edgefleet.device.score_protocol import scorer_status_topic
-from edgefleet.server.broker import MosquittoBroker
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.device.wire.scoring import scorer_status_topic
+from edgefleet.server.fleet.broker import MosquittoBroker
 from edgefleet.server.scorer import Scorer, ScorerConfig
 
 BIN = Path(sys.executable).parent
@@ -33,7 +33,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="session")
 def device_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A digits device package, ONNX only (fp32 + int8; no TensorFlow needed)."""
-    from edgefleet.models.build import BuildOptions, build_package
+    from edgefleet.models.build.pipeline import BuildOptions, build_package
 
     out = tmp_path_factory.getbasetemp() / "cascade-pkgs" / "digits"
     if not out.exists():  # test modules import this fixture: build once per session
@@ -44,7 +44,7 @@ def device_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cloud_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits cloud ensemble (3 members keep the fixture quick)."""
-    from edgefleet.models.cloud import CloudOptions, build_cloud_package
+    from edgefleet.models.build.cloud import CloudOptions, build_cloud_package
 
     out = tmp_path_factory.getbasetemp() / "cascade-pkgs" / "digits-cloud"
     if not out.exists():
@@ -54,7 +54,7 @@ def cloud_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def digit_rows(n: int) -> np.ndarray:
     """``n`` raw digits rows from the held-out test split."""
-    from edgefleet.models.tasks import get_task
+    from edgefleet.models.core.tasks import get_task
 
     return get_task("digits").split().x_test[:n]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgefleet.server.broker import BrokerConfig, MosquittoBroker
-from edgefleet.server.fleet_home import FleetHome
+from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker
+from edgefleet.server.fleet.home import FleetHome
 from tests.support.telemetry import as_root_extra, raw_client, wait_until
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from edgefleet.server.broker import free_port
+from edgefleet.server.fleet.broker import free_port
 
 
 def pg_bin() -> str | None:

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.server.ingest import IngestConfig, IngestService
-from edgefleet.server.store import Store
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.server.telemetry.ingest import IngestConfig, IngestService
+from edgefleet.server.telemetry.store import Store
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:

@@ -11,10 +11,10 @@ import argparse
 import sys
 import time
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.mqtt_link import MqttConfig
-from edgefleet.device.spool import Spool
-from edgefleet.device.telemetry import TelemetryPublisher
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.telemetry.publisher import TelemetryPublisher
+from edgefleet.device.telemetry.spool import Spool
 
 
 def main() -> None:

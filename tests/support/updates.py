@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet.device.metrics import Metrics
-from edgefleet.device.package import MANIFEST_NAME, file_sha256
-from edgefleet.device.serving import ServingModel
-from edgefleet.device.tuf_client import TufClient, TufClientConfig
-from edgefleet.device.updater import Assignment, HealthPolicy, Updater
-from edgefleet.server.keys import ROLES, KeyRing
-from edgefleet.server.registry import Registry
-from edgefleet.server.registry_http import RegistryHandler, RegistryServer
-from edgefleet.server.tuf_repo import Expiry
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.inference.serving import ServingModel
+from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
+from edgefleet.device.updates.installer import Assignment, HealthPolicy, Updater
+from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
+from edgefleet.server.fleet.keys import ROLES, KeyRing
+from edgefleet.server.registry.http import RegistryHandler, RegistryServer
+from edgefleet.server.registry.repository import Registry
+from edgefleet.server.registry.tuf_repo import Expiry
 
 
 def make_registry(home: Path, expiry: Expiry | None = None) -> Registry:
@@ -182,8 +182,8 @@ def assign(version: str, model: str = "digits-mlp", shadow: bool = False) -> Ass
 def start_agent(device_id: str, state: Path, reg: Registry, url: str, broker_port: int,
                 groups: tuple[str, ...] = ()) -> tuple[Any, Device]:
     """A device following rollouts over MQTT (in this process, on its own threads)."""
-    from edgefleet.device.mqtt_link import MqttConfig
-    from edgefleet.device.update_agent import UpdateAgent
+    from edgefleet.device.core.mqtt_link import MqttConfig
+    from edgefleet.device.updates.listener import UpdateAgent
 
     dev = make_device(state, reg, url)
     agent = UpdateAgent(device_id, dev.updater, MqttConfig(port=broker_port), groups=groups,

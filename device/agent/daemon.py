@@ -1,0 +1,374 @@
+"""The device agent: one process that serves, falls back, reports, updates and trains.
+
+Parts and threads (each stops on the one shared stop event):
+
+* input: a :class:`SerialReader` thread decodes frames into a bounded queue (oldest
+  dropped, counted), so slow inference never blocks serial I/O and a flood never grows
+  memory; one inference thread answers them through the cascade.
+* the local predict API (Unix socket) for other programs on the device.
+* telemetry: the spooled MQTT publisher and the interval reporter (with drift).
+* updates: the TUF updater and its MQTT assignment listener (when enabled).
+* federated learning: ``flower-supernode`` as a supervised child (when enabled).
+
+Shutdown (SIGTERM/SIGINT): stop taking input, finish the frame in flight, publish a last
+report and give the spool a moment to drain (what is not acknowledged stays on disk),
+stop the children, exit 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import shutil
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.device.agent.local_api import LocalApiServer
+from edgefleet.device.agent.settings import AgentConfig
+from edgefleet.device.agent.supervise import SupervisedProcess
+from edgefleet.device.core.errors import EdgefleetError, InputError
+from edgefleet.device.core.metrics import Metrics, default_metrics
+from edgefleet.device.inference.cascade import Answer, HybridPredictor
+from edgefleet.device.inference.drift import DriftMonitor
+from edgefleet.device.inference.serving import ServingModel
+from edgefleet.device.input.features import window_features
+from edgefleet.device.runtime.manifest import Manifest
+from edgefleet.device.runtime.predictor import Prediction, Predictor
+from edgefleet.device.wire.frames import Frame, PayloadType
+
+__all__ = ["Agent", "answer_to_dict"]
+
+log = logging.getLogger(__name__)
+
+
+def answer_to_dict(a: Answer) -> dict[str, Any]:
+    """The JSON form of one answer (local API and logs)."""
+    p = a.prediction
+    return {"label": p.label, "label_name": p.label_name, "confidence": round(p.confidence, 6),
+            "source": a.source, "reason": a.reason, "model": a.model,
+            "latency_ms": round(a.latency_ms, 3)}
+
+
+def _program(name: str) -> str:
+    """``name`` on PATH, else beside this interpreter (a venv that is not activated)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+class _ServingView:
+    """What :class:`HybridPredictor` needs, read from whatever model is active right now."""
+
+    def __init__(self, serving: ServingModel) -> None:
+        self.serving = serving
+
+    def _active(self) -> Predictor:
+        model = self.serving.active
+        if model is None:
+            raise EdgefleetError("no model is active")
+        return model
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._active().manifest
+
+    def validate(self, x: Any) -> np.ndarray:
+        return self._active().validate(x)
+
+    def predict(self, x: Any) -> Prediction:
+        return self.serving.predict(x)
+
+    def validate_and_predict(self, x: Any) -> tuple[np.ndarray, Prediction]:
+        """Validated once, by the model that answers (a swap in between cannot split them)."""
+        return self.serving.validate_and_predict(x)
+
+
+def _child_path() -> str:
+    """PATH for flower-supernode with our venv's bin first: systemd's PATH lacks it, and
+    the SuperNode itself starts ``flower-superexec`` and ``flwr-clientapp`` by name."""
+    import os
+    import sys
+
+    here = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", os.defpath)
+    return path if here in path.split(os.pathsep) else f"{here}{os.pathsep}{path}"
+
+
+class Agent:
+    """Owns every part of one device; :meth:`run` blocks until a signal stops it."""
+
+    def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self.stop_event = threading.Event()
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.serving = ServingModel(metrics=self.metrics)
+        self.view = _ServingView(self.serving)
+        self.hybrid: HybridPredictor | None = None
+        self.drift: DriftMonitor | None = None
+        self._drift_manifest: Manifest | None = None
+        self._queue: collections.deque[Frame] = collections.deque(maxlen=cfg.input.queue_size)
+        self._queue_ready = threading.Condition()
+        self._parts: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        self.publisher: Any = None
+        self.reporter: Any = None
+        self.updater: Any = None
+        self.supernode: SupervisedProcess | None = None
+        self.api: LocalApiServer | None = None
+        self.reader: Any = None
+        self.last_answers: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
+
+    # -- start-up ---------------------------------------------------------------------
+    def start(self) -> Agent:
+        """Start every enabled part; a part that fails to start is logged and counted."""
+        self._start_model()
+        if self.cfg.telemetry.enabled:
+            self._start_telemetry()
+        self._start_fallback()
+        if self.cfg.updates.enabled:
+            self._start_updates()
+        if self.cfg.api.enabled:
+            self.api = LocalApiServer(self.cfg.socket_path, self.predict_batch,
+                                      self.metrics).start()
+        if self.cfg.input.serial:
+            self._start_input()
+        if self.cfg.fl.enabled:
+            self._start_fl()
+        self.metrics.set("agent_started", time.time())
+        log.info("agent %s started", self.cfg.device_id)
+        return self
+
+    def _start_model(self) -> None:
+        if self.cfg.updates.enabled:
+            from edgefleet.device.updates.installer import Updater
+            from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
+
+            u = self.cfg.updates
+            assert u.trusted_root is not None
+            tuf = TufClient(self.state_dir, TufClientConfig(
+                metadata_url=u.metadata_url, targets_url=u.targets_url or u.metadata_url,
+                ca_file=u.ca_file),
+                u.trusted_root.read_bytes())
+            self.updater = Updater(self.state_dir / "updates", tuf, self.serving,
+                                   variant=self.cfg.model.variant, metrics=self.metrics)
+            if self.updater.start() is not None:
+                return
+        if self.cfg.model.package is None:
+            log.warning("no model yet: waiting for an update assignment")
+            return
+        model = Predictor.load(self.cfg.model.package, variant=self.cfg.model.variant,
+                               threads=self.cfg.model.threads, metrics=self.metrics)
+        self.serving.swap(model, watch=False)
+
+    def _drift_for(self, manifest: Manifest) -> DriftMonitor | None:
+        """The drift monitor of the active model (a new one after a swap)."""
+        if manifest is not self._drift_manifest:
+            self._drift_manifest = manifest
+            self.drift = DriftMonitor.from_manifest(manifest, self.cfg.telemetry.drift_window)
+            if self.reporter is not None:
+                self.reporter.drift = self.drift
+        return self.drift
+
+    def _start_telemetry(self) -> None:
+        from edgefleet.device.telemetry.publisher import TelemetryPublisher
+        from edgefleet.device.telemetry.reporter import TelemetryReporter
+        from edgefleet.device.telemetry.spool import MemorySpool, Spool, SpoolLike
+
+        t = self.cfg.telemetry
+        spool: SpoolLike
+        try:
+            spool = Spool(self.state_dir / "telemetry-spool.db", max_messages=t.spool_max_messages,
+                          max_bytes=t.spool_max_bytes, max_age_s=t.spool_max_age_s,
+                          metrics=self.metrics)
+        except (OSError, sqlite3.Error) as exc:
+            # A disk too full (or failing) to open the spool must not stop inference: keep a
+            # bounded in-memory spool, say so loudly, and count it; the disk spool comes
+            # back on the next start. The file on disk is left untouched.
+            log.error("telemetry spool unavailable (%s); buffering in memory until restart", exc)
+            self.metrics.inc("telemetry_spool_unavailable")
+            spool = MemorySpool(max_messages=min(t.spool_max_messages, 10_000),
+                                metrics=self.metrics, max_bytes=min(t.spool_max_bytes, 8 << 20))
+        self.publisher = TelemetryPublisher(self.cfg.device_id, self.cfg.mqtt, spool,
+                                            metrics=self.metrics).start()
+        self.reporter = TelemetryReporter(self.publisher, interval=self.cfg.telemetry.interval_s,
+                                          metrics=self.metrics, drift=self.drift,
+                                          extra=self._extra_report).start()
+
+    def _extra_report(self) -> dict[str, Any]:
+        """Training state and ε from the privacy ledger the SuperNode's ClientApp keeps."""
+        ledger = self._ledger_path()
+        if ledger is None or not ledger.exists():
+            return {}
+        try:
+            data = json.loads(ledger.read_text())
+        except (OSError, json.JSONDecodeError):
+            self.metrics.inc("ledger_unreadable")
+            return {}
+        eps, budget = data.get("epsilon_high_water"), data.get("budget")
+        if not isinstance(eps, int | float):
+            return {}
+        state = "budget_spent" if isinstance(budget, int | float) and eps >= budget else "ready"
+        return {"training": {"state": state, "epsilon": float(eps)}}
+
+    def _ledger_path(self) -> Path | None:
+        if not self.cfg.fl.enabled:
+            return None
+        return self._fl_state_dir() / "privacy-ledger.json"
+
+    def _fl_state_dir(self) -> Path:
+        return Path(str(self.cfg.fl.node_config.get("state-dir", self.state_dir / "fl")))
+
+    def _start_fallback(self) -> None:
+        client = None
+        if self.cfg.fallback.mode != "off":
+            from edgefleet.device.inference.score_client import ScoreClient
+
+            client = ScoreClient(self.cfg.mqtt, self.cfg.device_id, qos=self.cfg.fallback.qos,
+                                 metrics=self.metrics).start()
+            self._parts.append(client)
+        self.hybrid = HybridPredictor(self.view, self.cfg.fallback, client,  # type: ignore[arg-type]
+                                      metrics=self.metrics)
+
+    def _start_updates(self) -> None:
+        from edgefleet.device.updates.listener import UpdateAgent
+
+        agent = UpdateAgent(self.cfg.device_id, self.updater, self.cfg.mqtt,
+                            groups=(self.cfg.group,), metrics=self.metrics)
+        self._parts.append(agent.start())
+
+    def _start_input(self) -> None:
+        from edgefleet.device.input.serial_reader import SerialReader
+
+        assert self.cfg.input.serial is not None
+        self.reader = SerialReader(self.cfg.input.serial, self._enqueue,
+                                   baudrate=self.cfg.input.baudrate, metrics=self.metrics).start()
+        t = threading.Thread(target=self._infer_loop, name="inference", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _start_fl(self) -> None:
+        fl = self.cfg.fl
+        node_cfg = {"state-dir": str(self._fl_state_dir()), **fl.node_config}
+        argv = [_program(fl.supernode), "--superlink", fl.superlink,
+                "--port", str(fl.runtime_port), "--node-config",
+                " ".join(f"{k}={json.dumps(v)}" for k, v in node_cfg.items())]
+        if fl.insecure:
+            argv.append("--insecure")
+        else:
+            argv += ["--root-certificates", str(fl.root_certificates)]
+        if fl.auth_private_key is not None:
+            argv += ["--auth-supernode-private-key", str(fl.auth_private_key)]
+        self._fl_state_dir().mkdir(parents=True, exist_ok=True)
+        self.supernode = SupervisedProcess("supernode", argv,
+                                           log_path=self.state_dir / "supernode.log",
+                                           env={"FLWR_HOME": str(self._fl_state_dir()),
+                                                "PATH": _child_path()},
+                                           metrics=self.metrics).start()
+
+    # -- serving ----------------------------------------------------------------------
+    def _enqueue(self, frame: Frame) -> None:
+        with self._queue_ready:
+            if len(self._queue) == self._queue.maxlen:
+                self.metrics.inc("input_queue_dropped")
+            self._queue.append(frame)
+            self._queue_ready.notify()
+
+    def _next_frame(self) -> Frame | None:
+        with self._queue_ready:
+            while not self._queue and not self.stop_event.is_set():
+                self._queue_ready.wait(0.5)
+            return self._queue.popleft() if self._queue else None
+
+    def _infer_loop(self) -> None:
+        while not self.stop_event.is_set():
+            frame = self._next_frame()
+            if frame is None:
+                continue
+            try:
+                self.answer_frame(frame)
+            except InputError:
+                pass  # counted by the validator
+            except EdgefleetError as exc:
+                log.warning("frame %d not answered: %s", frame.seq, exc)
+                self.metrics.inc("inference_unavailable")
+            except Exception:  # a bug must not stop the input loop
+                log.exception("answering frame %d failed", frame.seq)
+                self.metrics.inc("inference_internal_errors")
+
+    def answer_frame(self, frame: Frame) -> Answer:
+        """Turn one sensor frame into the model's input and answer it."""
+        raw = frame.values()
+        x = window_features(raw, self.metrics) if frame.payload_type == PayloadType.ACCEL_F32 \
+            else raw
+        a = self.answer(x, raw)
+        self.last_answers.append({"seq": frame.seq, "sensor": frame.sensor_id,
+                                  **answer_to_dict(a)})
+        return a
+
+    def answer(self, x: Any, raw: Any = None) -> Answer:
+        """One sample through the cascade; records drift."""
+        if self.hybrid is None:
+            raise EdgefleetError("the agent is not started")
+        a = self.hybrid.predict(x, raw)
+        active = self.serving.active
+        drift = self._drift_for(active.manifest) if active is not None else None
+        if drift is not None:
+            drift.observe(x, a.local.confidence)
+        return a
+
+    def predict_batch(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        """The local API's predict function: one answer per row."""
+        return [answer_to_dict(self.answer(row)) for row in batch]
+
+    # -- shutdown ---------------------------------------------------------------------
+    def request_stop(self, *_args: Any) -> None:
+        """Signal handler: begin a graceful stop."""
+        self.stop_event.set()
+        with self._queue_ready:
+            self._queue_ready.notify_all()
+
+    def run(self) -> int:
+        """Start, wait for SIGTERM/SIGINT, stop; returns the exit code (0)."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.start()
+        while not self.stop_event.wait(1.0):
+            pass
+        self.stop()
+        return 0
+
+    def stop(self, drain_s: float = 3.0) -> None:
+        """Stop taking input, finish in-flight work, flush telemetry, stop the children."""
+        self.stop_event.set()
+        if self.reader is not None:
+            self.reader.stop()
+        for t in self._threads:
+            t.join(5)
+        if self.api is not None:
+            self.api.stop()
+        if self.supernode is not None:
+            self.supernode.stop()
+        for part in reversed(self._parts):
+            with contextlib.suppress(Exception):
+                (getattr(part, "stop", None) or part.close)()
+        if self.reporter is not None:
+            with contextlib.suppress(Exception):
+                self.reporter.report()
+            self.reporter.stop()
+        if self.publisher is not None:
+            self.publisher.drain(drain_s)
+            self.publisher.stop()
+        log.info("agent %s stopped", self.cfg.device_id)

@@ -1,0 +1,150 @@
+"""``agent.toml``: everything one device agent is told, validated once at start.
+
+Sections mirror the agent's parts. Unknown keys are errors naming the key and the file
+(a typo must not silently turn a feature off), and cross-field rules catch setups that
+cannot work (node authentication without TLS, updates without a trusted root).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from edgefleet.device.core.config import StrictModel, load_config, registry_is_https
+from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.device.inference.cascade import FallbackConfig
+from edgefleet.device.runtime.backends import DEFAULT_THREADS
+from edgefleet.device.telemetry.spool import DEFAULT_MAX_BYTES
+from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
+
+__all__ = [
+    "AgentConfig",
+    "ApiSection",
+    "FlSection",
+    "InputSection",
+    "ModelSection",
+    "TelemetrySection",
+    "UpdatesSection",
+    "load_agent_config",
+]
+
+
+class ModelSection(StrictModel):
+    """The model to serve before any signed update has been activated."""
+
+    package: Path | None = Field(default=None, description="Bootstrap model package folder.")
+    variant: str | None = Field(default=None,
+                                description="Variant to run (default: the manifest's).")
+    threads: int = Field(default=DEFAULT_THREADS, ge=1, le=64, description="Inference threads.")
+
+
+class InputSection(StrictModel):
+    """Sensor input: a serial port or pyserial URL; unset means local API only."""
+
+    serial: str | None = Field(default=None,
+                               description="tty path or pyserial URL (socket://...).")
+    baudrate: int = Field(default=115200, ge=300)
+    queue_size: int = Field(default=256, ge=1, le=100_000,
+                            description="Frames waiting for inference; oldest dropped.")
+
+
+class ApiSection(StrictModel):
+    """The local predict API (a Unix socket)."""
+
+    socket: Path | None = Field(default=None, description="Default: <state_dir>/agent.sock.")
+    enabled: bool = True
+
+
+class TelemetrySection(StrictModel):
+    """Telemetry over MQTT with the on-disk spool."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=10.0, gt=0)
+    spool_max_messages: int = Field(default=50_000, ge=100)
+    spool_max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024 * 1024,
+                                 description="Cap on spooled topic + payload bytes; oldest "
+                                             "dropped (SQLite overhead and a 4 MiB disk "
+                                             "reserve come on top).")
+    spool_max_age_s: float | None = Field(default=None, gt=0,
+                                          description="Drop spooled messages older than "
+                                                      "this (default: no age limit).")
+    drift_window: int = Field(default=500, ge=10)
+
+
+class UpdatesSection(StrictModel):
+    """Signed model updates through TUF."""
+
+    enabled: bool = False
+    metadata_url: str = ""
+    targets_url: str = ""
+    trusted_root: Path | None = Field(default=None, description="The pinned TUF root.json.")
+    ca_file: Path | None = Field(
+        default=None, description="PEM CA that signed the registry's HTTPS certificate "
+                                  "(the fleet CA; default: the system's trust store).")
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> UpdatesSection:
+        https = registry_is_https(self.metadata_url, self.targets_url)
+        if self.ca_file is not None and not https:
+            raise ValueError("ca_file is set but the registry URLs are not https://")
+        return self
+
+
+class FlSection(StrictModel):
+    """Federated learning: the agent runs and watches ``flower-supernode``."""
+
+    enabled: bool = False
+    superlink: str = "127.0.0.1:9092"
+    insecure: bool = False
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+    node_config: dict[str, str | int | float] = Field(default_factory=dict)
+    runtime_port: int = Field(default=9094, ge=1, le=65535,
+                              description="SuperNode's local runtime API port (Flower's "
+                                          "default; change it to run two on one host).")
+    supernode: str = Field(default="flower-supernode", description="Program to run.")
+
+    @model_validator(mode="after")
+    def _tls_for_auth(self) -> FlSection:
+        if self.enabled and not self.insecure and self.root_certificates is None:
+            raise ValueError("fl needs root_certificates unless insecure = true")
+        if self.enabled and self.insecure and self.auth_private_key is not None:
+            raise ValueError("SuperNode authentication (auth_private_key) requires TLS")
+        return self
+
+
+class AgentConfig(StrictModel):
+    """The whole ``agent.toml``."""
+
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    group: str = Field(default="default", pattern=DEVICE_ID_PATTERN)
+    state_dir: Path = Field(default=Path("/var/lib/edgefleet"),
+                            description="Slots, spool, ledger and keys live here.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    input: InputSection = Field(default_factory=InputSection)
+    api: ApiSection = Field(default_factory=ApiSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
+    updates: UpdatesSection = Field(default_factory=UpdatesSection)
+    fl: FlSection = Field(default_factory=FlSection)
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> AgentConfig:
+        if self.model.package is None and not self.updates.enabled:
+            raise ValueError("set model.package, or enable updates to receive a model")
+        if self.updates.enabled and (self.updates.trusted_root is None
+                                     or not self.updates.metadata_url):
+            raise ValueError("updates need metadata_url and trusted_root")
+        return self
+
+    @property
+    def socket_path(self) -> Path:
+        """Where the local API listens."""
+        return self.api.socket or self.state_dir / "agent.sock"
+
+
+def load_agent_config(*files: Path | str) -> AgentConfig:
+    """Read and validate ``agent.toml`` (later files override earlier ones)."""
+    return load_config(AgentConfig, files)

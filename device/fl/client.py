@@ -1,0 +1,273 @@
+"""The device's Flower ClientApp: DP training on private data, and federated evaluation.
+
+A SuperNode starts it (``flower-supernode --node-config ...``); its data never leaves
+the device. In the demo a device holds partition ``partition-id`` of ``num-partitions``
+Dirichlet shares of a task's training split; deployed, it reads the labelled samples
+the agent stored (``data="path/to/samples.npz"`` with arrays ``x`` and ``y``). A fixed
+20 % of the local data is held out for federated evaluation.
+
+Flower runs every message in a fresh process, so what a message would recompute is
+kept in the node's state folder (with the privacy ledger): the demo share
+(:mod:`edgefleet.device.fl.share_cache`) and the calibrated σ
+(:func:`~edgefleet.device.privacy.accounting.noise_for_epsilon_cached`).
+
+``dp = "sample"``: DP-SGD (:mod:`edgefleet.device.fl.dp_sgd`) with the noise calibrated so the
+whole run spends the requested ε, and every round recorded in the device's privacy
+ledger before the update is sent. A device whose ledger would pass its budget declines.
+``dp = "client"``: plain local SGD, update clipped on the device by Flower's
+``fixedclipping_mod``, noise added once on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from pydantic import Field
+
+from edgefleet.device.core.config import StrictModel, load_config
+from edgefleet.device.core.errors import ConfigError, EdgefleetError
+from edgefleet.device.core.metrics import default_metrics
+from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
+from edgefleet.device.fl.share_cache import cached_share, share_key
+from edgefleet.device.privacy.accounting import noise_for_epsilon_cached
+from edgefleet.device.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from edgefleet.device.wire.federated import (
+    ARRAYS,
+    CONFIG,
+    DECLINED_BUDGET,
+    METRICS,
+    REJECTED_INPUT,
+    from_arrays,
+    to_arrays,
+)
+from edgefleet.models.sim.fl_attack import Attack, poison_update
+
+__all__ = ["LocalData", "NodeSettings", "app", "load_local_data"]
+
+log = logging.getLogger(__name__)
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+HOLDOUT = 0.2
+
+
+class NodeSettings(StrictModel):
+    """``--node-config`` of a SuperNode (keys use ``-``; unknown keys are errors)."""
+
+    task: str = "digits"
+    partition_id: int = Field(0, ge=0)
+    num_partitions: int = Field(1, ge=1)
+    alpha: float = Field(0.5, gt=0)
+    partition_seed: int = 0
+    data: str = ""
+    state_dir: str = Field("", description="Folder of the privacy ledger and caches "
+                                           "(default: FLWR_HOME)")
+    privacy_budget: float = Field(10.0, gt=0)
+    privacy_delta: float = Field(1e-5, gt=0, lt=1)
+    attack: Attack = Field("", description="TEST/BENCHMARK ONLY: send a poisoned update")
+    attack_factor: float = Field(10.0, gt=0)
+
+
+class LocalData:
+    """The device's normalized-later training share and its held-out evaluation share."""
+
+    def __init__(self, x: F32, y: I64, seed: int = 0) -> None:
+        order = np.random.default_rng(seed).permutation(len(y))
+        k = round(len(y) * HOLDOUT)
+        self.x_test, self.y_test = x[order[:k]], y[order[:k]]
+        self.x_train, self.y_train = x[order[k:]], y[order[k:]]
+
+
+def node_settings(node_config: dict[str, Any]) -> NodeSettings:
+    """Validate the SuperNode's ``--node-config`` once, naming a bad key."""
+    return load_config(NodeSettings, overrides={k.replace("-", "_"): v
+                                                for k, v in node_config.items()})
+
+
+def load_local_data(s: NodeSettings) -> LocalData:
+    """This device's private samples (a demo partition or the agent's stored samples)."""
+    return _load_local_data(s.model_dump_json())
+
+
+@cache
+def _load_local_data(key: str) -> LocalData:
+    s = NodeSettings.model_validate_json(key)
+    if s.data:
+        try:
+            with np.load(Path(s.data).expanduser(), allow_pickle=False) as f:
+                x, y = np.asarray(f["x"], dtype=np.float32), np.asarray(f["y"], dtype=np.int64)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"cannot read local samples: {exc}", path=s.data) from None
+        if x.ndim != 2 or len(x) != len(y) or len(y) < 2:
+            raise ConfigError(f"samples need x (n, features) and y (n,), got {x.shape}/{y.shape}",
+                              path=s.data)
+        return LocalData(x, y, seed=s.partition_seed)
+    if s.partition_id >= s.num_partitions:
+        raise ConfigError(f"partition-id {s.partition_id} >= num-partitions {s.num_partitions}")
+    key = share_key(s.task, s.partition_id, s.num_partitions, s.alpha, s.partition_seed)
+    x, y = cached_share(_state_dir(s), key, lambda: _demo_share(s))
+    return LocalData(x, y, seed=s.partition_id)
+
+
+def _demo_share(s: NodeSettings) -> tuple[F32, I64]:
+    """Partition ``partition-id`` of the task's training split (what the cache stores)."""
+    from edgefleet.models.core.tasks import get_task
+
+    split = get_task(s.task).split()
+    part = _partition(s.task, s.num_partitions, s.alpha, s.partition_seed)[s.partition_id]
+    return split.x_train[part], split.y_train[part]
+
+
+@cache
+def _partition(task: str, n: int, alpha: float, seed: int) -> list[npt.NDArray[np.intp]]:
+    from edgefleet.models.core.partition import dirichlet_partition
+    from edgefleet.models.core.tasks import get_task
+
+    return dirichlet_partition(get_task(task).split().y_train, n, alpha, seed)
+
+
+def _state_dir(s: NodeSettings) -> Path:
+    """The node's state folder: privacy ledger, σ cache and demo share cache."""
+    return Path(s.state_dir or os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
+
+
+def _ledger(s: NodeSettings) -> PrivacyLedger:
+    return PrivacyLedger(_state_dir(s) / "privacy-ledger.json", s.privacy_budget,
+                         s.privacy_delta)
+
+
+def _normalize(x: F32, cfg: Any) -> F32:
+    mean = np.asarray(cfg["norm-mean"], dtype=np.float32)
+    std = np.asarray(cfg["norm-std"], dtype=np.float32)
+    if mean.shape != (x.shape[1],) or std.shape != mean.shape or np.any(std <= 0):
+        raise ValueError(f"normalization for {mean.shape} features, data has {x.shape[1]}")
+    out: F32 = ((x - mean) / std).astype(np.float32)
+    return out
+
+
+def _rng(cfg: Any, s: NodeSettings, server_round: int) -> np.random.Generator:
+    seed = int(cfg.get("seed", -1))
+    if seed < 0:  # fresh OS entropy: DP noise must not be predictable
+        return np.random.default_rng()
+    return np.random.default_rng([seed, s.partition_id, server_round])
+
+
+def _reject(msg: Message, code: int, reason: str) -> Message:
+    log.warning("declining %s: %s", msg.metadata.message_type, reason)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _train(msg: Message, context: Context) -> Message:
+    from edgefleet.device.runtime.mlp import MLP
+
+    metrics = default_metrics()
+    try:
+        s = node_settings(dict(context.node_config))
+        data = load_local_data(s)
+        cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
+        model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
+        x = _normalize(data.x_train, cfg)
+        if len(data.y_train) == 0:
+            raise ValueError("no local training samples")
+    except (EdgefleetError, ValueError, KeyError) as exc:
+        metrics.inc("fl.rejected_input")
+        return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
+    mode = str(cfg.get("dp", "sample"))
+    mu = float(cfg.get("proximal-mu", 0.0))
+    start = [p.copy() for p in model.params]
+    anchor = start if mu else None
+    server_round = int(cfg.get("server-round", 0))
+    rng = _rng(cfg, s, server_round)
+    n = len(data.y_train)
+    q = min(1.0, float(cfg.get("batch-size", 32)) / n)
+    steps = int(cfg.get("local-steps", 20))
+    reply: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": n, "dp-weight": 1, "q": q, "steps": steps}
+    loss_before = model.loss(x, data.y_train)
+    if mode == "sample":
+        delta = float(cfg["delta"])
+        planned = int(cfg["num-rounds"]) * steps
+        sigma = noise_for_epsilon_cached(_state_dir(s), float(cfg["target-epsilon"]), delta, q,
+                                         planned)
+        dp = DpSgdConfig(clip=float(cfg.get("clip", 1.0)), sigma=sigma, q=q, steps=steps,
+                         lr=float(cfg.get("lr", 0.1)), momentum=float(cfg.get("momentum", 0.0)))
+        try:
+            ledger = _ledger(s)
+            run_id = str(context.run_id)
+            total = ledger.record(run_id, server_round, dp.event)
+        except PrivacyBudgetExceeded as exc:
+            return _reject(msg, DECLINED_BUDGET, str(exc))
+        except EdgefleetError as exc:  # unreadable ledger: refuse, never reset the budget
+            return _reject(msg, DECLINED_BUDGET, str(exc))
+        train_dp_sgd(model, x, data.y_train, dp, rng, anchor=anchor, mu=mu)
+        reply.update(sigma=sigma, epsilon=ledger.run_spent(run_id, delta), **{
+            "epsilon-total": total, "budget": ledger.budget})
+    else:
+        cfg_plain = DpSgdConfig(q=q, steps=steps, lr=float(cfg.get("lr", 0.1)),
+                                momentum=float(cfg.get("momentum", 0.0)))
+        _train_plain(model, x, data.y_train, cfg_plain, rng, anchor, mu)
+    reply["train-loss"] = float(loss_before)
+    metrics.inc("fl.rounds_trained")
+    sent = poison_update(start, model.params, s.attack, s.attack_factor) if s.attack \
+        else model.params
+    content = RecordDict({ARRAYS: ArrayRecord(to_arrays(sent)),
+                          METRICS: MetricRecord(reply)})
+    return Message(content=content, reply_to=msg)
+
+
+def _train_plain(model: Any, x: F32, y: I64, cfg: DpSgdConfig, rng: np.random.Generator,
+                 anchor: list[Any] | None, mu: float) -> None:
+    """Non-private local SGD with the same batch size and step count (fair comparison)."""
+    batch = max(1, round(cfg.q * len(y)))
+    velocity = [np.zeros_like(p) for p in model.params]
+    for _ in range(cfg.steps):
+        idx = rng.choice(len(y), size=min(batch, len(y)), replace=False)
+        _, grads = model.loss_and_grad(x[idx], y[idx])
+        for i, (p, g, v) in enumerate(zip(model.params, grads, velocity, strict=True)):
+            if mu and anchor is not None:
+                g = g + mu * (p - anchor[i])
+            v *= cfg.momentum
+            v -= cfg.lr * g
+            p += v
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    from edgefleet.device.runtime.mlp import MLP
+
+    try:
+        s = node_settings(dict(context.node_config))
+        data = load_local_data(s)
+        cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
+        model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
+        x = _normalize(data.x_test, cfg)
+    except (EdgefleetError, ValueError, KeyError) as exc:
+        default_metrics().inc("fl.rejected_input")
+        return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
+    m = MetricRecord({"num-examples": len(data.y_test), "dp-weight": 1,
+                      "eval-loss": model.loss(x, data.y_test),
+                      "eval-accuracy": model.accuracy(x, data.y_test)})
+    return Message(content=RecordDict({METRICS: m}), reply_to=msg)
+
+
+def clipping_when_client_dp(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod``, active only when the server runs client-level DP."""
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    cfgs = msg.content.config_records
+    if msg.metadata.message_type == "train" and any(KEY_CLIPPING_NORM in c for c in cfgs.values()):
+        return fixedclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+app = ClientApp(mods=[clipping_when_client_dp])
+app.train()(_train)
+app.evaluate()(_evaluate)

@@ -1,0 +1,241 @@
+"""The model package: a folder of model files plus ``manifest.json``.
+
+The format is documented in docs/model-package.md and versioned by ``format_version``.
+Reading a package never trusts it: every path must stay inside the folder, every file's
+size and sha256 must match the manifest, and the manifest itself is size-limited before
+it is parsed. Signing (TUF) wraps this format; it does not replace these checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from edgefleet.device.core.config import StrictModel
+from edgefleet.device.core.errors import PackageError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "GoldenSample",
+    "InputSpec",
+    "Manifest",
+    "Normalization",
+    "QuantParams",
+    "Variant",
+    "file_sha256",
+    "load_package",
+    "safe_member",
+    "write_manifest",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+VariantName = Literal["onnx-fp32", "onnx-int8", "tflite-int8", "tflite-fp32"]
+
+
+class QuantParams(StrictModel):
+    """Affine int8 quantization: ``real = scale * (q - zero_point)``."""
+
+    scale: float = Field(gt=0)
+    zero_point: int = Field(ge=-128, le=127)
+
+
+class Variant(StrictModel):
+    """One runnable form of the model (format and precision)."""
+
+    file: str
+    format: Literal["onnx", "tflite"]
+    precision: Literal["fp32", "int8"]
+    input_name: str = "input"
+    output_name: str = "logits"
+    #: TFLite full-integer models take int8 in and give int8 out.
+    input_quant: QuantParams | None = None
+    output_quant: QuantParams | None = None
+
+
+class InputSpec(StrictModel):
+    """What one raw input row looks like before normalization."""
+
+    dtype: Literal["float32"] = "float32"
+    shape: list[int] = Field(min_length=1, description="shape of one sample")
+    min_value: float | None = None
+    max_value: float | None = None
+
+
+class Normalization(StrictModel):
+    """Per-feature standardization applied before the model: ``(x - mean) / std``."""
+
+    mean: list[float]
+    std: list[float]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
+class GoldenSample(StrictModel):
+    """A raw input with the logits each variant must reproduce (within ``atol``)."""
+
+    input: list[float]
+    label: int
+    logits: dict[str, list[float]]
+
+
+class FileEntry(StrictModel):
+    """Size and digest of one file in the package."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class Manifest(StrictModel):
+    """``manifest.json``: everything a device needs to run and verify the model."""
+
+    format_version: int = FORMAT_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    version: str = Field(pattern=r"^[0-9]+(\.[0-9]+){0,2}$")
+    task: str
+    created: str
+    labels: list[str]
+    input: InputSpec
+    normalization: Normalization
+    variants: dict[VariantName, Variant]
+    default_variant: VariantName
+    temperature: float = Field(default=1.0, gt=0)
+    #: Calibrated-confidence threshold below which the device asks the cloud scorer.
+    fallback_threshold: float | None = Field(default=None, ge=0, le=1)
+    golden: list[GoldenSample] = Field(default_factory=list)
+    golden_atol: dict[str, float] = Field(default_factory=dict)
+    files: dict[str, FileEntry]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    lineage: dict[str, Any] = Field(default_factory=dict)
+    #: Per-feature reference histograms of the training inputs, for drift (PSI).
+    reference_stats: dict[str, Any] | None = None
+    #: Free-form extension data of later format revisions that still read as v1.
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"unsupported format_version {v} (this build reads {FORMAT_VERSION})")
+        return v
+
+    def variant(self, name: str | None = None) -> Variant:
+        """The named variant, or the default one."""
+        key = name or self.default_variant
+        try:
+            return self.variants[key]  # type: ignore[index]
+        except KeyError:
+            have = ", ".join(sorted(self.variants))
+            raise PackageError(f"package has no variant {key!r} (it has: {have})") from None
+
+    def variant_for_backend(self, backend: str) -> str:
+        """The best variant for ``onnx`` or ``tflite`` (int8 first)."""
+        for prec in ("int8", "fp32"):
+            key = f"{backend}-{prec}"
+            if key in self.variants:
+                return key
+        raise PackageError(f"package has no {backend} variant")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (packages can be larger than RAM on a Pi Zero)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_member(root: Path, rel: str) -> Path:
+    """Resolve ``rel`` inside ``root``; refuse absolute paths, ``..`` and symlinks out."""
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in rel or rel in ("", "."):
+        raise PackageError(f"file name {rel!r} points outside the package", path=str(root))
+    candidate = root / Path(*pure.parts)
+    resolved = candidate.resolve()
+    try:
+        resolved.relative_to(root.resolve())
+    except ValueError:
+        raise PackageError(f"file {rel!r} resolves outside the package", path=str(root)) from None
+    return candidate
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (temp file, fsync, rename)."""
+    target = root / MANIFEST_NAME
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    data = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(target)
+    return target
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Parse and validate ``manifest.json`` without checking the other files."""
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise PackageError("not a model package folder", path=str(root))
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise PackageError(f"no {MANIFEST_NAME}", path=str(root)) from None
+    if size > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{MANIFEST_NAME} is {size} bytes (limit {MAX_MANIFEST_BYTES})",
+                           path=str(root))
+    try:
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{MANIFEST_NAME} is not valid JSON ({exc})", path=str(root)) from None
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise PackageError(f"{MANIFEST_NAME}: {key}: {err['msg']}", path=str(root)) from None
+
+
+def load_package(root: Path | str, *, verify: bool = True) -> Manifest:
+    """Read a package's manifest and (by default) check every file's size and sha256.
+
+    Raises :class:`PackageError` naming the first file that is missing, outside the
+    folder, of the wrong size or with the wrong digest.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    for variant in manifest.variants.values():
+        if variant.file not in manifest.files:
+            raise PackageError(f"variant file {variant.file!r} is not listed in files",
+                               path=str(root))
+    if not verify:
+        return manifest
+    for rel, entry in manifest.files.items():
+        member = safe_member(root, rel)
+        if member.is_symlink():
+            raise PackageError(f"{rel}: symlinks are not allowed in a package", path=str(root))
+        try:
+            size = member.stat().st_size
+        except FileNotFoundError:
+            raise PackageError(f"{rel}: file is missing", path=str(root)) from None
+        if size != entry.size:
+            raise PackageError(f"{rel}: size {size} != manifest {entry.size} (truncated or "
+                               "altered)", path=str(root))
+        if file_sha256(member) != entry.sha256:
+            raise PackageError(f"{rel}: sha256 does not match the manifest (altered)",
+                               path=str(root))
+    return manifest

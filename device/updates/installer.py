@@ -1,0 +1,278 @@
+"""Apply one model assignment: TUF fetch, package checks, sandboxed trial, A/B swap, health.
+
+The order is the point: no parser sees bytes TUF has not verified (length and sha256
+from signed metadata); no runtime in the daemon loads a model that has not survived a
+trial load in a limited subprocess; the active slot is never written; the pointer flips
+only to a fully written, fsynced slot; and the new model stays on probation until a
+health check (golden inputs, latency bound, error-free probe inferences) commits it.
+Every refusal is an :class:`UpdateRejected`/``PackageError``/``ModelRejected`` with an
+event and a counter, and the daemon keeps serving what it served.
+
+``EDGEFLEET_FAULT_AT=<step>`` makes the process SIGKILL itself at that step (power-loss
+tests); the steps are :data:`FAULT_STEPS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgefleet.device.core.errors import (
+    EdgefleetError,
+    ModelError,
+    ModelRejected,
+    TargetNotSigned,
+    UpdateRejected,
+)
+from edgefleet.device.core.metrics import Metrics, default_metrics
+from edgefleet.device.inference.serving import ServingModel
+from edgefleet.device.runtime.manifest import read_manifest
+from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.device.updates.sandbox import TrialLimits, trial_load
+from edgefleet.device.updates.slots import SlotStore
+from edgefleet.device.updates.tuf_client import TufClient
+
+__all__ = ["FAULT_STEPS", "Assignment", "EventSink", "HealthPolicy", "Updater"]
+
+log = logging.getLogger(__name__)
+
+FAULT_STEPS = ("begin", "refreshed", "downloaded", "staged", "slot_forgotten", "slot_written",
+               "trialed", "activated", "swapped", "committed")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,2}$")
+
+
+def fault(step: str) -> None:
+    """SIGKILL this process at ``step`` when ``EDGEFLEET_FAULT_AT`` names it (tests)."""
+    if os.environ.get("EDGEFLEET_FAULT_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _no_events(kind: str, **data: Any) -> None:
+    return None
+
+
+class EventSink(Protocol):
+    """Where update events go (MQTT, the telemetry reporter, a list in tests)."""
+
+    def __call__(self, kind: str, **data: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Which model version a device should run (or shadow)."""
+
+    model: str
+    version: str
+    shadow: bool = False
+    rollout: str | None = None
+
+    @property
+    def target(self) -> str:
+        """The TUF target path (the registry's naming)."""
+        return f"{self.model}/{self.version}.tar"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Assignment:
+        """Validate an assignment message (untrusted input: names are checked, not trusted)."""
+        if not isinstance(d, dict):
+            raise UpdateRejected("assignment is not a JSON object", reason="bad_assignment")
+        model, version = d.get("model"), d.get("version")
+        if not isinstance(model, str) or not _NAME.match(model):
+            raise UpdateRejected(f"bad model name {model!r}", reason="bad_assignment")
+        if not isinstance(version, str) or not _VERSION.match(version):
+            raise UpdateRejected(f"bad version {version!r}", reason="bad_assignment")
+        rollout = d.get("rollout")
+        return cls(model, version, bool(d.get("shadow", False)),
+                   str(rollout)[:64] if rollout is not None else None)
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """What a newly activated model must show before it is committed."""
+
+    probe_inferences: int = 50
+    max_errors: int = 0
+    max_p95_latency_ms: float = 250.0
+    trial_limits: TrialLimits = field(default_factory=TrialLimits)
+
+
+class Updater:
+    """Owns the slots and the serving model of one device."""
+
+    def __init__(self, state_dir: Path, tuf: TufClient, serving: ServingModel, *,
+                 variant: str | None = None, health: HealthPolicy | None = None,
+                 events: EventSink | None = None, metrics: Metrics | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.tuf = tuf
+        self.serving = serving
+        self.slots = SlotStore(self.state_dir)
+        self.variant = variant
+        self.health = health or HealthPolicy()
+        self.metrics = metrics if metrics is not None else default_metrics()
+        #: Where events go; the MQTT agent replaces it with its publisher.
+        self.events: EventSink = events or _no_events
+        self.downloads = self.state_dir / "downloads"
+        self.downloads.mkdir(exist_ok=True)
+        serving.on_error_burst = self._error_burst
+
+    # --- start-up --------------------------------------------------------------------
+    def start(self) -> Predictor | None:
+        """Recover the slots after a (re)start and serve the active model, verified."""
+        for p in self.downloads.iterdir():  # partial downloads of a killed run
+            p.unlink(missing_ok=True)
+        rec = self.slots.recover()
+        if rec.event:
+            self.event(rec.event, slot=rec.slot, version=rec.info.version if rec.info else None)
+        if rec.slot is None or rec.info is None:
+            return None
+        model = self._load(rec.slot)
+        self.serving.swap(model, watch=False)
+        return model
+
+    def _load(self, slot: str) -> Predictor:
+        return Predictor.load(self.slots.path(slot), variant=self.variant, threads=1,
+                              metrics=self.metrics)
+
+    def event(self, kind: str, **data: Any) -> None:
+        """Count and publish one update event."""
+        self.metrics.inc(f"update_{kind}")
+        log.info("update event %s %s", kind, data)
+        try:
+            self.events(kind, **data)
+        except Exception:  # an event sink must never break an update
+            log.exception("update event sink failed")
+
+    # --- one assignment --------------------------------------------------------------
+    def apply(self, a: Assignment) -> str:
+        """Bring the device to assignment ``a``; returns ``current``, ``activated`` or ``shadow``.
+
+        Raises the refusal (after emitting ``rejected``) when the update is refused.
+        """
+        _slot, info = self.slots.active()
+        if info is not None and info.target == a.target and not a.shadow:
+            self.serving.set_shadow(None)
+            return "current"
+        try:
+            return self._apply(a)
+        except (ModelError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or (
+                "trial_failed" if isinstance(exc, ModelRejected) else
+                "package_invalid" if isinstance(exc, ModelError) else "io_error")
+            self.metrics.inc(f"update_rejected_{reason}")
+            self.event("rejected", target=a.target, reason=reason, error=str(exc),
+                       rollout=a.rollout)
+            raise
+
+    def _apply(self, a: Assignment) -> str:
+        fault("begin")
+        tinfo = self.tuf.refresh(a.target)
+        if tinfo is None:
+            raise TargetNotSigned("the signed targets metadata does not list it", target=a.target)
+        fault("refreshed")
+        sha = str(tinfo.hashes.get("sha256", ""))
+        custom = tinfo.custom if isinstance(tinfo.custom, dict) else {}
+        if (custom.get("model"), custom.get("version")) != (a.model, a.version):
+            raise UpdateRejected("signed target is another model or version",
+                                 reason="assignment_mismatch", target=a.target)
+        self.tuf.highest.saw_model(a.model, a.version)
+        if sha in self.slots.rejected():
+            raise UpdateRejected("this archive already failed on this device",
+                                 reason="previously_rejected", target=a.target)
+        slot = self._staged_slot(a, sha)
+        try:
+            trial_load(self.slots.path(slot), [self._variant(slot)], self.health.trial_limits)
+        except ModelRejected:
+            self.slots.reject(sha, a.target, "trial_failed")
+            raise
+        fault("trialed")
+        if a.shadow:
+            self.serving.set_shadow(self._load(slot))
+            self.event("shadow_started", target=a.target, rollout=a.rollout)
+            return "shadow"
+        return self._activate(slot, a, sha)
+
+    def _variant(self, slot: str) -> str:
+        return self.variant or read_manifest(self.slots.path(slot)).default_variant
+
+    def _staged_slot(self, a: Assignment, sha: str) -> str:
+        """The inactive slot holding the target: reused if already there, else downloaded."""
+        inactive = self.slots.inactive()
+        held = self.slots.info(inactive)
+        if held is not None and held.sha256 == sha and self.slots.slot_ok(inactive):
+            return inactive
+        archive = self.downloads / f"{sha}.tar"
+        try:
+            self.tuf.fetch(a.target, archive)
+            fault("downloaded")
+            slot, _manifest = self.slots.stage(archive, a.model, a.version, a.target, sha,
+                                               fault=fault)
+        finally:
+            archive.unlink(missing_ok=True)
+        return slot
+
+    def _activate(self, slot: str, a: Assignment, sha: str) -> str:
+        self.slots.activate(slot)
+        fault("activated")
+        try:
+            model = self._load(slot)
+            self._health_check(model)
+        except EdgefleetError as exc:
+            self.slots.reject(sha, a.target, "health_check")
+            self._rollback(f"health check failed: {exc}", a, reload=False)
+            raise ModelRejected(f"health check failed: {exc}") from None
+        self.serving.swap(model)
+        self.serving.set_shadow(None)
+        fault("swapped")
+        self.slots.commit()
+        fault("committed")
+        self.event("activated", target=a.target, version=a.version, rollout=a.rollout)
+        return "activated"
+
+    def _health_check(self, model: Predictor) -> None:
+        """Golden inputs ran in ``Predictor.load``; here: latency and error-free probes."""
+        m = model.manifest
+        rows = [g.input for g in m.golden] or [[0.0] * int(np.prod(m.input.shape))]
+        lat, errors = [], 0
+        for i in range(self.health.probe_inferences):
+            x = np.asarray(rows[i % len(rows)], dtype=np.float32).reshape(m.input.shape)
+            t0 = time.perf_counter()
+            try:
+                pred = model.predict(x)
+                if not np.isfinite(pred.confidence):
+                    errors += 1
+            except EdgefleetError:
+                errors += 1
+            lat.append((time.perf_counter() - t0) * 1e3)
+        if errors > self.health.max_errors:
+            raise ModelRejected(f"{errors} of {len(lat)} probe inferences failed")
+        p95 = float(np.percentile(lat, 95)) if lat else 0.0
+        if p95 > self.health.max_p95_latency_ms:
+            raise ModelRejected(f"p95 latency {p95:.1f} ms > {self.health.max_p95_latency_ms} ms")
+
+    def _rollback(self, why: str, a: Assignment | None, *, reload: bool = True) -> None:
+        prev = self.slots.rollback()
+        if prev is not None and reload:
+            self.serving.swap(self._load(prev), watch=False)
+        self.event("rolled_back", reason=why, to_slot=prev,
+                   target=a.target if a else None, rollout=a.rollout if a else None)
+
+    def _error_burst(self, why: str) -> None:
+        """Called by :class:`ServingModel` when a new model errs in its first inferences."""
+        _slot, info = self.slots.active()
+        if info is not None:
+            self.slots.reject(info.sha256, info.target, "error_burst")
+        self._rollback(why, None)
+
+    def stop_shadow(self) -> None:
+        """Stop running a shadow candidate."""
+        self.serving.set_shadow(None)
+

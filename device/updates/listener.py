@@ -1,0 +1,209 @@
+"""The device side of rollouts: retained MQTT assignments in, update state and events out.
+
+Topics (documented in docs/updates.md)::
+
+    edgefleet/v1/update/assign/device/<device>   retained: what this device should run
+    edgefleet/v1/update/assign/group/<group>     retained: what a group should run
+    edgefleet/v1/update/assign/fleet             retained: what every device should run
+    edgefleet/v1/update/state/<device>           retained: active version, health, highest seen
+    edgefleet/v1/update/event/<device>           activated / rejected / rolled_back / ...
+
+The most specific assignment wins (device, then group, then fleet); an empty retained
+message clears one. Assignments only *name* a version: the bytes come through TUF,
+which refuses anything its signed metadata does not vouch for. Updates run on a worker
+thread, so inference and the MQTT loop never wait for a download or a trial load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from edgefleet.device.core.errors import UpdateRejected, UpdateUnavailable
+from edgefleet.device.core.metrics import Metrics, default_metrics
+from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
+from edgefleet.device.core.retry import Backoff
+from edgefleet.device.updates.installer import Assignment, Updater
+
+__all__ = [
+    "ASSIGN_ROOT",
+    "FLEET_TOPIC",
+    "UpdateAgent",
+    "device_topic",
+    "event_topic",
+    "group_topic",
+    "state_topic",
+]
+
+log = logging.getLogger(__name__)
+
+ASSIGN_ROOT = "edgefleet/v1/update/assign"
+FLEET_TOPIC = f"{ASSIGN_ROOT}/fleet"
+MAX_ASSIGNMENT_BYTES = 4096
+
+
+def device_topic(device: str) -> str:
+    """Retained assignment of one device."""
+    return f"{ASSIGN_ROOT}/device/{device}"
+
+
+def group_topic(group: str) -> str:
+    """Retained assignment of a group."""
+    return f"{ASSIGN_ROOT}/group/{group}"
+
+
+def state_topic(device: str) -> str:
+    """Retained update state of a device."""
+    return f"edgefleet/v1/update/state/{device}"
+
+
+def event_topic(device: str) -> str:
+    """Update events of a device."""
+    return f"edgefleet/v1/update/event/{device}"
+
+
+class UpdateAgent:
+    """Follows assignments for one device; ``start()`` runs the MQTT and worker threads."""
+
+    def __init__(self, device_id: str, updater: Updater, mqtt: MqttConfig, *,
+                 groups: tuple[str, ...] = (), metrics: Metrics | None = None,
+                 state_interval: float = 2.0, backoff: Backoff | None = None) -> None:
+        self.device_id = device_id
+        self.groups = groups
+        self.updater = updater
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self.state_interval = state_interval
+        self.backoff = backoff or Backoff(base=1.0, cap=60.0)
+        self.link = MqttLink(mqtt, f"upd-{device_id}", prefix="update", metrics=self.metrics,
+                             on_connected=self._connected, on_message=self._message)
+        self._sources: dict[str, Assignment | None] = {}
+        self._wanted: queue.Queue[Assignment | None] = queue.Queue()
+        self._outbox: deque[tuple[str, bytes, bool]] = deque(maxlen=1000)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.last_outcome: dict[str, Any] = {}
+        updater.events = self._event
+
+    # --- MQTT side (link thread) -----------------------------------------------------
+    def _topics(self) -> list[str]:
+        return [device_topic(self.device_id), *(group_topic(g) for g in self.groups),
+                FLEET_TOPIC]
+
+    def _connected(self, client: Any) -> None:
+        for t in self._topics():
+            client.subscribe(t, qos=1)
+        self._queue_state()
+
+    def _message(self, _client: Any, _ud: Any, msg: Any) -> None:
+        if msg.topic not in self._topics():
+            return
+        if len(msg.payload) > MAX_ASSIGNMENT_BYTES:
+            self.metrics.inc("update_assignment_invalid")
+            log.warning("assignment on %s is %d bytes: ignored", msg.topic, len(msg.payload))
+            return
+        try:
+            assignment = (Assignment.from_dict(json.loads(msg.payload))
+                          if msg.payload else None)
+        except (ValueError, UpdateRejected) as exc:
+            self.metrics.inc("update_assignment_invalid")
+            self._event("assignment_invalid", topic=msg.topic, error=str(exc))
+            return
+        self._sources[msg.topic] = assignment
+        self._wanted.put(self.effective())
+
+    def effective(self) -> Assignment | None:
+        """The most specific assignment received so far."""
+        for t in self._topics():
+            a = self._sources.get(t)
+            if a is not None:
+                return a
+        return None
+
+    def _event(self, kind: str, **data: Any) -> None:
+        body = {"device": self.device_id, "event": kind, "ts": time.time(), **data}
+        self._outbox.append((event_topic(self.device_id), json.dumps(body).encode(), False))
+        self._queue_state()
+
+    def state(self) -> dict[str, Any]:
+        """What the retained state message says."""
+        _slot, info = self.updater.slots.active()
+        return {
+            "device": self.device_id, "groups": list(self.groups), "ts": time.time(),
+            "model": info.name if info else None, "version": info.version if info else None,
+            "shadow": (self.updater.serving.shadow.manifest.version
+                       if self.updater.serving.shadow else None),
+            "shadow_agreement": self.updater.serving.shadow_agreement(),
+            "shadow_latency_ms": self.updater.serving.shadow_latency_ms(),
+            "health": self.updater.serving.health(),
+            "highest_seen": {**self.updater.tuf.highest.versions,
+                             "models": self.updater.tuf.highest.models},
+            "last": self.last_outcome,
+        }
+
+    def _queue_state(self) -> None:
+        self._outbox.append((state_topic(self.device_id), json.dumps(self.state()).encode(),
+                             True))
+
+    def _run_link(self) -> None:
+        next_state = 0.0
+        while not self._stop.is_set():
+            self.link.step(0.05)
+            if not self.link.connected or self.link.client is None:
+                continue
+            if time.monotonic() >= next_state:
+                self._queue_state()
+                next_state = time.monotonic() + self.state_interval
+            while self._outbox:
+                topic, payload, retain = self._outbox.popleft()
+                self.link.client.publish(topic, payload, qos=1, retain=retain)
+        self.link.close()
+
+    # --- worker side -----------------------------------------------------------------
+    def _run_worker(self) -> None:
+        current: Assignment | None = None
+        while not self._stop.is_set():
+            try:
+                current = self._wanted.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            while not self._wanted.empty():  # only the newest assignment matters
+                current = self._wanted.get_nowait()
+            if current is not None:
+                self._apply(current)
+
+    def _apply(self, a: Assignment) -> None:
+        while not self._stop.is_set():
+            try:
+                outcome = self.updater.apply(a)
+                self.last_outcome = {"target": a.target, "outcome": outcome}
+                self.backoff.reset()
+                break
+            except UpdateUnavailable as exc:
+                delay = self.backoff.next_delay()
+                log.info("repository unavailable (%s); retrying in %.1f s", exc, delay)
+                if self._stop.wait(delay) or not self._wanted.empty():
+                    break
+            except Exception as exc:  # refused: already counted and reported by the updater
+                self.last_outcome = {"target": a.target, "outcome": "rejected",
+                                     "reason": getattr(exc, "reason", type(exc).__name__)}
+                break
+        self._queue_state()
+
+    def start(self) -> UpdateAgent:
+        """Start the MQTT and worker threads."""
+        for name, fn in (("update-mqtt", self._run_link), ("update-worker", self._run_worker)):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        """Stop both threads (an update in progress finishes its current step first)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)

@@ -1,0 +1,45 @@
+"""Reference histograms of the training inputs and confidences, stored in the package.
+
+Devices measure drift (PSI, :mod:`edgefleet.device.inference.drift`) against these. Bin edges are
+deciles of the training data (equal-mass bins make PSI sensitive where the data is);
+features with fewer distinct values get fewer bins, a constant feature gets one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgefleet.device.inference.drift import histogram_probs
+
+__all__ = ["quantile_edges", "reference_stats"]
+
+N_BINS = 10
+
+
+def quantile_edges(values: npt.ArrayLike, bins: int = N_BINS) -> list[float]:
+    """Distinct inner cut points at the ``1/bins .. (bins-1)/bins`` quantiles."""
+    v = np.asarray(values, dtype=np.float64)
+    qs = np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1])
+    edges = sorted({round(float(q), 6) for q in qs})
+    # A cut at the minimum leaves its left bin empty; drop it.
+    return [e for e in edges if e > float(v.min())]
+
+
+def reference_stats(x_train: npt.ArrayLike, confidences: npt.ArrayLike | None = None,
+                    bins: int = N_BINS) -> dict[str, Any]:
+    """``{"features": {"edges", "probs"}, "confidence": {...}}`` for the manifest."""
+    x = np.asarray(x_train, dtype=np.float64)
+    edges = [quantile_edges(x[:, j], bins) for j in range(x.shape[1])]
+    probs = [[round(float(p), 6) for p in histogram_probs(x[:, j], e)]
+             for j, e in enumerate(edges)]
+    out: dict[str, Any] = {"version": 1, "samples": int(x.shape[0]), "bins": bins,
+                           "features": {"edges": edges, "probs": probs}}
+    if confidences is not None:
+        c = np.asarray(confidences, dtype=np.float64)
+        ce = quantile_edges(c, bins)
+        out["confidence"] = {"edges": ce,
+                             "probs": [round(float(p), 6) for p in histogram_probs(c, ce)]}
+    return out

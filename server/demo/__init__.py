@@ -1,0 +1,2 @@
+"""``edgefleet demo``: a whole fleet on this machine as real processes, including
+emulated arm64 devices."""

@@ -1,0 +1,312 @@
+"""The fleet store: telemetry messages, device registry, events and reject counts.
+
+SQLite in WAL mode is the embedded default; a ``postgresql://`` DSN selects PostgreSQL
+(psycopg 3) behind the same methods. The SQL is written once with ``?`` placeholders and
+portable types; the two dialects differ only in the auto-increment key and placeholder.
+Schema changes are numbered migrations applied in order inside a transaction and
+recorded in ``schema_migrations``; a store newer than this code is refused.
+
+Exactly-once: ``messages`` has ``UNIQUE (device, boot, seq)`` and inserts use
+``ON CONFLICT DO NOTHING``, so the duplicates QoS 1 delivers are counted, not stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgefleet.device.core.errors import ConfigError, EdgefleetError, MissingExtraError
+
+__all__ = ["MIGRATIONS", "Store", "apply_migrations", "default_db", "open_store"]
+
+_PK = "{PK}"
+MIGRATIONS: list[list[str]] = [
+    [  # 1: the initial schema
+        f"""CREATE TABLE messages (
+            id {_PK}, device TEXT NOT NULL, boot TEXT NOT NULL, seq BIGINT NOT NULL,
+            kind TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
+            received DOUBLE PRECISION NOT NULL, payload TEXT NOT NULL,
+            UNIQUE (device, boot, seq))""",
+        "CREATE INDEX messages_device_ts ON messages (device, ts)",
+        """CREATE TABLE devices (
+            device TEXT PRIMARY KEY, online INTEGER NOT NULL DEFAULT 0,
+            status_ts DOUBLE PRECISION, last_seen DOUBLE PRECISION, boot TEXT,
+            model_name TEXT, model_version TEXT, training_state TEXT,
+            epsilon DOUBLE PRECISION, n_inferences BIGINT NOT NULL DEFAULT 0,
+            n_local BIGINT NOT NULL DEFAULT 0, n_fallback BIGINT NOT NULL DEFAULT 0,
+            n_degraded BIGINT NOT NULL DEFAULT 0, drift_input DOUBLE PRECISION,
+            drift_confidence DOUBLE PRECISION, spool_dropped BIGINT NOT NULL DEFAULT 0,
+            messages BIGINT NOT NULL DEFAULT 0, duplicates BIGINT NOT NULL DEFAULT 0,
+            metrics_ts DOUBLE PRECISION, last_metrics TEXT)""",
+        f"""CREATE TABLE events (
+            id {_PK}, ts DOUBLE PRECISION NOT NULL, device TEXT, kind TEXT NOT NULL,
+            severity TEXT NOT NULL, message TEXT NOT NULL, data TEXT)""",
+        "CREATE INDEX events_ts ON events (ts)",
+        """CREATE TABLE open_alerts (
+            device TEXT NOT NULL, kind TEXT NOT NULL, since DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (device, kind))""",
+        "CREATE TABLE rejects (reason TEXT PRIMARY KEY, count BIGINT NOT NULL)",
+    ],
+]
+
+DEVICE_COLUMNS = ("device", "online", "status_ts", "last_seen", "boot", "model_name",
+                  "model_version", "training_state", "epsilon", "n_inferences", "n_local",
+                  "n_fallback", "n_degraded", "drift_input", "drift_confidence",
+                  "spool_dropped", "messages", "duplicates", "metrics_ts")
+
+
+def apply_migrations(execute: Callable[[str, Sequence[Any]], object],
+                     query_one: Callable[[str], Any], table: str,
+                     migrations: Sequence[Sequence[str]], what: str) -> int:
+    """Apply the numbered ``migrations`` not yet recorded in ``table``; returns the version.
+
+    Shared by the fleet store and ``registry.db``'s rollout tables. The caller holds one
+    transaction around it, so a failing step leaves nothing applied; ``what`` names the
+    schema in the error a newer database gets.
+    """
+    execute(f"CREATE TABLE IF NOT EXISTS {table} ("
+            "version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)", ())
+    have = query_one(f"SELECT MAX(version) FROM {table}") or 0
+    if have > len(migrations):
+        raise EdgefleetError(f"{what} v{have}, newer than this edgefleet "
+                             f"(v{len(migrations)}): upgrade edgefleet")
+    for version in range(have + 1, len(migrations) + 1):
+        for stmt in migrations[version - 1]:
+            execute(stmt, ())
+        execute(f"INSERT INTO {table} VALUES (?, ?)", (version, time.time()))
+    return len(migrations)
+
+
+def default_db() -> str:
+    """``$EDGEFLEET_DB``, else ``$XDG_DATA_HOME/edgefleet/fleet.db``."""
+    env = os.environ.get("EDGEFLEET_DB")
+    if env:
+        return env
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "edgefleet" / "fleet.db")
+
+
+class Store:
+    """One connection to the fleet database; methods are safe to call from several threads."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = str(target)
+        self.dialect = "postgresql" if self.target.startswith(
+            ("postgresql://", "postgres://")) else "sqlite"
+        self._lock = threading.RLock()
+        self._conn: Any = self._connect()
+        self.migrate()
+
+    # -- connection and SQL --------------------------------------------------------------
+    def _connect(self) -> Any:
+        if self.dialect == "postgresql":
+            try:
+                import psycopg
+            except ImportError:
+                raise MissingExtraError("the PostgreSQL store", "server", "psycopg") from None
+            try:
+                return psycopg.connect(self.target, autocommit=True)
+            except psycopg.Error as exc:
+                raise ConfigError(f"cannot connect to PostgreSQL: {exc}".strip()) from None
+        path = Path(self.target)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the fleet store: {exc}", path=str(path)) from None
+        return conn
+
+    def _sql(self, sql: str) -> str:
+        if self.dialect == "postgresql":
+            return sql.replace("?", "%s").replace(_PK, "BIGSERIAL PRIMARY KEY")
+        return sql.replace(_PK, "INTEGER PRIMARY KEY AUTOINCREMENT")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        with self._lock:
+            cur = self._conn.execute(self._sql(sql), tuple(params))
+            return int(cur.rowcount or 0)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a SELECT and return all rows as tuples."""
+        with self._lock:
+            return [tuple(r) for r in self._conn.execute(self._sql(sql), tuple(params))]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """Everything inside commits together or not at all."""
+        with self._lock:
+            if self.dialect == "postgresql":
+                with self._conn.transaction():
+                    yield self
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def migrate(self) -> int:
+        """Apply the migrations this database has not seen; returns the schema version."""
+        with self.transaction():
+            return apply_migrations(self.execute, lambda sql: self.query(sql)[0][0],
+                                    "schema_migrations", MIGRATIONS, "the fleet store has schema")
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    # -- writes (called inside transaction()) -----------------------------------------
+    def insert_message(self, device: str, boot: str, seq: int, kind: str, ts: float,
+                       received: float, payload: str) -> bool:
+        """Store a message once; False when (device, boot, seq) is already there."""
+        return self.execute(
+            "INSERT INTO messages (device, boot, seq, kind, ts, received, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, boot, seq) DO NOTHING",
+            (device, boot, seq, kind, ts, received, payload)) == 1
+
+    def touch_device(self, device: str, seen: float, new: int, dup: int) -> None:
+        """Create the registry row if needed; bump last seen and message counts."""
+        self.execute("INSERT INTO devices (device) VALUES (?) ON CONFLICT (device) DO NOTHING",
+                     (device,))
+        self.execute("UPDATE devices SET last_seen = ?, messages = messages + ?, "
+                     "duplicates = duplicates + ? WHERE device = ?", (seen, new, dup, device))
+
+    def set_status(self, device: str, online: bool, ts: float, boot: str) -> None:
+        """Online/offline from the status topic."""
+        self.execute("INSERT INTO devices (device) VALUES (?) ON CONFLICT (device) DO NOTHING",
+                     (device,))
+        self.execute("UPDATE devices SET online = ?, status_ts = ?, boot = ? WHERE device = ?",
+                     (1 if online else 0, ts, boot, device))
+
+    def update_metrics(self, device: str, ts: float, fields: dict[str, Any],
+                       body: dict[str, Any]) -> bool:
+        """Newest metrics win: an older spooled report never overwrites a newer one."""
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        return self.execute(
+            f"UPDATE devices SET {cols}, metrics_ts = ?, last_metrics = ? "
+            "WHERE device = ? AND (metrics_ts IS NULL OR metrics_ts <= ?)",
+            (*fields.values(), ts, json.dumps(body), device, ts)) == 1
+
+    def add_event(self, ts: float, device: str | None, kind: str, severity: str,
+                  message: str, data: dict[str, Any] | None = None) -> None:
+        """Append an event (an alert, a resolution, or a device-reported event)."""
+        self.execute("INSERT INTO events (ts, device, kind, severity, message, data) "
+                     "VALUES (?, ?, ?, ?, ?, ?)",
+                     (ts, device, kind, severity, message, json.dumps(data or {})))
+
+    def open_alert(self, device: str, kind: str, ts: float) -> bool:
+        """Mark an alert open; False if it already was (so it is written once)."""
+        return self.execute("INSERT INTO open_alerts VALUES (?, ?, ?) "
+                            "ON CONFLICT (device, kind) DO NOTHING", (device, kind, ts)) == 1
+
+    def close_alert(self, device: str, kind: str) -> bool:
+        """Mark an alert resolved; False if it was not open."""
+        return self.execute("DELETE FROM open_alerts WHERE device = ? AND kind = ?",
+                            (device, kind)) == 1
+
+    def count_rejects(self, counts: dict[str, int]) -> None:
+        """Add to the per-reason reject counters."""
+        for reason, n in counts.items():
+            self.execute("INSERT INTO rejects VALUES (?, ?) ON CONFLICT (reason) "
+                         "DO UPDATE SET count = rejects.count + excluded.count", (reason, n))
+
+    # -- reads ------------------------------------------------------------------------------
+    def devices(self) -> list[dict[str, Any]]:
+        """Every registry row, by device id."""
+        rows = self.query(f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices ORDER BY device")
+        return [dict(zip(DEVICE_COLUMNS, r, strict=True)) for r in rows]
+
+    def device(self, device: str) -> dict[str, Any] | None:
+        """One registry row with its latest metrics body, or None."""
+        rows = self.query(f"SELECT {', '.join(DEVICE_COLUMNS)}, last_metrics FROM devices "
+                          "WHERE device = ?", (device,))
+        if not rows:
+            return None
+        out = dict(zip((*DEVICE_COLUMNS, "last_metrics"), rows[0], strict=True))
+        out["last_metrics"] = json.loads(out["last_metrics"]) if out["last_metrics"] else None
+        return out
+
+    def messages(self, *, device: str | None = None, after_id: int = 0, limit: int = 100,
+                 kind: str | None = None, newest: bool = False) -> list[dict[str, Any]]:
+        """Stored messages in arrival order (``newest``: the last ``limit`` of them)."""
+        where, params = ["id > ?"], [after_id]
+        if device:
+            where.append("device = ?")
+            params.append(device)  # type: ignore[arg-type]
+        if kind:
+            where.append("kind = ?")
+            params.append(kind)  # type: ignore[arg-type]
+        order = "DESC" if newest else "ASC"
+        rows = self.query("SELECT id, device, boot, seq, kind, ts, received, payload "
+                          f"FROM messages WHERE {' AND '.join(where)} ORDER BY id {order} "
+                          "LIMIT ?", (*params, limit))
+        keys = ("id", "device", "boot", "seq", "kind", "ts", "received", "payload")
+        out = [dict(zip(keys, r, strict=True)) for r in rows]
+        return out[::-1] if newest else out
+
+    def last_metrics_message(self, device: str,
+                             before: float | None = None) -> dict[str, Any] | None:
+        """The device's newest stored ``metrics`` message (sent at or before ``before``)."""
+        where = "device = ? AND kind = 'metrics'"
+        params: list[Any] = [device]
+        if before is not None:
+            where += " AND ts <= ?"
+            params.append(before)
+        rows = self.query(f"SELECT boot, ts, payload FROM messages WHERE {where} "
+                          "ORDER BY ts DESC, id DESC LIMIT 1", params)
+        return dict(zip(("boot", "ts", "payload"), rows[0], strict=True)) if rows else None
+
+    def message_stats(self, device: str | None = None) -> dict[str, int]:
+        """Row count and distinct (device, boot, seq) count (equal unless the schema broke)."""
+        where, params = ("WHERE device = ?", (device,)) if device else ("", ())
+        n = self.query(f"SELECT COUNT(*) FROM messages {where}", params)[0][0]
+        d = self.query("SELECT COUNT(*) FROM (SELECT DISTINCT device, boot, seq FROM messages "
+                       f"{where}) AS t", params)[0][0]
+        return {"rows": int(n), "distinct": int(d)}
+
+    def events(self, *, limit: int = 50, device: str | None = None,
+               prefix: str | None = None) -> list[dict[str, Any]]:
+        """The newest events first."""
+        where, params = ["1 = 1"], []
+        if device:
+            where.append("device = ?")
+            params.append(device)
+        if prefix:
+            where.append("kind LIKE ?")
+            params.append(prefix + "%")
+        rows = self.query("SELECT id, ts, device, kind, severity, message, data FROM events "
+                          f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                          (*params, limit))
+        keys = ("id", "ts", "device", "kind", "severity", "message", "data")
+        return [{**dict(zip(keys, r, strict=True)), "data": json.loads(r[6] or "{}")}
+                for r in rows]
+
+    def open_alerts(self) -> list[dict[str, Any]]:
+        """Alerts raised and not yet resolved."""
+        return [{"device": d, "kind": k, "since": s} for d, k, s in
+                self.query("SELECT device, kind, since FROM open_alerts ORDER BY since")]
+
+    def rejects(self) -> dict[str, int]:
+        """Rejected messages by reason."""
+        return {r: int(n) for r, n in self.query("SELECT reason, count FROM rejects")}
+
+
+def open_store(target: str | Path | None = None) -> Store:
+    """Open (and migrate) the store at a path or DSN; default: :func:`default_db`."""
+    return Store(target or default_db())
