@@ -27,6 +27,7 @@ demo: venv deps
 lint: venv
 	$(BIN)/ruff check .
 	bash scripts/typecheck
+	bash scripts/lint-imports
 
 typecheck: venv
 	bash scripts/typecheck

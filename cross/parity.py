@@ -85,7 +85,7 @@ def compare(package: Path, rootfs: str | None = None, cpu: str | None = None) ->
 
     ``cpu`` is the emulated CPU model (``cross/run.sh --cpu``; default a Raspberry Pi 4's).
     """
-    from edgefleet.models.build.pipeline import load_params
+    from edgefleet.device.runtime.mlp import load_params
     from edgefleet.models.core.tasks import get_task
 
     split = get_task("digits").split()

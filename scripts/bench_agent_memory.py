@@ -33,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import md_table, write_section
 
 from edgefleet.device.agent.enroll import install_bundle
-from edgefleet.server.fl.runner import BIN, EmbeddedFederation
+from edgefleet.server.fl.runner import EmbeddedFederation
 from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker, free_port
-from edgefleet.server.fleet.home import FleetHome, enroll_device
+from edgefleet.server.fleet.enrollment import enroll_device
+from edgefleet.server.fleet.home import FleetHome
+from edgefleet.server.fleet.superlink import BIN
 
 TARGET_MB = 150
 VARIANTS = ("onnx-int8", "tflite-int8")

@@ -23,10 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import DOCS, md_table, write_section
 
-from edgefleet.device.fl.client import app as client_app
 from edgefleet.device.runtime.mlp import MLP
 from edgefleet.models.core.partition import dirichlet_partition
 from edgefleet.models.core.train import TrainConfig, train_sgd
+from edgefleet.models.sim.fl_app import app as client_app
 from edgefleet.server.fl.inprocess import InProcessGrid
 from edgefleet.server.fl.server_app import FleetStrategy
 from edgefleet.server.fl.settings import build_strategy, run_settings

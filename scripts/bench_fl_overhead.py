@@ -25,17 +25,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import md_table, write_section
 
-from edgefleet.server.fl.runner import (
-    BIN,
-    CONN,
-    EmbeddedFederation,
-    flower_env,
-    flower_status,
-    follow_run,
-    submit_run,
-)
+from edgefleet.server.fl.runner import EmbeddedFederation, flower_status, follow_run, submit_run
 from edgefleet.server.fl.settings import run_settings
 from edgefleet.server.fl.store import FlStore
+from edgefleet.server.fleet.superlink import BIN, CONN, flower_env
 
 NODES, ROUNDS = 5, 3
 BARE_APP = Path(__file__).resolve().parent / "bare_flower_app"
@@ -86,18 +79,19 @@ import json, time
 import numpy as np
 import flwr.supernode.cli.flwr_clientapp  # loaded by Flower's process before any app
 t0 = time.perf_counter()
+import edgefleet.models.sim.fl_app as sim
 import edgefleet.device.fl.client as fc
 t1 = time.perf_counter()
 from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
 from edgefleet.device.privacy.accounting import DpEvent, _dpa, noise_for_epsilon_cached
 from edgefleet.device.runtime.mlp import MLP
 s = fc.node_settings({"partition-id": 0, "num-partitions": %d})
-d = fc.load_local_data(s)
+d = sim.builtin_share(s)
 t2 = time.perf_counter()
 _dpa("rdp.rdp_privacy_accountant")
 t3 = time.perf_counter()
 q = min(1.0, 32 / len(d.y_train))
-sigma = noise_for_epsilon_cached(fc._state_dir(s), 3.0, 1e-5, q, %d * 20)
+sigma = noise_for_epsilon_cached(fc.state_dir(s), 3.0, 1e-5, q, %d * 20)
 t4 = time.perf_counter()
 x = (d.x_train - d.x_train.mean(0)) / (d.x_train.std(0) + 1)
 train_dp_sgd(MLP.init((64, 64, 10)), x, d.y_train, DpSgdConfig(sigma=sigma, q=q, steps=20),
@@ -148,7 +142,7 @@ def measure() -> dict[str, Any]:
         print("ours", ours, load, flush=True)
     first, later = clientapp_cold_costs(work)
     imports = {m: cold_import_seconds(m, work) for m in
-               ("flwr.clientapp", "bare_app", "edgefleet.device.fl.client")}
+               ("flwr.clientapp", "bare_app", "edgefleet.models.sim.fl_app")}
     print("imports", imports, f"total {time.monotonic() - t0:.0f} s", flush=True)
     results = {"bare": bare, "ours": ours, "load": load, "first": first, "later": later,
                "imports": imports}

@@ -29,8 +29,8 @@ from bench_common import md_table, write_section
 from edgefleet.device.runtime.backends import InferenceBackend, open_backend
 from edgefleet.device.runtime.golden import normalize
 from edgefleet.device.runtime.manifest import Variant
-from edgefleet.device.runtime.mlp import MLP
-from edgefleet.models.build.pipeline import BuildOptions, build_package, load_params
+from edgefleet.device.runtime.mlp import MLP, load_params
+from edgefleet.models.build.pipeline import BuildOptions, build_package
 from edgefleet.models.build.tflite_export import export_tflite_fp32
 from edgefleet.models.build.vision import (
     MobileNetSpec,

@@ -1,18 +1,19 @@
 """The device's Flower ClientApp: DP training on private data, and federated evaluation.
 
 A SuperNode starts it (``flower-supernode --node-config ...``); its data never leaves
-the device. In the demo a device holds partition ``partition-id`` of ``num-partitions``
-Dirichlet shares of a task's training split; deployed, it reads the labelled samples
-the agent stored (``data="path/to/samples.npz"`` with arrays ``x`` and ``y``). A fixed
-20 % of the local data is held out for federated evaluation.
+the device. :func:`make_client_app` builds the app around a *data loader*: the
+production app (:data:`app`) reads the labelled samples the agent stored
+(``data="path/to/samples.npz"`` with arrays ``x`` and ``y``) and nothing else; the
+simulated devices of the demo, tests and benchmarks use
+``edgefleet.models.sim.fl_app:app``, whose loader cuts a Dirichlet share of a built-in
+task. A fixed 20 % of the local data is held out for federated evaluation.
 
 Flower runs every message in a fresh process, so what a message would recompute is
-kept in the node's state folder (with the privacy ledger): the demo share
-(:mod:`edgefleet.device.fl.share_cache`) and the calibrated σ
+kept in the node's state folder (with the privacy ledger), e.g. the calibrated σ
 (:func:`~edgefleet.device.privacy.accounting.noise_for_epsilon_cached`).
 
-``dp = "sample"``: DP-SGD (:mod:`edgefleet.device.fl.dp_sgd`) with the noise calibrated so the
-whole run spends the requested ε, and every round recorded in the device's privacy
+``dp = "sample"``: DP-SGD (:mod:`edgefleet.device.fl.dp_sgd`) with the noise calibrated
+so the whole run spends the requested ε, and every round recorded in the device's privacy
 ledger before the update is sent. A device whose ledger would pass its budget declines.
 ``dp = "client"``: plain local SGD, update clipped on the device by Flower's
 ``fixedclipping_mod``, noise added once on the server.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -31,14 +33,13 @@ import numpy.typing as npt
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from pydantic import Field
 
 from edgefleet.device.core.config import StrictModel, load_config
 from edgefleet.device.core.errors import ConfigError, EdgefleetError
 from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
-from edgefleet.device.fl.share_cache import cached_share, share_key
 from edgefleet.device.privacy.accounting import noise_for_epsilon_cached
 from edgefleet.device.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from edgefleet.device.wire.federated import (
@@ -50,9 +51,9 @@ from edgefleet.device.wire.federated import (
     from_arrays,
     to_arrays,
 )
-from edgefleet.models.sim.fl_attack import Attack, poison_update
 
-__all__ = ["LocalData", "NodeSettings", "app", "load_local_data"]
+__all__ = ["DataLoader", "LocalData", "NodeSettings", "app", "make_client_app", "node_settings",
+           "stored_samples"]
 
 log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -73,8 +74,6 @@ class NodeSettings(StrictModel):
                                            "(default: FLWR_HOME)")
     privacy_budget: float = Field(10.0, gt=0)
     privacy_delta: float = Field(1e-5, gt=0, lt=1)
-    attack: Attack = Field("", description="TEST/BENCHMARK ONLY: send a poisoned update")
-    attack_factor: float = Field(10.0, gt=0)
 
 
 class LocalData:
@@ -93,55 +92,36 @@ def node_settings(node_config: dict[str, Any]) -> NodeSettings:
                                                 for k, v in node_config.items()})
 
 
-def load_local_data(s: NodeSettings) -> LocalData:
-    """This device's private samples (a demo partition or the agent's stored samples)."""
-    return _load_local_data(s.model_dump_json())
+DataLoader = Callable[[NodeSettings], LocalData]
+
+
+def stored_samples(s: NodeSettings) -> LocalData:
+    """The labelled samples the agent stored (node-config ``data``): a device's only data."""
+    if not s.data:
+        raise ConfigError("no local samples: node-config 'data' names none")
+    return _stored_samples(s.data, s.partition_seed)
 
 
 @cache
-def _load_local_data(key: str) -> LocalData:
-    s = NodeSettings.model_validate_json(key)
-    if s.data:
-        try:
-            with np.load(Path(s.data).expanduser(), allow_pickle=False) as f:
-                x, y = np.asarray(f["x"], dtype=np.float32), np.asarray(f["y"], dtype=np.int64)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ConfigError(f"cannot read local samples: {exc}", path=s.data) from None
-        if x.ndim != 2 or len(x) != len(y) or len(y) < 2:
-            raise ConfigError(f"samples need x (n, features) and y (n,), got {x.shape}/{y.shape}",
-                              path=s.data)
-        return LocalData(x, y, seed=s.partition_seed)
-    if s.partition_id >= s.num_partitions:
-        raise ConfigError(f"partition-id {s.partition_id} >= num-partitions {s.num_partitions}")
-    key = share_key(s.task, s.partition_id, s.num_partitions, s.alpha, s.partition_seed)
-    x, y = cached_share(_state_dir(s), key, lambda: _demo_share(s))
-    return LocalData(x, y, seed=s.partition_id)
+def _stored_samples(path: str, seed: int) -> LocalData:
+    try:
+        with np.load(Path(path).expanduser(), allow_pickle=False) as f:
+            x, y = np.asarray(f["x"], dtype=np.float32), np.asarray(f["y"], dtype=np.int64)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"cannot read local samples: {exc}", path=path) from None
+    if x.ndim != 2 or len(x) != len(y) or len(y) < 2:
+        raise ConfigError(f"samples need x (n, features) and y (n,), got {x.shape}/{y.shape}",
+                          path=path)
+    return LocalData(x, y, seed=seed)
 
 
-def _demo_share(s: NodeSettings) -> tuple[F32, I64]:
-    """Partition ``partition-id`` of the task's training split (what the cache stores)."""
-    from edgefleet.models.core.tasks import get_task
-
-    split = get_task(s.task).split()
-    part = _partition(s.task, s.num_partitions, s.alpha, s.partition_seed)[s.partition_id]
-    return split.x_train[part], split.y_train[part]
-
-
-@cache
-def _partition(task: str, n: int, alpha: float, seed: int) -> list[npt.NDArray[np.intp]]:
-    from edgefleet.models.core.partition import dirichlet_partition
-    from edgefleet.models.core.tasks import get_task
-
-    return dirichlet_partition(get_task(task).split().y_train, n, alpha, seed)
-
-
-def _state_dir(s: NodeSettings) -> Path:
-    """The node's state folder: privacy ledger, σ cache and demo share cache."""
+def state_dir(s: NodeSettings) -> Path:
+    """The node's state folder: privacy ledger and σ cache (and a simulation's share cache)."""
     return Path(s.state_dir or os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
 
 
 def _ledger(s: NodeSettings) -> PrivacyLedger:
-    return PrivacyLedger(_state_dir(s) / "privacy-ledger.json", s.privacy_budget,
+    return PrivacyLedger(state_dir(s) / "privacy-ledger.json", s.privacy_budget,
                          s.privacy_delta)
 
 
@@ -166,13 +146,13 @@ def _reject(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _train(msg: Message, context: Context) -> Message:
+def _train(load: DataLoader, msg: Message, context: Context) -> Message:
     from edgefleet.device.runtime.mlp import MLP
 
     metrics = default_metrics()
     try:
         s = node_settings(dict(context.node_config))
-        data = load_local_data(s)
+        data = load(s)
         cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
         x = _normalize(data.x_train, cfg)
@@ -196,7 +176,7 @@ def _train(msg: Message, context: Context) -> Message:
     if mode == "sample":
         delta = float(cfg["delta"])
         planned = int(cfg["num-rounds"]) * steps
-        sigma = noise_for_epsilon_cached(_state_dir(s), float(cfg["target-epsilon"]), delta, q,
+        sigma = noise_for_epsilon_cached(state_dir(s), float(cfg["target-epsilon"]), delta, q,
                                          planned)
         dp = DpSgdConfig(clip=float(cfg.get("clip", 1.0)), sigma=sigma, q=q, steps=steps,
                          lr=float(cfg.get("lr", 0.1)), momentum=float(cfg.get("momentum", 0.0)))
@@ -217,9 +197,7 @@ def _train(msg: Message, context: Context) -> Message:
         _train_plain(model, x, data.y_train, cfg_plain, rng, anchor, mu)
     reply["train-loss"] = float(loss_before)
     metrics.inc("fl.rounds_trained")
-    sent = poison_update(start, model.params, s.attack, s.attack_factor) if s.attack \
-        else model.params
-    content = RecordDict({ARRAYS: ArrayRecord(to_arrays(sent)),
+    content = RecordDict({ARRAYS: ArrayRecord(to_arrays(model.params)),
                           METRICS: MetricRecord(reply)})
     return Message(content=content, reply_to=msg)
 
@@ -240,12 +218,12 @@ def _train_plain(model: Any, x: F32, y: I64, cfg: DpSgdConfig, rng: np.random.Ge
             p += v
 
 
-def _evaluate(msg: Message, context: Context) -> Message:
+def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
     from edgefleet.device.runtime.mlp import MLP
 
     try:
         s = node_settings(dict(context.node_config))
-        data = load_local_data(s)
+        data = load(s)
         cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
         x = _normalize(data.x_test, cfg)
@@ -268,6 +246,20 @@ def clipping_when_client_dp(msg: Message, ctxt: Context, call_next: ClientAppCal
     return call_next(msg, ctxt)
 
 
-app = ClientApp(mods=[clipping_when_client_dp])
-app.train()(_train)
-app.evaluate()(_evaluate)
+def make_client_app(load: DataLoader = stored_samples, mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp training and evaluating on what ``load`` returns for a node."""
+    client = ClientApp(mods=[clipping_when_client_dp, *mods])
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _train(load, msg, context)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return _evaluate(load, msg, context)
+
+    return client
+
+
+#: What a deployed SuperNode runs: training only on the samples the agent stored.
+app = make_client_app()

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MLP", "Params", "softmax"]
+__all__ = ["MLP", "PARAMS_FILE", "Params", "load_params", "softmax", "write_params"]
+
+#: The fp32 weights in a model package (the starting point for FL and distillation).
+PARAMS_FILE = "params.npz"
 
 F32 = npt.NDArray[np.float32]
 #: ``[W1, b1, W2, b2, ...]``; float32 normally, float64 allowed (gradient checks).
@@ -173,3 +177,14 @@ class MLP:
     def accuracy(self, x: npt.NDArray[np.floating], y: npt.NDArray[np.integer]) -> float:
         """Share of rows whose arg-max equals the label."""
         return float(np.mean(self.predict(x) == y)) if len(y) else 0.0
+
+
+def write_params(path: Path, params: Sequence[np.ndarray]) -> None:
+    """Save fp32 weights ``[W1, b1, ...]`` (the starting point for FL and distillation)."""
+    np.savez(path, *params)
+
+
+def load_params(path: Path) -> list[np.ndarray]:
+    """Inverse of :func:`write_params`."""
+    with np.load(path, allow_pickle=False) as data:
+        return [data[f"arr_{i}"] for i in range(len(data.files))]

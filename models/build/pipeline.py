@@ -30,18 +30,17 @@ from edgefleet.device.runtime.manifest import (
 )
 from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
 from edgefleet.models.core.distill import DistillSpec
-from edgefleet.device.runtime.mlp import MLP, softmax
+from edgefleet.device.runtime.mlp import MLP, PARAMS_FILE, softmax, write_params
 from edgefleet.models.build.onnx_export import export_onnx_fp32, quantize_onnx_int8
 from edgefleet.models.core.reference_stats import reference_stats
 from edgefleet.models.core.tasks import Task, get_task
 from edgefleet.models.core.train import TrainConfig, apply_normalization, fit_normalization, train_sgd
 
-__all__ = ["BuildOptions", "BuildResult", "build_package", "package_model", "write_params"]
+__all__ = ["BuildOptions", "BuildResult", "build_package", "package_model"]
 
 log = logging.getLogger(__name__)
 
 Format = Literal["onnx", "tflite", "all"]
-PARAMS_FILE = "params.npz"
 N_GOLDEN = 4
 
 
@@ -72,17 +71,6 @@ class BuildResult:
 
 
 Progress = Callable[[str], None]
-
-
-def write_params(path: Path, params: Sequence[np.ndarray]) -> None:
-    """Save fp32 weights ``[W1, b1, ...]`` (the starting point for FL and distillation)."""
-    np.savez(path, *params)
-
-
-def load_params(path: Path) -> list[np.ndarray]:
-    """Inverse of :func:`write_params`."""
-    with np.load(path, allow_pickle=False) as data:
-        return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
 def _check_out(out: Path) -> None:

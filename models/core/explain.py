@@ -22,7 +22,7 @@ import numpy.typing as npt
 from edgefleet.device.core.errors import PackageError
 from edgefleet.device.runtime.golden import normalize
 from edgefleet.device.runtime.manifest import Manifest, load_package
-from edgefleet.device.runtime.mlp import MLP
+from edgefleet.device.runtime.mlp import MLP, PARAMS_FILE, load_params
 
 __all__ = ["Explanation", "explain", "explain_package", "input_gradient"]
 
@@ -78,8 +78,6 @@ def explain(model: MLP, x_norm: npt.NDArray[np.floating], target: int | None = N
 
 def load_model(root: Path) -> MLP:
     """The package's fp32 NumPy model (``params.npz``)."""
-    from edgefleet.models.build.pipeline import PARAMS_FILE, load_params
-
     path = root / PARAMS_FILE
     if not path.exists():
         raise PackageError(f"{PARAMS_FILE} is missing: explanations need the fp32 weights",

@@ -115,7 +115,7 @@ def enroll(
     Copy the bundle to the device over a trusted channel, then on the device:
     sudo edgefleet-agent enroll pi-07.tar.gz --state-dir /var/lib/edgefleet
     """
-    from edgefleet.server.fleet.home import enroll_device
+    from edgefleet.server.fleet.enrollment import enroll_device
 
     h = _open(home)
     conn = None if no_register else h.superlink_conn()
@@ -171,7 +171,7 @@ def revoke(name: str = typer.Argument(..., help="Device name."),
 
     Example: edgefleet devices revoke pi-07
     """
-    from edgefleet.server.fleet.home import revoke_device
+    from edgefleet.server.fleet.enrollment import revoke_device
 
     h = _open(home)
     revoke_device(h, name, superlink=h.superlink_conn())
@@ -190,7 +190,7 @@ def sync(home: Path | None = _home_option(),
     Example: edgefleet devices sync
     """
     from edgefleet.device.core.errors import UsageError
-    from edgefleet.server.fleet.home import register_pending
+    from edgefleet.server.fleet.enrollment import register_pending
 
     h = _open(home)
     conn = h.superlink_conn()

@@ -82,13 +82,13 @@ def train(
     from edgefleet.device.core.errors import UsageError
     from edgefleet.server.fl.runner import (
         EmbeddedFederation,
-        SuperLinkConn,
         check_settings,
         follow_run,
         submit_run,
     )
     from edgefleet.server.fl.settings import run_settings
     from edgefleet.server.fl.store import FlStore, RoundRow
+    from edgefleet.server.fleet.superlink import SuperLinkConn
 
     if dp not in ("sample", "client", "off"):
         raise UsageError(f"--dp must be sample, client or off, not {dp!r}")

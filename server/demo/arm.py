@@ -18,7 +18,7 @@ from pathlib import Path
 from edgefleet.device.core.errors import EdgefleetError
 
 __all__ = ["DEVICE_VENV_BIN", "PATIENT_SUPERNODE", "EmulatedDevices", "arm_variant",
-           "cross_dir", "export_partition"]
+           "cross_dir"]
 
 #: The device venv's programs (a real Pi installs into the same path).
 DEVICE_VENV_BIN = Path("/opt/edgefleet/venv/bin")
@@ -40,24 +40,6 @@ class CrossError(EdgefleetError):
 def arm_variant(index: int) -> str:
     """The model variant of the ``index``-th emulated device (0-based)."""
     return ARM_VARIANTS[index % len(ARM_VARIANTS)]
-
-
-def export_partition(task: str, index: int, count: int, out: Path) -> Path:
-    """Device ``index``'s training share as ``samples.npz`` (``x``, ``y``): a device holds
-    its own samples (node-config ``data``); it has no scikit-learn to cut the demo's
-    partition itself. The same Dirichlet partition a native demo device trains on."""
-    import numpy as np
-
-    from edgefleet.device.fl.client import NodeSettings
-    from edgefleet.models.core.partition import dirichlet_partition
-    from edgefleet.models.core.tasks import get_task
-
-    d = NodeSettings.model_validate({})  # the defaults a native device partitions with
-    split = get_task(task).split()
-    part = dirichlet_partition(split.y_train, count, d.alpha, d.partition_seed)[index]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x=split.x_train[part], y=split.y_train[part])
-    return out
 
 
 def cross_dir() -> Path:

@@ -29,11 +29,11 @@ from typing import Any
 
 from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.core.metrics import Histogram
+from edgefleet.models.sim.fl_app import export_partition
 from edgefleet.server.demo.arm import (
     PATIENT_SUPERNODE,
     EmulatedDevices,
     arm_variant,
-    export_partition,
 )
 from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker, free_port
 from edgefleet.server.procs import ProcessGroup
@@ -214,7 +214,7 @@ class Demo:
     def start_devices(self) -> None:
         """Enroll N devices, install their bundles, start a simulator and an agent each."""
         from edgefleet.device.agent.enroll import install_bundle
-        from edgefleet.server.fleet.home import enroll_device
+        from edgefleet.server.fleet.enrollment import enroll_device
 
         n = self.opts.devices
         first_arm = n - self.opts.arm_devices

@@ -18,31 +18,22 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from edgefleet.device.core.errors import EdgefleetError, UsageError
+from edgefleet.device.core.errors import UsageError
 from edgefleet.device.core.retry import Backoff
 from edgefleet.server.fl.settings import RunSettings
 from edgefleet.server.fl.store import FlStore, RoundRow, RunRow
 from edgefleet.server.fleet.pki import CertPaths, init_certs
+from edgefleet.server.fleet.superlink import BIN, CONN, FlRunError, SuperLinkConn, flower_env
 
-__all__ = ["EmbeddedFederation", "FlRunError", "SuperLinkConn", "flower_env", "follow_run",
-           "submit_run"]
+__all__ = ["EmbeddedFederation", "follow_run", "submit_run"]
 
 log = logging.getLogger(__name__)
-BIN = Path(sys.executable).parent
-CONN = "edgefleet"
-
-
-class FlRunError(EdgefleetError):
-    """A Flower process or run failed; the message says which and why."""
-
-    exit_code = 70
 
 
 def free_port() -> int:
@@ -64,38 +55,12 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise FlRunError(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for a Flower process: its own FLWR_HOME, our venv's tools on PATH."""
-    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}"
-            f"{os.environ.get('PATH', '')}", "FLWR_TELEMETRY_ENABLED": "0"}
+#: The ClientApp of simulated devices (built-in task shares unless ``data`` is set).
+SIMULATED_CLIENTAPP = "edgefleet.models.sim.fl_app:app"
 
 
-@dataclass
-class SuperLinkConn:
-    """How the ``flwr`` CLI reaches a SuperLink; written as a Flower config in ``home``."""
-
-    address: str
-    home: Path
-    root_certificates: Path | None = None
-
-    def write(self) -> None:
-        """Write ``$FLWR_HOME/config.toml`` with one connection named ``edgefleet``."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        tls = (f'root-certificates = "{self.root_certificates.resolve()}"'
-               if self.root_certificates else "insecure = true")
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONN}"\n\n[superlink.{CONN}]\n'
-            f'address = "{self.address}"\n{tls}\n')
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run one ``flwr`` CLI command against this SuperLink."""
-        self.write()
-        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True,
-                              env=flower_env(self.home), timeout=timeout, check=False)
-
-
-def write_flower_app(folder: Path) -> Path:
-    """The Flower app (a ``pyproject.toml``) naming our ServerApp and ClientApp."""
+def write_flower_app(folder: Path, clientapp: str = SIMULATED_CLIENTAPP) -> Path:
+    """The Flower app (a ``pyproject.toml``) naming our ServerApp and ``clientapp``."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for key, value in RunSettings.model_validate({}).flower_config().items():
@@ -107,14 +72,15 @@ def write_flower_app(folder: Path) -> Path:
         'license = "Apache-2.0"\ndependencies = ["flwr>=1.41"]\n\n'
         '[tool.flwr.app]\npublisher = "edgefleet"\n\n[tool.flwr.app.components]\n'
         'serverapp = "edgefleet.server.fl.server_app:app"\n'
-        'clientapp = "edgefleet.device.fl.client:app"\n\n[tool.flwr.app.config]\n'
+        f'clientapp = "{clientapp}"\n\n[tool.flwr.app.config]\n'
         + "\n".join(lines) + "\n")
     return folder
 
 
-def submit_run(conn: SuperLinkConn, settings: RunSettings, work: Path) -> str:
+def submit_run(conn: SuperLinkConn, settings: RunSettings, work: Path,
+               clientapp: str = SIMULATED_CLIENTAPP) -> str:
     """Start a run with these settings (``flwr run``); returns Flower's run id."""
-    app_dir = write_flower_app(work / "app")
+    app_dir = write_flower_app(work / "app", clientapp)
     cfg = work / f"run-{settings.tag}.toml"
     cfg.write_text("\n".join(f"{k} = {json.dumps(v)}"
                              for k, v in settings.flower_config().items()) + "\n")

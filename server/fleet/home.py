@@ -1,4 +1,4 @@
-"""The fleet home: the server's state folder, and device enrollment and revocation.
+"""The fleet home: the server's state folder (enrollment is :mod:`.enrollment`).
 
 Layout (all private: the folder is 0700, secrets 0600)::
 
@@ -16,13 +16,10 @@ Default location: ``$EDGEFLEET_HOME``, else ``$XDG_DATA_HOME/edgefleet``, else
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import secrets
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,21 +28,19 @@ from pydantic import Field, ValidationError, model_validator
 
 from edgefleet.device.core.config import StrictModel, dump_toml, load_config, registry_is_https
 from edgefleet.device.core.errors import ConfigError, UsageError
-from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
 from edgefleet.server.fleet.broker_acl import (
-    RESERVED_NAMES,
     hash_password,
     write_acl,
     write_password_hashes,
 )
-from edgefleet.server.fleet.devices import DeviceRow, DeviceTable
+from edgefleet.server.fleet.devices import DeviceTable
+from edgefleet.server.fleet.superlink import SuperLinkConn
 
 if TYPE_CHECKING:
-    from edgefleet.server.fl.runner import SuperLinkConn
     from edgefleet.server.fleet.broker import MosquittoBroker
 
 __all__ = ["SERVICE_ROLES", "BrokerFiles", "Credentials", "FleetHome", "FleetSettings",
-           "enroll_device", "register_pending", "revoke_device"]
+           "private_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +107,7 @@ def default_root() -> Path:
     return Path(base) / "edgefleet"
 
 
-def _private_dir(path: Path) -> Path:
+def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
     return path
@@ -164,10 +159,10 @@ class FleetHome:
         for path in (cfg.broker_ca, cfg.superlink_ca, cfg.trusted_root, cfg.registry_ca):
             if path is not None and not path.is_file():
                 raise ConfigError("file not found", path=str(path))
-        _private_dir(root)
+        private_dir(root)
         (root / "fleet.toml").write_text(dump_toml(cfg.model_dump(mode="json")))
         for sub in ("services", "broker", "nodes", "bundles"):
-            _private_dir(root / sub)
+            private_dir(root / sub)
         home = cls(root)
         for role in SERVICE_ROLES:
             home.service_credentials(role)
@@ -178,7 +173,7 @@ class FleetHome:
         """The broker account of ``role`` (created with a random password on first use)."""
         if role not in SERVICE_ROLES:
             raise UsageError(f"unknown service {role!r} (one of {', '.join(SERVICE_ROLES)})")
-        path = _private_dir(self.root / "services") / f"{role}.password"
+        path = private_dir(self.root / "services") / f"{role}.password"
         if not path.exists():
             _write_secret(path, secrets.token_urlsafe(24) + "\n")
         return Credentials(role, path.read_text(encoding="utf-8").strip())
@@ -189,7 +184,7 @@ class FleetHome:
         hashes = {r.mqtt_username: r.mqtt_hash for r in active}
         hashes.update({role: hash_password(self.service_credentials(role).password)
                        for role in SERVICE_ROLES})
-        d = _private_dir(self.root / "broker")
+        d = private_dir(self.root / "broker")
         pw = write_password_hashes(d / "passwd", hashes)
         acl = write_acl(d / "acl", services=(), roles={r: r for r in SERVICE_ROLES},
                         groups={r.mqtt_username: r.group for r in active})
@@ -197,8 +192,6 @@ class FleetHome:
 
     def superlink_conn(self) -> SuperLinkConn | None:
         """How the ``flwr`` CLI reaches the configured SuperLink (None when none is)."""
-        from edgefleet.server.fl.runner import SuperLinkConn
-
         s = self.settings
         if not s.superlink:
             return None
@@ -216,116 +209,3 @@ class FleetHome:
             return False
         os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
         return True
-
-
-def check_device_name(name: str, group: str) -> None:
-    """Refuse names the ACL could confuse with a service or a topic level."""
-    for what, value in (("device name", name), ("group", group)):
-        if not re.match(DEVICE_ID_PATTERN, value):
-            raise UsageError(f"{value!r} is not a valid {what} (letters, digits, '.', '_', "
-                             "'-'; at most 64)")
-    if name in RESERVED_NAMES or name in SERVICE_ROLES:
-        raise UsageError(f"{name!r} is reserved for the services; pick another device name")
-
-
-def _flwr_json(conn: SuperLinkConn, what: str, *args: str) -> dict[str, Any]:
-    from edgefleet.server.fl.runner import CONN, FlRunError
-
-    res = conn.flwr("supernode", *args, CONN, "--format", "json")
-    try:
-        out: dict[str, Any] = json.loads(res.stdout[res.stdout.index("{"):])
-    except ValueError:
-        out = {}
-    if res.returncode or not out.get("success"):
-        msg = (res.stderr or res.stdout).strip().splitlines()
-        raise FlRunError(f"{what} failed: {msg[-1] if msg else res.returncode}")
-    return out
-
-
-def _register(home: FleetHome, row: DeviceRow, conn: SuperLinkConn) -> None:
-    assert row.node_public_key is not None
-    out = _flwr_json(conn, f"registering {row.name}'s SuperNode key", "register",
-                     row.node_public_key, "--name", row.name)
-    home.devices.set_fl(row.name, "registered", int(out["node-id"]))
-
-
-def _unregister(home: FleetHome, row: DeviceRow, conn: SuperLinkConn) -> None:
-    if row.node_id is not None:
-        _flwr_json(conn, f"unregistering {row.name}'s SuperNode", "unregister", str(row.node_id))
-    home.devices.set_fl(row.name, "unregistered")
-
-
-def enroll_device(home: FleetHome, name: str, group: str = "default", *,
-                  out: Path | None = None, superlink: SuperLinkConn | None = None,
-                  broker: MosquittoBroker | None = None) -> Path:
-    """Create a device's credentials and keys and write its bundle; returns the bundle path.
-
-    With ``superlink`` the node key is registered now, otherwise it is recorded as
-    pending for :func:`register_pending`. The broker files are rewritten; pass
-    ``broker`` (or set ``broker_pid_file``) so the broker reloads them.
-    """
-    from edgefleet.server.fleet.enroll_bundle import write_bundle
-    from edgefleet.server.fleet.pki import make_node_key
-
-    check_device_name(name, group)
-    existing = home.devices.get(name)
-    if existing is not None and existing.active:
-        raise UsageError(f"{name!r} is already enrolled (revoke it first to re-enroll)")
-    out = Path(out) if out is not None else home.root / "bundles" / name
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise UsageError(f"{out} exists; refusing to overwrite a bundle")
-    password = secrets.token_urlsafe(24)
-    with tempfile.TemporaryDirectory(prefix=f".enroll-{name}-", dir=home.root) as tmp:
-        stage = Path(tmp)
-        node_pub: Path | None = None
-        if home.settings.superlink:
-            make_node_key(stage / "node.key")
-            node_pub = _private_dir(home.root / "nodes") / f"{name}.pub"
-            node_pub.write_bytes((stage / "node.pub").read_bytes())
-        row = home.devices.put(name, group, hash_password(password),
-                               str(node_pub) if node_pub else None,
-                               "pending" if node_pub else "none")
-        try:
-            if node_pub is not None and superlink is not None:
-                _register(home, row, superlink)
-            bundle = write_bundle(home.settings, name, group, password, stage, out)
-        except BaseException:
-            home.devices.delete(name)  # no half-enrolled device blocking the name
-            raise
-        home.broker_files()
-        home.reload_broker(broker)
-    log.info("enrolled %s (group %s): bundle %s", name, group, bundle)
-    return bundle
-
-
-def revoke_device(home: FleetHome, name: str, *, broker: MosquittoBroker | None = None,
-                  superlink: SuperLinkConn | None = None) -> None:
-    """Cut a device off: broker account removed (and reloaded), SuperNode unregistered."""
-    row = home.devices.get(name)
-    if row is None:
-        raise UsageError(f"unknown device {name!r} (see `edgefleet devices ls`)")
-    home.devices.revoke(name)
-    home.broker_files()
-    home.reload_broker(broker)
-    if row.fl_state == "pending" or (row.fl_state == "registered" and row.node_id is None):
-        home.devices.set_fl(name, "unregistered")  # the SuperLink never knew it
-    elif row.fl_state in ("registered", "unregister_pending"):
-        if superlink is None:
-            home.devices.set_fl(name, "unregister_pending")
-            log.warning("%s: SuperNode still registered; run `edgefleet devices sync`", name)
-        else:
-            _unregister(home, row, superlink)
-    log.info("revoked %s", name)
-
-
-def register_pending(home: FleetHome, superlink: SuperLinkConn) -> list[str]:
-    """Register pending keys of active devices, unregister those of revoked ones."""
-    done = []
-    for row in home.devices.all():
-        if row.active and row.fl_state == "pending":
-            _register(home, row, superlink)
-            done.append(row.name)
-        elif not row.active and row.fl_state == "unregister_pending":
-            _unregister(home, row, superlink)
-            done.append(row.name)
-    return done

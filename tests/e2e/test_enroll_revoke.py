@@ -14,9 +14,10 @@ from edgefleet.device.agent.settings import load_agent_config
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.telemetry.publisher import TelemetryPublisher
 from edgefleet.device.telemetry.spool import Spool
-from edgefleet.server.fl.runner import BIN, CONN, EmbeddedFederation
+from edgefleet.server.fl.runner import EmbeddedFederation
 from edgefleet.server.fleet.broker import free_port
 from edgefleet.server.fleet.home import FleetHome
+from edgefleet.server.fleet.superlink import BIN, CONN
 from tests.conftest import run_cli
 from tests.support.enroll import Inbox, home_broker
 from tests.support.telemetry import raw_client, wait_until

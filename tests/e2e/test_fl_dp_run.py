@@ -15,10 +15,11 @@ import pytest
 from dp_accounting import rdp
 
 from edgefleet.device.runtime.manifest import load_package
-from edgefleet.server.fl.runner import EmbeddedFederation, flower_env, follow_run, submit_run
+from edgefleet.server.fl.runner import EmbeddedFederation, follow_run, submit_run
 from edgefleet.server.fl.settings import run_settings
 from edgefleet.server.fl.store import FlStore
 from edgefleet.server.fleet.pki import make_node_key
+from edgefleet.server.fleet.superlink import flower_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -10,9 +10,10 @@ import pytest
 
 from edgefleet.device.agent.supervise import SupervisedProcess
 from edgefleet.device.core.retry import Backoff
-from edgefleet.server.fl.runner import EmbeddedFederation, flower_env, follow_run, submit_run
+from edgefleet.server.fl.runner import EmbeddedFederation, follow_run, submit_run
 from edgefleet.server.fl.settings import run_settings
 from edgefleet.server.fl.store import FlStore
+from edgefleet.server.fleet.superlink import flower_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.fault]
 

@@ -1,8 +1,10 @@
 """Robust aggregation on real processes: a SuperLink and 5 SuperNodes, one of them poisoning.
 
 The same federation runs FedAvg and then trimmed mean; device 4 scales its update by
-50 (the ``attack`` node-config, a test facility). The clean reference is the same
-run with no attacker through the in-process grid (same ClientApp, seeds and shares).
+50 (the ``attack`` node-config of ``tests/support/fl_attack.py``, a test-only ClientApp
+that is not installed with edgefleet: the SuperNodes import it from this checkout).
+The clean reference is the same run with no attacker through the in-process grid
+(same ClientApp, seeds and shares).
 Also: per-device accuracy lands in the FL store, and ``edgefleet train --json``
 reports it with ``--strategy median --norm-bound``.
 """
@@ -10,6 +12,7 @@ reports it with ``--strategy median --norm-bound``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,14 +21,19 @@ from edgefleet.server.fl.runner import EmbeddedFederation, follow_run, submit_ru
 from edgefleet.server.fl.settings import run_settings
 from edgefleet.server.fl.store import FlStore
 from tests.conftest import run_cli
+from tests.support.fl_attack import APP_REF as ATTACK_APP
 from tests.support.robust import ATTACKER, DEVICES, run_inprocess
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ROUNDS = 2  # each message starts a flwr-clientapp process: rounds are costly
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(400)
-def test_trimmed_mean_survives_a_scaling_device_fedavg_does_not(tmp_path: Path) -> None:
+def test_trimmed_mean_survives_a_scaling_device_fedavg_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     clean = run_inprocess("fedavg", rounds=ROUNDS).accuracy
     store = FlStore(tmp_path / "fl.db")
     final: dict[str, float] = {}
@@ -42,8 +50,8 @@ def test_trimmed_mean_survives_a_scaling_device_fedavg_does_not(tmp_path: Path) 
             s = run_settings({"tag": strategy, "num-rounds": ROUNDS, "dp": "off", "seed": 0,
                               "strategy": strategy, "min-nodes": DEVICES,
                               "num-nodes": DEVICES, "db": str(tmp_path / "fl.db")})
-            run = follow_run(store, strategy, fed.conn, submit_run(fed.conn, s, tmp_path),
-                             timeout=300)
+            run_id = submit_run(fed.conn, s, tmp_path, ATTACK_APP)
+            run = follow_run(store, strategy, fed.conn, run_id, timeout=300)
             assert run.final is not None
             final[strategy] = run.final["accuracy"]
             spread = run.final["device_accuracy"]

@@ -14,8 +14,7 @@ import pytest
 from edgefleet.device.runtime.backends import open_backend
 from edgefleet.device.runtime.golden import normalize
 from edgefleet.device.runtime.manifest import load_package
-from edgefleet.device.runtime.mlp import MLP
-from edgefleet.models.build.pipeline import load_params
+from edgefleet.device.runtime.mlp import MLP, load_params
 from edgefleet.models.core.tasks import get_task
 from tests.conftest import run_cli
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from edgefleet.device.runtime.manifest import file_sha256
+from edgefleet.models.sim.fl_app import export_partition
 from edgefleet.models.sim.tamper import bump_version, corrupt_artifact, tampered_copy
-from edgefleet.server.demo.arm import arm_variant, cross_dir, export_partition
+from edgefleet.server.demo.arm import arm_variant, cross_dir
 from tests.conftest import run_cli
 
 

@@ -16,12 +16,8 @@ from edgefleet.device.core.config import dump_toml
 from edgefleet.device.core.errors import ConfigError, UsageError
 from edgefleet.device.core.mqtt_link import MqttConfig
 from edgefleet.server.fleet.broker_acl import verify_password
-from edgefleet.server.fleet.home import (
-    FleetHome,
-    enroll_device,
-    register_pending,
-    revoke_device,
-)
+from edgefleet.server.fleet.enrollment import enroll_device, register_pending, revoke_device
+from edgefleet.server.fleet.home import FleetHome
 from edgefleet.server.fleet.pki import init_certs
 
 
@@ -122,7 +118,7 @@ def test_revoke_without_superlink_leaves_unregister_pending(home: FleetHome,
 
 
 def test_register_pending_failure_is_clear(home: FleetHome, tmp_path: Path) -> None:
-    from edgefleet.server.fl.runner import FlRunError, SuperLinkConn
+    from edgefleet.server.fleet.superlink import FlRunError, SuperLinkConn
 
     enroll_device(home, "d1", out=tmp_path / "a")
     dead = SuperLinkConn("127.0.0.1:1", tmp_path / "flwr", home.settings.superlink_ca)

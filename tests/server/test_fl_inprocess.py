@@ -10,8 +10,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from edgefleet.device.core.metrics import default_metrics
-from edgefleet.device.fl.client import app as client_app
 from edgefleet.device.wire.federated import DECLINED_BUDGET, REJECTED_INPUT
+from edgefleet.models.sim.fl_app import app as client_app
 from edgefleet.server.fl.inprocess import InProcessGrid
 from edgefleet.server.fl.server_app import FleetStrategy
 from edgefleet.server.fl.settings import build_strategy, run_settings

@@ -14,10 +14,9 @@ import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from edgefleet.device.core.errors import ConfigError
-from edgefleet.device.fl.client import node_settings
-from edgefleet.models.sim.fl_attack import poison_update
 from edgefleet.server.fl.robust import bound_update, bound_updates, device_spread
 from edgefleet.server.fl.settings import build_strategy, run_settings
+from tests.support.fl_attack import attack_settings, poison_update
 from tests.support.robust import ATTACKER, DEVICES, run_inprocess
 
 
@@ -67,7 +66,7 @@ def test_poison_update_and_device_spread() -> None:
 
 def test_unknown_attack_and_client_dp_with_median_are_refused() -> None:
     with pytest.raises(ConfigError):
-        node_settings({"attack": "backdoor"})
+        attack_settings({"attack": "backdoor"})
     from edgefleet.device.core.errors import UsageError
 
     with pytest.raises(UsageError, match="FedAvg aggregation"):

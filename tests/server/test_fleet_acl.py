@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from edgefleet.server.fleet.broker import MosquittoBroker, free_port
-from edgefleet.server.fleet.home import FleetHome, enroll_device, revoke_device
+from edgefleet.server.fleet.enrollment import enroll_device, revoke_device
+from edgefleet.server.fleet.home import FleetHome
 from tests.support.enroll import Inbox, device_password, home_broker
 from tests.support.telemetry import raw_client, wait_until
 

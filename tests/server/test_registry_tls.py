@@ -23,7 +23,8 @@ from edgefleet.device.agent.settings import AgentConfig
 from edgefleet.device.core import errors
 from edgefleet.device.updates.installer import Assignment
 from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
-from edgefleet.server.fleet.home import FleetHome, enroll_device
+from edgefleet.server.fleet.enrollment import enroll_device
+from edgefleet.server.fleet.home import FleetHome
 from edgefleet.server.fleet.pki import CertPaths, init_certs, issue_server_cert
 from edgefleet.server.registry.http import RegistryServer, server_tls_context
 from edgefleet.server.registry.repository import Registry

@@ -13,11 +13,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from edgefleet.device.fl.client import app as client_app
 from edgefleet.device.runtime.mlp import MLP
 from edgefleet.server.fl.inprocess import InProcessGrid
 from edgefleet.server.fl.server_app import FleetStrategy
 from edgefleet.server.fl.settings import build_strategy, run_settings
+from tests.support.fl_attack import app as client_app
 
 DEVICES = 5
 ATTACKER = DEVICES - 1

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from edgefleet.device.fl import client as fl_client
-from edgefleet.device.fl.share_cache import cached_share, share_key, share_path
+from edgefleet.models.sim import fl_app
+from edgefleet.models.sim.share_cache import cached_share, share_key, share_path
 
 CFG = {"partition-id": 2, "num-partitions": 5}
-BUILD_SHARE = fl_client._demo_share  # the real builder, whatever a test spies on
+BUILD_SHARE = fl_app.demo_share  # the real builder, whatever a test spies on
 
 
 @pytest.fixture
@@ -23,14 +24,14 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(s.partition_id)
         return BUILD_SHARE(s)
 
-    monkeypatch.setattr(fl_client, "_demo_share", spy)
-    fl_client._load_local_data.cache_clear()  # each load below is a fresh process's
+    monkeypatch.setattr(fl_app, "demo_share", spy)
+    fl_app._builtin_share.cache_clear()  # each load below is a fresh process's
     return calls
 
 
 def _load(tmp_path: Path, **extra: object) -> fl_client.LocalData:
-    fl_client._load_local_data.cache_clear()
-    return fl_client.load_local_data(fl_client.node_settings(
+    fl_app._builtin_share.cache_clear()
+    return fl_app.builtin_share(fl_client.node_settings(
         {**CFG, "state-dir": str(tmp_path), **extra}))
 
 
