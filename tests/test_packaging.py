@@ -30,9 +30,14 @@ def test_wheel_has_only_the_edgefleet_root(tmp_path: Path) -> None:
     wheel = next(tmp_path.glob("edgefleet-*.whl"))
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert tops == {"edgefleet", wheel.name.split("-py")[0] + ".dist-info"}
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "edgefleet/device/package.py" in names and "edgefleet/models/mlp.py" in names
+    names = set(zipfile.ZipFile(wheel).namelist())
+    # every module of every subpackage ships (pyproject lists subpackages one by one)
+    sources = {f"edgefleet/{p.relative_to(ROOT).as_posix()}"
+               for top in ("device", "server", "models") for p in (ROOT / top).rglob("*.py")}
+    assert sources - names == set()
+    assert "edgefleet/device/core/errors.py" in sources
     assert "edgefleet/__init__.py" not in names  # namespace package
+    assert not any("fl_attack" in n for n in names)  # test-only code stays in tests/
 
 
 @pytest.mark.slow
