@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, get_args
 
 import numpy as np
 from pydantic import Field
@@ -30,6 +30,7 @@ from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink, Will
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.device.wire.scoring import (
     MAX_REQUEST_BYTES,
+    ErrorCode,
     ScoreProtocolError,
     ScoreReply,
     ScoreRequest,
@@ -43,6 +44,18 @@ from edgefleet.device.wire.scoring import (
 __all__ = ["Scorer", "ScorerConfig"]
 
 log = logging.getLogger(__name__)
+
+_ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
+
+
+def _is_error_code(reason: str) -> TypeGuard[ErrorCode]:
+    return reason in _ERROR_CODES
+
+
+def _request_error(exc: ScoreProtocolError) -> ErrorCode:
+    """The reply's code for a request that did not decode (its reason, if a reply may
+    carry it: ``decode_request`` only raises those)."""
+    return exc.reason if _is_error_code(exc.reason) else "bad_request"
 
 
 class ScorerConfig(StrictModel):
@@ -164,7 +177,7 @@ class Scorer:
         try:
             req = decode_request(job.payload)
         except ScoreProtocolError as exc:
-            self._reply(job, ScoreReply(ok=False, error=exc.reason,  # type: ignore[arg-type]
+            self._reply(job, ScoreReply(ok=False, error=_request_error(exc),
                                         message=str(exc)[:500]))
             return None
         if time.monotonic() - job.received > req.deadline_ms / 1e3:

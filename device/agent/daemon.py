@@ -27,8 +27,9 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +45,12 @@ from edgefleet.device.input.features import window_features
 from edgefleet.device.runtime.manifest import Manifest
 from edgefleet.device.runtime.predictor import Prediction, Predictor
 from edgefleet.device.wire.frames import Frame, PayloadType
+
+if TYPE_CHECKING:  # each is imported where its part starts (optional dependencies)
+    from edgefleet.device.input.serial_reader import SerialReader
+    from edgefleet.device.telemetry.publisher import TelemetryPublisher
+    from edgefleet.device.telemetry.reporter import TelemetryReporter
+    from edgefleet.device.updates.installer import Updater
 
 __all__ = ["Agent", "answer_to_dict"]
 
@@ -68,7 +75,8 @@ def _program(name: str) -> str:
 
 
 class _ServingView:
-    """What :class:`HybridPredictor` needs, read from whatever model is active right now."""
+    """What :class:`HybridPredictor` needs (a :class:`~edgefleet.device.inference.cascade.
+    LocalModel`), read from whatever model is active right now."""
 
     def __init__(self, serving: ServingModel) -> None:
         self.serving = serving
@@ -121,14 +129,15 @@ class Agent:
         self._drift_manifest: Manifest | None = None
         self._queue: collections.deque[Frame] = collections.deque(maxlen=cfg.input.queue_size)
         self._queue_ready = threading.Condition()
-        self._parts: list[Any] = []
+        #: How to stop each MQTT part (score client, update listener), in start order.
+        self._parts: list[Callable[[], None]] = []
         self._threads: list[threading.Thread] = []
-        self.publisher: Any = None
-        self.reporter: Any = None
-        self.updater: Any = None
+        self.publisher: TelemetryPublisher | None = None
+        self.reporter: TelemetryReporter | None = None
+        self.updater: Updater | None = None
         self.supernode: SupervisedProcess | None = None
         self.api: LocalApiServer | None = None
-        self.reader: Any = None
+        self.reader: SerialReader | None = None
         self.last_answers: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
 
     # -- start-up ---------------------------------------------------------------------
@@ -238,16 +247,17 @@ class Agent:
 
             client = ScoreClient(self.cfg.mqtt, self.cfg.device_id, qos=self.cfg.fallback.qos,
                                  metrics=self.metrics).start()
-            self._parts.append(client)
-        self.hybrid = HybridPredictor(self.view, self.cfg.fallback, client,  # type: ignore[arg-type]
+            self._parts.append(client.close)
+        self.hybrid = HybridPredictor(self.view, self.cfg.fallback, client,
                                       metrics=self.metrics)
 
     def _start_updates(self) -> None:
         from edgefleet.device.updates.listener import UpdateAgent
 
+        assert self.updater is not None  # made by _start_model when updates are enabled
         agent = UpdateAgent(self.cfg.device_id, self.updater, self.cfg.mqtt,
                             groups=(self.cfg.group,), metrics=self.metrics)
-        self._parts.append(agent.start())
+        self._parts.append(agent.start().stop)
 
     def _start_input(self) -> None:
         from edgefleet.device.input.serial_reader import SerialReader
@@ -334,7 +344,7 @@ class Agent:
         return [answer_to_dict(self.answer(row)) for row in batch]
 
     # -- shutdown ---------------------------------------------------------------------
-    def request_stop(self, *_args: Any) -> None:
+    def request_stop(self, *_args: object) -> None:
         """Signal handler: begin a graceful stop."""
         self.stop_event.set()
         with self._queue_ready:
@@ -361,9 +371,9 @@ class Agent:
             self.api.stop()
         if self.supernode is not None:
             self.supernode.stop()
-        for part in reversed(self._parts):
+        for stop_part in reversed(self._parts):
             with contextlib.suppress(Exception):
-                (getattr(part, "stop", None) or part.close)()
+                stop_part()
         if self.reporter is not None:
             with contextlib.suppress(Exception):
                 self.reporter.report()

@@ -65,14 +65,16 @@ class SupervisedProcess:
         return self.proc.pid if self.proc and self.proc.poll() is None else None
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        out = self.log_path.open("ab") if self.log_path else None
         try:
-            return subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+            return subprocess.Popen(self.argv,
+                                    stdout=out if out is not None else subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT,
                                     env={**os.environ, **(self.env or {})},
                                     start_new_session=True)
         finally:
-            if self.log_path:
-                out.close()  # type: ignore[union-attr]
+            if out is not None:
+                out.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():

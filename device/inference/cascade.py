@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import Field
@@ -25,7 +25,8 @@ from pydantic import Field
 from edgefleet.device.core.config import StrictModel
 from edgefleet.device.core.metrics import LATENCY_BUCKETS_MS, Metrics, default_metrics
 from edgefleet.device.inference.score_client import ScoreClient
-from edgefleet.device.runtime.predictor import Prediction, Predictor
+from edgefleet.device.runtime.manifest import Manifest
+from edgefleet.device.runtime.predictor import Prediction
 from edgefleet.device.wire.scoring import (
     ScoreProtocolError,
     ScoreRequest,
@@ -33,11 +34,27 @@ from edgefleet.device.wire.scoring import (
     encode,
 )
 
-__all__ = ["Answer", "FallbackConfig", "HybridPredictor", "Source"]
+__all__ = ["Answer", "FallbackConfig", "HybridPredictor", "LocalModel", "Source"]
 
 log = logging.getLogger(__name__)
 
 Source = Literal["local", "cloud", "degraded"]
+#: What an escalation may send (``off`` never escalates).
+EscalationMode = Literal["features", "raw"]
+
+
+class LocalModel(Protocol):
+    """What the cascade needs of the model that answers locally.
+
+    A :class:`~edgefleet.device.runtime.predictor.Predictor` is one; so is the agent's
+    view of whatever model its :class:`~edgefleet.device.inference.serving.ServingModel`
+    has active right now.
+    """
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    def validate_and_predict(self, x: Any) -> tuple[np.ndarray, Prediction]: ...
 
 
 class FallbackConfig(StrictModel):
@@ -82,9 +99,9 @@ class Answer:
 
 
 class HybridPredictor:
-    """Wraps a :class:`Predictor` with the cascade policy and a :class:`ScoreClient`."""
+    """Wraps a :class:`LocalModel` with the cascade policy and a :class:`ScoreClient`."""
 
-    def __init__(self, predictor: Predictor, cfg: FallbackConfig | None = None,
+    def __init__(self, predictor: LocalModel, cfg: FallbackConfig | None = None,
                  client: ScoreClient | None = None, metrics: Metrics | None = None) -> None:
         self.predictor = predictor
         self.cfg = cfg or FallbackConfig()
@@ -112,14 +129,15 @@ class HybridPredictor:
         tau = self.tau
         if tau is None or local.confidence >= tau:
             return self._done(t0, local, local, "local", escalated=False)
-        if self.cfg.mode == "off":
+        mode = self.cfg.mode
+        if mode == "off":
             self.metrics.inc("fallback_off")
             return self._done(t0, local, local, "local", escalated=False, reason="policy_off")
         self.metrics.inc("fallback_escalations")
         if self.client is None:
             return self._degrade(t0, local, "no_client")
         try:
-            payload = self._request(features, raw)
+            payload = self._request(features, raw, mode)
         except ValueError as exc:  # e.g. a raw sample with NaN or of a silly size
             log.info("escalation not sent: %s", exc)
             return self._degrade(t0, local, "bad_raw")
@@ -143,12 +161,12 @@ class HybridPredictor:
         return self._done(t0, cloud, local, "cloud", escalated=True, model=reply.model,
                           scorer=reply.scorer)
 
-    def _request(self, features: np.ndarray, raw: Any) -> bytes:
+    def _request(self, features: np.ndarray, raw: Any, mode: EscalationMode) -> bytes:
         m = self.predictor.manifest
         raw_list = None
-        if self.cfg.mode == "raw" and raw is not None:
+        if mode == "raw" and raw is not None:
             raw_list = np.asarray(raw, dtype=np.float32).ravel().tolist()
-        req = ScoreRequest(task=m.task, model=self._model, mode=self.cfg.mode,  # type: ignore[arg-type]
+        req = ScoreRequest(task=m.task, model=self._model, mode=mode,
                            features=features.ravel().tolist(), raw=raw_list,
                            deadline_ms=self.cfg.deadline_ms)
         return encode(req)

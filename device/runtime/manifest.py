@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_args
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -29,7 +29,9 @@ __all__ = [
     "Normalization",
     "QuantParams",
     "Variant",
+    "VariantName",
     "file_sha256",
+    "is_variant_name",
     "load_package",
     "safe_member",
     "write_manifest",
@@ -39,6 +41,12 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 VariantName = Literal["onnx-fp32", "onnx-int8", "tflite-int8", "tflite-fp32"]
+_VARIANT_NAMES: frozenset[str] = frozenset(get_args(VariantName))
+
+
+def is_variant_name(name: str) -> TypeGuard[VariantName]:
+    """Whether ``name`` is one of the variant names a package may hold."""
+    return name in _VARIANT_NAMES
 
 
 class QuantParams(StrictModel):
@@ -135,11 +143,10 @@ class Manifest(StrictModel):
     def variant(self, name: str | None = None) -> Variant:
         """The named variant, or the default one."""
         key = name or self.default_variant
-        try:
-            return self.variants[key]  # type: ignore[index]
-        except KeyError:
-            have = ", ".join(sorted(self.variants))
-            raise PackageError(f"package has no variant {key!r} (it has: {have})") from None
+        if is_variant_name(key) and key in self.variants:
+            return self.variants[key]
+        have = ", ".join(sorted(self.variants))
+        raise PackageError(f"package has no variant {key!r} (it has: {have})")
 
     def variant_for_backend(self, backend: str) -> str:
         """The best variant for ``onnx`` or ``tflite`` (int8 first)."""

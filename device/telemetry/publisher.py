@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 from edgefleet.device.core.errors import UsageError
 from edgefleet.device.core.metrics import Metrics, default_metrics
@@ -32,7 +32,10 @@ from edgefleet.device.wire.telemetry import (
     topic_for,
 )
 
-__all__ = ["TelemetryPublisher"]
+__all__ = ["MessageKind", "TelemetryPublisher"]
+
+#: What a device publishes through the spool (its ``status`` is sent by the link itself).
+MessageKind = Literal["metrics", "event"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class TelemetryPublisher:
         )
 
     # -- producing ------------------------------------------------------------------------
-    def publish(self, kind: str, body: dict[str, Any]) -> int:
+    def publish(self, kind: MessageKind, body: dict[str, Any]) -> int:
         """Spool one message and return its sequence number (it is sent in the background).
 
         A full disk does not raise: the spool drops (and counts) instead.
@@ -78,15 +81,13 @@ class TelemetryPublisher:
             self._seq += 1
             seq = self._seq
             env = Envelope(v=SCHEMA_VERSION, device=self.device_id, boot=self.boot_id,
-                           seq=seq, ts=time.time(), kind=kind,  # type: ignore[arg-type]
-                           body=body)
+                           seq=seq, ts=time.time(), kind=kind, body=body)
             payload = _dumps(env.model_dump())
             if len(payload) > MAX_PAYLOAD_BYTES:
                 self.metrics.inc("telemetry_oversized_dropped")
                 raise UsageError(f"telemetry message of {len(payload)} bytes is above the "
                                  f"{MAX_PAYLOAD_BYTES}-byte limit")
-            stored = self.spool.append(topic_for(self.device_id, kind),  # type: ignore[arg-type]
-                                       payload)
+            stored = self.spool.append(topic_for(self.device_id, kind), payload)
         if stored:  # 0: the spool had to drop it (counted there as dropped)
             self.metrics.inc("telemetry_spooled")
         return seq

@@ -23,8 +23,10 @@ from edgefleet.device.core.errors import UsageError
 from edgefleet.device.runtime.manifest import (
     FileEntry,
     GoldenSample,
+    InputSpec,
     Manifest,
     Variant,
+    VariantName,
     file_sha256,
     write_manifest,
 )
@@ -123,7 +125,7 @@ def package_model(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     try:
-        variants: dict[str, Variant] = {}
+        variants: dict[VariantName, Variant] = {}
         say("exporting ONNX fp32")
         export_onnx_fp32(model, tmp / "model_fp32.onnx")
         variants["onnx-fp32"] = Variant(file="model_fp32.onnx", format="onnx", precision="fp32")
@@ -179,10 +181,10 @@ def package_model(
             task=task.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             labels=list(task.labels),
-            input={"shape": [task.n_features], "min_value": task.min_value,  # type: ignore[arg-type]
-                   "max_value": task.max_value},
+            input=InputSpec(shape=[task.n_features], min_value=task.min_value,
+                            max_value=task.max_value),
             normalization=norm,
-            variants=variants,  # type: ignore[arg-type]
+            variants=variants,
             default_variant="onnx-int8",
             temperature=temperature,
             golden=golden,

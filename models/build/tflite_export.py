@@ -57,8 +57,10 @@ def _keras_model(keras: Any, model: MLP) -> Any:
     return km
 
 
-def _fine_tune(keras: Any, km: Any, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64],
-               epochs: int, callbacks: list[Any]) -> None:
+def _fine_tune(keras: Any, km: Any, x: npt.NDArray[np.float32] | None,
+               y: npt.NDArray[np.int64] | None, epochs: int, callbacks: list[Any]) -> None:
+    if x is None or y is None:
+        raise ValueError("QAT and pruning need training data")
     km.compile(optimizer=keras.optimizers.Adam(1e-3),
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     km.fit(x, y, epochs=epochs, batch_size=32, verbose=0, shuffle=True, callbacks=callbacks)
@@ -90,7 +92,7 @@ def export_tflite_int8(
 
         schedule = tfmot.sparsity.keras.ConstantSparsity(prune, begin_step=0, frequency=10)
         km = tfmot.sparsity.keras.prune_low_magnitude(km, pruning_schedule=schedule)
-        _fine_tune(keras, km, train_x, train_y, fine_tune_epochs,  # type: ignore[arg-type]
+        _fine_tune(keras, km, train_x, train_y, fine_tune_epochs,
                    [tfmot.sparsity.keras.UpdatePruningStep()])
         km = tfmot.sparsity.keras.strip_pruning(km)
         kernels = [w for w in km.get_weights() if w.ndim == 2]
@@ -99,7 +101,7 @@ def export_tflite_int8(
         import tensorflow_model_optimization as tfmot
 
         km = tfmot.quantization.keras.quantize_model(km)
-        _fine_tune(keras, km, train_x, train_y, fine_tune_epochs, [])  # type: ignore[arg-type]
+        _fine_tune(keras, km, train_x, train_y, fine_tune_epochs, [])
 
     blob, in_q, out_q = keras_to_tflite(km, calib_x)
     path.parent.mkdir(parents=True, exist_ok=True)

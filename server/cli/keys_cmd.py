@@ -33,13 +33,13 @@ def init(
     reg = open_registry(home, root_key, passphrase_file)
     signers = {role: reg.keys.generate(role) for role in ROLES}
     reg.init_repo()
+    keys = {r: s.public_key.keyid for r, s in signers.items()}
     out = {"registry": str(home), "root": str(reg.repo.metadata_dir / "1.root.json"),
-           "keys": {r: s.public_key.keyid for r, s in signers.items()},
-           "encrypted": reg.keys.passphrase is not None}
+           "keys": keys, "encrypted": reg.keys.passphrase is not None}
     if json_out:
         print_json(out)
         return
-    for role, keyid in out["keys"].items():  # type: ignore[attr-defined]
+    for role, keyid in keys.items():
         console.print(f"{role:9} {keyid}  {reg.keys.path(role)}")
     console.print(f"provision devices with {out['root']}")
 
@@ -87,6 +87,6 @@ def show(
     if json_out:
         print_json(out)
         return
-    for name, r in out["roles"].items():  # type: ignore[attr-defined]
-        console.print(f"{name:9} threshold {r['threshold']}  {', '.join(r['keyids'])}")
+    for name, role in root.roles.items():
+        console.print(f"{name:9} threshold {role.threshold}  {', '.join(role.keyids)}")
     console.print(f"root v{out['root_version']} expires {out['expires']}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -31,6 +32,15 @@ from edgefleet.server.fl.store import FlStore, RoundRow
 __all__ = ["FleetStrategy", "app"]
 
 log = logging.getLogger(__name__)
+
+
+def _number(rec: MetricRecord, key: str, default: int | None = None) -> int | float:
+    """The numeric metric ``key`` of a record (``default`` when absent, if given; absent
+    without one is a KeyError); a list where a number belongs is a clear ValueError."""
+    value: MetricRecordValues = rec[key] if default is None or key in rec else default
+    if not isinstance(value, int | float):
+        raise ValueError(f"metric {key!r} is not a number: {value!r}")
+    return value
 
 
 class FleetStrategy(Strategy):
@@ -90,9 +100,9 @@ class FleetStrategy(Strategy):
             if metrics is not None and "epsilon" in metrics:
                 node = m.metadata.src_node_id
                 self.device_eps[node] = max(self.device_eps.get(node, 0.0),
-                                            float(metrics["epsilon"]))  # type: ignore[arg-type]
+                                            float(_number(metrics, "epsilon")))
                 self.device_events.setdefault(node, []).append(
-                    {k: float(metrics[k]) for k in ("q", "sigma", "steps")})  # type: ignore[arg-type]
+                    {k: float(_number(metrics, k)) for k in ("q", "sigma", "steps")})
         self.stats[server_round] = {
             "nodes": len(ok), "declined": declined, "failed": failed + max(missing, 0),
             "bytes_up": int(sum(up) / len(up)) if up else None}
@@ -126,13 +136,13 @@ class FleetStrategy(Strategy):
             rec = next(iter(m.content.metric_records.values()), None)
             if rec is not None and "eval-accuracy" in rec:
                 per_node[m.metadata.src_node_id] = (
-                    float(rec["eval-accuracy"]),  # type: ignore[arg-type]
-                    int(rec.get("num-examples", 0)))  # type: ignore[arg-type]
+                    float(_number(rec, "eval-accuracy")),
+                    int(_number(rec, "num-examples", 0)))
         self.device_eval[server_round] = per_node
         res = self.inner.aggregate_evaluate(server_round, ok) if ok else None
         if res is not None and "eval-accuracy" in res:
             self.stats.setdefault(server_round, {})["fed_accuracy"] = float(
-                res["eval-accuracy"])  # type: ignore[arg-type]
+                _number(res, "eval-accuracy"))
         return res
 
     def epsilon(self) -> float | None:

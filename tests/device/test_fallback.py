@@ -228,7 +228,7 @@ def test_cascade_validates_each_input_once(backend_pkg: tuple[str, Path],
     for target in (pred, _served(pkg, backend, m)):
         for cfg, source, reason in cases:
             validations.clear()
-            ans = HybridPredictor(target, cfg, None, m).predict(row)  # type: ignore[arg-type]
+            ans = HybridPredictor(target, cfg, None, m).predict(row)
             assert (ans.source, ans.reason) == (source, reason)
             assert len(validations) == 1, (target, cfg)
             assert ans.local.label == pred.predict(row).label
@@ -252,7 +252,7 @@ def test_cascade_rejects_bad_input_typed_and_counted(backend_pkg: tuple[str, Pat
     pred = Predictor.load(pkg, backend=backend, threads=1, metrics=m)
     for n, target in enumerate((pred, _served(pkg, backend, m)), start=1):
         validations.clear()
-        hp = HybridPredictor(target, FallbackConfig(threshold=1.0), None, m)  # type: ignore[arg-type]
+        hp = HybridPredictor(target, FallbackConfig(threshold=1.0), None, m)
         with pytest.raises(InputError) as exc:
             hp.predict(bad)
         assert exc.value.reason == reason
