@@ -33,13 +33,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgefleet.device.core.errors import EdgefleetError, UsageError
-from edgefleet.device.updates.listener import (
+from edgefleet.device.wire.updates import (
     ASSIGN_ROOT,
+    EVENT_FILTER,
     FLEET_TOPIC,
+    STATE_FILTER,
+    Assignment,
     device_topic,
     group_topic,
+    target_path,
 )
-from edgefleet.server.registry.repository import Registry, target_path
+from edgefleet.server.registry.repository import Registry
 from edgefleet.server.telemetry.store import apply_migrations
 
 __all__ = ["MIGRATIONS", "CombinedHealth", "Counts", "FleetView", "HealthRates",
@@ -150,8 +154,7 @@ class Rollout:
 
 
 def _assignment(model: str, version: str, rollout: str, shadow: bool = False) -> bytes:
-    return json.dumps({"model": model, "version": version, "rollout": rollout,
-                       "shadow": shadow}).encode()
+    return Assignment(model, version, shadow, rollout).encode()
 
 
 class RolloutController:
@@ -426,8 +429,8 @@ class FleetView:
     def _on_connect(self, client: Any, _ud: Any, _flags: Any, rc: Any, _props: Any) -> None:
         if getattr(rc, "is_failure", False):
             return
-        client.subscribe("edgefleet/v1/update/state/+", qos=1)
-        client.subscribe("edgefleet/v1/update/event/+", qos=1)
+        client.subscribe(STATE_FILTER, qos=1)
+        client.subscribe(EVENT_FILTER, qos=1)
         self._connected.set()
 
     def _on_disconnect(self, *_args: Any) -> None:

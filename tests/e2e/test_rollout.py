@@ -130,7 +130,7 @@ def test_agent_process_follows_a_retained_assignment(tmp_path: Path, digits_pack
     import subprocess
     import sys
 
-    from edgefleet.device.updates.listener import device_topic
+    from edgefleet.device.wire.updates import device_topic
 
     reg = make_registry(tmp_path / "registry")
     reg.push(package_version(digits_package, tmp_path / "p" / "1.0.0", "1.0.0"))

@@ -24,8 +24,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.device.updates.listener import device_topic, state_topic
 from edgefleet.device.wire.telemetry import topic_for
+from edgefleet.device.wire.updates import device_topic, state_topic
 from edgefleet.server.telemetry.store import open_store
 from tests.conftest import BIN, run_cli
 from tests.server.test_rollout_cli import _retained

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edgefleet.device.updates.listener import device_topic
+from edgefleet.device.wire.updates import device_topic
 from edgefleet.server.fleet.pki import init_certs, issue_server_cert
 from edgefleet.server.rollout.controller import FleetView
 from tests.support.updates import make_registry, package_version, wait_for
