@@ -17,7 +17,8 @@ import pytest
 
 from edgefleet.device.runtime.manifest import MANIFEST_NAME
 from edgefleet.server.registry.http import RegistryServer
-from edgefleet.server.rollout.controller import FleetView, RolloutController
+from edgefleet.server.rollout.controller import RolloutController
+from edgefleet.server.rollout.fleet_view import FleetView
 from tests.support.updates import make_registry, package_version, start_agent, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
