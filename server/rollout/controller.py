@@ -13,7 +13,7 @@ logic works from the devices' update states
 (:mod:`edgefleet.server.rollout.health`). :meth:`RolloutController.check` is the one
 health check: ``rollout --watch`` and the long-running ``rollout guard``
 (:mod:`edgefleet.server.rollout.guard`) both call it on a freshly loaded row. What it must
-remember per (rollout, device) lives in ``registry.db``
+remember per (rollout, device) lives in ``rollouts.db``
 (:class:`~edgefleet.server.rollout.health.RolloutLedger`), so a restarted or second guard
 agrees with the first. Stopping claims the row (``running`` -> ``stopping`` ->
 ``stopped``) with conditional updates, so two guards never stop a canary twice, and a stop

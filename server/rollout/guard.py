@@ -2,9 +2,9 @@
 
 ``edgefleet rollout --watch`` only guards a canary while the operator's terminal stays
 open. The guard is the same check as a service: every ``interval`` seconds it loads the
-running rollouts from ``registry.db`` and runs :meth:`RolloutController.check` on each, so
+running rollouts from ``rollouts.db`` and runs :meth:`RolloutController.check` on each, so
 the stop (re-assignments, audit entry, ``automatic``) is exactly the watch's. Its memory
-(store baselines, candidate seen) is in ``registry.db``, so it can be restarted, and two
+(store baselines, candidate seen) is in ``rollouts.db``, so it can be restarted, and two
 guards at once stop a canary once (see :mod:`edgefleet.server.rollout.controller`).
 
 It never exits on a bad row or a vanished broker: an unreachable broker is retried with

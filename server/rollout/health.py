@@ -3,7 +3,7 @@
 :class:`StoreHealthSource` measures a device from the telemetry store's counters since the
 rollout began; :class:`CombinedHealth` adds the update-state view's rollbacks and
 refusals; :class:`RolloutLedger` keeps the baselines and "candidate seen" marks in
-``registry.db`` (:mod:`edgefleet.server.rollout.schema`), so a restarted or second guard
+``rollouts.db`` (:mod:`edgefleet.server.rollout.schema`), so a restarted or second guard
 agrees with the first.
 """
 
@@ -38,7 +38,7 @@ class MetricsStore(Protocol):
 
 
 class RolloutLedger:
-    """What a health check remembers per (rollout, device), in ``registry.db``.
+    """What a health check remembers per (rollout, device), in ``rollouts.db``.
 
     The first writer of a baseline wins (``INSERT ... DO NOTHING``, then read back), so two
     guards that start at once still agree. Without a connection it keeps the same records

@@ -81,12 +81,12 @@ def _passes(tmp: Path, name: str) -> list[dict[str, Any]]:
 
 
 def _status(registry: Path, rid: str) -> str:
-    with sqlite3.connect(registry / "registry.db") as db:
+    with sqlite3.connect(registry / "rollouts.db") as db:
         return str(db.execute("SELECT status FROM rollouts WHERE id = ?", (rid,)).fetchone()[0])
 
 
 def _baseline(registry: Path, rid: str, device: str) -> tuple[Any, ...] | None:
-    with sqlite3.connect(registry / "registry.db") as db:
+    with sqlite3.connect(registry / "rollouts.db") as db:
         row = db.execute("SELECT inferences, fallback FROM rollout_devices WHERE rollout = ? "
                          "AND device = ? AND recorded IS NOT NULL", (rid, device)).fetchone()
     return tuple(row) if row else None
