@@ -28,9 +28,10 @@ from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.inference.serving import ServingModel
 from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
 from edgefleet.device.runtime.predictor import Predictor
-from edgefleet.device.updates.installer import Assignment, Updater
+from edgefleet.device.updates.installer import Updater
 from edgefleet.device.updates.sandbox import trial_load
 from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
+from edgefleet.device.wire.updates import Assignment, target_path
 from edgefleet.server.fleet.keys import ROLES, KeyRing
 from edgefleet.server.fleet.pki import init_certs, issue_server_cert
 from edgefleet.server.registry.http import RegistryServer, server_tls_context
@@ -136,10 +137,10 @@ def main() -> None:
         for v in versions[1:]:
             for client, sfx in ((tuf, ""), (tls_tuf, "_tls")):
                 t0 = time.perf_counter()
-                client.refresh(f"digits-mlp/{v}.tar")
+                client.refresh(target_path("digits-mlp", v))
                 stage["refresh" + sfx].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                client.fetch(f"digits-mlp/{v}.tar", tmp / "dl.tar")
+                client.fetch(target_path("digits-mlp", v), tmp / "dl.tar")
                 stage["download" + sfx].append(time.perf_counter() - t0)
                 (tmp / "dl.tar").unlink()
             t0 = time.perf_counter()

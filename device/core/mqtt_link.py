@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -227,6 +228,19 @@ class MqttLink:
         if rc != 0 and self.client is not None:
             self.metrics.inc(f"{self.prefix}_disconnects")
             self._drop(f"network loop: {rc}")
+
+    def run(self, stop: threading.Event, timeout: float = 0.05) -> None:
+        """:meth:`step` until ``stop`` is set, then :meth:`close`: the body of a network
+        thread for owners that have nothing else to do on it. A failing step is logged and
+        counted, never the end of the thread."""
+        while not stop.is_set():
+            try:
+                self.step(timeout)
+            except Exception:
+                log.exception("%s: network step failed", self.prefix)
+                self.metrics.inc(f"{self.prefix}_loop_errors")
+                stop.wait(0.1)
+        self.close()
 
     def close(self) -> None:
         """Disconnect cleanly (the broker does not send the will)."""

@@ -95,13 +95,7 @@ class ScoreClient:
         return self.link.connected
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.link.step(0.05)
-            except Exception:  # never let the network thread die
-                log.exception("score client network step failed")
-                self.metrics.inc("fallback_mqtt_loop_errors")
-                self._stop.wait(0.1)
+        self.link.run(self._stop)  # never lets the network thread die
 
     # -- paho callbacks (MqttLink wraps them: exceptions are logged and counted) --------
     def _subscribe(self, client: Any) -> None:

@@ -63,7 +63,7 @@ def once(
     Example: edgefleet-agent update once digits-mlp@1.1.0 --state /var/lib/edgefleet/update
     --repo http://registry:8470 --root /etc/edgefleet/root.json
     """
-    from edgefleet.device.updates.installer import Assignment
+    from edgefleet.device.wire.updates import Assignment
 
     model, _, version = ref.partition("@")
     upd = _updater(state, repo, root, variant, timeout, ca_file)

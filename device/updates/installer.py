@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,15 +38,14 @@ from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.device.updates.sandbox import TrialLimits, trial_load
 from edgefleet.device.updates.slots import SlotStore
 from edgefleet.device.updates.tuf_client import TufClient
+from edgefleet.device.wire.updates import Assignment
 
-__all__ = ["FAULT_STEPS", "Assignment", "EventSink", "HealthPolicy", "Updater"]
+__all__ = ["FAULT_STEPS", "EventSink", "HealthPolicy", "Updater"]
 
 log = logging.getLogger(__name__)
 
 FAULT_STEPS = ("begin", "refreshed", "downloaded", "staged", "slot_forgotten", "slot_written",
                "trialed", "activated", "swapped", "committed")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,2}$")
 
 
 def fault(step: str) -> None:
@@ -64,35 +62,6 @@ class EventSink(Protocol):
     """Where update events go (MQTT, the telemetry reporter, a list in tests)."""
 
     def __call__(self, kind: str, **data: Any) -> None: ...
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """Which model version a device should run (or shadow)."""
-
-    model: str
-    version: str
-    shadow: bool = False
-    rollout: str | None = None
-
-    @property
-    def target(self) -> str:
-        """The TUF target path (the registry's naming)."""
-        return f"{self.model}/{self.version}.tar"
-
-    @classmethod
-    def from_dict(cls, d: Any) -> Assignment:
-        """Validate an assignment message (untrusted input: names are checked, not trusted)."""
-        if not isinstance(d, dict):
-            raise UpdateRejected("assignment is not a JSON object", reason="bad_assignment")
-        model, version = d.get("model"), d.get("version")
-        if not isinstance(model, str) or not _NAME.match(model):
-            raise UpdateRejected(f"bad model name {model!r}", reason="bad_assignment")
-        if not isinstance(version, str) or not _VERSION.match(version):
-            raise UpdateRejected(f"bad version {version!r}", reason="bad_assignment")
-        rollout = d.get("rollout")
-        return cls(model, version, bool(d.get("shadow", False)),
-                   str(rollout)[:64] if rollout is not None else None)
 
 
 @dataclass(frozen=True)

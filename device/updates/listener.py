@@ -1,22 +1,14 @@
 """The device side of rollouts: retained MQTT assignments in, update state and events out.
 
-Topics (documented in docs/updates.md)::
-
-    edgefleet/v1/update/assign/device/<device>   retained: what this device should run
-    edgefleet/v1/update/assign/group/<group>     retained: what a group should run
-    edgefleet/v1/update/assign/fleet             retained: what every device should run
-    edgefleet/v1/update/state/<device>           retained: active version, health, highest seen
-    edgefleet/v1/update/event/<device>           activated / rejected / rolled_back / ...
-
-The most specific assignment wins (device, then group, then fleet); an empty retained
-message clears one. Assignments only *name* a version: the bytes come through TUF,
-which refuses anything its signed metadata does not vouch for. Updates run on a worker
-thread, so inference and the MQTT loop never wait for a download or a trial load.
+Topics and payloads are :mod:`edgefleet.device.wire.updates` (docs/updates.md). The most
+specific assignment wins (device, then group, then fleet); an empty retained message
+clears one. Assignments only *name* a version: the bytes come through TUF, which refuses
+anything its signed metadata does not vouch for. Updates run on a worker thread, so
+inference and the MQTT loop never wait for a download or a trial load.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -28,44 +20,23 @@ from edgefleet.device.core.errors import UpdateRejected, UpdateUnavailable
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
 from edgefleet.device.core.retry import Backoff
-from edgefleet.device.updates.installer import Assignment, Updater
+from edgefleet.device.updates.installer import Updater
+from edgefleet.device.wire.updates import (
+    FLEET_TOPIC,
+    MAX_ASSIGNMENT_BYTES,
+    Assignment,
+    decode_assignment,
+    device_topic,
+    encode_event,
+    encode_state,
+    event_topic,
+    group_topic,
+    state_topic,
+)
 
-__all__ = [
-    "ASSIGN_ROOT",
-    "FLEET_TOPIC",
-    "UpdateAgent",
-    "device_topic",
-    "event_topic",
-    "group_topic",
-    "state_topic",
-]
+__all__ = ["UpdateAgent"]
 
 log = logging.getLogger(__name__)
-
-ASSIGN_ROOT = "edgefleet/v1/update/assign"
-FLEET_TOPIC = f"{ASSIGN_ROOT}/fleet"
-MAX_ASSIGNMENT_BYTES = 4096
-
-
-def device_topic(device: str) -> str:
-    """Retained assignment of one device."""
-    return f"{ASSIGN_ROOT}/device/{device}"
-
-
-def group_topic(group: str) -> str:
-    """Retained assignment of a group."""
-    return f"{ASSIGN_ROOT}/group/{group}"
-
-
-def state_topic(device: str) -> str:
-    """Retained update state of a device."""
-    return f"edgefleet/v1/update/state/{device}"
-
-
-def event_topic(device: str) -> str:
-    """Update events of a device."""
-    return f"edgefleet/v1/update/event/{device}"
-
 
 class UpdateAgent:
     """Follows assignments for one device; ``start()`` runs the MQTT and worker threads."""
@@ -107,9 +78,8 @@ class UpdateAgent:
             log.warning("assignment on %s is %d bytes: ignored", msg.topic, len(msg.payload))
             return
         try:
-            assignment = (Assignment.from_dict(json.loads(msg.payload))
-                          if msg.payload else None)
-        except (ValueError, UpdateRejected) as exc:
+            assignment = decode_assignment(msg.payload)
+        except UpdateRejected as exc:
             self.metrics.inc("update_assignment_invalid")
             self._event("assignment_invalid", topic=msg.topic, error=str(exc))
             return
@@ -125,8 +95,8 @@ class UpdateAgent:
         return None
 
     def _event(self, kind: str, **data: Any) -> None:
-        body = {"device": self.device_id, "event": kind, "ts": time.time(), **data}
-        self._outbox.append((event_topic(self.device_id), json.dumps(body).encode(), False))
+        self._outbox.append((event_topic(self.device_id),
+                             encode_event(self.device_id, kind, **data), False))
         self._queue_state()
 
     def state(self) -> dict[str, Any]:
@@ -146,8 +116,7 @@ class UpdateAgent:
         }
 
     def _queue_state(self) -> None:
-        self._outbox.append((state_topic(self.device_id), json.dumps(self.state()).encode(),
-                             True))
+        self._outbox.append((state_topic(self.device_id), encode_state(self.state()), True))
 
     def _run_link(self) -> None:
         next_state = 0.0

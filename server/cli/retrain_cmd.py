@@ -61,12 +61,9 @@ def watch(
         push_with,
     )
     from edgefleet.server.retrain.policy import RetrainConfig, RetrainController
-    from edgefleet.server.rollout.controller import (
-        CombinedHealth,
-        FleetView,
-        RolloutController,
-        StoreHealthSource,
-    )
+    from edgefleet.server.rollout.controller import RolloutController
+    from edgefleet.server.rollout.fleet_view import FleetView
+    from edgefleet.server.rollout.health import CombinedHealth, StoreHealthSource
     from edgefleet.server.telemetry.store import open_store
 
     over: dict[str, Any] = {}

@@ -25,7 +25,8 @@ from edgefleet.device.core.errors import UsageError
 from edgefleet.server.cli.registry_cmd import HOME, open_registry
 
 if TYPE_CHECKING:
-    from edgefleet.server.rollout.controller import FleetView, RolloutController
+    from edgefleet.server.rollout.controller import RolloutController
+    from edgefleet.server.rollout.fleet_view import FleetView
 
 __all__ = ["guard", "promote", "register", "rollback", "rollout", "rollout_app"]
 
@@ -61,7 +62,7 @@ def _host_port(broker: str) -> tuple[str, int]:
 
 
 def _view(broker: str) -> FleetView:
-    from edgefleet.server.rollout.controller import FleetView
+    from edgefleet.server.rollout.fleet_view import FleetView
 
     host, port = _host_port(broker)
     return FleetView(host, port, username=os.environ.get("EDGEFLEET_MQTT_USERNAME"),

@@ -4,7 +4,8 @@ A registry home holds ``registry.db`` (one row per model version), ``artifacts/<
 (package archives, content-addressed, so the same bytes are stored once and the name
 says what they must hash to), ``repo/metadata`` (TUF metadata) and ``audit.jsonl``.
 Pushing verifies the package, packs it, signs it into the targets metadata as
-``<name>/<version>.tar`` and records an audit entry.
+``<name>/<version>.tar`` (:func:`~edgefleet.device.wire.updates.target_path`, the name
+devices fetch) and records an audit entry.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from edgefleet.device.core.errors import UsageError
 from edgefleet.device.runtime.archive import pack_package
 from edgefleet.device.runtime.manifest import file_sha256, load_package, safe_member
 from edgefleet.device.runtime.onnx_check import check_no_external_data
+from edgefleet.device.wire.updates import target_path
 from edgefleet.server.fleet.audit import AuditLog
 from edgefleet.server.fleet.keys import KeyRing
 from edgefleet.server.registry.tuf_repo import Expiry, TufRepo
 
-__all__ = ["ModelRecord", "Registry", "parse_ref", "target_path", "version_key"]
+__all__ = ["ModelRecord", "Registry", "parse_ref", "version_key"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_versions (
@@ -39,11 +41,6 @@ CREATE TABLE IF NOT EXISTS model_versions (
     PRIMARY KEY (name, version)
 );
 """
-
-
-def target_path(name: str, version: str) -> str:
-    """The TUF target path of a model version."""
-    return f"{name}/{version}.tar"
 
 
 def version_key(version: str) -> tuple[int, ...]:

@@ -26,7 +26,8 @@ from edgefleet.server.retrain.policy import (
     RetrainPolicy,
     RunOutcome,
 )
-from edgefleet.server.rollout.controller import FleetView, RolloutController
+from edgefleet.server.rollout.controller import RolloutController
+from edgefleet.server.rollout.fleet_view import FleetView
 from edgefleet.server.telemetry.store import Store
 
 __all__ = ["RetrainError", "StoreSignals", "TrainCommand", "canary_with", "promote_with",

@@ -2,9 +2,9 @@
 
 ``edgefleet rollout --watch`` only guards a canary while the operator's terminal stays
 open. The guard is the same check as a service: every ``interval`` seconds it loads the
-running rollouts from ``registry.db`` and runs :meth:`RolloutController.check` on each, so
+running rollouts from ``rollouts.db`` and runs :meth:`RolloutController.check` on each, so
 the stop (re-assignments, audit entry, ``automatic``) is exactly the watch's. Its memory
-(store baselines, candidate seen) is in ``registry.db``, so it can be restarted, and two
+(store baselines, candidate seen) is in ``rollouts.db``, so it can be restarted, and two
 guards at once stop a canary once (see :mod:`edgefleet.server.rollout.controller`).
 
 It never exits on a bad row or a vanished broker: an unreachable broker is retried with
@@ -20,25 +20,37 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.core.retry import Backoff
-from edgefleet.server.rollout.controller import (
-    CombinedHealth,
-    FleetView,
+from edgefleet.server.rollout.controller import RolloutController
+from edgefleet.server.rollout.health import CombinedHealth, MetricsStore, StoreHealthSource
+from edgefleet.server.rollout.records import (
     HealthSource,
+    Publisher,
     Rollout,
-    RolloutController,
-    StoreHealthSource,
+    RolloutRegistry,
 )
 
-__all__ = ["GUARD_ACTOR", "GuardPass", "RolloutGuard"]
+__all__ = ["GUARD_ACTOR", "BrokerView", "GuardPass", "RolloutGuard"]
 
 log = logging.getLogger(__name__)
 
 #: The audit-log actor of a guard's stops (``details.automatic`` is true as for ``--watch``).
 GUARD_ACTOR = "rollout-guard"
+
+
+class BrokerView(HealthSource, Publisher, Protocol):
+    """A broker connection (a :class:`~edgefleet.server.rollout.fleet_view.FleetView`):
+    device health in, assignments out, and whether it is up."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up now."""
+
+    def close(self) -> None:
+        """Disconnect."""
 
 
 @dataclass
@@ -56,12 +68,12 @@ class GuardPass:
 class RolloutGuard:
     """Checks every running canary each ``interval`` s; :meth:`run` until :meth:`stop`.
 
-    ``open_view`` connects to the broker (a :class:`FleetView`); ``store`` (optional) is
+    ``open_view`` connects to the broker (a :class:`BrokerView`); ``store`` (optional) is
     the telemetry store, the health source where a device's update state is silent.
     """
 
-    def __init__(self, registry: Any, open_view: Callable[[], FleetView], *,
-                 store: Any = None, interval: float = 10.0, settle: float = 1.0,
+    def __init__(self, registry: RolloutRegistry, open_view: Callable[[], BrokerView], *,
+                 store: MetricsStore | None = None, interval: float = 10.0, settle: float = 1.0,
                  min_inferences: int = 20, backoff: Backoff | None = None) -> None:
         self.registry = registry
         self.open_view = open_view
@@ -72,11 +84,11 @@ class RolloutGuard:
         self.backoff = backoff or Backoff(base=1.0, cap=60.0)
         self.passes = 0
         self.failures = 0
-        self._view: FleetView | None = None
+        self._view: BrokerView | None = None
         self._ctl: RolloutController | None = None
         self._stop = threading.Event()
 
-    def _connect(self) -> tuple[RolloutController, FleetView]:
+    def _connect(self) -> tuple[RolloutController, BrokerView]:
         """The controller and a connected view (opened once, re-opened after a loss)."""
         if self._view is not None and not self._view.connected:
             log.warning("lost the broker; reconnecting")

@@ -19,6 +19,7 @@ from tuf.api.metadata import Metadata
 from edgefleet.device.core import errors
 from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
 from edgefleet.device.updates.installer import HealthPolicy
+from edgefleet.device.wire.updates import target_path
 from edgefleet.server.registry.http import RegistryServer
 from edgefleet.server.registry.repository import Registry
 from edgefleet.server.registry.tuf_repo import Expiry
@@ -190,7 +191,7 @@ def _sign_raw(reg: Registry, name: str, version: str, files: dict[str, bytes]) -
     staged.write_bytes(buf.getvalue())
     sha = file_sha256(staged)
     staged.replace(reg.artifacts / sha)
-    reg.repo.add_target(f"{name}/{version}.tar", reg.artifacts / sha,
+    reg.repo.add_target(target_path(name, version), reg.artifacts / sha,
                         {"model": name, "version": version, "task": "digits"})
 
 

@@ -19,9 +19,10 @@ from edgefleet.device.runtime.archive import ArchiveLimits, extract_package, pac
 from edgefleet.device.runtime.manifest import MANIFEST_NAME
 from edgefleet.device.runtime.onnx_check import check_no_external_data
 from edgefleet.device.runtime.predictor import Predictor
-from edgefleet.device.updates.installer import Assignment, HealthPolicy
+from edgefleet.device.updates.installer import HealthPolicy
 from edgefleet.device.updates.sandbox import TrialLimits, trial_load
 from edgefleet.device.updates.slots import SlotStore
+from edgefleet.device.wire.updates import Assignment
 from edgefleet.server.registry.http import RegistryServer
 from tests.support.updates import assign, make_device, make_registry, package_version
 

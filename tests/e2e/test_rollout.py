@@ -17,7 +17,8 @@ import pytest
 
 from edgefleet.device.runtime.manifest import MANIFEST_NAME
 from edgefleet.server.registry.http import RegistryServer
-from edgefleet.server.rollout.controller import FleetView, RolloutController
+from edgefleet.server.rollout.controller import RolloutController
+from edgefleet.server.rollout.fleet_view import FleetView
 from tests.support.updates import make_registry, package_version, start_agent, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -130,7 +131,7 @@ def test_agent_process_follows_a_retained_assignment(tmp_path: Path, digits_pack
     import subprocess
     import sys
 
-    from edgefleet.device.updates.listener import device_topic
+    from edgefleet.device.wire.updates import device_topic
 
     reg = make_registry(tmp_path / "registry")
     reg.push(package_version(digits_package, tmp_path / "p" / "1.0.0", "1.0.0"))

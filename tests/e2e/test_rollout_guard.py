@@ -24,8 +24,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.device.updates.listener import device_topic, state_topic
 from edgefleet.device.wire.telemetry import topic_for
+from edgefleet.device.wire.updates import device_topic, state_topic
 from edgefleet.server.telemetry.store import open_store
 from tests.conftest import BIN, run_cli
 from tests.server.test_rollout_cli import _retained
@@ -81,12 +81,12 @@ def _passes(tmp: Path, name: str) -> list[dict[str, Any]]:
 
 
 def _status(registry: Path, rid: str) -> str:
-    with sqlite3.connect(registry / "registry.db") as db:
+    with sqlite3.connect(registry / "rollouts.db") as db:
         return str(db.execute("SELECT status FROM rollouts WHERE id = ?", (rid,)).fetchone()[0])
 
 
 def _baseline(registry: Path, rid: str, device: str) -> tuple[Any, ...] | None:
-    with sqlite3.connect(registry / "registry.db") as db:
+    with sqlite3.connect(registry / "rollouts.db") as db:
         row = db.execute("SELECT inferences, fallback FROM rollout_devices WHERE rollout = ? "
                          "AND device = ? AND recorded IS NOT NULL", (rid, device)).fetchone()
     return tuple(row) if row else None

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from edgefleet.device.updates.listener import device_topic
+from edgefleet.device.wire.updates import device_topic
 from edgefleet.server.fleet.pki import init_certs, issue_server_cert
-from edgefleet.server.rollout.controller import FleetView
+from edgefleet.server.rollout.fleet_view import FleetView
 from tests.support.updates import make_registry, package_version, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]

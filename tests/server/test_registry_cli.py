@@ -111,7 +111,7 @@ def test_keys_push_ls_audit_and_rotation(tmp_path: Path, digits_package: Path) -
 
 
 def test_store_health_source_uses_deltas(tmp_path: Path) -> None:
-    from edgefleet.server.rollout.controller import StoreHealthSource
+    from edgefleet.server.rollout.health import StoreHealthSource
     from edgefleet.server.telemetry.store import open_store
 
     store = open_store(tmp_path / "fleet.db")

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from edgefleet.device.agent.enroll import install_bundle
 from edgefleet.device.agent.settings import AgentConfig
 from edgefleet.device.core import errors
-from edgefleet.device.updates.installer import Assignment
 from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
+from edgefleet.device.wire.updates import Assignment
 from edgefleet.server.fleet.enrollment import enroll_device
 from edgefleet.server.fleet.home import FleetHome
 from edgefleet.server.fleet.pki import CertPaths, init_certs, issue_server_cert

@@ -14,8 +14,9 @@ from typing import Any
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.inference.serving import ServingModel
 from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
-from edgefleet.device.updates.installer import Assignment, HealthPolicy, Updater
+from edgefleet.device.updates.installer import HealthPolicy, Updater
 from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
+from edgefleet.device.wire.updates import Assignment
 from edgefleet.server.fleet.keys import ROLES, KeyRing
 from edgefleet.server.registry.http import RegistryHandler, RegistryServer
 from edgefleet.server.registry.repository import Registry

@@ -1,0 +1,134 @@
+"""The rollout side of the broker: device update states and events in, assignments out.
+
+Built on :class:`~edgefleet.device.core.mqtt_link.MqttLink` like every other client, so
+a broker restart brings jittered reconnects (not a fleet of tools in lockstep), a failing
+callback is logged instead of killing the network thread, and the state and event
+subscriptions are made again on every new connection.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+from edgefleet.device.core.errors import EdgefleetError, UsageError
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
+from edgefleet.device.wire.updates import (
+    ASSIGN_ROOT,
+    EVENT_FILTER,
+    STATE_FILTER,
+    decode_report,
+    device_of,
+)
+from edgefleet.server.rollout.records import HealthRates, json_number, json_object
+
+__all__ = ["FleetView"]
+
+_PREFIX = "rollout_view"
+
+
+class FleetView:
+    """Sees device update states and events and publishes assignments (one network thread)."""
+
+    def __init__(self, host: str, port: int, client_id: str | None = None, *,
+                 username: str | None = None, password: str | None = None,
+                 connect_timeout: float = 10.0) -> None:
+        self.states: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.metrics = Metrics()
+        cfg = MqttConfig(host=host, port=port, username=username, password=password)
+        self.link = MqttLink(cfg, client_id or f"rollout-{uuid.uuid4().hex[:8]}",
+                             prefix=_PREFIX, metrics=self.metrics,
+                             on_connected=self._subscribe, on_message=self._on_message)
+        self._thread = threading.Thread(target=self.link.run, args=(self._stop,),
+                                        name="fleet-view", daemon=True)
+        self._thread.start()
+        try:
+            self._wait_connected(f"{host}:{port}", connect_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_connected(self, where: str, timeout: float) -> None:
+        """Wait for the first connection; an unreachable or refusing broker fails fast."""
+        end = time.monotonic() + timeout
+        while not self.link.connected:
+            if self.metrics.counter(f"{_PREFIX}_connect_errors"):
+                raise EdgefleetError(f"cannot reach the MQTT broker at {where}")
+            if self.metrics.counter(f"{_PREFIX}_connect_refused") or time.monotonic() > end:
+                raise EdgefleetError(f"the MQTT broker at {where} did not accept the "
+                                     "connection (credentials? EDGEFLEET_MQTT_USERNAME/PASSWORD)")
+            time.sleep(0.02)
+
+    def _subscribe(self, client: Any) -> None:
+        client.subscribe(STATE_FILTER, qos=1)
+        client.subscribe(EVENT_FILTER, qos=1)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up now (the link reconnects in the background)."""
+        return self.link.connected
+
+    def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
+        where, body = device_of(msg.topic), decode_report(msg.payload)
+        if where is None or body is None:
+            return
+        kind, device = where
+        with self._lock:
+            if kind == "state":
+                self.states[device] = body
+            else:
+                self.events.append(body)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        """Publish QoS 1 and wait until the broker has it."""
+        if not topic.startswith(ASSIGN_ROOT):
+            raise UsageError(f"refusing to publish outside {ASSIGN_ROOT}: {topic}")
+        client = self.link.client
+        if client is None or not self.link.connected:
+            raise EdgefleetError(f"not connected to the MQTT broker: {topic} not published")
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        try:
+            info.wait_for_publish(10)
+        except (RuntimeError, ValueError) as exc:
+            raise EdgefleetError(f"publishing {topic} failed: {exc}") from None
+        if not info.is_published():
+            raise EdgefleetError(f"the broker did not acknowledge {topic} within 10 s")
+
+    def fleet(self, settle_s: float = 1.0) -> dict[str, str | None]:
+        """Known devices and the version each runs (waits ``settle_s`` for retained states)."""
+        time.sleep(settle_s)
+        with self._lock:
+            return {d: s.get("version") for d, s in self.states.items()}
+
+    def health(self, device: str, since: float = 0.0,
+               rollout: str | None = None) -> HealthRates | None:
+        """Rates from the device's last state message, and its rollback/refusal events.
+
+        Events are not retained, so a watcher that connects later learns of a refusal from
+        the state's ``last`` outcome instead (``refused``).
+        """
+        with self._lock:
+            state = self.states.get(device)
+            bad = any(e.get("device") == device and e.get("event") in ("rolled_back", "rejected")
+                      and json_number(e.get("ts")) >= since for e in self.events)
+        if state is None:
+            return None
+        h, last = json_object(state.get("health")), json_object(state.get("last"))
+        refused = last.get("target") if last.get("outcome") == "rejected" else None
+        return HealthRates(state.get("version"), int(json_number(h.get("inferences"))),
+                           int(json_number(h.get("errors"))), int(json_number(h.get("degraded"))),
+                           int(json_number(h.get("fallback"))), rolled_back=bad,
+                           refused=refused if isinstance(refused, str) else None,
+                           measured=isinstance(state.get("health"), dict))
+
+    def close(self) -> None:
+        """Stop the network thread, which disconnects."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5)
