@@ -29,6 +29,7 @@ from typing import Any
 
 from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.core.metrics import Histogram
+from edgefleet.device.core.process import ProcessGroup
 from edgefleet.server.demo.arm import (
     PATIENT_SUPERNODE,
     EmulatedDevices,
@@ -36,7 +37,6 @@ from edgefleet.server.demo.arm import (
     export_partition,
 )
 from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker, free_port
-from edgefleet.server.procs import ProcessGroup
 
 __all__ = ["DemoError", "DemoOptions", "run_demo"]
 
