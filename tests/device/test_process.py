@@ -7,11 +7,13 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from edgefleet.device.core.process import Child, ChildExited, ProcessGroup, wait_port
+from tests.support.telemetry import wait_until
 
 # Prints, ignores SIGTERM, says it is ready, then sleeps.
 STUBBORN = ("import signal, sys, time\n"
@@ -20,13 +22,8 @@ STUBBORN = ("import signal, sys, time\n"
             "time.sleep(600)\n")
 
 
-def _wait(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
+def _wait(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    return wait_until(pred, timeout, every=0.02)
 
 
 def _gone(pid: int) -> bool:
