@@ -35,9 +35,9 @@ import numpy as np
 
 from edgefleet.device.agent.local_api import LocalApiServer
 from edgefleet.device.agent.settings import AgentConfig
-from edgefleet.device.agent.supervise import SupervisedProcess
 from edgefleet.device.core.errors import EdgefleetError, InputError
 from edgefleet.device.core.metrics import Metrics, default_metrics
+from edgefleet.device.core.process import SupervisedProcess
 from edgefleet.device.inference.cascade import Answer, HybridPredictor
 from edgefleet.device.inference.drift import DriftMonitor
 from edgefleet.device.inference.serving import ServingModel

@@ -48,9 +48,10 @@ from pathlib import Path
 from typing import Protocol
 
 from edgefleet.device.core.metrics import Metrics, default_metrics
+from edgefleet.device.core.sqlite import connect, migrate
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RESERVE_BYTES", "MemorySpool", "Spool", "SpoolLike",
-           "is_disk_full"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RESERVE_BYTES", "MIGRATIONS", "MemorySpool", "Spool",
+           "SpoolLike", "is_disk_full"]
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,19 @@ _CHUNK = 500
 _SIZE = "LENGTH(payload) + LENGTH(CAST(topic AS BLOB))"
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS spool (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('dropped', 0);
-"""
+#: The spool's schema versions (:mod:`edgefleet.device.core.sqlite`). Version 1 is the
+#: schema spools had before versions were recorded, hence ``IF NOT EXISTS``.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: messages and the persisted drop count
+        """CREATE TABLE IF NOT EXISTS spool (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            created REAL NOT NULL)""",
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT OR IGNORE INTO meta VALUES ('dropped', 0)",
+    ],
+]
 
 
 class SpoolLike(Protocol):
@@ -185,13 +189,13 @@ class Spool:
     # -- opening ---------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         _create_private(self.path)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db = connect(self.path, wal=True, timeout=5.0, autocommit=True, check_same_thread=False)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
-            db.executescript(_SCHEMA)
+            # A newer spool (an agent slot rolled back to older code) is read as it is:
+            # the query below checks that the columns this code needs are there.
+            migrate(db, MIGRATIONS, what="the telemetry spool has schema", allow_newer=True)
             db.execute("SELECT id, topic, payload, created FROM spool LIMIT 1").fetchall()
         except sqlite3.DatabaseError:
             db.close()
@@ -474,6 +478,21 @@ class Spool:
             self.ack([])
         with self._lock:
             self._db.close()
+
+
+def spooled_count(path: Path | str) -> int:
+    """Messages waiting in the spool file at ``path``, read without changing it (0: none).
+
+    For a spool whose agent has stopped (the demo's report): opened read-only, so a
+    reader never migrates, checkpoints or creates the owner's file.
+    """
+    if not Path(path).exists():
+        return 0
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+    finally:
+        db.close()
 
 
 class MemorySpool:

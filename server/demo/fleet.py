@@ -29,6 +29,7 @@ from typing import Any
 
 from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.core.metrics import Histogram
+from edgefleet.device.core.process import ProcessGroup
 from edgefleet.models.sim.fl_app import export_partition
 from edgefleet.server.demo.arm import (
     PATIENT_SUPERNODE,
@@ -36,7 +37,6 @@ from edgefleet.server.demo.arm import (
     arm_variant,
 )
 from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker, free_port
-from edgefleet.server.procs import ProcessGroup
 
 __all__ = ["DemoError", "DemoOptions", "run_demo"]
 
@@ -481,15 +481,10 @@ def build_report(demo: Demo) -> dict[str, Any]:
 
 def _pending_spooled(s: DemoState) -> int:
     """Messages still in device spools (kept on disk for the next start: not lost)."""
-    import sqlite3
+    from edgefleet.device.telemetry.spool import spooled_count
 
-    total = 0
-    for d in s.devices:
-        db = s.work / "devices" / d / "state" / "telemetry-spool.db"
-        if db.exists():
-            with sqlite3.connect(db) as c:
-                total += int(c.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
-    return total
+    return sum(spooled_count(s.work / "devices" / d / "state" / "telemetry-spool.db")
+               for d in s.devices)
 
 
 def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:

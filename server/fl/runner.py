@@ -13,19 +13,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from edgefleet.device.core.errors import UsageError
-from edgefleet.device.core.retry import Backoff
+from edgefleet.device.core.process import Child, ChildExited, ProcessGroup, log_tail, wait_port
 from edgefleet.server.fl.settings import RunSettings
 from edgefleet.server.fl.store import FlStore, RoundRow, RunRow
 from edgefleet.server.fleet.pki import CertPaths, init_certs
@@ -43,15 +41,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    backoff = Backoff(base=0.05, cap=0.5)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FlRunError(f"{what} exited with code {proc.returncode} during start-up")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+def _wait_port(port: int, proc: Child, what: str, timeout: float = 60) -> None:
+    try:
+        if wait_port(proc, port, timeout=timeout):
             return
-        time.sleep(backoff.next_delay())
+    except ChildExited:
+        raise FlRunError(f"{what} exited with code {proc.returncode} during start-up") from None
     raise FlRunError(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
@@ -132,13 +127,6 @@ def follow_run(store: FlStore, tag: str, conn: SuperLinkConn, run_id: str,
 
 
 @dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: IO[bytes]
-
-
-@dataclass
 class EmbeddedFederation:
     """A SuperLink and ``devices`` SuperNodes on loopback, owned by this object."""
 
@@ -146,9 +134,12 @@ class EmbeddedFederation:
     devices: int = 5
     secure: bool = True
     node_config: Callable[[int], dict[str, Any]] | None = None
-    procs: dict[str, _Proc] = field(default_factory=dict)
+    procs: ProcessGroup = field(init=False)
     port: int = 0
     certs: CertPaths | None = None
+
+    def __post_init__(self) -> None:
+        self.procs = ProcessGroup(self.work)
 
     def __enter__(self) -> EmbeddedFederation:
         try:
@@ -179,13 +170,9 @@ class EmbeddedFederation:
         for i in range(self.devices):
             self.start_node(i)
 
-    def _spawn(self, name: str, args: list[str], home: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: list[str], home: Path) -> Child:
         home.mkdir(parents=True, exist_ok=True)
-        logf = (self.work / f"{name}.log").open("ab")
-        popen = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=flower_env(home),
-                                 start_new_session=True, cwd=self.work)
-        self.procs[name] = _Proc(name, popen, logf)
-        return popen
+        return self.procs.start(name, args, env=flower_env(home), cwd=self.work)
 
     def start_superlink(self) -> None:
         """Start (or restart) the SuperLink; its state lives in ``superlink.db``."""
@@ -225,35 +212,25 @@ class EmbeddedFederation:
             args.append("--insecure")
         return args
 
-    def start_node(self, i: int, key: Path | None = None) -> subprocess.Popen[bytes]:
+    def start_node(self, i: int, key: Path | None = None) -> Child:
         """Start SuperNode ``i`` (again, after a kill: it rejoins with the same key)."""
         return self._spawn(f"node-{i}", self.node_args(i, key), self.work / f"node-{i}")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal one process group (``superlink`` or ``node-<i>``) and reap it."""
-        p = self.procs.pop(name, None)
-        if p is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.popen.pid, sig)
-        try:
-            p.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.popen.pid, signal.SIGKILL)
-            p.popen.wait(timeout=10)
-        p.log.close()
+        p = self.procs.pop(name)
+        if p is not None:
+            p.stop(10, sig)
 
     def stop(self) -> None:
         """Stop SuperNodes first, then the SuperLink (SIGTERM, SIGKILL after 10 s)."""
-        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+        names = sorted(self.procs.children, key=lambda n: n == "superlink")
+        for name in names:
             self.kill(name, signal.SIGTERM)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         """The end of a process's log, for error messages and failing tests."""
-        path = self.work / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) \
-            if path.exists() else ""
+        return log_tail(self.work / f"{name}.log", lines)
 
 
 def remove_tree(path: Path) -> None:

@@ -11,26 +11,32 @@ import datetime as dt
 import json
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FlStore", "RoundRow", "RunRow"]
+from edgefleet.device.core.sqlite import connect, migrate
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fl_runs (
-    tag TEXT PRIMARY KEY, flower_run_id TEXT, started TEXT, finished TEXT,
-    status TEXT NOT NULL, params TEXT NOT NULL, final TEXT, error TEXT);
-CREATE TABLE IF NOT EXISTS fl_rounds (
-    tag TEXT NOT NULL, round INTEGER NOT NULL, accuracy REAL, loss REAL,
-    nodes INTEGER, declined INTEGER, failed INTEGER, epsilon REAL,
-    fed_accuracy REAL, seconds REAL, bytes_down INTEGER, bytes_up INTEGER,
-    PRIMARY KEY (tag, round));
-CREATE TABLE IF NOT EXISTS fl_device_eval (
-    tag TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, accuracy REAL,
-    examples INTEGER, PRIMARY KEY (tag, round, node));
-"""
+__all__ = ["MIGRATIONS", "FlStore", "RoundRow", "RunRow"]
+
+#: Schema versions of the FL database (:mod:`edgefleet.device.core.sqlite`); version 1 is
+#: the schema it had before versions were recorded, hence ``IF NOT EXISTS``.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: runs, rounds, per-device evaluations
+        """CREATE TABLE IF NOT EXISTS fl_runs (
+            tag TEXT PRIMARY KEY, flower_run_id TEXT, started TEXT, finished TEXT,
+            status TEXT NOT NULL, params TEXT NOT NULL, final TEXT, error TEXT)""",
+        """CREATE TABLE IF NOT EXISTS fl_rounds (
+            tag TEXT NOT NULL, round INTEGER NOT NULL, accuracy REAL, loss REAL,
+            nodes INTEGER, declined INTEGER, failed INTEGER, epsilon REAL,
+            fed_accuracy REAL, seconds REAL, bytes_down INTEGER, bytes_up INTEGER,
+            PRIMARY KEY (tag, round))""",
+        """CREATE TABLE IF NOT EXISTS fl_device_eval (
+            tag TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, accuracy REAL,
+            examples INTEGER, PRIMARY KEY (tag, round, node))""",
+    ],
+]
 
 
 @dataclass(frozen=True)
@@ -72,13 +78,12 @@ class FlStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._conn() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        with closing(connect(path, wal=True)) as db:
+            migrate(db, MIGRATIONS, what=f"{path.name} has FL schema")
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+        db = connect(self.path)
         try:
             with db:
                 yield db

@@ -11,12 +11,11 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet.device.core.errors import EdgefleetError
+from edgefleet.device.core.process import Child, ChildExited, wait_port
 
 __all__ = ["BrokerConfig", "MosquittoBroker", "find_mosquitto", "free_port"]
 
@@ -62,7 +61,7 @@ class MosquittoBroker:
         self.config = config or BrokerConfig()
         if not self.config.port:
             self.config.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Child | None = None
 
     @property
     def port(self) -> int:
@@ -100,43 +99,31 @@ class MosquittoBroker:
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
         """Start the broker and wait until it accepts connections."""
-        if self.proc and self.proc.poll() is None:
+        if self.proc and self.proc.alive():
             return self
         conf = self._write_config()
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                log_path = self.workdir / "mosquitto.log"
-                raise EdgefleetError(
-                    f"mosquitto exited with {self.proc.returncode}; see {log_path}"
-                )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+        log_path = self.workdir / "mosquitto.log"
+        self.proc = Child.start("mosquitto", [find_mosquitto(), "-c", str(conf)],
+                                log_path=log_path)
+        try:
+            if wait_port(self.proc, self.port, host=self.host, timeout=timeout):
+                return self
+        except ChildExited:
+            raise EdgefleetError(
+                f"mosquitto exited with {self.proc.returncode}; see {log_path}") from None
         self.kill()
         raise EdgefleetError(f"mosquitto did not listen on {self.host}:{self.port}")
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (mosquitto saves persistence on a clean exit), then SIGKILL if needed."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            self.proc.stop(timeout)
         self.proc = None
 
     def kill(self) -> None:
         """SIGKILL: a crash, nothing saved."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc:
+            self.proc.stop(sig=signal.SIGKILL)
         self.proc = None
 
     def restart(self) -> None:
@@ -146,8 +133,8 @@ class MosquittoBroker:
 
     def reload(self) -> None:
         """SIGHUP: re-read password and ACL files (used after enrolling or revoking)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGHUP)
+        if self.proc:
+            self.proc.send(signal.SIGHUP)
 
     def __enter__(self) -> MosquittoBroker:
         return self.start()

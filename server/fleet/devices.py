@@ -17,21 +17,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DeviceRow", "DeviceTable"]
+from edgefleet.device.core.sqlite import connect, migrate
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    name TEXT PRIMARY KEY,
-    grp TEXT NOT NULL,
-    mqtt_username TEXT NOT NULL,
-    mqtt_hash TEXT NOT NULL,
-    enrolled_at REAL NOT NULL,
-    revoked_at REAL,
-    node_public_key TEXT,
-    node_id TEXT,
-    fl_state TEXT NOT NULL DEFAULT 'none'
-)
-"""
+__all__ = ["MIGRATIONS", "DeviceRow", "DeviceTable"]
+
+#: Schema versions of ``devices.db`` (:mod:`edgefleet.device.core.sqlite`); version 1 is
+#: the table it had before versions were recorded, hence ``IF NOT EXISTS``.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: enrolled devices
+        """CREATE TABLE IF NOT EXISTS devices (
+            name TEXT PRIMARY KEY,
+            grp TEXT NOT NULL,
+            mqtt_username TEXT NOT NULL,
+            mqtt_hash TEXT NOT NULL,
+            enrolled_at REAL NOT NULL,
+            revoked_at REAL,
+            node_public_key TEXT,
+            node_id TEXT,
+            fl_state TEXT NOT NULL DEFAULT 'none')""",
+    ],
+]
 
 
 @dataclass(frozen=True)
@@ -70,12 +75,12 @@ class DeviceTable:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with self._db() as db:
-            db.execute(_SCHEMA)
+        with closing(connect(path)) as db:
+            migrate(db, MIGRATIONS, what="devices.db has schema")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=30)) as db, db:
+        with closing(connect(self.path)) as db, db:
             yield db
 
     def _rows(self, where: str = "", args: tuple[Any, ...] = ()) -> list[DeviceRow]:

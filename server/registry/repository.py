@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 from edgefleet.device.core.durable import fsync_dir
 from edgefleet.device.core.errors import UsageError
+from edgefleet.device.core.sqlite import connect, migrate
 from edgefleet.device.runtime.archive import pack_package
 from edgefleet.device.runtime.manifest import file_sha256, load_package, safe_member
 from edgefleet.device.runtime.onnx_check import check_no_external_data
@@ -30,17 +30,21 @@ from edgefleet.server.fleet.audit import AuditLog
 from edgefleet.server.fleet.keys import KeyRing
 from edgefleet.server.registry.tuf_repo import Expiry, TufRepo
 
-__all__ = ["ModelRecord", "Registry", "parse_ref", "version_key"]
+__all__ = ["MIGRATIONS", "ModelRecord", "Registry", "parse_ref", "version_key"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS model_versions (
-    name TEXT NOT NULL, version TEXT NOT NULL, task TEXT NOT NULL,
-    sha256 TEXT NOT NULL, size INTEGER NOT NULL, target TEXT NOT NULL,
-    created TEXT NOT NULL, pushed_at REAL NOT NULL,
-    lineage TEXT NOT NULL, metrics TEXT NOT NULL, yanked INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (name, version)
-);
-"""
+#: Schema versions of the model table in ``registry.db`` (:mod:`~edgefleet.device.core.sqlite`),
+#: recorded in ``registry_migrations`` (rollouts live in their own ``rollouts.db``).
+#: Version 1 is the table it had before versions were recorded, hence ``IF NOT EXISTS``.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: model versions
+        """CREATE TABLE IF NOT EXISTS model_versions (
+            name TEXT NOT NULL, version TEXT NOT NULL, task TEXT NOT NULL,
+            sha256 TEXT NOT NULL, size INTEGER NOT NULL, target TEXT NOT NULL,
+            created TEXT NOT NULL, pushed_at REAL NOT NULL,
+            lineage TEXT NOT NULL, metrics TEXT NOT NULL, yanked INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (name, version))""",
+    ],
+]
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -81,8 +85,9 @@ class Registry:
         self.audit = AuditLog(self.home / "audit.jsonl")
         self.home.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(exist_ok=True)
-        self._db = sqlite3.connect(self.home / "registry.db", timeout=30)
-        self._db.executescript(_SCHEMA)
+        self._db = connect(self.home / "registry.db")
+        migrate(self._db, MIGRATIONS, table="registry_migrations",
+                what="registry.db has model schema")
 
     def close(self) -> None:
         """Close the database."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -30,20 +29,26 @@ from pydantic import Field
 
 from edgefleet.device.core.config import StrictModel
 from edgefleet.device.core.errors import EdgefleetError, UsageError
+from edgefleet.device.core.sqlite import connect, migrate
 from edgefleet.server.fleet.audit import AuditLog
 
-__all__ = ["Approvals", "CanaryOutcome", "Evaluation", "FleetSignals", "RetrainConfig",
-           "RetrainController", "RetrainPolicy", "RunOutcome", "decide"]
+__all__ = ["MIGRATIONS", "Approvals", "CanaryOutcome", "Evaluation", "FleetSignals",
+           "RetrainConfig", "RetrainController", "RetrainPolicy", "RunOutcome", "decide"]
 
 log = logging.getLogger(__name__)
 ACTOR = "retrain-policy"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS streaks (grp TEXT PRIMARY KEY, count INTEGER NOT NULL,
-    since REAL, last_run REAL);
-CREATE TABLE IF NOT EXISTS approvals (id TEXT PRIMARY KEY, grp TEXT NOT NULL,
-    created REAL NOT NULL, status TEXT NOT NULL, decided REAL, actor TEXT, details TEXT);
-"""
+#: Schema versions of ``retrain.db`` (:mod:`edgefleet.device.core.sqlite`); version 1 is
+#: the schema it had before versions were recorded, hence ``IF NOT EXISTS``.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: alert streaks per group, approval requests
+        """CREATE TABLE IF NOT EXISTS streaks (grp TEXT PRIMARY KEY, count INTEGER NOT NULL,
+            since REAL, last_run REAL)""",
+        """CREATE TABLE IF NOT EXISTS approvals (id TEXT PRIMARY KEY, grp TEXT NOT NULL,
+            created REAL NOT NULL, status TEXT NOT NULL, decided REAL, actor TEXT,
+            details TEXT)""",
+    ],
+]
 
 
 class RetrainPolicy(StrictModel):
@@ -144,8 +149,8 @@ class Approvals:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30)
-        self.db.executescript(_SCHEMA)
+        self.db = connect(path)
+        migrate(self.db, MIGRATIONS, what="retrain.db has schema")
 
     def rows(self, status: str | None = None) -> list[dict[str, Any]]:
         """Requests, oldest first (only ``status`` if given)."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from edgefleet.device.core import sqlite
 from edgefleet.device.core.errors import EdgefleetError
-from edgefleet.server.telemetry.store import apply_migrations
 
 __all__ = ["DB_NAME", "MIGRATIONS", "connect", "migrate", "move_legacy_rows"]
 
@@ -23,9 +23,8 @@ _LEGACY_DB = "registry.db"
 _TABLES = ("rollout_devices", "rollouts", "rollout_migrations")
 
 #: Numbered schema changes of the rollout tables, applied in order in one transaction and
-#: recorded in ``rollout_migrations`` (the store's scheme and helper,
-#: :func:`~edgefleet.server.telemetry.store.apply_migrations`). Version 1 is the table that
-#: existed before migrations, hence ``IF NOT EXISTS``.
+#: recorded in ``rollout_migrations`` (:func:`edgefleet.device.core.sqlite.migrate`).
+#: Version 1 is the table that existed before migrations, hence ``IF NOT EXISTS``.
 MIGRATIONS: list[list[str]] = [
     [  # 1: rollouts
         """CREATE TABLE IF NOT EXISTS rollouts (
@@ -45,17 +44,9 @@ MIGRATIONS: list[list[str]] = [
 
 
 def migrate(db: sqlite3.Connection) -> int:
-    """Apply the rollout migrations ``db`` (autocommit mode) has not seen; returns the version."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        version = apply_migrations(db.execute, lambda sql: db.execute(sql).fetchone()[0],
-                                   "rollout_migrations", MIGRATIONS,
-                                   f"{DB_NAME} has rollout schema")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-    return version
+    """Apply the rollout migrations ``db`` has not seen; returns the version."""
+    return sqlite.migrate(db, MIGRATIONS, table="rollout_migrations",
+                          what=f"{DB_NAME} has rollout schema")
 
 
 def connect(home: Path) -> sqlite3.Connection:

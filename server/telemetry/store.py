@@ -4,7 +4,8 @@ SQLite in WAL mode is the embedded default; a ``postgresql://`` DSN selects Post
 (psycopg 3) behind the same methods. The SQL is written once with ``?`` placeholders and
 portable types; the two dialects differ only in the auto-increment key and placeholder.
 Schema changes are numbered migrations applied in order inside a transaction and
-recorded in ``schema_migrations``; a store newer than this code is refused.
+recorded in ``schema_migrations`` (:func:`edgefleet.device.core.sqlite.apply_migrations`,
+on both dialects); a store newer than this code is refused.
 
 Exactly-once: ``messages`` has ``UNIQUE (device, boot, seq)`` and inserts use
 ``ON CONFLICT DO NOTHING``, so the duplicates QoS 1 delivers are counted, not stored.
@@ -17,14 +18,15 @@ import json
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgefleet.device.core.errors import ConfigError, EdgefleetError, MissingExtraError
+from edgefleet.device.core.errors import ConfigError, MissingExtraError
+from edgefleet.device.core.sqlite import apply_migrations
+from edgefleet.device.core.sqlite import connect as sqlite_connect
 
-__all__ = ["MIGRATIONS", "Store", "apply_migrations", "default_db", "open_store"]
+__all__ = ["MIGRATIONS", "Store", "default_db", "open_store"]
 
 _PK = "{PK}"
 MIGRATIONS: list[list[str]] = [
@@ -60,28 +62,6 @@ DEVICE_COLUMNS = ("device", "online", "status_ts", "last_seen", "boot", "model_n
                   "model_version", "training_state", "epsilon", "n_inferences", "n_local",
                   "n_fallback", "n_degraded", "drift_input", "drift_confidence",
                   "spool_dropped", "messages", "duplicates", "metrics_ts")
-
-
-def apply_migrations(execute: Callable[[str, Sequence[Any]], object],
-                     query_one: Callable[[str], Any], table: str,
-                     migrations: Sequence[Sequence[str]], what: str) -> int:
-    """Apply the numbered ``migrations`` not yet recorded in ``table``; returns the version.
-
-    Shared by the fleet store and ``registry.db``'s rollout tables. The caller holds one
-    transaction around it, so a failing step leaves nothing applied; ``what`` names the
-    schema in the error a newer database gets.
-    """
-    execute(f"CREATE TABLE IF NOT EXISTS {table} ("
-            "version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)", ())
-    have = query_one(f"SELECT MAX(version) FROM {table}") or 0
-    if have > len(migrations):
-        raise EdgefleetError(f"{what} v{have}, newer than this edgefleet "
-                             f"(v{len(migrations)}): upgrade edgefleet")
-    for version in range(have + 1, len(migrations) + 1):
-        for stmt in migrations[version - 1]:
-            execute(stmt, ())
-        execute(f"INSERT INTO {table} VALUES (?, ?)", (version, time.time()))
-    return len(migrations)
 
 
 def default_db() -> str:
@@ -120,10 +100,7 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = sqlite_connect(path, wal=True, autocommit=True, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the fleet store: {exc}", path=str(path)) from None
         return conn

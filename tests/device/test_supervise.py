@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from edgefleet.device.agent.supervise import SupervisedProcess
 from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.process import SupervisedProcess
 from edgefleet.device.core.retry import Backoff
 
 

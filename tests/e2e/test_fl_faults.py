@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.device.agent.supervise import SupervisedProcess
+from edgefleet.device.core.process import SupervisedProcess
 from edgefleet.device.core.retry import Backoff
 from edgefleet.server.fl.runner import EmbeddedFederation, follow_run, submit_run
 from edgefleet.server.fl.settings import run_settings
