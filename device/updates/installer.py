@@ -8,16 +8,17 @@ health check (golden inputs, latency bound, error-free probe inferences) commits
 Every refusal is an :class:`UpdateRejected`/``PackageError``/``ModelRejected`` with an
 event and a counter, and the daemon keeps serving what it served.
 
-``EDGEFLEET_FAULT_AT=<step>`` makes the process SIGKILL itself at that step (power-loss
-tests); the steps are :data:`FAULT_STEPS`.
+Power may fail anywhere; the steps named :data:`FAULT_STEPS` are where the power-loss
+test cuts the process. Only code in the same process can arm that (the test's launcher,
+``tests/support/crash_at.py``, sets :data:`checkpoint_hook`): no configuration, argument
+or environment variable of a deployed device can.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,10 +49,14 @@ FAULT_STEPS = ("begin", "refreshed", "downloaded", "staged", "slot_forgotten", "
                "trialed", "activated", "swapped", "committed")
 
 
+#: Called at every step of :data:`FAULT_STEPS`; None in production.
+checkpoint_hook: Callable[[str], None] | None = None
+
+
 def fault(step: str) -> None:
-    """SIGKILL this process at ``step`` when ``EDGEFLEET_FAULT_AT`` names it (tests)."""
-    if os.environ.get("EDGEFLEET_FAULT_AT") == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """A point where the power-loss test may cut this process (a no-op unless it armed one)."""
+    if checkpoint_hook is not None:
+        checkpoint_hook(step)
 
 
 def _no_events(kind: str, **data: Any) -> None:

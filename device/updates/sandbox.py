@@ -59,8 +59,7 @@ def trial_load(root: Path, variants: list[str], limits: TrialLimits | None = Non
     """
     lim = limits or TrialLimits()
     cmd = [sys.executable, "-m", "edgefleet.device.updates.sandbox", str(root), *variants]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_FAULT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                             preexec_fn=lambda: _limit(lim))  # noqa: PLW1509 - rlimits only

@@ -28,14 +28,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(600)]
 
 VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
 BIN = Path(sys.executable).parent / "edgefleet-agent"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _once(state: Path, url: str, root: Path, version: str,
           fault: str | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "EDGEFLEET_FAULT_AT": fault or ""}
-    return subprocess.Popen([str(BIN), "update", "once", f"digits-mlp@{version}", "--state",
-                             str(state), "--repo", url, "--root", str(root), "--timeout", "5"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = ["update", "once", f"digits-mlp@{version}", "--state", str(state), "--repo", url,
+            "--root", str(root), "--timeout", "5"]
+    if fault is None:
+        return subprocess.Popen([str(BIN), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "tests.support.crash_at", fault, *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _restart_and_check(state: Path, floor: dict[str, Any]) -> dict[str, Any]:
