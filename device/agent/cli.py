@@ -6,28 +6,18 @@ from pathlib import Path
 
 import typer
 
-from edgefleet.device.core.cli_support import run_app, version_callback
+from edgefleet.device.core.cli_support import root_app, run_app
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(
-    name="edgefleet-agent",
-    help=(
+app = root_app(
+    "edgefleet-agent",
+    (
         "The edgefleet device agent: serves int8 models on sensor input, falls back to the "
         "cloud scorer when unsure, trains privately, reports telemetry, applies signed updates."
     ),
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    "The edgefleet device agent.",
 )
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
-                                 help="Print the version and exit."),
-) -> None:
-    """The edgefleet device agent."""
 
 
 def _register() -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "edgefleet_version",
     "err_console",
     "print_json",
+    "root_app",
     "run_app",
     "version_callback",
 ]
@@ -45,6 +46,23 @@ def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"edgefleet {edgefleet_version()}")
         raise typer.Exit()
+
+
+def root_app(name: str, help: str, about: str) -> typer.Typer:
+    """A top-level CLI (``edgefleet``, ``edgefleet-agent``): ``-h``, ``--version``, no
+    pretty tracebacks (errors are one line), help when called without arguments."""
+    app = typer.Typer(name=name, help=help, no_args_is_help=True,
+                      pretty_exceptions_enable=False,
+                      context_settings={"help_option_names": ["-h", "--help"]})
+
+    def _root(version: bool = typer.Option(False, "--version", callback=version_callback,
+                                           is_eager=True,
+                                           help="Print the version and exit.")) -> None:
+        pass
+
+    _root.__doc__ = about
+    app.callback()(_root)
+    return app
 
 
 def print_json(obj: Any) -> None:

@@ -9,31 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import typer
-
-from edgefleet.device.core.cli_support import run_app, version_callback
+from edgefleet.device.core.cli_support import root_app, run_app
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(
-    name="edgefleet",
-    help=(
+app = root_app(
+    "edgefleet",
+    (
         "Operate an edgefleet: build and quantize models, run federated training, "
         "sign and roll out updates, and watch the fleet's telemetry.\n\n"
         "Start with: edgefleet models build --task digits --out out/digits"
     ),
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    "Operate an edgefleet.",
 )
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
-                                 help="Print the version and exit."),
-) -> None:
-    """Operate an edgefleet."""
 
 
 def _register() -> None:
