@@ -155,6 +155,7 @@ class UpdateAgent:
     def _run_worker(self) -> None:
         current: Assignment | None = None
         while not self._stop.is_set():
+            self._ensure_link_thread()
             try:
                 current = self._wanted.get(timeout=0.2)
             except queue.Empty:
@@ -181,6 +182,16 @@ class UpdateAgent:
                                      "reason": getattr(exc, "reason", type(exc).__name__)}
                 break
         self._queue_state()
+
+    def _ensure_link_thread(self) -> None:
+        """A dead MQTT thread (it should never die) is noticed and started again."""
+        if self._threads and not self._threads[0].is_alive() and not self._stop.is_set():
+            self.metrics.inc("update_thread_restarts")
+            log.warning("the update MQTT thread died; starting a new one")
+            self.link.close()
+            t = threading.Thread(target=self._run_link, name="update-mqtt", daemon=True)
+            t.start()
+            self._threads[0] = t
 
     def start(self) -> UpdateAgent:
         """Start the MQTT and worker threads."""
