@@ -229,3 +229,43 @@ def test_reply_topic_of_another_device_is_refused(cloud_pkg: Path,
     assert [(q["device"], q["reason"]) for q in quarantine] == [
         ("tester", "foreign_response_topic")] * 3
     assert victim in quarantine[0]["detail"]
+
+
+@pytest.mark.slow
+def test_scorer_process_isolates_bad_requests_and_refuses_foreign_reply_topics(
+        cloud_pkg: Path, mosquitto: MosquittoBroker) -> None:
+    """The same against ``edgefleet scorer run`` as a real process (counters from its
+    ``--json`` output at SIGTERM)."""
+    import signal
+
+    from tests.support.cascade import spawn_scorer
+
+    proc = spawn_scorer(cloud_pkg, mosquitto, "s-proc", "--max-wait-ms", "200")
+    try:
+        with Spy(mosquitto, "edgefleet/v1/score/response/+") as spy:
+            rows = digit_rows(8)
+            for i, row in enumerate(rows):
+                publish_request(spy, request_topic("tester"), _request(row), reply_to=REPLY_TO,
+                                corr=b"g%d" % i)
+                if i == 4:
+                    publish_request(spy, request_topic("tester"), DEEP, reply_to=REPLY_TO,
+                                    corr=b"deep")
+                    publish_request(spy, request_topic("tester"), _request(row),
+                                    reply_to=response_topic("victim"), corr=b"aimed")
+            msgs = spy.wait_for(lambda ms: len(ms) >= 9, 30)
+            time.sleep(0.3)
+            msgs = list(spy.messages)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    got = {props.CorrelationData: (topic, reply_json(p)) for topic, p, props in msgs}
+    assert sorted(got) == sorted([b"deep", *(b"g%d" % i for i in range(8))])
+    assert all(topic == REPLY_TO for topic, _ in got.values())  # nothing reached "victim"
+    assert all(got[b"g%d" % i][1]["ok"] for i in range(8))
+    assert got[b"deep"][1]["error"] == "bad_request"
+    counters = json.loads(out)["counters"]
+    assert counters["scorer_replies_ok"] == 8
+    assert counters["scorer_rejected_too_deep"] == 1
+    assert counters["scorer_foreign_response_topic"] == 1
+    assert counters.get("scorer_worker_errors", 0) == 0
