@@ -28,7 +28,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         res = telemetry_scenario(Path(tmp), good_devices=args.devices,
-                                 per_device=args.messages, rounds=args.rounds)
+                                 per_device=args.messages, rounds=args.rounds,
+                                 process=True)
     sent = sum(res.good_sent.values())
     stored = sum(len(set(s)) for s in res.good_stored.values())
     rows = sum(r["rows"] for r in res.good_rows.values())
@@ -57,7 +58,7 @@ def main() -> None:
             f"real spool and publisher while one enrolled device sends each hostile class "
             f"{args.rounds} times on its own topics (and a forged message on a victim's "
             f"topic each round), against mosquitto with the fleet's password file and ACL "
-            f"and one `IngestService`. {res.seconds:.1f} s wall clock.\n\n"
+            f"and `edgefleet ingest run` as a process. {res.seconds:.1f} s wall clock.\n\n"
             + summary + "\n\nBy reason (`scripts/bench_hostile.py`, the same scenario as "
             "`tests/e2e/test_hostile_inputs.py`):\n\n"
             + md_table(["hostile classes", "reason", "sent", "refused", "quarantined"],

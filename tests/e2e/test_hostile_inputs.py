@@ -1,9 +1,11 @@
 """One hostile device never hurts the others (issue 15), against real processes.
 
-Telemetry: good devices publish through their real spools while one enrolled device
-sends every hostile class on its own topics (and a forged message on a victim's topic,
-which the broker ACL drops). Every good message is stored exactly once; every hostile one
-is acknowledged, counted by reason and quarantined; the ingest never drops a batch.
+Telemetry, through mosquitto (password file and per-device ACL) and ``edgefleet ingest
+run`` as a process: good devices publish through their real spools while one enrolled
+device sends every hostile class on its own topics (and a forged message on a victim's
+topic, which the broker ACL drops). Every good message is stored exactly once; every
+hostile one is acknowledged, counted by reason and quarantined; the ingest never drops
+a batch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.fault, pytest.mark.
 
 def test_hostile_telemetry_never_hurts_other_devices(tmp_path: Path) -> None:
     rounds = 3
-    res = telemetry_scenario(tmp_path, good_devices=3, per_device=200, rounds=rounds)
+    res = telemetry_scenario(tmp_path, good_devices=3, per_device=200, rounds=rounds,
+                             process=True)  # edgefleet ingest run
     # every good message from the others: stored, 0 lost, 0 duplicated
     for dev, n in res.good_sent.items():
         assert res.good_stored[dev] == list(range(1, n + 1)), dev

@@ -9,9 +9,14 @@ topic, which the broker ACL drops. It returns what was tried, refused and delive
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,8 @@ from edgefleet.device.telemetry.spool import Spool
 from edgefleet.server.fleet.broker import free_port
 from edgefleet.server.fleet.enrollment import enroll_device
 from edgefleet.server.fleet.home import FleetHome
-from edgefleet.server.telemetry.store import open_store
+from edgefleet.server.telemetry.store import Store, open_store
+from tests.conftest import BIN
 from tests.support.enroll import device_password, home_broker
 from tests.support.telemetry import raw_client, running_ingest, wait_until
 
@@ -90,9 +96,38 @@ class ScenarioResult:
     seconds: float = 0.0
 
 
+class _IngestProcess:
+    """``edgefleet ingest run --json`` as a real process; :attr:`counts` after the block."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def ingest_process(db: Path, port: int, username: str, password: str
+                   ) -> Iterator[_IngestProcess]:
+    """Run the ingest CLI for the block; SIGTERM it after, keeping its JSON counts."""
+    out = _IngestProcess()
+    proc = subprocess.Popen([str(BIN / "edgefleet"), "ingest", "run", "--db", str(db),
+                             "--port", str(port), "--username", username, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "EDGEFLEET_MQTT_PASSWORD": password})
+    try:
+        yield out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise AssertionError(f"ingest exited {proc.returncode}: {stderr[-2000:]}")
+        out.counts = json.loads(stdout)
+
+
 def telemetry_scenario(workdir: Path, *, good_devices: int = 3, per_device: int = 200,
-                       rounds: int = 3) -> ScenarioResult:
-    """Run the scenario; the broker and ingest are stopped before returning."""
+                       rounds: int = 3, process: bool = False) -> ScenarioResult:
+    """Run the scenario; the broker and ingest are stopped before returning.
+
+    ``process``: the ingest is ``edgefleet ingest run`` as a real process (else an
+    :class:`IngestService` thread in this process)."""
     home = FleetHome.create(workdir / "home", broker_port=free_port())
     broker = home_broker(home, workdir / "broker")
     out = ScenarioResult()
@@ -105,8 +140,15 @@ def telemetry_scenario(workdir: Path, *, good_devices: int = 3, per_device: int 
         ing_cred = home.service_credentials("ingest")
         m = Metrics()
         t0 = time.monotonic()
-        with running_ingest(store, broker.port, metrics=m, username=ing_cred.username,
-                            password=ing_cred.password) as ing:
+        if process:
+            proc_ctx: Any = ingest_process(workdir / "fleet.db", broker.port,
+                                           ing_cred.username, ing_cred.password)
+        else:
+            proc_ctx = running_ingest(store, broker.port, metrics=m,
+                                      username=ing_cred.username, password=ing_cred.password)
+        with proc_ctx as ing:
+            if process and not _wait_subscribed(broker.port, pw["evil"], store):
+                raise AssertionError("the ingest process never subscribed")
             for n in names:
                 cfg = MqttConfig(port=broker.port, username=n, password=pw[n],
                                  backoff_base=0.05, backoff_cap=0.5)
@@ -149,7 +191,7 @@ def telemetry_scenario(workdir: Path, *, good_devices: int = 3, per_device: int 
                 p.drain(60)
             want = good_devices * per_device + 1
             wait_until(lambda: store.message_stats()["rows"] >= want
-                       and ing.rejected >= out.hostile_sent, 60)
+                       and sum(store.rejects().values()) >= out.hostile_sent, 60)
             time.sleep(0.5)  # a late duplicate would show up as a row now
             out.seconds = time.monotonic() - t0
             for p in pubs:
@@ -164,11 +206,33 @@ def telemetry_scenario(workdir: Path, *, good_devices: int = 3, per_device: int 
             out.rejects = store.rejects()
             out.quarantined = store.quarantined(limit=10_000)
             out.evil_rows = store.message_stats("evil")["rows"]
-            out.ingest_loop_errors = m.counter("ingest_loop_errors")
-            out.ingest_rejected = ing.rejected
+            if not process:
+                out.ingest_loop_errors = m.counter("ingest_loop_errors")
+                out.ingest_rejected = ing.rejected
+        if process:
+            out.ingest_loop_errors = int(ing.counts["counters"].get("ingest_loop_errors", 0))
+            out.ingest_rejected = int(ing.counts["rejected"])
         store.close()
     finally:
         for p in pubs:
             p.stop()
         broker.kill()
     return out
+
+
+def _wait_subscribed(port: int, password: str, store: Store) -> bool:
+    """Whether a freshly started ingest process receives: the hostile device's (valid)
+    status message, re-sent until its registry row appears (no message row, no reject)."""
+    c = raw_client(port, "evil-probe", "evil", password)
+    try:
+        status = {"v": 1, "device": "evil", "boot": BOOT, "state": "online"}
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            c.publish("edgefleet/v1/evil/status", json.dumps({**status, "ts": time.time()}),
+                      qos=1).wait_for_publish(10)
+            if wait_until(lambda: store.device("evil") is not None, 0.5):
+                return True
+        return False
+    finally:
+        c.loop_stop()
+        c.disconnect()
