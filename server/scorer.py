@@ -8,6 +8,15 @@ one worker drains it in micro-batches (up to ``max_batch``, waiting at most
 :class:`~edgefleet.device.runtime.predictor.Predictor`, and replies to each request's Response
 Topic with its Correlation Data. A bad request gets an error reply and a counter; a
 scorer never crashes on input.
+
+Each request is isolated: it is parsed with the guarded JSON reader and checked on its
+own before it joins the batch, so one bad request is answered with its error (counted as
+``scorer_rejected_<reason>`` and kept in :attr:`Scorer.quarantine`) while the rest of the
+micro-batch is scored. The requester is the device of the request topic (the broker ACL
+lets only that device publish there) and a reply goes only to that device's own response
+topic: a request naming another device's topic is refused without any reply
+(``scorer_foreign_response_topic``). If the network thread dies anyway, the batching loop
+notices and starts a new one.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, TypeGuard, get_args
 
@@ -36,6 +46,8 @@ from edgefleet.device.wire.scoring import (
     ScoreRequest,
     decode_request,
     encode,
+    request_topic,
+    requester_of,
     scorer_status_topic,
     shared_request_filter,
     valid_response_topic,
@@ -46,6 +58,11 @@ __all__ = ["Scorer", "ScorerConfig"]
 log = logging.getLogger(__name__)
 
 _ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
+
+
+def _request_topic_of(job: _Job) -> str:
+    """The topic a job's request came in on (for the quarantine)."""
+    return request_topic(job.device)
 
 
 def _is_error_code(reason: str) -> TypeGuard[ErrorCode]:
@@ -69,12 +86,17 @@ class ScorerConfig(StrictModel):
     qos: int = Field(default=0, ge=0, le=1)
 
 
+#: Refused requests kept for inspection (the oldest go first).
+QUARANTINE_SIZE = 1000
+
+
 @dataclass
 class _Job:
     payload: bytes
     reply_to: str
     corr: bytes | None
     received: float
+    device: str = ""
 
 
 class Scorer:
@@ -95,6 +117,9 @@ class Scorer:
         self.model = f"{m.name}@{m.version}"
         self._queue: queue.Queue[_Job] = queue.Queue(self.cfg.queue_size)
         self._status_topic = scorer_status_topic(self.cfg.scorer_id)
+        #: Refused requests: device, topic, reason, detail, size and the first 256 bytes.
+        self.quarantine: deque[dict[str, Any]] = deque(maxlen=QUARANTINE_SIZE)
+        self._qlock = threading.Lock()
         offline = json.dumps({"state": "offline", "scorer": self.cfg.scorer_id}).encode()
         self.link = MqttLink(mqtt, f"scorer-{self.cfg.scorer_id}", prefix="scorer_mqtt",
                              metrics=self.metrics, will=Will(self._status_topic, offline),
@@ -113,20 +138,35 @@ class Scorer:
 
     def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
         self.metrics.inc("scorer_requests")
+        topic = str(msg.topic)
         props = getattr(msg, "properties", None)
         reply_to = getattr(props, "ResponseTopic", None)
         corr = getattr(props, "CorrelationData", None)
+        device = requester_of(topic)
+        if device is None:
+            self._refuse(None, topic, "bad_topic", "not a request topic", bytes(msg.payload))
+            return
         if not valid_response_topic(reply_to):
             # Nowhere safe to answer: count it, never relay to an arbitrary topic.
             self.metrics.inc("scorer_bad_response_topic")
-            log.warning("request on %s without a valid response topic dropped", msg.topic)
+            log.warning("request on %s without a valid response topic dropped", topic)
+            self._refuse(device, topic, "bad_response_topic", f"response topic {reply_to!r}",
+                         bytes(msg.payload))
+            return
+        if not valid_response_topic(reply_to, device):
+            # Another device's response topic: answering would let one device spam another.
+            self.metrics.inc("scorer_foreign_response_topic")
+            log.warning("request from %s asks for replies on %s: refused", device, reply_to)
+            self._refuse(device, topic, "foreign_response_topic",
+                         f"response topic {str(reply_to)[:200]!r}", bytes(msg.payload))
             return
         job = _Job(bytes(msg.payload), str(reply_to),
                    bytes(corr) if isinstance(corr, bytes | bytearray) else None,
-                   time.monotonic())
+                   time.monotonic(), device)
         if job.corr is None:
             self.metrics.inc("scorer_no_correlation")
         if len(job.payload) > MAX_REQUEST_BYTES:  # refuse before queueing or parsing
+            self._refuse(device, topic, "too_large", f"{len(job.payload)} bytes", job.payload)
             self._reply(job, ScoreReply(ok=False, error="too_large",
                                         message=f"request exceeds {MAX_REQUEST_BYTES} bytes"))
             return
@@ -136,6 +176,16 @@ class Scorer:
             self.metrics.inc("scorer_overloaded")
             self._reply(job, ScoreReply(ok=False, error="overloaded",
                                         message="scorer queue is full"))
+
+    def _refuse(self, device: str | None, topic: str, reason: str, detail: str,
+                payload: bytes) -> None:
+        """Count a refused request by reason and keep it in the bounded quarantine."""
+        self.metrics.inc(f"scorer_rejected_{reason}")
+        with self._qlock:
+            self.quarantine.append({
+                "ts": time.time(), "device": device, "topic": topic[:512], "reason": reason,
+                "detail": detail[:500], "size": len(payload),
+                "prefix": payload[:256].decode("utf-8", errors="backslashreplace")})
 
     def _reply(self, job: _Job, reply: ScoreReply) -> None:
         from paho.mqtt.packettypes import PacketTypes
@@ -174,9 +224,11 @@ class Scorer:
 
     def _parse(self, job: _Job) -> tuple[ScoreRequest, np.ndarray] | None:
         """A valid request and its validated input row, or None after an error reply."""
+        topic = _request_topic_of(job)
         try:
             req = decode_request(job.payload)
         except ScoreProtocolError as exc:
+            self._refuse(job.device, topic, exc.cause, str(exc), job.payload)
             self._reply(job, ScoreReply(ok=False, error=_request_error(exc),
                                         message=str(exc)[:500]))
             return None
@@ -191,6 +243,7 @@ class Scorer:
         try:
             row = self.predictor.validate(np.asarray(req.features, dtype=np.float32))
         except InputError as exc:
+            self._refuse(job.device, topic, "bad_input", str(exc), job.payload)
             self._reply(job, ScoreReply(ok=False, error="bad_input", message=str(exc)[:500]))
             return None
         if req.raw is not None:
@@ -201,7 +254,15 @@ class Scorer:
         """Answer one micro-batch (errors per request; the batch itself never fails)."""
         good: list[tuple[_Job, np.ndarray]] = []
         for job in batch:
-            parsed = self._parse(job)
+            try:  # each request on its own: one that breaks the checks is answered alone
+                parsed = self._parse(job)
+            except Exception as exc:
+                log.exception("checking a request from %s failed", job.device)
+                self._refuse(job.device, _request_topic_of(job), "internal",
+                             f"{type(exc).__name__}: {exc}", job.payload)
+                self._reply(job, ScoreReply(ok=False, error="bad_request",
+                                            message=f"request refused ({type(exc).__name__})"))
+                continue
             if parsed is not None:
                 good.append((job, parsed[1]))
         if not good:
@@ -227,11 +288,14 @@ class Scorer:
     # -- running ------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set: network thread plus this thread batching."""
-        net = threading.Thread(target=self._network, args=(stop,), name="scorer-net",
-                               daemon=True)
-        net.start()
+        net = self._start_network(stop)
         try:
             while not stop.is_set():
+                if not net.is_alive():  # the network thread died anyway: start a new one
+                    self.metrics.inc("scorer_mqtt_thread_restarts")
+                    log.warning("scorer network thread died; starting a new one")
+                    self.link.close()
+                    net = self._start_network(stop)
                 batch = self._next_batch(timeout=0.1)
                 if batch:
                     try:
@@ -243,6 +307,12 @@ class Scorer:
             stop.set()
             net.join(5)
             self._go_offline()
+
+    def _start_network(self, stop: threading.Event) -> threading.Thread:
+        net = threading.Thread(target=self._network, args=(stop,), name="scorer-net",
+                               daemon=True)
+        net.start()
+        return net
 
     def _network(self, stop: threading.Event) -> None:
         while not stop.is_set():

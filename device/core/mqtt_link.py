@@ -6,6 +6,10 @@ the telemetry spool, not paho, owns durability. So each connection attempt build
 paho client (no stale in-flight state), a failed attempt waits ``Backoff.next_delay()``,
 and every paho callback is wrapped so an exception is logged and counted instead of
 escaping the network loop (paho re-raises by default).
+
+Owners that run the link on a thread of their own use :meth:`MqttLink.thread_alive` (or
+:class:`LinkThread`) to notice a network thread that died anyway and start a new one:
+a link whose thread is gone reports itself not connected rather than silently deaf.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from edgefleet.device.core.errors import ConfigError, MissingExtraError
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.retry import Backoff
 
-__all__ = ["MqttConfig", "MqttLink", "Will"]
+__all__ = ["LinkThread", "MqttConfig", "MqttLink", "Will"]
+
+#: Never swallowed by a callback guard: the interpreter is shutting down or asked to stop.
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +129,9 @@ class MqttLink:
         def wrapper(*args: Any) -> None:
             try:
                 fn(*args)
-            except Exception:
+            except _FATAL:
+                raise
+            except BaseException:  # RecursionError, MemoryError, ...: the loop goes on
                 log.exception("%s: %s callback failed", self.prefix, name)
                 self.metrics.inc(f"{self.prefix}_callback_errors")
         return wrapper
@@ -233,14 +242,31 @@ class MqttLink:
         """:meth:`step` until ``stop`` is set, then :meth:`close`: the body of a network
         thread for owners that have nothing else to do on it. A failing step is logged and
         counted, never the end of the thread."""
-        while not stop.is_set():
-            try:
-                self.step(timeout)
-            except Exception:
-                log.exception("%s: network step failed", self.prefix)
-                self.metrics.inc(f"{self.prefix}_loop_errors")
-                stop.wait(0.1)
-        self.close()
+        try:
+            while not stop.is_set():
+                try:
+                    self.step(timeout)
+                except _FATAL:
+                    raise
+                except BaseException:
+                    log.exception("%s: network step failed", self.prefix)
+                    self.metrics.inc(f"{self.prefix}_loop_errors")
+                    stop.wait(0.1)
+        finally:
+            self.close()
+
+    def safe_step(self, timeout: float = 0.05) -> None:
+        """:meth:`step` for owners with their own loop: a failure is logged and counted
+        (``<prefix>_loop_errors``) and the connection dropped, so the next step reconnects."""
+        try:
+            self.step(timeout)
+        except _FATAL:
+            raise
+        except BaseException:
+            log.exception("%s: network step failed", self.prefix)
+            self.metrics.inc(f"{self.prefix}_loop_errors")
+            if self.client is not None:
+                self._drop("step failed")
 
     def close(self) -> None:
         """Disconnect cleanly (the broker does not send the will)."""
@@ -252,3 +278,48 @@ class MqttLink:
                 log.debug("%s: close failed", self.prefix, exc_info=True)
         self.client = None
         self.connected = False
+
+
+class LinkThread:
+    """A link's network thread that is started again if it ever dies.
+
+    :meth:`ensure` (called from the owner's own loop or before each use) notices a dead
+    thread, counts ``<prefix>_thread_restarts``, drops the old connection and starts a
+    new thread, which reconnects and (through ``on_connected``) subscribes again.
+    """
+
+    def __init__(self, link: MqttLink, name: str, stop: threading.Event | None = None) -> None:
+        self.link, self.name = link, name
+        self.stop = stop or threading.Event()
+        self.restarts = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LinkThread:
+        """Start the thread (no-op while it runs)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self.link.run, args=(self.stop,),
+                                            name=self.name, daemon=True)
+            self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the network thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def ensure(self) -> bool:
+        """Restart a dead thread (unless stopping); True if it had died."""
+        if self.alive or self.stop.is_set():
+            return False
+        self.restarts += 1
+        self.link.metrics.inc(f"{self.link.prefix}_thread_restarts")
+        log.warning("%s: network thread died; starting a new one", self.link.prefix)
+        self.link.close()
+        self.start()
+        return True
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Stop the thread and wait for it."""
+        self.stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)

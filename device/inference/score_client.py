@@ -6,6 +6,11 @@ reconnects with jittered backoff and guards every paho callback) carries request
 request gets random correlation data; a waiter blocks on its own event until the reply
 or the deadline, whichever comes first. A reply that arrives after its deadline is
 counted and dropped, never delivered to a later request.
+
+Replies are untrusted input: only one on this device's own response topic, with the
+correlation data of a waiting request and within ``MAX_REPLY_BYTES``, reaches a waiter
+(the cascade then parses it with the guarded reader, :func:`decode_reply`). If the
+network thread dies anyway, the next :meth:`ScoreClient.request` starts a new one.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.device.core.metrics import Metrics, default_metrics
-from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
-from edgefleet.device.wire.scoring import request_topic, response_topic
+from edgefleet.device.core.mqtt_link import LinkThread, MqttConfig, MqttLink
+from edgefleet.device.wire.scoring import MAX_REPLY_BYTES, request_topic, response_topic
 
 __all__ = ["ScoreClient"]
 
@@ -52,8 +57,7 @@ class ScoreClient:
         self.response_topic = response_topic(device_id)
         self._pending: dict[bytes, _Waiter] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._net: LinkThread | None = None
         self.link = MqttLink(mqtt, f"{device_id}-score", prefix="fallback_mqtt",
                              metrics=self.metrics, on_connected=self._subscribe,
                              on_message=self._on_message)
@@ -61,19 +65,15 @@ class ScoreClient:
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> ScoreClient:
         """Start the network thread (connects in the background, retrying forever)."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="score-client",
-                                            daemon=True)
-            self._thread.start()
+        if self._net is None:
+            self._net = LinkThread(self.link, "score-client").start()
         return self
 
     def close(self) -> None:
         """Stop the network thread and disconnect; waiting requests time out."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        if self._net is not None:
+            self._net.join(5)
+            self._net = None
         self.link.close()
 
     def __enter__(self) -> ScoreClient:
@@ -94,9 +94,6 @@ class ScoreClient:
             time.sleep(0.02)
         return self.link.connected
 
-    def _loop(self) -> None:
-        self.link.run(self._stop)  # never lets the network thread die
-
     # -- paho callbacks (MqttLink wraps them: exceptions are logged and counted) --------
     def _subscribe(self, client: Any) -> None:
         # SUBSCRIBE goes out before any request on this connection, and the broker handles
@@ -104,6 +101,12 @@ class ScoreClient:
         client.subscribe(self.response_topic, qos=self.qos)
 
     def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
+        if msg.topic != self.response_topic:
+            self.metrics.inc("fallback_reply_foreign_topic")
+            return
+        if len(msg.payload) > MAX_REPLY_BYTES:
+            self.metrics.inc("fallback_reply_too_large")
+            return
         corr = getattr(msg.properties, "CorrelationData", None)
         if not isinstance(corr, bytes | bytearray):
             self.metrics.inc("fallback_reply_uncorrelated")
@@ -127,6 +130,8 @@ class ScoreClient:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
+        if self._net is not None:
+            self._net.ensure()  # a dead network thread is started again
         client = self.link.client
         if client is None or not self.link.connected:
             self.metrics.inc("fallback_not_connected")

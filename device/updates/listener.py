@@ -5,6 +5,12 @@ specific assignment wins (device, then group, then fleet); an empty retained mes
 clears one. Assignments only *name* a version: the bytes come through TUF, which refuses
 anything its signed metadata does not vouch for. Updates run on a worker thread, so
 inference and the MQTT loop never wait for a download or a trial load.
+
+Assignments are untrusted input, retained ones included: each is read with the guarded
+JSON reader (through :func:`~edgefleet.device.wire.updates.decode_assignment`) and only
+from the topics this device subscribed to; a refused one is counted and reported, and a
+handler that fails anyway is counted (``update_message_errors``) without ending the
+MQTT thread, whose loop survives any failing step.
 """
 
 from __future__ import annotations
@@ -71,7 +77,15 @@ class UpdateAgent:
         self._queue_state()
 
     def _message(self, _client: Any, _ud: Any, msg: Any) -> None:
+        try:
+            self._handle(msg)
+        except Exception:
+            log.exception("assignment on %s could not be handled", getattr(msg, "topic", "?"))
+            self.metrics.inc("update_message_errors")
+
+    def _handle(self, msg: Any) -> None:
         if msg.topic not in self._topics():
+            self.metrics.inc("update_assignment_foreign_topic")
             return
         if len(msg.payload) > MAX_ASSIGNMENT_BYTES:
             self.metrics.inc("update_assignment_invalid")
@@ -121,21 +135,27 @@ class UpdateAgent:
     def _run_link(self) -> None:
         next_state = 0.0
         while not self._stop.is_set():
-            self.link.step(0.05)
+            self.link.safe_step(0.05)
             if not self.link.connected or self.link.client is None:
                 continue
-            if time.monotonic() >= next_state:
-                self._queue_state()
-                next_state = time.monotonic() + self.state_interval
-            while self._outbox:
-                topic, payload, retain = self._outbox.popleft()
-                self.link.client.publish(topic, payload, qos=1, retain=retain)
+            try:
+                if time.monotonic() >= next_state:
+                    next_state = time.monotonic() + self.state_interval
+                    self._queue_state()
+                while self._outbox:
+                    topic, payload, retain = self._outbox.popleft()
+                    self.link.client.publish(topic, payload, qos=1, retain=retain)
+            except Exception:  # a state that cannot be built or sent: the loop goes on
+                log.exception("publishing the update state failed")
+                self.metrics.inc("update_loop_errors")
+                self._stop.wait(0.1)
         self.link.close()
 
     # --- worker side -----------------------------------------------------------------
     def _run_worker(self) -> None:
         current: Assignment | None = None
         while not self._stop.is_set():
+            self._ensure_link_thread()
             try:
                 current = self._wanted.get(timeout=0.2)
             except queue.Empty:
@@ -162,6 +182,16 @@ class UpdateAgent:
                                      "reason": getattr(exc, "reason", type(exc).__name__)}
                 break
         self._queue_state()
+
+    def _ensure_link_thread(self) -> None:
+        """A dead MQTT thread (it should never die) is noticed and started again."""
+        if self._threads and not self._threads[0].is_alive() and not self._stop.is_set():
+            self.metrics.inc("update_thread_restarts")
+            log.warning("the update MQTT thread died; starting a new one")
+            self.link.close()
+            t = threading.Thread(target=self._run_link, name="update-mqtt", daemon=True)
+            t.start()
+            self._threads[0] = t
 
     def start(self) -> UpdateAgent:
         """Start the MQTT and worker threads."""

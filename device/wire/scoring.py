@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from edgefleet.device.core.config import StrictModel
 from edgefleet.device.core.errors import EdgefleetError
+from edgefleet.device.core.guarded_json import JsonLimits, JsonRejected, loads_guarded
 
 __all__ = [
     "MAX_REQUEST_BYTES",
@@ -31,6 +32,7 @@ __all__ = [
     "decode_request",
     "encode",
     "request_topic",
+    "requester_of",
     "response_topic",
     "scorer_status_topic",
     "shared_request_filter",
@@ -43,17 +45,28 @@ RESPONSE_PREFIX = "edgefleet/v1/score/response/"
 #: Largest request a scorer reads; checked before any parsing.
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_REPLY_BYTES = 64 * 1024
+#: What the guarded reader allows in a request (a flat object with two number lists) and
+#: in a reply (a flat object with one list of probabilities).
+REQUEST_LIMITS = JsonLimits(max_bytes=MAX_REQUEST_BYTES, max_depth=3, max_keys=32,
+                            max_list=65536, max_string=1024)
+REPLY_LIMITS = JsonLimits(max_bytes=MAX_REPLY_BYTES, max_depth=3, max_keys=32,
+                          max_list=4096, max_string=1024)
 #: Error codes a scorer may answer with (``error`` of a reply with ``ok: false``).
 ErrorCode = Literal["bad_json", "bad_request", "wrong_task", "bad_input", "too_large",
                     "overloaded", "internal"]
 
 
 class ScoreProtocolError(EdgefleetError):
-    """A scoring request or reply that does not follow the v1 format."""
+    """A scoring request or reply that does not follow the v1 format.
 
-    def __init__(self, message: str, *, reason: str) -> None:
+    ``reason`` is the reply's error code; ``cause`` the finer reason for counters (the
+    guarded reader's code such as ``too_deep`` or ``non_finite``, else ``reason``).
+    """
+
+    def __init__(self, message: str, *, reason: str, cause: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.cause = cause or reason
 
 
 def request_topic(device_id: str) -> str:
@@ -76,11 +89,26 @@ def scorer_status_topic(scorer_id: str) -> str:
     return f"edgefleet/v1/scorer/{scorer_id}/status"
 
 
-def valid_response_topic(topic: str | None) -> bool:
-    """A scorer only replies under the response prefix: it must not be an open relay."""
+def requester_of(topic: str) -> str | None:
+    """The device whose request topic this is (the broker ACL lets only that device
+    publish there), or None for anything else."""
+    if not topic.startswith(REQUEST_PREFIX):
+        return None
+    device = topic[len(REQUEST_PREFIX):]
+    if not device or any(c in device for c in "/+#\0"):
+        return None
+    return device
+
+
+def valid_response_topic(topic: str | None, requester: str | None = None) -> bool:
+    """A scorer only replies under the response prefix: it must not be an open relay.
+    With ``requester`` it must be that device's own response topic: a device cannot aim
+    the scorer's replies at another device."""
     if not topic or not topic.startswith(RESPONSE_PREFIX) or topic == RESPONSE_PREFIX:
         return False
-    return not any(c in topic for c in "+#\0")
+    if any(c in topic for c in "+#\0"):
+        return False
+    return requester is None or topic == response_topic(requester)
 
 
 def _finite(values: list[float]) -> list[float]:
@@ -131,14 +159,17 @@ def encode(msg: ScoreRequest | ScoreReply) -> bytes:
     return json.dumps(msg.model_dump(exclude_none=True), separators=(",", ":")).encode()
 
 
-def _load(payload: bytes, limit: int) -> Any:
-    if len(payload) > limit:
-        raise ScoreProtocolError(f"payload of {len(payload)} bytes exceeds {limit}",
+def _load(payload: bytes, limits: JsonLimits) -> Any:
+    if len(payload) > limits.max_bytes:
+        raise ScoreProtocolError(f"payload of {len(payload)} bytes exceeds {limits.max_bytes}",
                                  reason="too_large")
     try:
-        return json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ScoreProtocolError(f"payload is not JSON: {exc}", reason="bad_json") from None
+        return loads_guarded(payload, limits)
+    except JsonRejected as exc:
+        code = {"too_large": "too_large", "malformed": "bad_json",
+                "bad_utf8": "bad_json"}.get(exc.reason, "bad_request")
+        raise ScoreProtocolError(f"payload refused ({exc.reason}): {exc}", reason=code,
+                                 cause=exc.reason) from None
 
 
 def _why(exc: ValidationError) -> str:
@@ -148,7 +179,7 @@ def _why(exc: ValidationError) -> str:
 
 def decode_request(payload: bytes) -> ScoreRequest:
     """Parse a request; raises :class:`ScoreProtocolError` with a ``reason`` code."""
-    data = _load(payload, MAX_REQUEST_BYTES)
+    data = _load(payload, REQUEST_LIMITS)
     try:
         req = ScoreRequest.model_validate(data)
     except ValidationError as exc:
@@ -161,7 +192,7 @@ def decode_request(payload: bytes) -> ScoreRequest:
 
 def decode_reply(payload: bytes, n_classes: int) -> ScoreReply:
     """Parse a reply for a model with ``n_classes`` labels; a bad one raises, never guesses."""
-    data = _load(payload, MAX_REPLY_BYTES)
+    data = _load(payload, REPLY_LIMITS)
     try:
         reply = ScoreReply.model_validate(data)
     except ValidationError as exc:

@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from edgefleet.device.core.errors import UpdateRejected
+from edgefleet.device.core.guarded_json import JsonLimits, JsonRejected, loads_guarded
 
 __all__ = [
     "ASSIGN_ROOT",
     "EVENT_FILTER",
     "FLEET_TOPIC",
     "MAX_ASSIGNMENT_BYTES",
+    "MAX_REPORT_BYTES",
     "PROTOCOL_VERSION",
+    "REPORT_LIMITS",
     "STATE_FILTER",
     "Assignment",
     "decode_assignment",
@@ -37,6 +40,7 @@ __all__ = [
     "encode_state",
     "event_topic",
     "group_topic",
+    "read_report",
     "state_topic",
     "target_path",
 ]
@@ -50,6 +54,13 @@ STATE_FILTER = f"{_ROOT}/state/+"
 EVENT_FILTER = f"{_ROOT}/event/+"
 #: Largest assignment a device reads; checked before any parsing.
 MAX_ASSIGNMENT_BYTES = 4096
+_ASSIGNMENT_LIMITS = JsonLimits(max_bytes=MAX_ASSIGNMENT_BYTES, max_depth=4, max_keys=32,
+                                max_list=32, max_string=256)
+#: Largest update state or event the server reads, and what it may contain (a state is
+#: three levels deep with a few dozen fields).
+MAX_REPORT_BYTES = 64 * 1024
+REPORT_LIMITS = JsonLimits(max_bytes=MAX_REPORT_BYTES, max_depth=8, max_keys=1024,
+                           max_list=256, max_string=4096)
 #: Model names and versions as the package manifest allows them (a name is a path part).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,2}$")
@@ -144,9 +155,9 @@ def decode_assignment(payload: bytes) -> Assignment | None:
         raise UpdateRejected(f"assignment of {len(payload)} bytes exceeds "
                              f"{MAX_ASSIGNMENT_BYTES}", reason="too_large")
     try:
-        data = json.loads(payload)
-    except ValueError as exc:  # also UnicodeDecodeError
-        raise _bad(f"assignment is not JSON: {exc}") from None
+        data = loads_guarded(payload, _ASSIGNMENT_LIMITS)
+    except JsonRejected as exc:
+        raise _bad(f"assignment is not JSON within limits ({exc.reason}): {exc}") from None
     return Assignment.from_dict(data)
 
 
@@ -160,14 +171,33 @@ def encode_event(device: str, kind: str, **data: Any) -> bytes:
     return json.dumps({"device": device, "event": kind, "ts": time.time(), **data}).encode()
 
 
-def decode_report(payload: bytes) -> dict[str, Any] | None:
-    """A state or event as the server reads it: a JSON object, or None (ignored).
+def read_report(device: str, payload: bytes) -> dict[str, Any]:
+    """A state or event published on ``device``'s own topic, as the server reads it.
 
-    Lenient on purpose: fields are read one by one where they are used, so a device of a
-    newer minor release (more fields) or a partial state is still understood.
+    The guarded reader's limits apply (:data:`REPORT_LIMITS`); the result is a JSON object
+    whose ``device`` is the topic's (the broker ACL binds that topic to the device's user
+    name): a payload naming another device is refused (``device_mismatch``), one naming
+    none gets the topic's. Raises :class:`~edgefleet.device.core.guarded_json.JsonRejected`.
+
+    Lenient beyond that on purpose: fields are read one by one where they are used, so a
+    device of a newer minor release (more fields) or a partial state is still understood.
     """
+    body = loads_guarded(payload, REPORT_LIMITS)
+    if not isinstance(body, dict):
+        raise JsonRejected(f"a JSON {type(body).__name__}, not an object", reason="malformed")
+    claimed = body.get("device", device)
+    if claimed != device:
+        raise JsonRejected(f"payload names device {str(claimed)[:64]!r}, topic {device!r}",
+                           reason="device_mismatch")
+    body["device"] = device
+    return body
+
+
+def decode_report(payload: bytes) -> dict[str, Any] | None:
+    """A state or event as a JSON object within :data:`REPORT_LIMITS`, or None (ignored).
+    Prefer :func:`read_report`, which also binds it to the topic's device."""
     try:
-        body = json.loads(payload)
-    except ValueError:
+        body = loads_guarded(payload, REPORT_LIMITS)
+    except JsonRejected:
         return None
     return body if isinstance(body, dict) else None

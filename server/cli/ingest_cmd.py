@@ -75,7 +75,8 @@ def run(
                       f"{store.target} ({'shared' if cfg.shared else 'exclusive'} "
                       "subscription); Ctrl-C to stop")
     svc.run()
-    counts = {"stored": svc.stored, "duplicates": svc.duplicates, "rejects": store.rejects(),
+    counts = {"stored": svc.stored, "duplicates": svc.duplicates, "rejected": svc.rejected,
+              "rejects": store.rejects(),
               "counters": {k: v for k, v in default_metrics().snapshot()["counters"].items()
                            if k.startswith("ingest_")}}
     store.close()

@@ -4,30 +4,48 @@ Built on :class:`~edgefleet.device.core.mqtt_link.MqttLink` like every other cli
 a broker restart brings jittered reconnects (not a fleet of tools in lockstep), a failing
 callback is logged instead of killing the network thread, and the state and event
 subscriptions are made again on every new connection.
+
+Every state and event is untrusted device input, retained ones included: it is read
+with the guarded JSON reader (:func:`~edgefleet.device.wire.updates.read_report`), and
+its device is the topic's (the broker ACL binds a device's user name to its own topics):
+an event on ``event/pi-7`` that says ``"device": "pi-3"`` is refused, so one device cannot
+report a rollback for another and stop its canary. A refused message is counted
+(``rollout_view_rejected_<reason>``) and kept in :attr:`FleetView.quarantine` (bounded);
+a message that breaks the handler anyway is counted by the link's callback guard; and if
+the network thread dies all the same, :attr:`FleetView.connected` says so (the guard then
+opens a new view) after starting a new thread.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from edgefleet.device.core.errors import EdgefleetError, UsageError
+from edgefleet.device.core.guarded_json import JsonRejected
 from edgefleet.device.core.metrics import Metrics
-from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
+from edgefleet.device.core.mqtt_link import LinkThread, MqttConfig, MqttLink
 from edgefleet.device.wire.updates import (
     ASSIGN_ROOT,
     EVENT_FILTER,
     STATE_FILTER,
-    decode_report,
     device_of,
+    read_report,
 )
 from edgefleet.server.rollout.records import HealthRates, json_number, json_object
 
 __all__ = ["FleetView"]
 
 _PREFIX = "rollout_view"
+#: Refused messages kept for inspection, and events kept for health (oldest go first).
+QUARANTINE_SIZE = 1000
+EVENTS_KEPT = 10_000
+
+log = logging.getLogger(__name__)
 
 
 class FleetView:
@@ -37,7 +55,9 @@ class FleetView:
                  username: str | None = None, password: str | None = None,
                  connect_timeout: float = 10.0) -> None:
         self.states: dict[str, dict[str, Any]] = {}
-        self.events: list[dict[str, Any]] = []
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        #: Refused messages: device, topic, reason, detail, size and the first 256 bytes.
+        self.quarantine: deque[dict[str, Any]] = deque(maxlen=QUARANTINE_SIZE)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.metrics = Metrics()
@@ -45,9 +65,7 @@ class FleetView:
         self.link = MqttLink(cfg, client_id or f"rollout-{uuid.uuid4().hex[:8]}",
                              prefix=_PREFIX, metrics=self.metrics,
                              on_connected=self._subscribe, on_message=self._on_message)
-        self._thread = threading.Thread(target=self.link.run, args=(self._stop,),
-                                        name="fleet-view", daemon=True)
-        self._thread.start()
+        self._net = LinkThread(self.link, "fleet-view", self._stop).start()
         try:
             self._wait_connected(f"{host}:{port}", connect_timeout)
         except BaseException:
@@ -71,19 +89,54 @@ class FleetView:
 
     @property
     def connected(self) -> bool:
-        """Whether the broker connection is up now (the link reconnects in the background)."""
-        return self.link.connected
+        """Whether the broker connection is up now (the link reconnects in the background).
+
+        False while the network thread is dead, whatever the link last knew; asking starts
+        a new thread, which reconnects and subscribes again.
+        """
+        alive = self._net.alive
+        if not alive:
+            self._net.ensure()
+        return alive and self.link.connected
 
     def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
-        where, body = device_of(msg.topic), decode_report(msg.payload)
-        if where is None or body is None:
+        topic, payload = str(msg.topic), bytes(msg.payload)
+        where = device_of(topic)
+        if where is None:
+            self._refuse(None, topic, "bad_topic", "not a state or event topic", payload)
             return
         kind, device = where
+        if kind == "state" and not payload:  # an empty retained message clears the state
+            with self._lock:
+                self.states.pop(device, None)
+            return
+        try:
+            body = read_report(device, payload)
+        except JsonRejected as exc:
+            self._refuse(device, topic, exc.reason, str(exc), payload)
+            return
         with self._lock:
             if kind == "state":
                 self.states[device] = body
             else:
                 self.events.append(body)
+
+    def _refuse(self, device: str | None, topic: str, reason: str, detail: str,
+                payload: bytes) -> None:
+        log.warning("refused %s from %s: %s (%s)", topic[:120], device, reason, detail[:200])
+        self.metrics.inc(f"{_PREFIX}_rejected_{reason}")
+        self.metrics.inc(f"{_PREFIX}_quarantined")
+        with self._lock:
+            self.quarantine.append({
+                "ts": time.time(), "device": device, "topic": topic[:512], "reason": reason,
+                "detail": detail[:500], "size": len(payload),
+                "prefix": payload[:256].decode("utf-8", errors="backslashreplace")})
+
+    def rejected(self) -> dict[str, int]:
+        """Refused messages by reason since this view started."""
+        pre = f"{_PREFIX}_rejected_"
+        counters = self.metrics.snapshot()["counters"]
+        return {k[len(pre):]: int(v) for k, v in counters.items() if k.startswith(pre)}
 
     def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
         """Publish QoS 1 and wait until the broker has it."""
@@ -129,6 +182,5 @@ class FleetView:
 
     def close(self) -> None:
         """Stop the network thread, which disconnects."""
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        self._net.join(5)
+        self.link.close()

@@ -59,10 +59,12 @@ class GuardPass:
 
     checked: list[dict[str, Any]] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
+    #: Device messages the broker view refused since it connected, by reason.
+    rejected: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``--json``."""
-        return {"checked": self.checked, "stopped": self.stopped}
+        return {"checked": self.checked, "stopped": self.stopped, "rejected": self.rejected}
 
 
 class RolloutGuard:
@@ -109,8 +111,11 @@ class RolloutGuard:
 
     def run_pass(self) -> GuardPass:
         """Check every running canary once (connecting first if needed)."""
-        ctl, _view = self._connect()
+        ctl, view = self._connect()
         out = GuardPass()
+        rejected = getattr(view, "rejected", None)
+        if callable(rejected):
+            out.rejected = dict(rejected())
         for r in ctl.check_all(actor=GUARD_ACTOR):
             out.checked.append(self._summary(ctl, r))
             if r.status == "stopped":  # it was running or stopping when the pass began

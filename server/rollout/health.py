@@ -9,12 +9,13 @@ agrees with the first.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from dataclasses import replace
 from typing import Any, Protocol
 
+from edgefleet.device.core.guarded_json import JsonLimits, JsonRejected, loads_guarded
+from edgefleet.device.wire.telemetry import MAX_PAYLOAD_BYTES
 from edgefleet.server.rollout.records import (
     Counts,
     HealthRates,
@@ -23,6 +24,10 @@ from edgefleet.server.rollout.records import (
 )
 
 __all__ = ["CombinedHealth", "MetricsStore", "RolloutLedger", "StoreHealthSource"]
+
+#: A stored telemetry message (written by an ingest, possibly an older one).
+_STORED = JsonLimits(max_bytes=MAX_PAYLOAD_BYTES * 2, max_depth=16, max_keys=4096,
+                     max_list=4096, max_string=16384)
 
 
 class MetricsStore(Protocol):
@@ -139,11 +144,12 @@ class StoreHealthSource:
         msg = self.store.last_metrics_message(device, before)
         if msg is None:
             return None
-        try:
-            body = json.loads(msg["payload"]).get("body")
+        try:  # stored by the ingest after its checks; read guarded all the same
+            doc = loads_guarded(str(msg["payload"]).encode(), _STORED)
+            body = doc.get("body") if isinstance(doc, dict) else None
             return str(msg["boot"]), Counts.from_body(str(msg["boot"]), body
                                                       if isinstance(body, dict) else {})
-        except (ValueError, AttributeError):
+        except (JsonRejected, ValueError, AttributeError):
             return None
 
     def _at_start(self, device: str, since: float, now: Counts) -> Counts:

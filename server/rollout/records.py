@@ -3,6 +3,7 @@ protocols, shared by the controller, the fleet view, the health sources and the 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,13 @@ def json_object(value: Any) -> dict[str, Any]:
 
 
 def json_number(value: Any) -> float:
-    """A number from a device's JSON, 0 when missing or not a number (never raises)."""
+    """A finite number from a device's JSON, 0 when missing, not a number, NaN or
+    infinite (never raises; ``int()`` of the result never overflows)."""
     try:
-        return float(value or 0)
-    except (TypeError, ValueError):
+        v = float(value or 0)
+    except (TypeError, ValueError, OverflowError):
         return 0.0
+    return v if math.isfinite(v) else 0.0
 
 
 @dataclass(frozen=True)

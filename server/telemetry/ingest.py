@@ -10,11 +10,21 @@ broker then redelivers, and ``UNIQUE (device, boot, seq)`` drops the duplicate.
 
 Messages are written in batches (up to ``batch_size`` or ``batch_interval`` seconds) in
 one transaction; registry rows and alerts are updated once per device per batch.
+
+One message never hurts the others: each is validated on its own as it arrives (the
+guarded JSON reader's limits, the device id from the topic, the clock skew) before it
+joins a batch; a refused one is acknowledged, counted by reason
+(``ingest_rejected_<reason>`` and the store's ``rejects``) and kept in the bounded
+``quarantine`` table with its device, topic, reason and first bytes. In the store each
+message is written inside its own savepoint: one whose writes fail anyway is rolled back
+alone and quarantined (``store_error``), never the batch. Only a database outage
+(``OperationalError``) fails the batch, which is then redelivered.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +37,7 @@ from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
 from edgefleet.device.wire.telemetry import MAX_PAYLOAD_BYTES, TOPIC_ROOT, MetricsBody
 from edgefleet.server.telemetry.alerts import AlertThresholds, check_metrics, check_silent
-from edgefleet.server.telemetry.store import Store
+from edgefleet.server.telemetry.store import QUARANTINE_ROWS, Store
 from edgefleet.server.telemetry.validate import Accepted, Rejected, validate_message
 
 __all__ = ["IngestConfig", "IngestService"]
@@ -52,9 +62,26 @@ class IngestConfig(StrictModel):
     batch_size: int = Field(default=500, ge=1)
     batch_interval: float = Field(default=0.05, gt=0)
     max_payload_bytes: int = Field(default=MAX_PAYLOAD_BYTES, ge=256)
+    #: A message stamped further ahead of its receive time than this is refused
+    #: (``clock_skew``): one device must not freeze its row with a far-future report.
+    max_future_s: float = Field(default=300.0, gt=0)
+    #: Refuse reports older than this (seconds; default: any age, spools can be old).
+    max_age_s: float | None = Field(default=None, gt=0)
+    #: Rows the quarantine table keeps.
+    quarantine_rows: int = Field(default=QUARANTINE_ROWS, ge=1)
     alerts: AlertThresholds = Field(default_factory=AlertThresholds)
     #: How often silent devices are looked for.
     silent_check_every: float = Field(default=5.0, gt=0)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    device: str | None
+    topic: str
+    reason: str
+    detail: str
+    payload: bytes
+    received: float
 
 
 @dataclass
@@ -62,6 +89,7 @@ class _Batch:
     items: list[tuple[int, int, int, Accepted]] = field(default_factory=list)  # gen, mid, qos
     rejects: dict[str, int] = field(default_factory=dict)
     reject_acks: list[tuple[int, int, int]] = field(default_factory=list)
+    refused: list[_Refused] = field(default_factory=list)
     started: float = 0.0
 
     def __len__(self) -> int:
@@ -81,6 +109,7 @@ class IngestService:
         self._last_silent_check = 0.0
         self.stored = 0
         self.duplicates = 0
+        self.rejected = 0
         self.link = MqttLink(
             self.cfg.mqtt, self.cfg.client_id, prefix="ingest", metrics=self.metrics,
             clean_start=False, session_expiry=self.cfg.session_expiry, manual_ack=True,
@@ -92,19 +121,34 @@ class IngestService:
         client.subscribe(f"$share/{self.cfg.group}/{topic}" if self.cfg.shared else topic, qos=1)
 
     def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
-        result = validate_message(msg.topic, msg.payload, self.cfg.max_payload_bytes)
+        """Validate one message alone; a refused one is queued for its ack and quarantine."""
         b = self._batch
         if not len(b):
             b.started = time.monotonic()
         key = (self.link.generation, int(msg.mid), int(msg.qos))
+        received = time.time()
+        payload, topic = b"", "?"
+        try:
+            payload = bytes(msg.payload)
+            topic = str(msg.topic)  # paho decodes it lazily (mosquitto checks UTF-8)
+            result = validate_message(topic, payload, self.cfg.max_payload_bytes,
+                                      received=received, max_future_s=self.cfg.max_future_s,
+                                      max_age_s=self.cfg.max_age_s)
+        except Exception as exc:  # never leave a message unacknowledged
+            result = Rejected("internal", f"{type(exc).__name__}: {exc}"[:200])
         if isinstance(result, Rejected):
-            log.warning("rejected telemetry on %s: %s (%s)", msg.topic[:120], result.reason,
-                        result.detail)
-            self.metrics.inc(f"ingest_rejected_{result.reason}")
-            b.rejects[result.reason] = b.rejects.get(result.reason, 0) + 1
-            b.reject_acks.append(key)
+            self._refuse(b, key, _Refused(_device_of(topic), topic, result.reason,
+                                          result.detail, payload, received))
         else:
             b.items.append((*key, result))
+
+    def _refuse(self, b: _Batch, key: tuple[int, int, int], r: _Refused) -> None:
+        log.warning("rejected telemetry on %s: %s (%s)", r.topic[:120], r.reason, r.detail)
+        self.metrics.inc(f"ingest_rejected_{r.reason}")
+        self.rejected += 1
+        b.rejects[r.reason] = b.rejects.get(r.reason, 0) + 1
+        b.refused.append(r)
+        b.reject_acks.append(key)
 
     # -- writing ----------------------------------------------------------------------------
     def _write(self, batch: _Batch, now: float) -> tuple[int, int]:
@@ -113,37 +157,68 @@ class IngestService:
         latest: dict[str, tuple[float, MetricsBody]] = {}
         with self.store.transaction() as st:
             for _g, _m, _q, acc in batch.items:
-                if acc.status is not None:
-                    s = acc.status
-                    st.set_status(s.device, s.state == "online", s.ts, s.boot)
+                try:
+                    with st.savepoint():
+                        n, d = self._write_one(st, acc, now, per_device, latest)
+                except Exception as exc:
+                    if _is_outage(exc):
+                        raise
+                    # This message alone: its writes are rolled back, the batch goes on.
+                    log.exception("storing a message of %s failed; quarantined", acc.device)
+                    batch.rejects["store_error"] = batch.rejects.get("store_error", 0) + 1
+                    self.metrics.inc("ingest_rejected_store_error")
+                    self.rejected += 1
+                    batch.refused.append(_Refused(acc.device, f"edgefleet/v1/{acc.device}/"
+                                                  f"{acc.kind}", "store_error",
+                                                  f"{type(exc).__name__}: {exc}"[:200],
+                                                  acc.text.encode(), now))
                     continue
-                env = acc.envelope
-                assert env is not None
-                counts = per_device.setdefault(env.device, [0, 0])
-                if not st.insert_message(env.device, env.boot, env.seq, env.kind, env.ts, now,
-                                         acc.text):
-                    counts[1] += 1
-                    dup += 1
-                    continue
-                counts[0] += 1
-                new += 1
-                if acc.metrics is not None:
-                    prev = latest.get(env.device)
-                    if prev is None or env.ts >= prev[0]:
-                        latest[env.device] = (env.ts, acc.metrics)
-                elif env.kind == "event":
-                    kind = str(env.body.get("kind", "event"))[:64]
-                    st.add_event(env.ts, env.device, f"device.{kind}", "info",
-                                 str(env.body.get("message", kind))[:500], env.body)
+                new += n
+                dup += d
             for device, (n_new, n_dup) in per_device.items():
                 st.touch_device(device, now, n_new, n_dup)
             for device, (ts, body) in latest.items():
-                if st.update_metrics(device, ts, _registry_fields(body),
-                                     body.model_dump(mode="json")):
-                    check_metrics(st, device, body, now, self.cfg.alerts)
+                try:
+                    with st.savepoint():
+                        if st.update_metrics(device, ts, _registry_fields(body),
+                                             body.model_dump(mode="json")):
+                            check_metrics(st, device, body, now, self.cfg.alerts)
+                except Exception as exc:
+                    if _is_outage(exc):
+                        raise
+                    log.exception("updating the registry row of %s failed", device)
+                    self.metrics.inc("ingest_registry_errors")
             if batch.rejects:
                 st.count_rejects(batch.rejects)
+            for r in batch.refused:
+                st.quarantine(r.received, r.device, r.topic, r.reason, r.detail, r.payload,
+                              keep=self.cfg.quarantine_rows)
         return new, dup
+
+    @staticmethod
+    def _write_one(st: Store, acc: Accepted, now: float, per_device: dict[str, list[int]],
+                   latest: dict[str, tuple[float, MetricsBody]]) -> tuple[int, int]:
+        """One accepted message's writes: (new, duplicate)."""
+        if acc.status is not None:
+            s = acc.status
+            st.set_status(s.device, s.state == "online", s.ts, s.boot)
+            return 0, 0
+        env = acc.envelope
+        assert env is not None
+        if not st.insert_message(env.device, env.boot, env.seq, env.kind, env.ts, now,
+                                 acc.text):
+            per_device.setdefault(env.device, [0, 0])[1] += 1
+            return 0, 1
+        if acc.metrics is not None:
+            prev = latest.get(env.device)
+            if prev is None or env.ts >= prev[0]:
+                latest[env.device] = (env.ts, acc.metrics)
+        elif env.kind == "event":
+            kind = str(env.body.get("kind", "event"))[:64]
+            st.add_event(env.ts, env.device, f"device.{kind}", "info",
+                         str(env.body.get("message", kind))[:500], env.body)
+        per_device.setdefault(env.device, [0, 0])[0] += 1
+        return 1, 0
 
     def flush(self) -> None:
         """Commit the current batch, then PUBACK its messages (never before the commit)."""
@@ -195,6 +270,18 @@ class IngestService:
     def stop(self) -> None:
         """Ask :meth:`run` to flush and return."""
         self._stop.set()
+
+
+def _device_of(topic: str) -> str | None:
+    """The device part of a telemetry topic (for the quarantine), if there is one."""
+    parts = topic.split("/")
+    return parts[2][:64] if len(parts) == 4 and parts[2] else None
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """A database that cannot be written now (retry the batch), not a bad message."""
+    return isinstance(exc, sqlite3.OperationalError) or (
+        type(exc).__name__ == "OperationalError" and type(exc).__module__.startswith("psycopg"))
 
 
 def _registry_fields(body: MetricsBody) -> dict[str, Any]:

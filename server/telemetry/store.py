@@ -26,7 +26,8 @@ from edgefleet.device.core.errors import ConfigError, MissingExtraError
 from edgefleet.device.core.sqlite import apply_migrations
 from edgefleet.device.core.sqlite import connect as sqlite_connect
 
-__all__ = ["MIGRATIONS", "Store", "default_db", "open_store"]
+__all__ = ["MIGRATIONS", "QUARANTINE_PREFIX", "QUARANTINE_ROWS", "Store", "default_db",
+           "open_store"]
 
 _PK = "{PK}"
 MIGRATIONS: list[list[str]] = [
@@ -56,7 +57,18 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (device, kind))""",
         "CREATE TABLE rejects (reason TEXT PRIMARY KEY, count BIGINT NOT NULL)",
     ],
+    [  # 2: refused messages, kept (bounded) for an operator to look at
+        f"""CREATE TABLE quarantine (
+            id {_PK}, received DOUBLE PRECISION NOT NULL, device TEXT, topic TEXT NOT NULL,
+            reason TEXT NOT NULL, detail TEXT NOT NULL, size BIGINT NOT NULL,
+            prefix TEXT NOT NULL)""",
+        "CREATE INDEX quarantine_device ON quarantine (device)",
+    ],
 ]
+
+#: Rows the quarantine keeps (the oldest go first); bytes of each payload kept.
+QUARANTINE_ROWS = 10_000
+QUARANTINE_PREFIX = 256
 
 DEVICE_COLUMNS = ("device", "online", "status_ts", "last_seen", "boot", "model_name",
                   "model_version", "training_state", "epsilon", "n_inferences", "n_local",
@@ -137,6 +149,20 @@ class Store:
                 raise
             self._conn.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[Store]:
+        """Inside :meth:`transaction`: a part that rolls back alone when it raises, so one
+        message that fails its writes never takes the rest of the batch with it."""
+        with self._lock:
+            self._conn.execute("SAVEPOINT one_message")
+            try:
+                yield self
+            except BaseException:
+                self._conn.execute("ROLLBACK TO SAVEPOINT one_message")
+                self._conn.execute("RELEASE SAVEPOINT one_message")
+                raise
+            self._conn.execute("RELEASE SAVEPOINT one_message")
+
     def migrate(self) -> int:
         """Apply the migrations this database has not seen; returns the schema version."""
         with self.transaction():
@@ -202,6 +228,19 @@ class Store:
         for reason, n in counts.items():
             self.execute("INSERT INTO rejects VALUES (?, ?) ON CONFLICT (reason) "
                          "DO UPDATE SET count = rejects.count + excluded.count", (reason, n))
+
+    def quarantine(self, received: float, device: str | None, topic: str, reason: str,
+                   detail: str, payload: bytes, keep: int = QUARANTINE_ROWS) -> None:
+        """Keep a refused message's device, topic, reason and the first bytes of its payload
+        (escaped, so any bytes are text), dropping the oldest rows beyond ``keep``."""
+        prefix = bytes(payload[:QUARANTINE_PREFIX]).decode("utf-8", errors="backslashreplace")
+        self.execute("INSERT INTO quarantine (received, device, topic, reason, detail, size, "
+                     "prefix) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (received, device, topic[:512], reason,
+                      detail[:500].replace("\x00", "\\x00"), len(payload),
+                      prefix.replace("\x00", "\\x00")))  # PostgreSQL text holds no NUL
+        self.execute("DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?",
+                     (keep,))
 
     # -- reads ------------------------------------------------------------------------------
     def devices(self) -> list[dict[str, Any]]:
@@ -278,6 +317,16 @@ class Store:
         """Alerts raised and not yet resolved."""
         return [{"device": d, "kind": k, "since": s} for d, k, s in
                 self.query("SELECT device, kind, since FROM open_alerts ORDER BY since")]
+
+    def quarantined(self, *, device: str | None = None, limit: int = 100
+                    ) -> list[dict[str, Any]]:
+        """The newest quarantined messages first."""
+        where, params = ("WHERE device = ?", [device]) if device else ("", [])
+        rows = self.query("SELECT id, received, device, topic, reason, detail, size, prefix "
+                          f"FROM quarantine {where} ORDER BY id DESC LIMIT ?",
+                          (*params, limit))
+        keys = ("id", "received", "device", "topic", "reason", "detail", "size", "prefix")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def rejects(self) -> dict[str, int]:
         """Rejected messages by reason."""

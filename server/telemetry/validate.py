@@ -8,19 +8,32 @@ Reasons (counted in the store's ``rejects`` table and the metrics registry as
 - ``malformed``: not UTF-8 JSON, or not a JSON object
 - ``unknown_schema``: a ``v`` this ingest does not know
 - ``invalid``: the envelope or its body does not match the schema
-- ``device_mismatch``: the payload names another device than the topic. The ingest
-  cannot see who published (MQTT does not tell subscribers); the broker ACL is what stops
-  a device from publishing under another device's topic, this catches the rest.
+- ``device_mismatch``: the payload names another device than the topic. The device id
+  always comes from the topic, which the broker ACL binds to the authenticated user name
+  (``pattern write edgefleet/v1/%u/...``); a payload naming anyone else is refused.
+- the guarded JSON reader's limits (:mod:`edgefleet.device.core.guarded_json`), checked
+  before or while parsing: ``too_deep``, ``too_many_keys``, ``list_too_long``,
+  ``string_too_long``, ``number_too_large``, ``non_finite`` (NaN/Infinity anywhere);
+  ``bad_utf8`` and broken JSON are ``malformed``, too many bytes ``oversized``
+- ``clock_skew``: a timestamp further ahead of the receive time than ``max_future_s``
+  (or, when set, older than ``max_age_s``)
+- ``internal``: the validator itself failed (a bug); the message is still quarantined
 """
 
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
+from edgefleet.device.core.guarded_json import (
+    JsonLimits,
+    JsonRejected,
+    check_timestamp,
+    loads_guarded,
+)
 from edgefleet.device.wire.telemetry import (
     MAX_PAYLOAD_BYTES,
     SCHEMA_VERSION,
@@ -30,10 +43,18 @@ from edgefleet.device.wire.telemetry import (
     parse_topic,
 )
 
-__all__ = ["REASONS", "Accepted", "Rejected", "validate_message"]
+__all__ = ["LIMITS", "REASONS", "Accepted", "Rejected", "validate_message"]
 
 REASONS = ("bad_topic", "oversized", "malformed", "unknown_schema", "invalid",
-           "device_mismatch")
+           "device_mismatch", "too_deep", "too_many_keys", "list_too_long",
+           "string_too_long", "number_too_large", "non_finite", "clock_skew", "internal")
+
+#: What a telemetry message may hold: a metrics body is four levels deep; histograms
+#: have tens of buckets; counters and gauges a few hundred names.
+LIMITS = JsonLimits(max_bytes=MAX_PAYLOAD_BYTES, max_depth=16, max_keys=2048, max_list=1024,
+                    max_string=4096)
+#: The guarded reader's codes that the ingest names differently.
+_RENAMED = {"too_large": "oversized", "bad_utf8": "malformed"}
 
 
 @dataclass(frozen=True)
@@ -56,9 +77,20 @@ class Rejected:
     detail: str
 
 
-def validate_message(topic: str, payload: bytes,
-                     max_bytes: int = MAX_PAYLOAD_BYTES) -> Accepted | Rejected:
-    """Parse and check one message; never raises."""
+def validate_message(topic: str, payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES, *,
+                     received: float | None = None, max_future_s: float = 300.0,
+                     max_age_s: float | None = None) -> Accepted | Rejected:
+    """Parse and check one message on its own; never raises (a failure of the checks
+    themselves is ``internal``)."""
+    try:
+        return _validate(topic, payload, max_bytes, time.time() if received is None
+                         else received, max_future_s, max_age_s)
+    except Exception as exc:  # a bug here must not stop the ingest: quarantine the message
+        return Rejected("internal", f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _validate(topic: str, payload: bytes, max_bytes: int, received: float,
+              max_future_s: float, max_age_s: float | None) -> Accepted | Rejected:
     where = parse_topic(topic)
     if where is None:
         return Rejected("bad_topic", topic[:200])
@@ -66,10 +98,12 @@ def validate_message(topic: str, payload: bytes,
     if len(payload) > max_bytes:
         return Rejected("oversized", f"{len(payload)} bytes")
     try:
-        text = payload.decode("utf-8")
-        raw: Any = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Rejected("malformed", str(exc)[:200])
+        raw: Any = loads_guarded(payload, JsonLimits(
+            max_bytes=max_bytes, max_depth=LIMITS.max_depth, max_keys=LIMITS.max_keys,
+            max_list=LIMITS.max_list, max_string=LIMITS.max_string))
+    except JsonRejected as exc:
+        return Rejected(_RENAMED.get(exc.reason, exc.reason), str(exc)[:200])
+    text = payload.decode("utf-8")
     if not isinstance(raw, dict):
         return Rejected("malformed", f"a JSON {type(raw).__name__}, not an object")
     if raw.get("v") != SCHEMA_VERSION:
@@ -77,6 +111,12 @@ def validate_message(topic: str, payload: bytes,
     if raw.get("device") != device:
         return Rejected("device_mismatch", f"payload device {raw.get('device')!r} on {topic}"
                         [:200])
+    ts = raw.get("ts")
+    if isinstance(ts, int | float) and not isinstance(ts, bool):  # else the schema says no
+        try:
+            check_timestamp(ts, received, max_future_s=max_future_s, max_age_s=max_age_s)
+        except JsonRejected as exc:
+            return Rejected(exc.reason, str(exc)[:200])
     try:
         if kind == "status":
             return Accepted(device, kind, status=Status.model_validate(raw), text=text)

@@ -18,6 +18,7 @@ from edgefleet.device.wire.scoring import (
     decode_request,
     encode,
     request_topic,
+    requester_of,
     response_topic,
     shared_request_filter,
     valid_response_topic,
@@ -101,3 +102,22 @@ def test_json_shaped_garbage_raises_only_the_protocol_error(value: object) -> No
     for decode in (decode_request, lambda p: decode_reply(p, 10)):
         with contextlib.suppress(ScoreProtocolError):
             decode(payload)
+
+
+def test_hostile_payloads_are_protocol_errors_with_a_cause() -> None:
+    deep = b"[" * 2000 + b"]" * 2000  # a naive json.loads raises RecursionError here
+    for payload, cause in ((deep, "too_deep"), (b'{"v":1,"ok":true,"confidence":NaN}',
+                                                "non_finite"), (b"\xff", "bad_utf8")):
+        with pytest.raises(ScoreProtocolError) as info:
+            decode_reply(payload, n_classes=3)
+        assert info.value.cause == cause
+        with pytest.raises(ScoreProtocolError):
+            decode_request(payload)
+
+
+def test_reply_topic_must_be_the_requesters_own() -> None:
+    assert requester_of(request_topic("pi-1")) == "pi-1"
+    assert requester_of("edgefleet/v1/score/request/a/b") is None
+    assert valid_response_topic(response_topic("pi-1"), "pi-1")
+    assert not valid_response_topic(response_topic("pi-2"), "pi-1")
+    assert not valid_response_topic(response_topic("pi-1") + "/x", "pi-1")

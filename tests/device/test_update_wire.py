@@ -63,3 +63,18 @@ def test_topics_and_reports() -> None:
         "pi-1", "rejected", "rollback")
     assert wire.decode_report(wire.encode_state({"version": "1.0.0"})) == {"version": "1.0.0"}
     assert wire.decode_report(b"[]") is None and wire.decode_report(b"{x") is None
+
+
+def test_hostile_assignments_and_reports_are_refused_not_raised() -> None:
+    from edgefleet.device.core.guarded_json import JsonRejected
+
+    deep = b"[" * 2000 + b"]" * 2000  # a naive json.loads raises RecursionError here
+    for payload in (deep, b'{"model": "m", "version": NaN}', b'{"model": "m", "version": '
+                    b'"1", "x": ' + b"[" * 10 + b"]" * 10 + b"}"):
+        with pytest.raises(UpdateRejected, match="within limits"):
+            wire.decode_assignment(payload)
+    assert wire.decode_report(deep) is None
+    with pytest.raises(JsonRejected) as info:
+        wire.read_report("pi-1", b'{"device": "pi-2", "event": "rolled_back"}')
+    assert info.value.reason == "device_mismatch"
+    assert wire.read_report("pi-1", b'{"event": "activated"}')["device"] == "pi-1"

@@ -39,8 +39,10 @@ def test_a_fleet_store_written_by_the_previous_code_opens(tmp_path: Path) -> Non
         assert st.message_stats() == {"rows": 1, "distinct": 1}
         with st.transaction():
             assert not st.insert_message("d1", "b1", 1, "metrics", 1.0, 2.0, "{}")
-        assert st.query("SELECT version, applied FROM schema_migrations") == [
-            (1, 1700000000.0)]  # the old record kept as it was
+        rows = st.query("SELECT version, applied FROM schema_migrations ORDER BY version")
+        assert rows[0] == (1, 1700000000.0)  # the old record kept as it was
+        assert [v for v, _ in rows] == list(range(1, len(MIGRATIONS) + 1))  # the new ones ran
+        assert st.quarantined() == []  # migration 2: the quarantine table
     finally:
         st.close()
 

@@ -54,3 +54,55 @@ def test_ingest_rejects_and_survives(mosquitto, tmp_path: Path) -> None:  # type
     assert d is not None and d["n_fallback"] == 60 and d["duplicates"] == 1
     kinds = {e["kind"] for e in store.events()}
     assert {"alert.drift", "alert.fallback_rate"} <= kinds
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_message_failing_in_the_store_is_rolled_back_alone(  # type: ignore[no-untyped-def]
+        mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message that passes validation but fails inside the store transaction is rolled
+    back to its savepoint, acknowledged and quarantined; the batch's others are stored."""
+    store = open_store(tmp_path / "fleet.db")
+    real_add_event = store.add_event
+
+    def add_event(ts: float, device: str | None, *a: object, **k: object) -> None:
+        if device == "evil":
+            raise ValueError("cannot store this one")
+        real_add_event(ts, device, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "add_event", add_event)
+    m = Metrics()
+    with running_ingest(store, mosquitto.port, metrics=m, batch_interval=0.5) as ing:
+        c = raw_client(mosquitto.port, "tester")
+        try:
+            for seq in range(1, 21):  # one batch: good and failing messages interleaved
+                for dev in ("d1", "evil", "d2"):
+                    c.publish(f"edgefleet/v1/{dev}/event",
+                              _env(dev, seq, kind="event", body={"kind": "tick"}), qos=1)
+            c.publish("edgefleet/v1/d1/event", _env("d1", 99, kind="event",
+                                                    body={"kind": "last"}),
+                      qos=1).wait_for_publish(5)
+        finally:
+            c.loop_stop()
+            c.disconnect()
+        assert wait_until(lambda: ing.stored == 41 and ing.rejected == 20, 15), \
+            (ing.stored, ing.rejected)
+    assert store.message_stats("d1")["rows"] == 21 and store.message_stats("d2")["rows"] == 20
+    assert store.message_stats("evil")["rows"] == 0  # rolled back to its savepoint
+    assert store.rejects() == {"store_error": 20}
+    q = store.quarantined(device="evil", limit=100)
+    assert len(q) == 20 and {r["reason"] for r in q} == {"store_error"}
+    assert m.counter("ingest_loop_errors") == 0
+    assert store.device("evil") is None or store.device("evil")["messages"] == 0  # type: ignore[index]
+
+
+def test_quarantine_is_bounded(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "fleet.db")
+    with store.transaction() as st:
+        for i in range(30):
+            st.quarantine(float(i), "d1", "edgefleet/v1/d1/event", "too_deep", "x",
+                          b"\x00\xff" + b"[" * 1000, keep=10)
+    rows = store.quarantined(limit=100)
+    assert len(rows) == 10 and rows[0]["received"] == 29.0 and rows[-1]["received"] == 20.0
+    assert rows[0]["prefix"].startswith("\\x00\\xff[[") and rows[0]["size"] == 1002
+    assert len(rows[0]["prefix"]) < 300

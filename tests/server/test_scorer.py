@@ -169,3 +169,103 @@ def test_cli_refuses_bad_broker_and_tampered_package(cloud_pkg: Path, tmp_path: 
     proc = run_cli("scorer", "run", "--package", str(bad), "--broker", "127.0.0.1:1")
     assert proc.returncode != 0 and "model_fp32.onnx" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- issue 15: one hostile request never hurts the others --------------------------------
+DEEP = b'{"v":1,"task":"digits","model":"m","mode":"features","deadline_ms":5000,' \
+       b'"features":' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+
+
+def test_one_bad_request_in_a_micro_batch_leaves_the_others_answered(
+        cloud_pkg: Path, mosquitto: MosquittoBroker) -> None:
+    m = Metrics()
+    rows = digit_rows(10)
+    bad = [DEEP, b'{"v":1,"task":"digits","model":"m","mode":"features","deadline_ms":5000,'
+                 b'"features":[Infinity]}']
+    with scorer_thread(cloud_pkg, mosquitto, scorer_id="s-h", max_wait_ms=200,
+                       metrics=m) as scorer, Spy(mosquitto, REPLY_TO) as spy:
+        for i, row in enumerate(rows):  # one burst: the bad ones sit among the good ones
+            publish_request(spy, request_topic("tester"), _request(row), reply_to=REPLY_TO,
+                            corr=b"g%d" % i)
+            if i in (3, 6):
+                publish_request(spy, request_topic("tester"), bad[i == 6],
+                                reply_to=REPLY_TO, corr=b"bad%d" % i)
+        msgs = spy.wait_for(lambda ms: len(ms) >= 12, 20)
+        assert scorer.link.connected
+        quarantine = list(scorer.quarantine)
+    got = {props.CorrelationData: reply_json(p) for _, p, props in msgs}
+    for i in range(10):
+        assert got[b"g%d" % i]["ok"], got[b"g%d" % i]
+    assert max(got[b"g%d" % i]["batch"] for i in range(10)) > 1  # they were batched
+    for c in (b"bad3", b"bad6"):
+        assert got[c]["ok"] is False and got[c]["error"] == "bad_request"
+    assert m.counter("scorer_replies_ok") == 10
+    assert m.counter("scorer_rejected_too_deep") == 1
+    assert m.counter("scorer_rejected_non_finite") == 1
+    assert m.counter("scorer_worker_errors") == 0
+    assert [(q["device"], q["topic"], q["reason"]) for q in quarantine] == [
+        ("tester", request_topic("tester"), "too_deep"),
+        ("tester", request_topic("tester"), "non_finite")]
+    assert quarantine[0]["prefix"].startswith('{"v":1') and quarantine[0]["size"] == len(DEEP)
+
+
+def test_reply_topic_of_another_device_is_refused(cloud_pkg: Path,
+                                                  mosquitto: MosquittoBroker) -> None:
+    m = Metrics()
+    victim = response_topic("victim")
+    with scorer_thread(cloud_pkg, mosquitto, scorer_id="s-v", metrics=m) as scorer, \
+            Spy(mosquitto, "edgefleet/v1/score/response/+") as spy:
+        for i in range(3):
+            publish_request(spy, request_topic("tester"), _request(digit_rows(1)[0]),
+                            reply_to=victim, corr=b"aimed-%d" % i)
+        publish_request(spy, request_topic("tester"), _request(digit_rows(1)[0]),
+                        reply_to=REPLY_TO, corr=b"own")
+        msgs = spy.wait_for(lambda ms: any(p.CorrelationData == b"own" for _, _, p in ms), 15)
+        time.sleep(0.3)  # anything aimed at the victim would have arrived by now
+        msgs = list(spy.messages)
+        quarantine = list(scorer.quarantine)
+    assert [t for t, _, _ in msgs] == [REPLY_TO]
+    assert m.counter("scorer_foreign_response_topic") == 3
+    assert [(q["device"], q["reason"]) for q in quarantine] == [
+        ("tester", "foreign_response_topic")] * 3
+    assert victim in quarantine[0]["detail"]
+
+
+@pytest.mark.slow
+def test_scorer_process_isolates_bad_requests_and_refuses_foreign_reply_topics(
+        cloud_pkg: Path, mosquitto: MosquittoBroker) -> None:
+    """The same against ``edgefleet scorer run`` as a real process (counters from its
+    ``--json`` output at SIGTERM)."""
+    import signal
+
+    from tests.support.cascade import spawn_scorer
+
+    proc = spawn_scorer(cloud_pkg, mosquitto, "s-proc", "--max-wait-ms", "200")
+    try:
+        with Spy(mosquitto, "edgefleet/v1/score/response/+") as spy:
+            rows = digit_rows(8)
+            for i, row in enumerate(rows):
+                publish_request(spy, request_topic("tester"), _request(row), reply_to=REPLY_TO,
+                                corr=b"g%d" % i)
+                if i == 4:
+                    publish_request(spy, request_topic("tester"), DEEP, reply_to=REPLY_TO,
+                                    corr=b"deep")
+                    publish_request(spy, request_topic("tester"), _request(row),
+                                    reply_to=response_topic("victim"), corr=b"aimed")
+            msgs = spy.wait_for(lambda ms: len(ms) >= 9, 30)
+            time.sleep(0.3)
+            msgs = list(spy.messages)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    got = {props.CorrelationData: (topic, reply_json(p)) for topic, p, props in msgs}
+    assert sorted(got) == sorted([b"deep", *(b"g%d" % i for i in range(8))])
+    assert all(topic == REPLY_TO for topic, _ in got.values())  # nothing reached "victim"
+    assert all(got[b"g%d" % i][1]["ok"] for i in range(8))
+    assert got[b"deep"][1]["error"] == "bad_request"
+    counters = json.loads(out)["counters"]
+    assert counters["scorer_replies_ok"] == 8
+    assert counters["scorer_rejected_too_deep"] == 1
+    assert counters["scorer_foreign_response_topic"] == 1
+    assert counters.get("scorer_worker_errors", 0) == 0

@@ -27,7 +27,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         s = open_store(tmp_path / "fleet.db")
     else:
         s = open_store(request.getfixturevalue("pg_dsn"))
-        for table in ("messages", "devices", "events", "open_alerts", "rejects"):
+        for table in ("messages", "devices", "events", "open_alerts", "rejects",
+                      "quarantine"):
             s.execute(f"DELETE FROM {table}")
     yield s
     s.close()

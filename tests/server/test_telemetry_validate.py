@@ -47,3 +47,32 @@ def test_rejections(topic: str, payload: bytes, reason: str) -> None:
     res = validate_message(topic, payload)
     assert isinstance(res, Rejected), res
     assert res.reason == reason, res.detail
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b'{"v":1,"device":"d1","boot":"0123456789abcdef","seq":1,"ts":Infinity,'
+     b'"kind":"metrics","body":{}}', "non_finite"),
+    (b'{"v":1,"device":"d1","boot":"0123456789abcdef","seq":1,"ts":1.0,'
+     b'"kind":"metrics","body":{"gauges":{"x":NaN}}}', "non_finite"),
+    (env(body={"gauges": {"x": 1e308}}).replace(b"1e+308", b"1e999"), "non_finite"),
+    (env(ts=4_102_444_800.0 * 10), "clock_skew"),
+    (env(body={"a": json.loads("[" * 300 + "]" * 300)}), "too_deep"),
+    (b'{"v":1,"body":' + b"[" * 50_000 + b"]" * 50_000 + b"}", "too_deep"),
+    (env(body={"counters": {f"c{i}": i for i in range(3000)}}), "too_many_keys"),
+    (env(body={"x": list(range(2000))}), "list_too_long"),
+])
+def test_hostile_payloads_are_refused_before_the_schema(payload: bytes, reason: str) -> None:
+    res = validate_message("edgefleet/v1/d1/metrics", payload, max_bytes=1 << 20)
+    assert isinstance(res, Rejected), res
+    assert res.reason == reason, res.detail
+
+
+def test_validator_failure_is_internal_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgefleet.server.telemetry.validate as v
+
+    def boom(*_a: object, **_k: object) -> object:
+        raise RecursionError("boom")
+
+    monkeypatch.setattr(v, "parse_topic", boom)
+    res = validate_message("edgefleet/v1/d1/metrics", env())
+    assert isinstance(res, Rejected) and res.reason == "internal"

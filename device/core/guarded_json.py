@@ -1,0 +1,192 @@
+"""One guarded JSON reader for every byte string that arrives from the network.
+
+``json.loads`` on untrusted bytes has three failure modes a consumer rarely expects:
+nesting deep enough to raise ``RecursionError`` (the C scanner recurses per level),
+``NaN``/``Infinity`` (and ``1e999``, which becomes ``inf``) that later poison arithmetic,
+sorting and SQL, and sheer size (a 60 KB list of numbers is cheap to send, expensive to
+materialise). :func:`loads_guarded` checks what it can *before* parsing (size, nesting
+depth by a linear scan without recursion) and the rest while or right after parsing
+(non-finite numbers, number of keys, list lengths), and raises one typed error,
+:class:`JsonRejected`, whose ``reason`` is a short stable code for counters:
+
+``too_large``, ``bad_utf8``, ``malformed``, ``too_deep``, ``too_many_keys``,
+``list_too_long``, ``non_finite``, ``number_too_large``, ``string_too_long``.
+
+:func:`check_timestamp` is the shared clock rule: finite, not negative, not further in
+the future than ``max_future_s`` and not older than ``max_age_s`` relative to the time
+the message was received.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from edgefleet.device.core.errors import EdgefleetError
+
+__all__ = ["DEFAULT", "REASONS", "JsonLimits", "JsonRejected", "check_timestamp",
+           "loads_guarded"]
+
+REASONS: Final = ("too_large", "bad_utf8", "malformed", "too_deep", "too_many_keys",
+                  "list_too_long", "non_finite", "number_too_large", "string_too_long",
+                  "clock_skew")
+
+
+class JsonRejected(EdgefleetError):
+    """Untrusted JSON refused before (or instead of) reaching its consumer.
+
+    ``reason`` is one of :data:`REASONS`; the message says what was wrong in words.
+    """
+
+    exit_code = 65
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class JsonLimits:
+    """What one message may contain. Every limit is checked; none is optional."""
+
+    #: Largest document in bytes (checked first, before decoding).
+    max_bytes: int = 64 * 1024
+    #: Deepest nesting of arrays and objects (the top-level value is depth 1).
+    max_depth: int = 32
+    #: Keys over all objects of the document.
+    max_keys: int = 4096
+    #: Items of any one array.
+    max_list: int = 16384
+    #: Characters of any one string (keys included).
+    max_string: int = 16384
+    #: Digits of an integer (beyond this it is a denial-of-service, not a number).
+    max_int_digits: int = 20
+
+
+DEFAULT: Final = JsonLimits()
+
+# A JSON string token (escapes included) or one bracket: strings are skipped whole so a
+# bracket inside a string never counts. The unrolled form does not backtrack.
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+_OPEN = frozenset(b"[{")
+
+
+def _check_depth(data: bytes, max_depth: int) -> None:
+    """Reject nesting deeper than ``max_depth`` with one linear pass and no recursion.
+
+    Unbalanced or unterminated input may be over-counted; that only turns a
+    ``malformed`` document into ``too_deep``, never lets a deep one through.
+    """
+    depth = 0
+    for m in _TOKENS.finditer(data):
+        c = data[m.start()]
+        if c in _OPEN:
+            depth += 1
+            if depth > max_depth:
+                raise JsonRejected(f"nesting deeper than {max_depth} levels", reason="too_deep")
+        elif c != 0x22:  # a closing bracket (a string token starts with '"')
+            depth = max(0, depth - 1)
+
+
+def _reject_constant(name: str) -> Any:
+    raise JsonRejected(f"non-finite number {name}", reason="non_finite")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise JsonRejected(f"number {text[:40]} is not finite", reason="non_finite")
+    return v
+
+
+def _walk(doc: Any, limits: JsonLimits) -> None:
+    """Count keys and check lists and strings with an explicit stack (no recursion)."""
+    keys = 0
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            keys += len(node)
+            if keys > limits.max_keys:
+                raise JsonRejected(f"more than {limits.max_keys} keys",
+                                   reason="too_many_keys")
+            for k, v in node.items():
+                if len(k) > limits.max_string:
+                    raise JsonRejected(f"a key longer than {limits.max_string} characters",
+                                       reason="string_too_long")
+                stack.append(v)
+        elif isinstance(node, list):
+            if len(node) > limits.max_list:
+                raise JsonRejected(f"a list of {len(node)} items (limit {limits.max_list})",
+                                   reason="list_too_long")
+            stack.extend(node)
+        elif isinstance(node, str) and len(node) > limits.max_string:
+            raise JsonRejected(f"a string of {len(node)} characters (limit "
+                               f"{limits.max_string})", reason="string_too_long")
+
+
+def loads_guarded(data: bytes | bytearray | memoryview, limits: JsonLimits = DEFAULT) -> Any:
+    """Parse untrusted JSON within ``limits``; raises :class:`JsonRejected`, nothing else.
+
+    Example::
+
+        try:
+            doc = loads_guarded(msg.payload, JsonLimits(max_bytes=4096, max_depth=8))
+        except JsonRejected as exc:
+            metrics.inc(f"rejected_{exc.reason}")
+    """
+    raw = bytes(data)
+    if len(raw) > limits.max_bytes:
+        raise JsonRejected(f"{len(raw)} bytes exceeds {limits.max_bytes}", reason="too_large")
+    _check_depth(raw, limits.max_depth)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonRejected(f"not UTF-8: {exc.reason} at byte {exc.start}",
+                           reason="bad_utf8") from None
+
+    def _int(s: str) -> int:
+        if len(s.lstrip("-")) > limits.max_int_digits:
+            raise JsonRejected(f"an integer of {len(s)} digits", reason="number_too_large")
+        return int(s)
+
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                         parse_int=_int)
+    except JsonRejected:
+        raise
+    except json.JSONDecodeError as exc:
+        raise JsonRejected(f"not JSON: {exc.msg} at {exc.pos}", reason="malformed") from None
+    except RecursionError:  # pragma: no cover - the depth scan runs first
+        raise JsonRejected("nesting too deep", reason="too_deep") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise JsonRejected(f"not JSON: {exc}"[:200], reason="malformed") from None
+    _walk(doc, limits)
+    return doc
+
+
+def check_timestamp(ts: Any, received: float, *, max_future_s: float = 300.0,
+                    max_age_s: float | None = None) -> float:
+    """``ts`` as a float if it is a finite, non-negative time within the allowed skew of
+    ``received`` (seconds since the epoch); raises :class:`JsonRejected` otherwise.
+
+    ``max_age_s`` None allows any age (a device's spool may hold reports from months
+    offline); the future bound is always checked, so one device cannot freeze its row
+    with a timestamp far ahead of every later report.
+    """
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise JsonRejected(f"timestamp {str(ts)[:40]!r} is not a number", reason="clock_skew")
+    v = float(ts)
+    if not math.isfinite(v) or v < 0:
+        raise JsonRejected(f"timestamp {v} is not a valid time", reason="non_finite"
+                           if not math.isfinite(v) else "clock_skew")
+    if v > received + max_future_s:
+        raise JsonRejected(f"timestamp {v:.0f} is {v - received:.0f} s ahead of the receive "
+                           f"time (limit {max_future_s:.0f} s)", reason="clock_skew")
+    if max_age_s is not None and v < received - max_age_s:
+        raise JsonRejected(f"timestamp {v:.0f} is {received - v:.0f} s old (limit "
+                           f"{max_age_s:.0f} s)", reason="clock_skew")
+    return v
