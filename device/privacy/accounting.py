@@ -220,25 +220,29 @@ def noise_for_epsilon(target_epsilon: float, delta: float, q: float, steps: int,
 
 
 def _pld_sigma(target_epsilon: float, delta: float, q: float, steps: int) -> float:
-    """Bisection for the PLD σ just below σ_RDP (within [0.8·σ_RDP, σ_RDP], widened if not).
+    """Smallest σ (to 2e-4) whose PLD ε meets the target: a doubling bracket from σ = 1,
+    then bisection.
 
-    PLD's ε is at most RDP's at every σ, so the RDP-calibrated σ already meets the
-    target; searching only below it keeps every PLD evaluation at a moderate σ (a
+    Starting at 1 and moving geometrically keeps every evaluation at a moderate σ (a
     privacy-loss distribution at σ ≈ 0.05, where a generic bracket would start, takes
-    tens of seconds to build).
+    tens of seconds to build); the result is checked again by the caller.
     """
-    def eps(sigma: float) -> float:
-        return epsilon_for([DpEvent(q, sigma, steps)], delta, "pld")
+    def ok(sigma: float) -> bool:
+        return epsilon_for([DpEvent(q, sigma, steps)], delta, "pld") <= target_epsilon
 
-    hi = noise_for_epsilon(target_epsilon, delta, q, steps, "rdp")
-    lo = 0.8 * hi
-    while eps(lo) <= target_epsilon:
-        hi, lo = lo, 0.8 * lo
-        if lo < 1e-3:
+    hi = 1.0
+    while not ok(hi):
+        hi *= 2.0
+        if hi > 1e4:
+            raise UsageError(f"no noise multiplier reaches ε={target_epsilon} at δ={delta}")
+    lo = hi / 2.0
+    while ok(lo):
+        hi, lo = lo, lo / 2.0
+        if lo < 0.05:
             return hi
     while hi - lo > 2e-4:
         mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     return hi
 
 
