@@ -92,18 +92,20 @@ is the default accountant (`DEFAULT_ACCOUNTANT`): at a fixed ε it buys the nois
 {CANARIES} out-of-distribution canaries with random labels, each planted with
 probability 1/2 in device 0 of 3 (digits/vibration Dirichlet shares), 5 rounds × 40
 DP-SGD steps, batch 32, clip 1, through the real ServerApp strategy and ClientApp
-(in-process grid). The auditor sees only the final global model (what the server
-sees, after averaging), scores canaries by log-probability of their label, and guesses
-membership for fixed fractions of them (Bonferroni over the fractions). Empirical ε
+(in-process grid). The auditor is the server: it scores each canary by how much
+device 0's last update raised the log-probability of the canary's label over the
+initial model (black box: two forward passes), and guesses membership for fixed
+fractions of the canaries (Bonferroni over the fractions). Empirical ε
 is a 95 % lower bound (Steinke, Nasr and Jagielski 2023, δ term included); the
 accounted ε is the device's ledger (an upper bound). With {CANARIES} canaries no audit
 can show more than about 5.
 
 {aud}
 
-With DP off the canaries are memorized and the audit proves a large ε; with DP on it
-stays below the accounted ε. A black-box audit of the averaged final model is a weak
-attacker: the gap to the accounted ε is expected (the literature reports about 1.8 for
+With DP off the audit proves a clearly positive ε from one run (limited by how much of
+the random-label canaries 5 rounds memorize, and by m); with DP on it stays at or below
+the accounted ε. A black-box loss-difference score is a weak attacker: the gap to the
+accounted ε is expected (the literature reports about 1.8 for
 a theoretical 4 with white-box one-run audits on CIFAR-10) and is not a claim that the
 accounting is loose.
 """

@@ -3,10 +3,13 @@
 ``m`` canary records (:mod:`edgefleet.models.sim.canary`) are each planted, with
 probability 1/2, into the training data of one simulated device, and one federated run
 trains through the real ServerApp strategy and the real ClientApp (in-process grid:
-same messages, mods, DP-SGD and ledger, no transport). The auditor then sees only the
-final global model, as the server does, scores every canary by the model's
-log-probability of its label, guesses "included" for the ``k`` highest scores and
-"excluded" for the ``k`` lowest, and counts correct guesses.
+same messages, mods, DP-SGD and ledger, no transport). The auditor is the server: it
+sees what device 0 sends, here its model after the last round, and the (public) model
+the run started from. It scores every canary by how much training raised the
+log-probability of the canary's label, guesses "included"
+for the ``k`` highest scores and "excluded" for the ``k`` lowest, and counts correct
+guesses. Everything the device releases is covered by its accounted ε, so any such
+score is a fair attack.
 
 If the device's training is (ε, δ)-DP, the number of correct guesses among ``r`` is at
 most Binomial(r, e^ε / (1 + e^ε)) plus a δ term (their Theorem, with the p-value of
@@ -102,10 +105,11 @@ def run_audit(task: str = "digits", dp: str = "sample", epsilon: float = 3.0,
               local_steps: int = 40, batch_size: int = 32, lr: float = 0.2, clip: float = 1.0,
               confidence: float = 0.95, seed: int = 0) -> AuditResult:
     """Plant canaries in device 0, train one federated run, and audit it."""
-    from flwr.app import ArrayRecord
+    from flwr.app import ArrayRecord, Context, Message
 
     from edgefleet.device.privacy.accounting import DEFAULT_ACCOUNTANT
     from edgefleet.device.runtime.mlp import MLP
+    from edgefleet.device.wire.federated import ARRAYS, from_arrays
     from edgefleet.models.sim.canary import canary_app, make_canaries
     from edgefleet.server.fl.inprocess import InProcessGrid
     from edgefleet.server.fl.server_app import FleetStrategy
@@ -133,13 +137,30 @@ def run_audit(task: str = "digits", dp: str = "sample", epsilon: float = 3.0,
 
             strategy = FleetStrategy(build_strategy(s), s)
             task_obj, norm, model = s.initial_model()
-            grid = InProcessGrid(canary_app(can, target=0), devices, node)
+            app = canary_app(can, target=0)
+            seen: dict[str, Any] = {}
+
+            def observed(msg: Message, ctx: Context) -> Message:
+                """The ClientApp, with the server's view of device 0 kept."""
+                reply = app(msg, ctx)
+                if (ctx.node_id == 1000 and msg.metadata.message_type == "train"
+                        and reply.has_content() and ARRAYS in reply.content.array_records):
+                    seen.setdefault("sent", msg.content.array_records[ARRAYS].to_numpy_ndarrays())
+                    seen["got"] = reply.content.array_records[ARRAYS].to_numpy_ndarrays()
+                return reply
+
+            grid = InProcessGrid(observed, devices, node)
             res = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.params),
                                  num_rounds=rounds)
             final = MLP.from_params(res.arrays.to_numpy_ndarrays())
             split = task_obj.split()
             accuracy = final.accuracy(s.normalized(split.x_test, norm), split.y_test)
-            scores = _log_prob_of_label(final, s.normalized(can.x, norm), can.y)
+            if "got" not in seen:
+                raise RuntimeError("device 0 never trained: nothing to audit")
+            xc = s.normalized(can.x, norm)
+            scores = (_log_prob_of_label(MLP.from_params(from_arrays(seen["got"])), xc, can.y)
+                      - _log_prob_of_label(MLP.from_params(from_arrays(seen["sent"])), xc,
+                                           can.y))
             accounted = strategy.device_eps.get(1000) if dp == "sample" else None
     finally:
         logging.disable(logging.NOTSET)
