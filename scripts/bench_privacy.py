@@ -84,6 +84,7 @@ pessimistic estimate on a loss grid of {PLD_DISCRETIZATION:g} (an upper bound on
 true ε); "numerical" is an independent computation from the definitions
 (`tests/support/pld_numeric.py`, nearest-grid rounding: an estimate, not a bound). PLD
 is the default accountant (`DEFAULT_ACCOUNTANT`): at a fixed ε it buys the noise saved.
+"PLD ms" is one evaluation; the first row's includes importing SciPy (a fresh process).
 
 {acc}
 

@@ -18,8 +18,8 @@ Two accountants evaluate it (``accountant=``; the default is :data:`DEFAULT_ACCO
   :data:`PLD_DISCRETIZATION`, truncated tail mass counted as infinite loss), so the ε it
   prints is an upper bound on the true ε of the mechanism, and a tight one (within about
   1 % at this discretization). The default.
-* ``"rdp"``: dp-accounting's Rényi accountant, a looser upper bound (8-15 % above the
-  PLD figure at the settings in docs/federated.md); kept for comparison and for callers
+* ``"rdp"``: dp-accounting's Rényi accountant, a looser upper bound (9-13 % above the
+  PLD figure at the settings in docs/benchmarks.md); kept for comparison and for callers
   that must not import SciPy.
 
 ``tests/device/test_accountants.py`` cross-checks both against an independent numerical
