@@ -99,7 +99,7 @@ initial model (black box: two forward passes), and guesses membership for fixed
 fractions of the canaries (Bonferroni over the fractions). Empirical ε
 is a 95 % lower bound (Steinke, Nasr and Jagielski 2023, δ term included); the
 accounted ε is the device's ledger (an upper bound). With {CANARIES} canaries no audit
-can show more than about 5.
+can show more than about 4.5.
 
 {aud}
 
