@@ -59,7 +59,8 @@ def ours_round_seconds(fed: EmbeddedFederation, work: Path) -> list[float]:
                       "min-nodes": NODES, "num-nodes": NODES, "seed": 0,
                       "db": str(work / "fl.db"), "out": ""})
     store = FlStore(work / "fl.db")
-    follow_run(store, "overhead", fed.conn, submit_run(fed.conn, s, work), timeout=300)
+    run_id = submit_run(fed.conn, s, work, signing_key=fed.app_key)
+    follow_run(store, "overhead", fed.conn, run_id, timeout=300)
     return [r.seconds for r in store.rounds("overhead")[1:] if r.seconds is not None]
 
 

@@ -272,7 +272,10 @@ class Agent:
     def _start_fl(self) -> None:
         fl = self.cfg.fl
         node_cfg = {"state-dir": str(self._fl_state_dir()), **fl.node_config}
-        argv = [_program(fl.supernode), "--superlink", fl.superlink,
+        program = [_program(fl.supernode)]
+        if fl.trusted_app_keys is not None:  # Flower's SuperNode + the fleet's app signature
+            program = [sys.executable, "-m", "edgefleet.device.fl.supernode"]
+        argv = [*program, "--superlink", fl.superlink,
                 "--port", str(fl.runtime_port), "--node-config",
                 " ".join(f"{k}={json.dumps(v)}" for k, v in node_cfg.items())]
         if fl.insecure:
@@ -281,6 +284,8 @@ class Agent:
             argv += ["--root-certificates", str(fl.root_certificates)]
         if fl.auth_private_key is not None:
             argv += ["--auth-supernode-private-key", str(fl.auth_private_key)]
+        if fl.trusted_app_keys is not None:
+            argv += ["--trusted-entities", str(fl.trusted_app_keys)]
         self._fl_state_dir().mkdir(parents=True, exist_ok=True)
         self.supernode = SupervisedProcess("supernode", argv,
                                            log_path=self.state_dir / "supernode.log",

@@ -104,6 +104,9 @@ class FlSection(StrictModel):
                               description="SuperNode's local runtime API port (Flower's "
                                           "default; change it to run two on one host).")
     supernode: str = Field(default="flower-supernode", description="Program to run.")
+    trusted_app_keys: Path | None = Field(
+        default=None, description="Flower trusted-entities YAML (the enrollment bundle's "
+        "app-trust.yaml): the SuperNode runs only Flower apps signed by these keys.")
 
     @model_validator(mode="after")
     def _tls_for_auth(self) -> FlSection:

@@ -32,6 +32,9 @@ def train(
                                        "embedded SuperLink and --devices SuperNodes."),
     root_certificates: Path | None = typer.Option(None, "--root-certificates",
                                                   help="CA of a remote SuperLink's TLS cert."),
+    home: Path | None = typer.Option(None, "--home",
+                                     help="Fleet home whose app-signing key signs the Flower "
+                                          "app (remote SuperLink; default: the fleet home)."),
     insecure: bool = typer.Option(False, "--insecure",
                                   help="Embedded run without TLS and node authentication."),
     strategy: str = typer.Option("fedavg", "--strategy",
@@ -88,6 +91,8 @@ def train(
     )
     from edgefleet.server.fl.settings import run_settings
     from edgefleet.server.fl.store import FlStore, RoundRow
+    from edgefleet.server.fleet.app_signing import fleet_key
+    from edgefleet.server.fleet.home import default_root
     from edgefleet.server.fleet.superlink import SuperLinkConn
 
     if dp not in ("sample", "client", "off"):
@@ -118,13 +123,14 @@ def train(
 
         if superlink:
             conn = SuperLinkConn(superlink, work / "cli", root_certificates)
-            run_id = submit_run(conn, settings, work)
+            run_id = submit_run(conn, settings, work, signing_key=fleet_key(
+                home or default_root()))
             run = follow_run(store, tag, conn, run_id, on_round)
         else:
             with EmbeddedFederation(work / "embedded", devices=devices,
                                     secure=not insecure) as fed:
                 bar.update(tid, description="submitting run")
-                run_id = submit_run(fed.conn, settings, work)
+                run_id = submit_run(fed.conn, settings, work, signing_key=fed.app_key)
                 run = follow_run(store, tag, fed.conn, run_id, on_round)
     final = run.final or {}
     result = {

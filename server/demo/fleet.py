@@ -309,7 +309,8 @@ class Demo:
             "--devices", str(self.opts.devices), "--min-nodes", str(min_nodes),
             "--round-timeout", str(120 * self.opts.slow_factor),
             "--superlink", f"127.0.0.1:{self.fed.port}", "--root-certificates",
-            str(self.fed.certs.ca), "--format", self.opts.formats, "--pretrain-epochs", "20",
+            str(self.fed.certs.ca), "--home", str(self.home.root),
+            "--format", self.opts.formats, "--pretrain-epochs", "20",
             "--out", str(self.s.work / "models" / "fl"), "--work-dir",
             str(self.s.work / "fl-run"), timeout=900 * self.opts.slow_factor)
         self.s.training = out

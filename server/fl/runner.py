@@ -16,6 +16,7 @@ import logging
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ from typing import Any
 
 from edgefleet.device.core.errors import UsageError
 from edgefleet.device.core.process import Child, ChildExited, ProcessGroup, log_tail, wait_port
+from edgefleet.device.wire.app_trust import SIGNATURE_KEY
 from edgefleet.server.fl.settings import RunSettings
 from edgefleet.server.fl.store import FlStore, RoundRow, RunRow
+from edgefleet.server.fleet.app_signing import AppSigningKey, build_fab, load_or_create
 from edgefleet.server.fleet.pki import CertPaths, init_certs
 from edgefleet.server.fleet.superlink import BIN, CONN, FlRunError, SuperLinkConn, flower_env
 
@@ -68,17 +71,25 @@ def write_flower_app(folder: Path, clientapp: str = SIMULATED_CLIENTAPP) -> Path
         '[tool.flwr.app]\npublisher = "edgefleet"\n\n[tool.flwr.app.components]\n'
         'serverapp = "edgefleet.server.fl.server_app:app"\n'
         f'clientapp = "{clientapp}"\n\n[tool.flwr.app.config]\n'
-        + "\n".join(lines) + "\n")
+        + "\n".join(lines) + f'\n{SIGNATURE_KEY} = ""\n')
     return folder
 
 
 def submit_run(conn: SuperLinkConn, settings: RunSettings, work: Path,
-               clientapp: str = SIMULATED_CLIENTAPP) -> str:
-    """Start a run with these settings (``flwr run``); returns Flower's run id."""
+               clientapp: str = SIMULATED_CLIENTAPP,
+               signing_key: AppSigningKey | None = None) -> str:
+    """Start a run with these settings (``flwr run``); returns Flower's run id.
+
+    With ``signing_key`` the exact FAB ``flwr run`` sends is signed and the record rides
+    in the run config (:mod:`edgefleet.device.wire.app_trust`); SuperNodes that trust
+    only the fleet's key refuse the run otherwise.
+    """
     app_dir = write_flower_app(work / "app", clientapp)
     cfg = work / f"run-{settings.tag}.toml"
-    cfg.write_text("\n".join(f"{k} = {json.dumps(v)}"
-                             for k, v in settings.flower_config().items()) + "\n")
+    values = dict(settings.flower_config())
+    if signing_key is not None:
+        values[SIGNATURE_KEY] = signing_key.sign(build_fab(app_dir)).encode()
+    cfg.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n")
     res = conn.flwr("run", str(app_dir), CONN, "--format", "json", "--run-config", str(cfg))
     try:
         out = json.loads(res.stdout[res.stdout.index("{"):])
@@ -137,6 +148,11 @@ class EmbeddedFederation:
     procs: ProcessGroup = field(init=False)
     port: int = 0
     certs: CertPaths | None = None
+    #: Secure mode: the key runs must be signed with (the fleet's, or one made in
+    #: ``work``); every SuperNode trusts only it. ``trust_apps=False`` starts plain
+    #: SuperNodes that run any app (Flower's default).
+    app_key: AppSigningKey | None = None
+    trust_apps: bool = True
 
     def __post_init__(self) -> None:
         self.procs = ProcessGroup(self.work)
@@ -163,6 +179,8 @@ class EmbeddedFederation:
         self.work.mkdir(parents=True, exist_ok=True)
         if self.secure and self.certs is None:
             self.certs = init_certs(self.work / "certs", nodes=self.devices)
+        if self.secure and self.trust_apps and self.app_key is None:
+            self.app_key = load_or_create(self.work / "app-signing")
         self.start_superlink()
         if self.secure:
             for i in range(self.devices):
@@ -208,6 +226,11 @@ class EmbeddedFederation:
         if self.secure and self.certs:
             args += ["--root-certificates", str(self.certs.ca), "--auth-supernode-private-key",
                      str(key or self.certs.node_keys[i])]
+        if self.secure and self.trust_apps and self.app_key is not None:
+            trust = self.work / "app-trust.yaml"
+            trust.write_text(self.app_key.trusted_entities())
+            args = [sys.executable, "-m", "edgefleet.device.fl.supernode", *args[1:],
+                    "--trusted-entities", str(trust)]
         else:
             args.append("--insecure")
         return args

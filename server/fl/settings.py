@@ -76,7 +76,8 @@ class RunSettings(StrictModel):
         """Noise multiplier of the client-level Gaussian release for the target ε."""
         from edgefleet.device.privacy.accounting import noise_for_epsilon
 
-        return noise_for_epsilon(self.epsilon, self.delta, 1.0, self.num_rounds)
+        # Flower's client-level DP wrapper accounts with its RDP accountant: calibrate alike.
+        return noise_for_epsilon(self.epsilon, self.delta, 1.0, self.num_rounds, "rdp")
 
     def train_config(self) -> dict[str, Any]:
         """What each device needs to train (and account) a round."""
@@ -128,7 +129,8 @@ class RunSettings(StrictModel):
 def run_settings(run_config: dict[str, Any]) -> RunSettings:
     """Validate a Flower run config (``-`` keys) into :class:`RunSettings`."""
     return load_config(RunSettings, overrides={k.replace("-", "_"): v
-                                               for k, v in run_config.items()})
+                                               for k, v in run_config.items()
+                                               if k != "app-signature"})  # app_trust
 
 
 def build_strategy(s: RunSettings) -> Any:

@@ -9,6 +9,8 @@ A folder (or a ``.tar.gz`` of it) whose files are all 0600::
     superlink-ca.pem  the SuperLink's CA (FL over TLS)
     node.key          the SuperNode private key (its public key is registered)
     root.json         the pinned TUF root: which keys may sign models
+    app-trust.yaml    Flower trusted entities: the only key whose Flower apps the
+                      device's SuperNode runs (the fleet's app-signing key)
     registry-ca.pem   the CA of the registry's HTTPS certificate, when it uses TLS
 
 ``edgefleet-agent enroll`` (device/agent/enroll.py) installs it and rewrites the names to
@@ -35,12 +37,14 @@ BUNDLE_FILES: dict[tuple[str, str], str] = {
     ("mqtt", "ca_file"): "broker-ca.pem",
     ("fl", "root_certificates"): "superlink-ca.pem",
     ("fl", "auth_private_key"): "node.key",
+    ("fl", "trusted_app_keys"): "app-trust.yaml",
     ("updates", "trusted_root"): "root.json",
     ("updates", "ca_file"): "registry-ca.pem",
 }
 
 
-def agent_template(s: FleetSettings, name: str, group: str) -> dict[str, Any]:
+def agent_template(s: FleetSettings, name: str, group: str,
+                   app_trust: bool = False) -> dict[str, Any]:
     """The ``agent.toml`` of a device, with bundle file names for paths."""
     mqtt: dict[str, Any] = {"host": s.broker_host, "port": s.broker_port, "username": name,
                             "password_file": "mqtt.password"}
@@ -55,6 +59,8 @@ def agent_template(s: FleetSettings, name: str, group: str) -> dict[str, Any]:
     if s.superlink:
         cfg["fl"] = {"enabled": True, "superlink": s.superlink, "insecure": False,
                      "root_certificates": "superlink-ca.pem", "auth_private_key": "node.key"}
+        if app_trust:
+            cfg["fl"]["trusted_app_keys"] = "app-trust.yaml"
     return cfg
 
 
@@ -65,12 +71,18 @@ def _copy_private(src: Path, dst: Path) -> None:
 
 
 def write_bundle(s: FleetSettings, name: str, group: str, password: str, stage: Path,
-                 out: Path) -> Path:
+                 out: Path, app_trust: str | None = None) -> Path:
     """Fill ``stage`` (which may hold ``node.key``) and move it to ``out``.
+
+    ``app_trust`` is the trusted-entities YAML of the fleet's app-signing key.
 
     ``out`` ending in ``.tar.gz``/``.tgz`` gets an archive (0600), else a 0700 folder.
     """
-    (stage / "agent.toml").write_text(dump_toml(agent_template(s, name, group)))
+    trust = app_trust is not None and bool(s.superlink)
+    (stage / "agent.toml").write_text(dump_toml(agent_template(s, name, group, trust)))
+    if trust:
+        assert app_trust is not None
+        (stage / "app-trust.yaml").write_text(app_trust)
     (stage / "mqtt.password").write_text(password + "\n")
     (stage / "node.pub").unlink(missing_ok=True)  # public; the server keeps it
     for src, dst in ((s.broker_ca, "broker-ca.pem"), (s.superlink_ca, "superlink-ca.pem"),

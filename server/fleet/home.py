@@ -7,6 +7,7 @@ Layout (all private: the folder is 0700, secrets 0600)::
     services/<role>.password   broker credentials of the ingest, scorer and operator
     broker/passwd, broker/acl  generated for mosquitto from the two above
     nodes/<device>.pub    SuperNode public keys (the private key leaves only in the bundle)
+    app-signing/app.key   signs every Flower app run on the fleet (app.pub: what devices trust)
     bundles/<device>/     default output of ``edgefleet devices enroll``
     flwr/                 the ``flwr`` CLI's config for reaching the SuperLink
 
@@ -167,6 +168,9 @@ class FleetHome:
         for role in SERVICE_ROLES:
             home.service_credentials(role)
         home.broker_files()
+        from edgefleet.server.fleet.app_signing import fleet_key
+
+        fleet_key(root)  # the Flower-app signing key devices will trust
         return home
 
     def service_credentials(self, role: str) -> Credentials:

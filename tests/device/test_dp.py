@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dp_accounting as dpa
 import numpy as np
@@ -63,7 +64,7 @@ def test_epsilon_matches_dp_accounting_directly() -> None:
     acc = rdp.RdpAccountant()
     acc.compose(dpa.SelfComposedDpEvent(
         dpa.PoissonSampledDpEvent(0.08, dpa.GaussianDpEvent(1.1)), 60))
-    assert epsilon_for([ev], 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert epsilon_for([ev], 1e-5, "rdp") == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
 
 
 def test_repeated_events_merge_to_the_same_epsilon_as_composing_each() -> None:
@@ -72,7 +73,7 @@ def test_repeated_events_merge_to_the_same_epsilon_as_composing_each() -> None:
     for ev in rounds:
         acc.compose(dpa.SelfComposedDpEvent(
             dpa.PoissonSampledDpEvent(ev.q, dpa.GaussianDpEvent(ev.sigma)), ev.steps))
-    assert epsilon_for(rounds, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert epsilon_for(rounds, 1e-5, "rdp") == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
     assert epsilon_for(rounds[::-1], 1e-5) == epsilon_for(rounds, 1e-5)
 
 
@@ -119,9 +120,9 @@ def calibrations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float, fl
     calls: list[tuple[float, float, float, int]] = []
     real = noise_for_epsilon
 
-    def spy(eps: float, delta: float, q: float, steps: int) -> float:
+    def spy(eps: float, delta: float, q: float, steps: int, *accountant: Any) -> float:
         calls.append((eps, delta, q, steps))
-        return real(eps, delta, q, steps)
+        return real(eps, delta, q, steps, *accountant)
 
     monkeypatch.setattr(dp_mod, "noise_for_epsilon", spy)
     return calls
@@ -191,12 +192,12 @@ def test_sigma_cache_never_spends_more_than_the_target(
 
 @pytest.mark.slow
 def test_accounting_loads_only_the_rdp_part_of_dp_accounting() -> None:
-    """A fresh process accounts ε without the PLD accountant and calibration (SciPy
-    signal/optimize); importing the package afterwards still gives all of it."""
+    """A fresh process accounts ε with RDP without the PLD accountant and calibration
+    (SciPy signal/optimize); importing the package afterwards still gives all of it."""
     code = """
 import sys
 from edgefleet.device.privacy.accounting import DpEvent, epsilon_for
-eps = epsilon_for([DpEvent(0.08, 1.1, 60)], 1e-5)
+eps = epsilon_for([DpEvent(0.08, 1.1, 60)], 1e-5, "rdp")
 heavy = [m for m in ("dp_accounting.pld", "dp_accounting.mechanism_calibration",
                      "scipy.optimize", "scipy.signal") if m in sys.modules]
 import dp_accounting as dpa

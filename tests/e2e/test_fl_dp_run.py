@@ -12,8 +12,9 @@ from pathlib import Path
 
 import dp_accounting as dpa
 import pytest
-from dp_accounting import rdp
+from dp_accounting import pld
 
+from edgefleet.device.privacy.accounting import PLD_DISCRETIZATION
 from edgefleet.device.runtime.manifest import load_package
 from edgefleet.server.fl.runner import EmbeddedFederation, follow_run, submit_run
 from edgefleet.server.fl.settings import run_settings
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def _epsilon(events: list[dict[str, float]], delta: float) -> float:
-    acc = rdp.RdpAccountant()
+    acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     for e in events:
         acc.compose(dpa.SelfComposedDpEvent(
             dpa.PoissonSampledDpEvent(e["q"], dpa.GaussianDpEvent(e["sigma"])), int(e["steps"])))
@@ -55,7 +56,7 @@ def test_dp_run_on_five_authenticated_supernodes(tmp_path: Path) -> None:
                           "round-timeout": 120, "db": str(tmp_path / "fl.db"),
                           "out": str(tmp_path / "pkg"), "formats": "onnx"})
         store = FlStore(tmp_path / "fl.db")
-        run_id = submit_run(fed.conn, s, tmp_path)
+        run_id = submit_run(fed.conn, s, tmp_path, signing_key=fed.app_key)
         seen: list[int] = []
         run = follow_run(store, "dp5", fed.conn, run_id, lambda r: seen.append(r.round),
                          timeout=360)

@@ -37,7 +37,7 @@ def test_killed_node_round_completes_node_rejoins_and_link_restart_keeps_state(
         # flower-supernode exits. The agent restarts it with backoff (SupervisedProcess),
         # as here, and enough rounds run for it to be sampled again.
         s1 = _settings("faults1", tmp_path, 7)
-        run_id = submit_run(fed.conn, s1, tmp_path)  # type: ignore[arg-type]
+        run_id = submit_run(fed.conn, s1, tmp_path, signing_key=fed.app_key)  # type: ignore[arg-type]
         deadline = time.monotonic() + 120
         while not store.rounds("faults1") and time.monotonic() < deadline:
             time.sleep(0.2)  # round 0 (initial evaluation) stored: round 1 is starting
@@ -68,7 +68,7 @@ def test_killed_node_round_completes_node_rejoins_and_link_restart_keeps_state(
             fed.kill("superlink")
             fed.start_superlink()
             s2 = _settings("faults2", tmp_path, 1)
-            run2 = submit_run(fed.conn, s2, tmp_path)  # type: ignore[arg-type]
+            run2 = submit_run(fed.conn, s2, tmp_path, signing_key=fed.app_key)  # type: ignore[arg-type]
             assert run2 != run_id
             follow_run(store, "faults2", fed.conn, run2, timeout=200)
             assert store.rounds("faults2")[1].nodes == 3

@@ -15,6 +15,7 @@ from edgefleet.device.agent.enroll import install_bundle
 from edgefleet.device.core.config import dump_toml
 from edgefleet.device.core.errors import ConfigError, UsageError
 from edgefleet.device.core.mqtt_link import MqttConfig
+from edgefleet.server.fleet.app_signing import fleet_key
 from edgefleet.server.fleet.broker_acl import verify_password
 from edgefleet.server.fleet.enrollment import enroll_device, register_pending, revoke_device
 from edgefleet.server.fleet.home import FleetHome
@@ -66,7 +67,8 @@ def test_bundle_contents_and_modes(home: FleetHome, tmp_path: Path) -> None:
     b = enroll_device(home, "pi-07", "line-2", out=tmp_path / "b")
     assert _mode(b) == 0o700
     names = sorted(p.name for p in b.iterdir())
-    assert names == ["agent.toml", "mqtt.password", "node.key", "root.json", "superlink-ca.pem"]
+    assert names == ["agent.toml", "app-trust.yaml", "mqtt.password", "node.key", "root.json",
+                     "superlink-ca.pem"]
     assert all(_mode(b / n) == 0o600 for n in names)
     password = (b / "mqtt.password").read_text().strip()
     assert len(password) >= 24 and password not in (b / "agent.toml").read_text()
@@ -74,6 +76,10 @@ def test_bundle_contents_and_modes(home: FleetHome, tmp_path: Path) -> None:
     assert tpl["device_id"] == "pi-07" and tpl["group"] == "line-2"
     assert tpl["mqtt"]["username"] == "pi-07" and tpl["mqtt"]["port"] == 18830
     assert tpl["fl"]["insecure"] is False and tpl["updates"]["enabled"] is True
+    assert tpl["fl"]["trusted_app_keys"] == "app-trust.yaml"
+    key = fleet_key(home.root)  # made by fleet init; the bundle trusts exactly it
+    assert (b / "app-trust.yaml").read_text() == key.trusted_entities()
+    assert _mode(home.root / "app-signing" / "app.key") == 0o600
     row = home.devices.get("pi-07")
     assert row is not None and row.fl_state == "pending"
     assert verify_password(password, row.mqtt_hash)
@@ -137,6 +143,7 @@ def test_install_tarball(home: FleetHome, tmp_path: Path) -> None:
     data = tomllib.loads(cfg.read_text())
     assert data["state_dir"] == str(state.resolve())
     assert data["fl"]["auth_private_key"] == str(state.resolve() / "keys" / "node.key")
+    assert data["fl"]["trusted_app_keys"] == str(state.resolve() / "keys" / "app-trust.yaml")
     assert data["input"]["serial"] == "/dev/ttyUSB0"
     assert MqttConfig.model_validate(data["mqtt"]).secret() == \
         (state / "keys" / "mqtt.password").read_text().strip()
