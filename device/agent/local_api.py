@@ -38,7 +38,7 @@ from edgefleet.device.core.errors import ConfigError, EdgefleetError, InputError
 from edgefleet.device.core.metrics import Metrics, default_metrics
 
 __all__ = ["DEFAULT_LIMITS", "MAX_REQUEST_BYTES", "SOCKET_MODE", "LocalApiServer", "PredictFn",
-           "request"]
+           "answer", "request"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,38 @@ class _Handler(socketserver.StreamRequestHandler):
             len(data)))
         self.wfile.write(data)
         self.wfile.flush()
+
+
+def answer(line: bytes, predict: PredictFn, metrics: Metrics) -> dict[str, Any]:
+    """The reply to one request line; never raises (a bad request is an error reply)."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+        metrics.inc("api_errors_bad_json")
+        return _error(None, "bad_json", "request is not valid JSON")
+    if not isinstance(req, dict) or "input" not in req:
+        metrics.inc("api_errors_bad_request")
+        return _error(None, "bad_request", 'expected an object with an "input" field')
+    req_id = req.get("id")
+    try:
+        x = np.asarray(req["input"], dtype=np.float32)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        metrics.inc("api_errors_bad_request")
+        return _error(req_id, "bad_request", "input must be numbers")
+    batch = x[None, :] if x.ndim == 1 else x
+    try:
+        preds = predict(batch)
+    except InputError as exc:
+        return _error(req_id, f"invalid_input:{exc.reason}", str(exc))
+    except EdgefleetError as exc:
+        metrics.inc("api_errors_internal")
+        return _error(req_id, "unavailable", str(exc))
+    except Exception:  # a bug must not take the API down
+        log.exception("local API predict failed")
+        metrics.inc("api_errors_internal")
+        return _error(req_id, "internal", "internal error (see the agent log)")
+    metrics.inc("api_requests_ok")
+    return {"id": req_id, "predictions": preds}
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -150,34 +182,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         log.exception("local API connection failed")
 
     def answer(self, line: bytes) -> dict[str, Any]:
-        try:
-            req = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self.metrics.inc("api_errors_bad_json")
-            return _error(None, "bad_json", "request is not valid JSON")
-        if not isinstance(req, dict) or "input" not in req:
-            self.metrics.inc("api_errors_bad_request")
-            return _error(None, "bad_request", 'expected an object with an "input" field')
-        req_id = req.get("id")
-        try:
-            x = np.asarray(req["input"], dtype=np.float32)
-        except (TypeError, ValueError):
-            self.metrics.inc("api_errors_bad_request")
-            return _error(req_id, "bad_request", "input must be numbers")
-        batch = x[None, :] if x.ndim == 1 else x
-        try:
-            preds = self.predict(batch)
-        except InputError as exc:
-            return _error(req_id, f"invalid_input:{exc.reason}", str(exc))
-        except EdgefleetError as exc:
-            self.metrics.inc("api_errors_internal")
-            return _error(req_id, "unavailable", str(exc))
-        except Exception:  # a bug must not take the API down
-            log.exception("local API predict failed")
-            self.metrics.inc("api_errors_internal")
-            return _error(req_id, "internal", "internal error (see the agent log)")
-        self.metrics.inc("api_requests_ok")
-        return {"id": req_id, "predictions": preds}
+        return answer(line, self.predict, self.metrics)
 
 
 class LocalApiServer:

@@ -137,7 +137,7 @@ def _load(payload: bytes, limit: int) -> Any:
                                  reason="too_large")
     try:
         return json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError; deep nesting
         raise ScoreProtocolError(f"payload is not JSON: {exc}", reason="bad_json") from None
 
 

@@ -145,7 +145,7 @@ def decode_assignment(payload: bytes) -> Assignment | None:
                              f"{MAX_ASSIGNMENT_BYTES}", reason="too_large")
     try:
         data = json.loads(payload)
-    except ValueError as exc:  # also UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError; deep nesting
         raise _bad(f"assignment is not JSON: {exc}") from None
     return Assignment.from_dict(data)
 
@@ -168,6 +168,6 @@ def decode_report(payload: bytes) -> dict[str, Any] | None:
     """
     try:
         body = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else None

@@ -68,8 +68,8 @@ def validate_message(topic: str, payload: bytes,
     try:
         text = payload.decode("utf-8")
         raw: Any = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Rejected("malformed", str(exc)[:200])
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        return Rejected("malformed", str(exc)[:200] or type(exc).__name__)
     if not isinstance(raw, dict):
         return Rejected("malformed", f"a JSON {type(raw).__name__}, not an object")
     if raw.get("v") != SCHEMA_VERSION:
