@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgefleet-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-arm lint typecheck bench deps venv clean
+.PHONY: demo test test-fast test-arm lint typecheck bench fuzz deps venv clean
 
 $(STAMP): pyproject.toml
 	bash scripts/install-system-deps.sh python
@@ -41,6 +41,12 @@ test-fast: venv
 # Only the emulated arm64 devices (cross/; root). The first run builds the rootfs cache.
 test-arm: venv deps
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m arm $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing (atheris) of every parser of outside input, FUZZ_SECONDS per
+# target; crashes land in tests/fuzz/corpus/<target>/ and are replayed by `make test`.
+FUZZ_SECONDS ?= 300
+fuzz: venv
+	$(BIN)/python scripts/fuzz --seconds $(FUZZ_SECONDS)
 
 bench: venv deps
 	$(BIN)/python scripts/bench_all.py

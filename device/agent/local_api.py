@@ -5,6 +5,16 @@ Request ``{"id": any, "input": [floats]}`` (one raw sample or a list of samples)
 reply ``{"id": ..., "predictions": [{"label", "label_name", "confidence", "source",
 "latency_ms"}]}`` or ``{"id": ..., "error": {"code", "message"}}``. A bad request gets an
 error reply and a counter; it never closes other connections or stops the server.
+
+Bounds (:class:`~edgefleet.device.core.conn_guard.ConnectionLimits`, counters ``api_...``):
+at most ``max_connections`` clients at once (one more gets a ``busy`` error line and is
+closed: ``api_connections_refused``); a client silent for ``idle_timeout_s``, one whose
+request line takes longer than ``request_timeout_s`` to arrive (slowloris), or one that
+does not read its replies is cut off (``api_connections_timed_out``).
+
+The socket is created with its final mode: it is bound inside a fresh 0700 folder next to
+its path, set to 0660 and renamed into place, so there is no moment at which it exists
+with the process umask's looser mode.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import logging
 import os
 import socket
 import socketserver
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.device.core.conn_guard import ConnectionGuard, ConnectionLimits
 from edgefleet.device.core.errors import ConfigError, EdgefleetError, InputError
 from edgefleet.device.core.metrics import Metrics, default_metrics
 
-__all__ = ["MAX_REQUEST_BYTES", "LocalApiServer", "PredictFn", "request"]
+__all__ = ["DEFAULT_LIMITS", "MAX_REQUEST_BYTES", "SOCKET_MODE", "LocalApiServer", "PredictFn",
+           "answer", "request"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +47,14 @@ MAX_REQUEST_BYTES = 1 << 20
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+#: Owner and group (the device's apps) may connect; nobody else.
+SOCKET_MODE = 0o660
+#: Local clients are few: 32 at once, each silent for at most 30 s.
+DEFAULT_LIMITS = ConnectionLimits(max_connections=32, idle_timeout_s=30.0,
+                                  request_timeout_s=30.0, min_send_rate=64 * 1024,
+                                  send_grace_s=10.0)
+#: Bytes the private bind folder adds to the socket path: ``/.XXXXXXXX/s``.
+_PRIVATE_EXTRA = 12
 
 #: Takes a batch of raw samples, returns one JSON-able dict per sample.
 PredictFn = Callable[[np.ndarray], list[dict[str, Any]]]
@@ -47,76 +68,137 @@ class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
-        while not self.server.stopping.is_set():
-            line = self.rfile.readline(MAX_REQUEST_BYTES + 1)
-            if not line:
-                return
-            if len(line) > MAX_REQUEST_BYTES and not line.endswith(b"\n"):
-                self.server.metrics.inc("api_errors_oversize")
-                self._send(_error(None, "oversize", f"request longer than {MAX_REQUEST_BYTES}"))
-                return  # the rest of the line is unread garbage: close this connection
-            self._send(self.server.answer(line))
+        guard, limits = self.server.guard, self.server.guard.limits
+        try:
+            while not self.server.stopping.is_set():
+                guard.phase(self.connection, limits.request_timeout_s)
+                line = self.rfile.readline(MAX_REQUEST_BYTES + 1)
+                if not line:
+                    return
+                if len(line) > MAX_REQUEST_BYTES and not line.endswith(b"\n"):
+                    self.server.metrics.inc("api_errors_oversize")
+                    self._send(_error(None, "oversize",
+                                      f"request longer than {MAX_REQUEST_BYTES}"))
+                    return  # the rest of the line is unread garbage: close this connection
+                self._send(self.server.answer(line))
+        except TimeoutError:  # silent for idle_timeout_s
+            self.server.metrics.inc("api_connections_timed_out")
+        except OSError:  # hung up, or shut down by the guard (counted there)
+            pass
 
     def _send(self, obj: dict[str, Any]) -> None:
-        with contextlib.suppress(OSError):
-            self.wfile.write(json.dumps(obj).encode() + b"\n")
-            self.wfile.flush()
+        data = json.dumps(obj).encode() + b"\n"
+        self.server.guard.phase(self.connection, self.server.guard.limits.send_deadline(
+            len(data)))
+        self.wfile.write(data)
+        self.wfile.flush()
+
+
+def answer(line: bytes, predict: PredictFn, metrics: Metrics) -> dict[str, Any]:
+    """The reply to one request line; never raises (a bad request is an error reply)."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+        metrics.inc("api_errors_bad_json")
+        return _error(None, "bad_json", "request is not valid JSON")
+    if not isinstance(req, dict) or "input" not in req:
+        metrics.inc("api_errors_bad_request")
+        return _error(None, "bad_request", 'expected an object with an "input" field')
+    req_id = req.get("id")
+    try:
+        x = np.asarray(req["input"], dtype=np.float32)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        metrics.inc("api_errors_bad_request")
+        return _error(req_id, "bad_request", "input must be numbers")
+    batch = x[None, :] if x.ndim == 1 else x
+    try:
+        preds = predict(batch)
+    except InputError as exc:
+        return _error(req_id, f"invalid_input:{exc.reason}", str(exc))
+    except EdgefleetError as exc:
+        metrics.inc("api_errors_internal")
+        return _error(req_id, "unavailable", str(exc))
+    except Exception:  # a bug must not take the API down
+        log.exception("local API predict failed")
+        metrics.inc("api_errors_internal")
+        return _error(req_id, "internal", "internal error (see the agent log)")
+    metrics.inc("api_requests_ok")
+    return {"id": req_id, "predictions": preds}
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 64
 
-    def __init__(self, path: str, predict: PredictFn, metrics: Metrics) -> None:
+    def __init__(self, path: str, predict: PredictFn, metrics: Metrics,
+                 limits: ConnectionLimits) -> None:
         self.predict = predict
         self.metrics = metrics
         self.stopping = threading.Event()
+        self.guard = ConnectionGuard(limits, metrics, prefix="api_")
         super().__init__(path, _Handler)
 
+    def server_bind(self) -> None:
+        """Bind in a private 0700 folder, chmod, rename into place: never world-reachable."""
+        final = str(self.server_address)
+        private = tempfile.mkdtemp(prefix=".", dir=os.path.dirname(final) or ".")
+        tmp = os.path.join(private, "s")
+        try:
+            self.socket.bind(tmp)
+            os.chmod(tmp, SOCKET_MODE)
+            os.replace(tmp, final)  # also replaces a stale socket of a crashed run
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            os.rmdir(private)
+        self.server_address = final
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        sock: socket.socket = request
+        if not self.guard.admit(sock):
+            with contextlib.suppress(OSError):
+                sock.settimeout(0)
+                sock.send(json.dumps(_error(None, "busy", "too many connections")).encode()
+                          + b"\n")
+            self.shutdown_request(sock)
+            return
+        threading.Thread(target=self.process_request_thread, args=(sock, client_address),
+                         daemon=True).start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        fd = request.fileno()
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.guard.release(fd)  # before the close: the fd number may be reused
+            self.shutdown_request(request)
+
+    def service_actions(self) -> None:
+        self.guard.reap()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("local API connection failed")
+
     def answer(self, line: bytes) -> dict[str, Any]:
-        try:
-            req = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self.metrics.inc("api_errors_bad_json")
-            return _error(None, "bad_json", "request is not valid JSON")
-        if not isinstance(req, dict) or "input" not in req:
-            self.metrics.inc("api_errors_bad_request")
-            return _error(None, "bad_request", 'expected an object with an "input" field')
-        req_id = req.get("id")
-        try:
-            x = np.asarray(req["input"], dtype=np.float32)
-        except (TypeError, ValueError):
-            self.metrics.inc("api_errors_bad_request")
-            return _error(req_id, "bad_request", "input must be numbers")
-        batch = x[None, :] if x.ndim == 1 else x
-        try:
-            preds = self.predict(batch)
-        except InputError as exc:
-            return _error(req_id, f"invalid_input:{exc.reason}", str(exc))
-        except EdgefleetError as exc:
-            self.metrics.inc("api_errors_internal")
-            return _error(req_id, "unavailable", str(exc))
-        except Exception:  # a bug must not take the API down
-            log.exception("local API predict failed")
-            self.metrics.inc("api_errors_internal")
-            return _error(req_id, "internal", "internal error (see the agent log)")
-        self.metrics.inc("api_requests_ok")
-        return {"id": req_id, "predictions": preds}
+        return answer(line, self.predict, self.metrics)
 
 
 class LocalApiServer:
     """Serves :data:`PredictFn` on a Unix socket (mode 0660) in a background thread."""
 
-    def __init__(self, path: Path, predict: PredictFn, metrics: Metrics | None = None) -> None:
+    def __init__(self, path: Path, predict: PredictFn, metrics: Metrics | None = None,
+                 limits: ConnectionLimits = DEFAULT_LIMITS) -> None:
         self.path = Path(path)
-        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
-            raise ConfigError(f"Unix socket path is {len(os.fsencode(self.path))} bytes, over "
-                              f"the {MAX_SOCKET_PATH}-byte limit of AF_UNIX: set a shorter "
-                              "one", path=str(self.path), key="api.socket")
+        longest = max(len(os.fsencode(self.path)),
+                      len(os.fsencode(self.path.parent)) + _PRIVATE_EXTRA)
+        if longest > MAX_SOCKET_PATH:
+            raise ConfigError(f"Unix socket path needs {longest} bytes, over the "
+                              f"{MAX_SOCKET_PATH}-byte limit of AF_UNIX: set a shorter one",
+                              path=str(self.path), key="api.socket")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale socket from a crashed run
-        self._server = _Server(str(self.path), predict, metrics or default_metrics())
-        os.chmod(self.path, 0o660)
+        self._server = _Server(str(self.path), predict, metrics or default_metrics(), limits)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.2}, name="local-api",
                                         daemon=True)
@@ -129,7 +211,8 @@ class LocalApiServer:
     def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, remove the socket."""
         self._server.stopping.set()
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

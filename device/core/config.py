@@ -51,6 +51,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("file not found", path=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc}", path=str(path)) from None
+    except RecursionError:
+        raise ConfigError("invalid TOML: nested too deeply", path=str(path)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=str(path)) from None
 

@@ -4,8 +4,12 @@ The reader opens the port through ``serial.serial_for_url``, so it works on real
 pseudo-terminals and pyserial URLs (``socket://``, ``loop://``, ``spy://``). When the port
 disappears it closes it, drops the partial frame and reopens it with full-jitter backoff
 (:class:`~edgefleet.device.core.retry.Backoff`) until it is back; nothing here raises on bad
-bytes. Counters: the decoder's (``serial_frames_ok`` ...), plus ``serial_reconnects``,
-``serial_disconnects``, ``serial_open_failures`` and ``serial_handler_errors``.
+bytes: a frame the decoder cannot vouch for (bad CRC, wrong length, partial values) is a
+counted reject, never an exception. Counters: the decoder's (``serial_frames_ok``,
+``serial_bad_payload`` ...), plus ``serial_reconnects``, ``serial_disconnects``,
+``serial_open_failures`` and ``serial_handler_errors``. A failing handler is logged with
+its traceback once per exception type, then only counted: a sensor sending the same bad
+frame 100 times a second must not fill the log.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class SerialReader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
+        self._logged: set[type[BaseException]] = set()
 
     def start(self) -> SerialReader:
         """Run :meth:`run` in a daemon thread."""
@@ -130,7 +135,14 @@ class SerialReader:
     def _deliver(self, frame: Frame) -> None:
         try:
             self.on_frame(frame)
-        except Exception:  # a handler bug must not stop the sensor input
+        except Exception as exc:  # a handler bug must not stop the sensor input
             self.metrics.inc("serial_handler_errors")
-            log.exception("frame handler failed on sensor %d seq %d", frame.sensor_id,
-                          frame.seq)
+            if type(exc) in self._logged:
+                log.debug("frame handler failed on sensor %d seq %d: %r", frame.sensor_id,
+                          frame.seq, exc)
+                return
+            if len(self._logged) < 64:
+                self._logged.add(type(exc))
+            log.exception("frame handler failed on sensor %d seq %d (further %s are only "
+                          "counted in serial_handler_errors)", frame.sensor_id, frame.seq,
+                          type(exc).__name__)

@@ -207,7 +207,7 @@ def read_manifest(root: Path) -> Manifest:
                            path=str(root))
     try:
         raw = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError; deep nesting
         raise PackageError(f"{MANIFEST_NAME} is not valid JSON ({exc})", path=str(root)) from None
     try:
         return Manifest.model_validate(raw)

@@ -33,6 +33,7 @@ __all__ = [
     "cobs_encode",
     "encode_frame",
     "max_encoded_len",
+    "payload_ok",
 ]
 
 PROTOCOL_VERSION = 1
@@ -68,7 +69,14 @@ class Frame:
     version: int = PROTOCOL_VERSION
 
     def values(self) -> npt.NDArray[np.float32]:
-        """The payload as float32 numbers (an accelerometer window as ``(n, 3)``)."""
+        """The payload as float32 numbers (an accelerometer window as ``(n, 3)``).
+
+        ValueError if the payload is not whole values of its type (never for a frame
+        from :class:`FrameDecoder`, which rejects those).
+        """
+        if not payload_ok(self.payload_type, self.payload):
+            raise ValueError(f"payload of {len(self.payload)} bytes is not whole values of "
+                             f"type {self.payload_type}")
         if self.payload_type == PayloadType.U8_VECTOR:
             return np.frombuffer(self.payload, dtype=np.uint8).astype(np.float32)
         arr = np.frombuffer(self.payload, dtype="<f4").astype(np.float32)
@@ -120,6 +128,9 @@ def encode_frame(sensor_id: int, seq: int, timestamp_us: int, payload_type: int,
     """The wire bytes of one frame, delimiters included."""
     if len(payload) > max_payload:
         raise ValueError(f"payload of {len(payload)} bytes exceeds {max_payload}")
+    if not payload_ok(payload_type, payload):
+        raise ValueError(f"payload of {len(payload)} bytes is not whole values of type "
+                         f"{payload_type}")
     body = HEADER.pack(PROTOCOL_VERSION, sensor_id, seq % SEQ_MOD, timestamp_us,
                        payload_type, len(payload)) + payload
     return b"\x00" + cobs_encode(body + CRC.pack(zlib.crc32(body))) + b"\x00"
@@ -129,7 +140,9 @@ class FrameDecoder:
     """Turns a byte stream, in pieces of any size, into frames; counts what went wrong.
 
     Counters (``serial_`` prefix): ``frames_ok``, ``crc_errors``, ``malformed`` (bad COBS,
-    short, unknown version or type, length mismatch), ``oversize``, ``resyncs`` (a
+    short, unknown version or type, length mismatch), ``bad_payload`` (a valid frame whose
+    payload length is not whole values of its type, e.g. 7 bytes of float32), ``oversize``,
+    ``resyncs`` (a
     non-empty chunk discarded: the decoder picked up again at the next delimiter),
     ``bytes_discarded``, ``seq_gaps`` and ``frames_missed`` (from per-sensor sequence
     numbers).
@@ -204,6 +217,10 @@ class FrameDecoder:
         if version != PROTOCOL_VERSION or length != len(body) - HEADER.size or \
                 ptype not in _PAYLOAD_TYPES:
             return self._bad("malformed", len(chunk))
+        if length % _VALUE_SIZE[ptype]:
+            # The CRC only says the sensor sent these bytes, not that they are whole
+            # values: 7 bytes of float32 would fail in Frame.values() on every frame.
+            return self._bad("bad_payload", len(chunk))
         self._count("frames_ok")
         last = self._last_seq.get(sensor)
         if last is not None and seq != (last + 1) % SEQ_MOD:
@@ -224,3 +241,12 @@ class FrameDecoder:
 
 
 _PAYLOAD_TYPES = frozenset(int(t) for t in PayloadType)
+#: Bytes per value of each payload type: a payload must be a whole number of them.
+_VALUE_SIZE = {int(PayloadType.U8_VECTOR): 1, int(PayloadType.F32_VECTOR): 4,
+               int(PayloadType.ACCEL_F32): 12}
+
+
+def payload_ok(payload_type: int, payload: bytes) -> bool:
+    """Whether ``payload`` is a whole number of values of ``payload_type``."""
+    size = _VALUE_SIZE.get(payload_type)
+    return size is not None and len(payload) % size == 0

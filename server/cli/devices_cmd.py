@@ -84,16 +84,22 @@ def fleet_init(
                          superlink=superlink, superlink_ca=superlink_ca,
                          metadata_url=metadata_url, targets_url=targets_url,
                          trusted_root=trusted_root, registry_ca=registry_ca)
+    from edgefleet.server.fleet.broker import limit_lines
+
     files = h.broker_files()
     services = {r: str(h.root / "services" / f"{r}.password") for r in SERVICE_ROLES}
     info = {"home": str(h.root), "password_file": str(files.password_file),
-            "acl_file": str(files.acl_file), "services": services}
+            "acl_file": str(files.acl_file), "services": services,
+            "broker_limits": limit_lines()}
     if json_out:
         print_json(info)
         return
     console.print(f"[green]fleet home[/] {h.root}")
     console.print(f"mosquitto: password_file {files.password_file}\n"
                   f"           acl_file {files.acl_file}")
+    console.print("mosquitto bounds (sized from the protocols' maxima; add them too):\n"
+                  + "\n".join(f"           {line}" for line in limit_lines()),
+                  markup=False, highlight=False)
     console.print("service passwords: " + ", ".join(services.values()))
 
 

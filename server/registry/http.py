@@ -10,11 +10,21 @@ TUF already makes the bytes tamper-proof; TLS adds what TUF does not: confidenti
 of the models and of which version each device fetches. The TLS handshake runs on the
 connection's own thread (not in ``accept``), so a client that never finishes it cannot
 stall the others.
+
+Bounds (:class:`~edgefleet.device.core.conn_guard.ConnectionLimits`): at most
+``max_connections`` clients at once (one more gets a 503 over plain HTTP, or is closed,
+and is counted in ``connections_refused``); a client silent for ``idle_timeout_s``, or
+whose handshake and request head take longer than ``request_timeout_s`` (slowloris), or
+who reads a response slower than ``min_send_rate`` is cut off (``connections_timed_out``).
+Files are streamed in :data:`CHUNK_BYTES` pieces, so memory does not grow with the size
+of a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import socket
 import ssl
@@ -22,16 +32,21 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["RegistryHandler", "RegistryServer", "server_tls_context"]
+from edgefleet.device.core.conn_guard import ConnectionGuard, ConnectionLimits
+
+__all__ = ["CHUNK_BYTES", "ConnectionLimits", "RegistryHandler", "RegistryServer",
+           "server_tls_context"]
 
 log = logging.getLogger(__name__)
 
 _METADATA_NAME = re.compile(r"^(?:\d+\.)?(root|targets|snapshot|timestamp)\.json$")
 _TARGET_NAME = re.compile(r"^(?:[A-Za-z0-9._-]+/)*([0-9a-f]{64})\.[A-Za-z0-9._-]+$")
-#: Seconds a TLS client gets for the handshake and between reads/writes afterwards.
-TLS_IO_TIMEOUT_S = 30.0
+#: Files are sent in pieces of this size (memory per download, whatever the file size).
+CHUNK_BYTES = 64 * 1024
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
 
 
 def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -66,19 +81,50 @@ class RegistryHandler(BaseHTTPRequestHandler):
                 return self.server.artifacts_dir / m.group(1)
         return None
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.limits.idle_timeout_s)
+
+    def handle_one_request(self) -> None:
+        # The next request (line and headers) must arrive within request_timeout_s.
+        self.server.guard.phase(self.connection, self.server.limits.request_timeout_s)
+        super().handle_one_request()
+
+    def open_file(self, path: Path) -> BinaryIO:
+        """Open ``path`` for reading (unbuffered: each read is one chunk)."""
+        return path.open("rb", buffering=0)
+
     def do_GET(self) -> None:
         file = self.resolve(self.path)
         try:
-            data = file.read_bytes() if file is not None else None
-        except (FileNotFoundError, IsADirectoryError):
-            data = None
-        if data is None:
+            fh = self.open_file(file) if file is not None else None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            fh = None
+        if fh is None:
             self.send_error(HTTPStatus.NOT_FOUND)
             return
-        self.send_body(data)
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            self.server.guard.phase(self.connection, self.server.limits.send_deadline(size))
+            self.send_file(fh, size)
+
+    def send_file(self, fh: BinaryIO, size: int) -> None:
+        """Stream ``size`` bytes of ``fh`` as a 200 response, :data:`CHUNK_BYTES` at a time."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        left = size
+        while left > 0:
+            block = fh.read(min(CHUNK_BYTES, left))
+            if not block:  # the file shrank under us: the client sees a short body
+                self.close_connection = True
+                return
+            self.wfile.write(block)
+            left -= len(block)
 
     def send_body(self, data: bytes) -> None:
-        """Write ``data`` as a 200 response."""
+        """Write ``data`` (held in memory: small bodies only) as a 200 response."""
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
@@ -93,17 +139,24 @@ class RegistryServer(ThreadingHTTPServer):
     """An HTTP(S) server for one registry home; ``start()`` runs it on a daemon thread.
 
     With ``tls`` (see :func:`server_tls_context`) every connection must speak TLS.
+    ``limits`` bounds connections and their durations (see the module docstring).
     """
 
     daemon_threads = True
+    #: Connections waiting for ``accept``; past the cap they are accepted and refused.
+    request_queue_size = 128
 
     def __init__(self, metadata_dir: Path, artifacts_dir: Path, host: str = "127.0.0.1",
                  port: int = 0, handler: type[RegistryHandler] = RegistryHandler,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 limits: ConnectionLimits | None = None) -> None:
         super().__init__((host, port), handler)
         self.metadata_dir = metadata_dir
         self.artifacts_dir = artifacts_dir
         self.tls = tls
+        self.limits = limits or ConnectionLimits()
+        #: Counts ``refused`` (over the cap) and ``timed_out`` (idle, slowloris, slow reader).
+        self.guard = ConnectionGuard(self.limits)
         #: Connections dropped because their TLS handshake failed (wrong CA, plain HTTP).
         self.tls_handshake_failures = 0
         self._thread: threading.Thread | None = None
@@ -114,27 +167,59 @@ class RegistryServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"{'https' if self.tls else 'http'}://{host!s}:{port}"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        sock: socket.socket = request
+        if not self.guard.admit(sock):
+            log.info("refusing %s: %d connections open", client_address,
+                     self.limits.max_connections)
+            if self.tls is None:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(0)
+                    sock.send(_BUSY)
+            self.shutdown_request(sock)
+            return
+        threading.Thread(target=self.process_request_thread, args=(sock, client_address),
+                         daemon=True).start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        fd = request.fileno()
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.guard.release(fd)  # before any close: the fd number may be reused
+            self.shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` between polls: cut off clients past a deadline."""
+        self.guard.reap()
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls is None:
             super().finish_request(request, client_address)
             return
         raw: socket.socket = request
-        raw.settimeout(TLS_IO_TIMEOUT_S)
+        fd = raw.fileno()
+        conn = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         try:
-            conn = self.tls.wrap_socket(raw, server_side=True)
+            conn.do_handshake()
         except (ssl.SSLError, OSError) as exc:
             self.tls_handshake_failures += 1
             log.info("TLS handshake with %s failed: %s", client_address, exc)
+            self.guard.release(fd)
+            conn.close()
             return
         try:
             super().finish_request(conn, client_address)
         finally:
+            self.guard.release(fd)
             conn.close()
 
     def start(self) -> RegistryServer:
         """Serve on a background thread."""
-        self._thread = threading.Thread(target=self.serve_forever, name="registry-http",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="registry-http", daemon=True)
         self._thread.start()
         return self
 

@@ -21,9 +21,17 @@ from edgefleet.device.wire.frames import (
 )
 from edgefleet.models.sim.serial_faults import FaultInjector, Faults, corrupt_bytes
 
+_VALUE = {PayloadType.U8_VECTOR: 1, PayloadType.F32_VECTOR: 4, PayloadType.ACCEL_F32: 12}
+
+
+def _whole(t: PayloadType, data: bytes) -> bytes:
+    return data[:len(data) - len(data) % _VALUE[t]]
+
+
 frames_st = st.lists(
     st.tuples(st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),
-              st.sampled_from(list(PayloadType)), st.binary(max_size=700)),
+              st.sampled_from(list(PayloadType)), st.binary(max_size=700))
+    .map(lambda f: (*f[:4], _whole(f[3], f[4]))),
     max_size=8)
 
 
@@ -128,3 +136,47 @@ def test_fault_injector_is_deterministic_and_reports_damage() -> None:
     untouched = {i for i, (_c, t) in enumerate(runs[0]) if not t}
     assert 150 < len(untouched) < 300
     assert untouched <= got
+
+
+def raw_frame(sensor: int, seq: int, ptype: int, payload: bytes) -> bytes:
+    """A frame with a valid CRC whatever its payload (``encode_frame`` refuses odd ones)."""
+    body = HEADER.pack(1, sensor, seq, 0, ptype, len(payload)) + payload
+    return b"\x00" + cobs_encode(body + struct.pack(">I", zlib.crc32(body))) + b"\x00"
+
+
+def test_valid_crc_odd_payload_is_a_counted_reject() -> None:
+    m = Metrics()
+    dec = FrameDecoder(metrics=m)
+    good = [encode_frame(1, i, i, PayloadType.F32_VECTOR, bytes(16)) for i in range(3)]
+    stream = (good[0] + raw_frame(1, 90, PayloadType.F32_VECTOR, bytes(7)) + good[1]
+              + raw_frame(1, 91, PayloadType.ACCEL_F32, bytes(16)) + good[2])
+    got = dec.feed(stream)
+    assert [g.seq for g in got] == [0, 1, 2]
+    for g in got:
+        assert g.values().shape == (4,)
+    c = m.snapshot()["counters"]
+    assert c["serial_bad_payload"] == 2
+    assert c["serial_frames_ok"] == 3
+
+
+def test_encode_and_values_refuse_partial_values() -> None:
+    import pytest
+
+    from edgefleet.device.wire.frames import Frame
+
+    with pytest.raises(ValueError, match="whole values"):
+        encode_frame(1, 1, 1, PayloadType.ACCEL_F32, bytes(13))
+    with pytest.raises(ValueError, match="whole values"):
+        Frame(1, 1, 1, PayloadType.F32_VECTOR, bytes(7)).values()
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 255), st.binary(max_size=200))
+def test_any_valid_crc_frame_decodes_to_usable_values_or_is_counted(ptype: int,
+                                                                    payload: bytes) -> None:
+    m = Metrics()
+    got = FrameDecoder(metrics=m).feed(raw_frame(5, 1, ptype, payload))
+    for g in got:
+        g.values()  # never raises for a delivered frame
+    c = m.snapshot()["counters"]
+    assert len(got) + c.get("serial_bad_payload", 0) + c.get("serial_malformed", 0) == 1

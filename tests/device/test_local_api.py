@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,197 @@ def test_socket_path_over_the_af_unix_limit_is_a_config_error(tmp_path: Path) ->
     deep = tmp_path / ("d" * 120) / "agent.sock"
     with pytest.raises(ConfigError, match=r"api\.socket"):
         LocalApiServer(deep, _predict)
+
+
+# -- bounds (issue 15) -------------------------------------------------------------------
+
+def _bounded(tmp_path: Path, **kw: Any) -> tuple[LocalApiServer, Metrics]:
+    from edgefleet.device.core.conn_guard import ConnectionLimits
+
+    metrics = Metrics()
+    limits = ConnectionLimits(**{"max_connections": 8, "idle_timeout_s": 30.0,
+                                 "request_timeout_s": 30.0, **kw})
+    return LocalApiServer(tmp_path / "agent.sock", _predict, metrics, limits).start(), metrics
+
+
+def _connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(path))
+    return s
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    s.settimeout(seconds)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _wait(cond: Any, timeout: float = 10.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.fault
+def test_connection_cap_refuses_the_extra_one(tmp_path: Path) -> None:
+    srv, metrics = _bounded(tmp_path, max_connections=3)
+    held = [_connect(srv.path) for _ in range(3)]
+    try:
+        assert _wait(lambda: srv._server.guard.active == 3)
+        extra = _connect(srv.path)
+        assert b'"busy"' in extra.recv(4096)
+        assert _closed_within(extra, 5)
+        extra.close()
+        assert metrics.counter("api_connections_refused") == 1
+        # the held ones still work, and once they go, new clients get in
+        held[0].sendall(b'{"id": 1, "input": [1, 0, 0]}\n')
+        assert b"predictions" in held[0].recv(4096)
+        for s in held:
+            s.close()
+        assert _wait(lambda: srv._server.guard.active == 0)
+        assert "predictions" in request(srv.path, {"id": 2, "input": [1, 0, 0]})
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
+
+
+@pytest.mark.fault
+def test_idle_and_slowloris_clients_are_cut_off(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    srv, metrics = _bounded(tmp_path, idle_timeout_s=0.5, request_timeout_s=1.5)
+    try:
+        idle = _connect(srv.path)
+        assert _closed_within(idle, 5)
+        idle.close()
+        loris = _connect(srv.path)
+        sent: list[int] = []
+
+        def drip() -> None:
+            try:
+                for b in b'{"id": 1, "input": [' + b"1, " * 1000:
+                    loris.send(bytes([b]))
+                    sent.append(b)
+                    time.sleep(0.2)
+            except OSError:
+                return
+
+        t = threading.Thread(target=drip, daemon=True)
+        t.start()
+        answered = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.5:  # others are served meanwhile
+            assert "predictions" in request(srv.path, {"id": 3, "input": [0, 1, 0]})
+            answered += 1
+        t.join(10)
+        assert not t.is_alive() and len(sent) < 50
+        loris.close()
+        assert answered >= 1
+        # at least both (under heavy load the idle one may also meet the reaper)
+        assert metrics.counter("api_connections_timed_out") >= 2
+    finally:
+        srv.stop()
+
+
+@pytest.mark.fault
+def test_a_client_that_never_reads_its_replies_is_cut_off(tmp_path: Path) -> None:
+    import threading
+
+    srv, metrics = _bounded(tmp_path, send_grace_s=1.0)
+    s = _connect(srv.path)
+    done = threading.Event()
+
+    def flood() -> None:
+        line = b'{"id": 1, "input": [1, 0, 0]}\n'
+        try:
+            for _ in range(100_000):
+                s.sendall(line * 10)
+        except OSError:
+            pass
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        assert _wait(lambda: metrics.counter("api_connections_timed_out") == 1, 20)
+        assert done.wait(10)
+        assert "predictions" in request(srv.path, {"id": 2, "input": [1, 0, 0]})
+    finally:
+        s.close()
+        srv.stop()
+
+
+_RACER = r"""
+import errno, os, socket, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+ok = denied = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        ok += 1
+    except PermissionError:
+        denied += 1
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(ok, denied)
+"""
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to race as another user")
+def test_socket_is_never_reachable_by_others_not_even_at_creation(tmp_path: Path) -> None:
+    """With umask 0 (as some service managers leave it) a bind-then-chmod socket is 0777
+    for a moment; ours is bound in a private folder and renamed in with mode 0660. A
+    process of another user connecting in a loop while the server starts and stops many
+    times never gets in."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    public = Path(tempfile.mkdtemp(prefix="ef-api-"))
+    try:
+        public.chmod(0o777)
+        path = public / "agent.sock"
+        python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+        racer = subprocess.Popen([python, "-c", _RACER, str(path), "4"], user=65534,
+                                 group=65534, extra_groups=[],
+                                 cwd="/",
+                                 stdout=subprocess.PIPE, text=True)
+        old = os.umask(0)
+        modes = set()
+        try:
+            import time
+
+            end = time.monotonic() + 3.5
+            while time.monotonic() < end:
+                srv = LocalApiServer(path, _predict, Metrics())
+                modes.add(os.stat(path).st_mode & 0o777)
+                srv.stop()
+        finally:
+            os.umask(old)
+        out, _ = racer.communicate(timeout=30)
+        ok, denied = map(int, out.split())
+        assert modes == {0o660}
+        assert ok == 0, f"another user connected {ok} times"
+        assert denied > 0, "the race never saw the socket"
+        assert [p.name for p in public.iterdir()] == []  # no private folder left behind
+    finally:
+        shutil.rmtree(public, ignore_errors=True)

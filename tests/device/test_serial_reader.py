@@ -156,3 +156,63 @@ def test_reader_on_pyserial_socket_url_reconnects() -> None:
     finally:
         reader.stop()
         srv.close()
+
+
+def test_valid_crc_odd_length_frames_are_counted_not_raised(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15: a frame with a valid CRC but 7 bytes of float32 used to raise in the
+    handler on every frame (a traceback each time); now the decoder rejects and counts it."""
+    from tests.device.test_frames import raw_frame
+
+    master, slave = os.openpty()
+    metrics = Metrics()
+    values: list[int] = []
+
+    def handler(f: Frame) -> None:  # what the agent does with each frame
+        values.append(f.seq)
+        f.values()
+
+    reader = SerialReader(os.ttyname(slave), handler, metrics=metrics).start()
+    try:
+        wait_until(reader.connected.is_set, what="reader to open the pty")
+        good = 0
+        for i in range(150):
+            if i % 3 == 1:
+                os.write(master, raw_frame(4, 10_000 + i, PayloadType.F32_VECTOR,
+                                           bytes(range(1, 8))))
+            elif i % 3 == 2:
+                os.write(master, raw_frame(4, 20_000 + i, PayloadType.ACCEL_F32, bytes(20)))
+            else:
+                os.write(master, encode_frame(4, i, i, PayloadType.F32_VECTOR, bytes(32)))
+                good += 1
+        wait_until(lambda: len(values) == good
+                   and metrics.counter("serial_bad_payload") == 100, what="all frames")
+        assert values == list(range(0, 150, 3))
+        c = metrics.snapshot()["counters"]
+        assert c["serial_frames_ok"] == good
+        assert c.get("serial_handler_errors", 0) == 0
+        assert not [r for r in caplog.records if r.exc_info]
+    finally:
+        reader.stop()
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_failing_handler_logs_one_traceback_then_counts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    master, slave = os.openpty()
+    metrics = Metrics()
+
+    def handler(f: Frame) -> None:
+        raise RuntimeError(f"bug on {f.seq}")
+
+    reader = SerialReader(os.ttyname(slave), handler, metrics=metrics).start()
+    try:
+        wait_until(reader.connected.is_set, what="reader to open the pty")
+        os.write(master, b"".join(_frames(20)))
+        wait_until(lambda: metrics.counter("serial_handler_errors") == 20, what="20 errors")
+        assert len([r for r in caplog.records if r.exc_info]) == 1
+    finally:
+        reader.stop()
+        os.close(master)
+        os.close(slave)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.inference.serving import ServingModel
@@ -77,11 +77,15 @@ class FaultyHandler(RegistryHandler):
 
     mode: Mode
 
-    def send_body(self, data: bytes) -> None:
+    def send_file(self, fh: BinaryIO, size: int) -> None:
         mode = self.mode
         if mode.match is None or mode.match not in self.path or mode.kind == "pass":
-            super().send_body(data)
+            super().send_file(fh, size)
             return
+        self._misbehave(fh.read())
+
+    def _misbehave(self, data: bytes) -> None:
+        mode = self.mode
         if mode.kind == "replace":
             super().send_body(mode.body)
             return
