@@ -35,6 +35,7 @@ import numpy as np
 
 from edgefleet.device.core.conn_guard import ConnectionGuard, ConnectionLimits
 from edgefleet.device.core.errors import ConfigError, EdgefleetError, InputError
+from edgefleet.device.core.guarded_json import JsonLimits, JsonRejected, loads_guarded
 from edgefleet.device.core.metrics import Metrics, default_metrics
 
 __all__ = ["DEFAULT_LIMITS", "MAX_REQUEST_BYTES", "SOCKET_MODE", "LocalApiServer", "PredictFn",
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Longest request line accepted; longer lines are refused without buffering them whole.
 MAX_REQUEST_BYTES = 1 << 20
+#: One request line: ``{"id": ..., "input": [...]}`` with a row or a batch of rows.
+REQUEST_LIMITS = JsonLimits(max_bytes=MAX_REQUEST_BYTES, max_depth=4, max_keys=16,
+                            max_list=1 << 17, max_string=256)
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -97,10 +101,10 @@ class _Handler(socketserver.StreamRequestHandler):
 def answer(line: bytes, predict: PredictFn, metrics: Metrics) -> dict[str, Any]:
     """The reply to one request line; never raises (a bad request is an error reply)."""
     try:
-        req = json.loads(line)
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+        req = loads_guarded(line, REQUEST_LIMITS)
+    except JsonRejected as exc:  # not JSON, not UTF-8, too deep or large, NaN/Infinity
         metrics.inc("api_errors_bad_json")
-        return _error(None, "bad_json", "request is not valid JSON")
+        return _error(None, "bad_json", f"request refused ({exc.reason}): {exc}")
     if not isinstance(req, dict) or "input" not in req:
         metrics.inc("api_errors_bad_request")
         return _error(None, "bad_request", 'expected an object with an "input" field')

@@ -25,7 +25,12 @@ from typing import Any
 
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.mqtt_link import LinkThread, MqttConfig, MqttLink
-from edgefleet.device.wire.scoring import MAX_REPLY_BYTES, request_topic, response_topic
+from edgefleet.device.wire.scoring import (
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    request_topic,
+    response_topic,
+)
 
 __all__ = ["ScoreClient"]
 
@@ -130,6 +135,9 @@ class ScoreClient:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
+        if len(payload) > MAX_REQUEST_BYTES:  # the broker would drop our whole connection
+            self.metrics.inc("fallback_request_too_large")
+            return None
         if self._net is not None:
             self._net.ensure()  # a dead network thread is started again
         client = self.link.client

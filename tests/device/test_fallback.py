@@ -262,3 +262,16 @@ def test_cascade_rejects_bad_input_typed_and_counted(backend_pkg: tuple[str, Pat
     assert counters.get("inferences", 0) == 0
     assert counters.get("shadow_inferences", 0) == 0
     assert not [k for k in counters if k.startswith("fallback_")]
+
+
+def test_a_request_over_the_protocol_limit_is_never_published(
+        mosquitto: MosquittoBroker) -> None:
+    """The broker would drop the whole connection for it: refuse it here, counted."""
+    from edgefleet.device.wire.scoring import MAX_REQUEST_BYTES
+
+    m = Metrics()
+    with Spy(mosquitto, "edgefleet/#") as spy, _client(mosquitto, m) as client:
+        assert client.request(b"x" * (MAX_REQUEST_BYTES + 1), timeout_s=0.5) is None
+        assert client.link.connected
+    assert spy.messages == []
+    assert m.counter("fallback_request_too_large") == 1

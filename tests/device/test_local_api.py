@@ -275,3 +275,22 @@ def test_socket_is_never_reachable_by_others_not_even_at_creation(tmp_path: Path
         assert [p.name for p in public.iterdir()] == []  # no private folder left behind
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b'{"id": 1, "input": [NaN, 0, 0]}\n', "non_finite"),
+    (b'{"id": 1, "input": [Infinity, 0, 0]}\n', "non_finite"),
+    (b'{"id": 1, "input": [1e999, 0, 0]}\n', "non_finite"),
+    (b'{"id": 1, "input": ' + b"[" * 40 + b"]" * 40 + b"}\n", "too_deep"),
+])
+def test_the_guarded_reader_refuses_before_numpy_sees_it(api: Any, line: bytes,
+                                                         reason: str) -> None:
+    srv, metrics = api
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(srv.path))
+        s.sendall(line)
+        reply = s.recv(4096)
+    assert b"bad_json" in reply and reason.encode() in reply
+    assert metrics.counter("api_errors_bad_json") == 1
+    assert metrics.counter("api_requests_ok") == 0
+    assert "predictions" in request(srv.path, {"id": 9, "input": [1, 0, 0]})
