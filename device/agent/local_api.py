@@ -2,8 +2,11 @@
 
 Protocol (documented in docs/agent.md): one JSON object per line in each direction.
 Request ``{"id": any, "input": [floats]}`` (one raw sample or a list of samples);
-reply ``{"id": ..., "predictions": [{"label", "label_name", "confidence", "source",
-"latency_ms"}]}`` or ``{"id": ..., "error": {"code", "message"}}``. A bad request gets an
+reply ``{"id": ..., "predictions": [{"id", "label", "label_name", "confidence", "source",
+"latency_ms"}]}`` or ``{"id": ..., "error": {"code", "message"}}``. A label request
+``{"id": any, "label": [{"answer": <answer id> | "input": [floats], "class": c}]}``
+stores ground truth in the sample store; reply ``{"id", "labels": {"stored", "ids",
+"refused": [{"index", "reason", "message"}]}}``. A bad request gets an
 error reply and a counter; it never closes other connections or stops the server.
 """
 
@@ -25,18 +28,23 @@ import numpy as np
 from edgefleet.device.core.errors import ConfigError, EdgefleetError, InputError
 from edgefleet.device.core.metrics import Metrics, default_metrics
 
-__all__ = ["MAX_REQUEST_BYTES", "LocalApiServer", "PredictFn", "request"]
+__all__ = ["MAX_REQUEST_BYTES", "LabelFn", "LocalApiServer", "PredictFn", "request"]
 
 log = logging.getLogger(__name__)
 
 #: Longest request line accepted; longer lines are refused without buffering them whole.
 MAX_REQUEST_BYTES = 1 << 20
 
+#: Most labels in one request (delayed ground truth comes in batches).
+MAX_LABELS = 1000
+
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
 #: Takes a batch of raw samples, returns one JSON-able dict per sample.
 PredictFn = Callable[[np.ndarray], list[dict[str, Any]]]
+#: Takes the items of a label request, returns what was stored and refused.
+LabelFn = Callable[[list[Any]], dict[str, Any]]
 
 
 def _error(req_id: Any, code: str, message: str) -> dict[str, Any]:
@@ -65,6 +73,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    label: LabelFn | None = None  # set by LocalApiServer.accept_labels
 
     def __init__(self, path: str, predict: PredictFn, metrics: Metrics) -> None:
         self.predict = predict
@@ -78,6 +87,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.metrics.inc("api_errors_bad_json")
             return _error(None, "bad_json", "request is not valid JSON")
+        if isinstance(req, dict) and "label" in req and "input" not in req:
+            return self.answer_label(req)
         if not isinstance(req, dict) or "input" not in req:
             self.metrics.inc("api_errors_bad_request")
             return _error(None, "bad_request", 'expected an object with an "input" field')
@@ -102,6 +113,26 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.metrics.inc("api_requests_ok")
         return {"id": req_id, "predictions": preds}
 
+    def answer_label(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``{"id", "label": item or [items]}``: labels for the sample store (docs/
+        device-data.md); each item ``{"answer": id | "input": [...], "class": c}``."""
+        req_id, items = req.get("id"), req["label"]
+        items = items if isinstance(items, list) else [items]
+        if self.label is None:
+            self.metrics.inc("api_errors_bad_request")
+            return _error(req_id, "unavailable", "this agent keeps no samples ([data])")
+        if not items or len(items) > MAX_LABELS:
+            self.metrics.inc("api_errors_bad_request")
+            return _error(req_id, "bad_request", f"1..{MAX_LABELS} labels per request")
+        try:
+            out = self.label(items)
+        except Exception:  # a bug must not take the API down
+            log.exception("local API label failed")
+            self.metrics.inc("api_errors_internal")
+            return _error(req_id, "internal", "internal error (see the agent log)")
+        self.metrics.inc("api_labels_ok")
+        return {"id": req_id, "labels": out}
+
 
 class LocalApiServer:
     """Serves :data:`PredictFn` on a Unix socket (mode 0660) in a background thread."""
@@ -120,6 +151,11 @@ class LocalApiServer:
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.2}, name="local-api",
                                         daemon=True)
+
+    def accept_labels(self, label: LabelFn) -> LocalApiServer:
+        """Answer label requests with ``label`` (the agent's sample store intake)."""
+        self._server.label = label
+        return self
 
     def start(self) -> LocalApiServer:
         """Begin serving."""
