@@ -362,11 +362,12 @@ class Agent:
     def _start_fl(self) -> None:
         fl = self.cfg.fl
         node_cfg: dict[str, Any] = {"state-dir": str(self._fl_state_dir()), **fl.node_config}
-        if self.store is not None:  # the agent's SuperNode trains on its store, nothing else
-            node_cfg.update({"sample-store": str(self.cfg.store_path),
-                             "min-samples": self.cfg.data.min_samples})
-            if self.store.stats()["encrypted"]:
-                node_cfg["sample-key"] = str(self.cfg.store_key_path)
+        # The agent's SuperNode trains on its store and nothing else: always named (over
+        # any node_config of agent.toml), so no ClientApp falls back to built-in data.
+        node_cfg.update({"sample-store": str(self.cfg.store_path),
+                         "min-samples": self.cfg.data.min_samples})
+        if self.store is not None and self.store.stats()["encrypted"]:
+            node_cfg["sample-key"] = str(self.cfg.store_key_path)
         argv = [_program(fl.supernode), "--superlink", fl.superlink,
                 "--port", str(fl.runtime_port), "--node-config",
                 " ".join(f"{k}={json.dumps(v)}" for k, v in node_cfg.items())]
