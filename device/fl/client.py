@@ -2,8 +2,9 @@
 
 A SuperNode starts it (``flower-supernode --node-config ...``); its data never leaves
 the device. :func:`make_client_app` builds the app around a *data loader*: the
-production app (:data:`app`) reads the labelled samples the agent stored
-(``data="path/to/samples.npz"`` with arrays ``x`` and ``y``) and nothing else; the
+production app (:data:`app`) reads the labelled samples the agent stored (its sample
+store, node-config ``sample-store``, split by sample id: :mod:`edgefleet.device.fl.store_data`;
+or a provisioned ``data="samples.npz"`` with arrays ``x`` and ``y``) and nothing else; the
 simulated devices of the demo, tests and benchmarks use
 ``edgefleet.models.sim.fl_app:app``, whose loader cuts a Dirichlet share of a built-in
 task. A fixed 20 % of the local data is held out for federated evaluation.
