@@ -70,6 +70,12 @@ class DemoOptions:
     arm_devices: int = 0
     #: After the rollout, assign a version whose archive was corrupted after signing.
     tampered_update: bool = False
+    #: Each device's sensor sees a somewhat different, shifted field (:func:`device_shift`).
+    device_shifts: bool = True
+
+    def shift(self, i: int) -> str:
+        """Device ``i``'s ``--shift`` ("" when every device sees the training field)."""
+        return device_shift(self.task, i) if self.device_shifts else ""
 
     @property
     def formats(self) -> str:
@@ -306,7 +312,7 @@ class Demo:
             self.procs.start(f"sim-{name}", [
                 str(BIN / "edgefleet-sensor-sim"), "--task", self.opts.task, "--create-pty",
                 str(sensor), "--rate", str(self.opts.rate), "--seed", str(i),
-                "--shift", device_shift(self.opts.task, i), "--label-every", "5",
+                "--shift", self.opts.shift(i), "--label-every", "5",
                 "--label-share", "0.6", "--truth", str(ddir / "truth.csv")])
             _wait(sensor.exists, 30, f"{name}'s sensor pty")
             if arm is not None and i >= first_arm:
@@ -367,7 +373,7 @@ class Demo:
         for i, name in enumerate(self.s.devices):
             if name not in local:
                 continue
-            shift = Shift.parse(device_shift(self.opts.task, i), self.opts.task)
+            shift = Shift.parse(self.opts.shift(i), self.opts.task)
             stream = samples(self.opts.task, 1000 + i, "features", shift)
             rows, truth = [], []
             for _ in range(api_labels):

@@ -74,7 +74,8 @@ def _shift_simulators(demo: Demo) -> None:
 def test_shift_drift_retrain_canary_promote(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     _with_shifted_samples(monkeypatch, tmp_path)
-    demo = Demo(DemoOptions(devices=3, rate=20.0, workdir=tmp_path / "fleet"),
+    demo = Demo(DemoOptions(devices=3, rate=20.0, workdir=tmp_path / "fleet",
+                            device_shifts=False),
                 lambda _msg: None)
     try:
         demo.build_models()
