@@ -21,9 +21,11 @@ app = root_app(
 
 
 def _register() -> None:
+    from edgefleet.device.agent import data_cli
     from edgefleet.device.updates import cli as update_cmd
 
     app.add_typer(update_cmd.app, name="update")
+    app.add_typer(data_cli.app, name="data")
 
 
 _register()

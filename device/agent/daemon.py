@@ -38,15 +38,18 @@ from edgefleet.device.agent.settings import AgentConfig
 from edgefleet.device.core.errors import EdgefleetError, InputError
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.process import SupervisedProcess
+from edgefleet.device.data.labels import AnswerMemory, LabelIntake, LabelRefused
 from edgefleet.device.inference.cascade import Answer, HybridPredictor
 from edgefleet.device.inference.drift import DriftMonitor
 from edgefleet.device.inference.serving import ServingModel
 from edgefleet.device.input.features import window_features
 from edgefleet.device.runtime.manifest import Manifest
 from edgefleet.device.runtime.predictor import Prediction, Predictor
-from edgefleet.device.wire.frames import Frame, PayloadType
+from edgefleet.device.wire.frames import Frame, PayloadType, decode_labels
 
 if TYPE_CHECKING:  # each is imported where its part starts (optional dependencies)
+    from edgefleet.device.agent.samples import RevocationWatch
+    from edgefleet.device.data.store import SampleStore
     from edgefleet.device.input.serial_reader import SerialReader
     from edgefleet.device.telemetry.publisher import TelemetryPublisher
     from edgefleet.device.telemetry.reporter import TelemetryReporter
@@ -139,11 +142,17 @@ class Agent:
         self.api: LocalApiServer | None = None
         self.reader: SerialReader | None = None
         self.last_answers: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
+        self.store: SampleStore | None = None
+        self.intake: LabelIntake | None = None
+        self.memory = AnswerMemory(cfg.data.remember_answers)
+        self.revocation: RevocationWatch | None = None
 
     # -- start-up ---------------------------------------------------------------------
     def start(self) -> Agent:
         """Start every enabled part; a part that fails to start is logged and counted."""
         self._start_model()
+        if self.cfg.data.enabled:
+            self._start_data()
         if self.cfg.telemetry.enabled:
             self._start_telemetry()
         self._start_fallback()
@@ -151,7 +160,10 @@ class Agent:
             self._start_updates()
         if self.cfg.api.enabled:
             self.api = LocalApiServer(self.cfg.socket_path, self.predict_batch,
-                                      self.metrics).start()
+                                      self.metrics)
+            if self.intake is not None:
+                self.api.accept_labels(self.label_request)
+            self.api.start()
         if self.cfg.input.serial:
             self._start_input()
         if self.cfg.fl.enabled:
@@ -181,6 +193,66 @@ class Agent:
         model = Predictor.load(self.cfg.model.package, variant=self.cfg.model.variant,
                                threads=self.cfg.model.threads, metrics=self.metrics)
         self.serving.swap(model, watch=False)
+
+    def _start_data(self) -> None:
+        """The sample store and the label intake (``[data]``)."""
+        from edgefleet.device.agent.samples import RevocationWatch, open_store
+
+        d = self.cfg.data
+        self.store = open_store(self.cfg, self.metrics)
+        enabled: set[str] = set(d.label_sources)
+        if not d.cloud_labels:
+            enabled.discard("scorer")
+        self.intake = LabelIntake(self.store, self.view.validate, self._labels,
+                                  self._model_ref, enabled=enabled, memory=self.memory,
+                                  metrics=self.metrics)
+        if d.wipe_on_revoke and self.cfg.telemetry.enabled:
+            self.revocation = RevocationWatch(self.cfg, self.store, self.metrics)
+
+    def _labels(self) -> list[str]:
+        return list(self.view.manifest.labels)
+
+    def _model_ref(self) -> str:
+        m = self.view.manifest
+        return f"{m.name}@{m.version}"
+
+    def _seen_by(self, a: Answer) -> str:
+        """``name@version`` of the device model that saw the input behind ``a``."""
+        if a.source != "cloud":
+            return a.model
+        try:
+            return self._model_ref()
+        except EdgefleetError:
+            return a.model
+
+    def label_request(self, items: list[Any]) -> dict[str, Any]:
+        """The local API's label function (source ``api``)."""
+        assert self.intake is not None
+        return self.intake.label_many(items, "api")
+
+    def _label_frame(self, frame: Frame) -> None:
+        """A serial ``LABEL`` frame: ground truth for earlier frames of its sensor."""
+        if self.intake is None:
+            self.metrics.inc("data_labels_refused_source_disabled")
+            return
+        try:
+            records = decode_labels(frame.payload)
+        except ValueError as exc:
+            self.intake.refuse("bad_request", str(exc))
+            return
+        for seq, cls in records:
+            with contextlib.suppress(LabelRefused):  # counted by the intake
+                self.intake.label_frame(frame.sensor_id, seq, cls)
+
+    def _keep_cloud_label(self, x: Any, a: Answer) -> None:
+        """The scorer's answer to an escalated sample, as a label of its own kind."""
+        if self.intake is None or a.source != "cloud" or "scorer" not in self.intake.enabled:
+            return
+        if a.prediction.confidence < self.cfg.data.cloud_min_confidence:
+            self.intake.refuse("low_confidence", "scorer answer below the floor")
+            return
+        with contextlib.suppress(LabelRefused):
+            self.intake.label_input(x, a.prediction.label, "scorer")
 
     def _drift_for(self, manifest: Manifest) -> DriftMonitor | None:
         """The drift monitor of the active model (a new one after a swap)."""
@@ -217,6 +289,24 @@ class Agent:
                                           extra=self._extra_report).start()
 
     def _extra_report(self) -> dict[str, Any]:
+        """Training state and ε from the privacy ledger; sample-store counts."""
+        out = self._training_report()
+        if self.store is not None:
+            try:
+                st = self.store.stats()
+            except Exception as exc:  # a broken store must not stop telemetry
+                log.warning("sample store stats unavailable: %s", exc)
+                self.metrics.inc("data_stats_errors")
+            else:
+                refused = {k.removeprefix("data_labels_refused_"): int(v) for k, v in
+                           self.metrics.snapshot()["counters"].items()
+                           if k.startswith("data_labels_refused_")}
+                out["samples"] = {"total": st["total"], "bytes": st["bytes"],
+                                  "by_source": st["by_source"], "by_class": st["by_class"],
+                                  "refused": refused}
+        return out
+
+    def _training_report(self) -> dict[str, Any]:
         """Training state and ε from the privacy ledger the SuperNode's ClientApp keeps."""
         ledger = self._ledger_path()
         if ledger is None or not ledger.exists():
@@ -271,7 +361,13 @@ class Agent:
 
     def _start_fl(self) -> None:
         fl = self.cfg.fl
-        node_cfg = {"state-dir": str(self._fl_state_dir()), **fl.node_config}
+        node_cfg: dict[str, Any] = {"state-dir": str(self._fl_state_dir()), **fl.node_config}
+        # The agent's SuperNode trains on its store and nothing else: always named (over
+        # any node_config of agent.toml), so no ClientApp falls back to built-in data.
+        node_cfg.update({"sample-store": str(self.cfg.store_path),
+                         "min-samples": self.cfg.data.min_samples})
+        if self.store is not None and self.store.stats()["encrypted"]:
+            node_cfg["sample-key"] = str(self.cfg.store_key_path)
         program = [_program(fl.supernode)]
         if fl.trusted_app_keys is not None:  # Flower's SuperNode + the fleet's app signature
             program = [sys.executable, "-m", "edgefleet.device.fl.supernode"]
@@ -323,14 +419,20 @@ class Agent:
                 log.exception("answering frame %d failed", frame.seq)
                 self.metrics.inc("inference_internal_errors")
 
-    def answer_frame(self, frame: Frame) -> Answer:
-        """Turn one sensor frame into the model's input and answer it."""
+    def answer_frame(self, frame: Frame) -> Answer | None:
+        """Turn one sensor frame into the model's input and answer it (a label frame
+        labels earlier frames instead: no answer)."""
+        if frame.payload_type == PayloadType.LABEL:
+            self._label_frame(frame)
+            return None
         raw = frame.values()
         x = window_features(raw, self.metrics) if frame.payload_type == PayloadType.ACCEL_F32 \
             else raw
         a = self.answer(x, raw)
+        answer_id = self.memory.remember(x, self._seen_by(a), (frame.sensor_id, frame.seq))
         self.last_answers.append({"seq": frame.seq, "sensor": frame.sensor_id,
-                                  **answer_to_dict(a)})
+                                  "id": answer_id, **answer_to_dict(a)})
+        self._keep_cloud_label(x, a)
         return a
 
     def answer(self, x: Any, raw: Any = None) -> Answer:
@@ -345,8 +447,15 @@ class Agent:
         return a
 
     def predict_batch(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        """The local API's predict function: one answer per row."""
-        return [answer_to_dict(self.answer(row)) for row in batch]
+        """The local API's predict function: one answer per row, each with the ``id`` a
+        later label can name."""
+        out = []
+        for row in batch:
+            a = self.answer(row)
+            out.append({"id": self.memory.remember(row, self._seen_by(a)),
+                        **answer_to_dict(a)})
+            self._keep_cloud_label(row, a)
+        return out
 
     # -- shutdown ---------------------------------------------------------------------
     def request_stop(self, *_args: object) -> None:
@@ -361,7 +470,11 @@ class Agent:
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
         while not self.stop_event.wait(1.0):
-            pass
+            if self.revocation is not None:
+                try:
+                    self.revocation.check()
+                except Exception:
+                    log.exception("revocation check failed")
         self.stop()
         return 0
 
@@ -386,4 +499,6 @@ class Agent:
         if self.publisher is not None:
             self.publisher.drain(drain_s)
             self.publisher.stop()
+        if self.store is not None:
+            self.store.close()
         log.info("agent %s stopped", self.cfg.device_id)

@@ -2,12 +2,15 @@
 
 The bundle (server/fleet/enroll_bundle.py) carries the device's secrets; they are copied into
 ``<state_dir>/keys`` (0700) as 0600 files, and the ``agent.toml`` template's bare file
-names become absolute paths there. The result is validated as a whole ``AgentConfig``
-before anything is written, so a bundle that cannot run is refused on the spot.
+names become absolute paths there. A fresh sample-store key is made there too, after
+any samples of a previous enrollment have been wiped. The result is validated as a
+whole ``AgentConfig`` before anything is written, so a bundle that cannot run is refused
+on the spot.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 import tempfile
@@ -17,11 +20,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edgefleet.device.agent.settings import AgentConfig
+from edgefleet.device.agent.samples import wipe_state_store
+from edgefleet.device.agent.settings import STORE_KEY, AgentConfig
 from edgefleet.device.core.config import deep_merge, dump_toml, read_toml
 from edgefleet.device.core.errors import ConfigError, UsageError
+from edgefleet.device.data.store import new_key
 
 __all__ = ["install_bundle"]
+
+log = logging.getLogger(__name__)
 
 #: ``agent.toml`` (section, key) pairs that may name a file of the bundle.
 _FILE_KEYS = (("mqtt", "password_file"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
@@ -90,7 +97,7 @@ def _install(folder: Path, state_dir: Path, config_out: Path,
     if overrides:
         data = deep_merge(data, overrides)
     try:  # refuse before writing anything
-        AgentConfig.model_validate(data)
+        cfg = AgentConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         msg = str(err["msg"]).removeprefix("Value error, ")
@@ -99,6 +106,12 @@ def _install(folder: Path, state_dir: Path, config_out: Path,
                           key=".".join(str(x) for x in err["loc"]) or None) from None
     _private_dir(state_dir)
     _private_dir(keys)
+    # A new enrollment is a new device: what the old one collected goes, and its samples
+    # are sealed with a key of its own.
+    wiped = wipe_state_store(state_dir, cfg.store_path)
+    if wiped:
+        log.warning("re-enrollment: wiped %d samples of the previous enrollment", wiped)
+    new_key(keys / STORE_KEY)
     for src, dst in wanted.items():
         _install_file(src, dst)
     config_out.parent.mkdir(parents=True, exist_ok=True)

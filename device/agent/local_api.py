@@ -2,8 +2,11 @@
 
 Protocol (documented in docs/agent.md): one JSON object per line in each direction.
 Request ``{"id": any, "input": [floats]}`` (one raw sample or a list of samples);
-reply ``{"id": ..., "predictions": [{"label", "label_name", "confidence", "source",
-"latency_ms"}]}`` or ``{"id": ..., "error": {"code", "message"}}``. A bad request gets an
+reply ``{"id": ..., "predictions": [{"id", "label", "label_name", "confidence", "source",
+"latency_ms"}]}`` or ``{"id": ..., "error": {"code", "message"}}``. A label request
+``{"id": any, "label": [{"answer": <answer id> | "input": [floats], "class": c}]}``
+stores ground truth in the sample store; reply ``{"id", "labels": {"stored", "ids",
+"refused": [{"index", "reason", "message"}]}}``. A bad request gets an
 error reply and a counter; it never closes other connections or stops the server.
 
 Bounds (:class:`~edgefleet.device.core.conn_guard.ConnectionLimits`, counters ``api_...``):
@@ -38,16 +41,20 @@ from edgefleet.device.core.errors import ConfigError, EdgefleetError, InputError
 from edgefleet.device.core.guarded_json import JsonLimits, JsonRejected, loads_guarded
 from edgefleet.device.core.metrics import Metrics, default_metrics
 
-__all__ = ["DEFAULT_LIMITS", "MAX_REQUEST_BYTES", "SOCKET_MODE", "LocalApiServer", "PredictFn",
-           "answer", "request"]
+__all__ = ["DEFAULT_LIMITS", "MAX_LABELS", "MAX_REQUEST_BYTES", "SOCKET_MODE", "LabelFn",
+           "LocalApiServer", "PredictFn", "answer", "request"]
 
 log = logging.getLogger(__name__)
 
 #: Longest request line accepted; longer lines are refused without buffering them whole.
 MAX_REQUEST_BYTES = 1 << 20
-#: One request line: ``{"id": ..., "input": [...]}`` with a row or a batch of rows.
-REQUEST_LIMITS = JsonLimits(max_bytes=MAX_REQUEST_BYTES, max_depth=4, max_keys=16,
-                            max_list=1 << 17, max_string=256)
+
+#: Most labels in one request (delayed ground truth comes in batches).
+MAX_LABELS = 1000
+
+#: One request line: ``{"id", "input": row | rows}`` or ``{"id", "label": [items]}``.
+REQUEST_LIMITS = JsonLimits(max_bytes=MAX_REQUEST_BYTES, max_depth=5,
+                            max_keys=3 * MAX_LABELS + 16, max_list=1 << 17, max_string=256)
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -62,10 +69,34 @@ _PRIVATE_EXTRA = 12
 
 #: Takes a batch of raw samples, returns one JSON-able dict per sample.
 PredictFn = Callable[[np.ndarray], list[dict[str, Any]]]
+#: Takes the items of a label request, returns what was stored and refused.
+LabelFn = Callable[[list[Any]], dict[str, Any]]
 
 
 def _error(req_id: Any, code: str, message: str) -> dict[str, Any]:
     return {"id": req_id, "error": {"code": code, "message": message}}
+
+
+def answer_label(req: dict[str, Any], label: LabelFn | None,
+                 metrics: Metrics) -> dict[str, Any]:
+    """``{"id", "label": item or [items]}``: labels for the sample store (docs/
+    device-data.md); each item ``{"answer": id | "input": [...], "class": c}``."""
+    req_id, items = req.get("id"), req["label"]
+    items = items if isinstance(items, list) else [items]
+    if label is None:
+        metrics.inc("api_errors_bad_request")
+        return _error(req_id, "unavailable", "this agent keeps no samples ([data])")
+    if not items or len(items) > MAX_LABELS:
+        metrics.inc("api_errors_bad_request")
+        return _error(req_id, "bad_request", f"1..{MAX_LABELS} labels per request")
+    try:
+        out = label(items)
+    except Exception:  # a bug must not take the API down
+        log.exception("local API label failed")
+        metrics.inc("api_errors_internal")
+        return _error(req_id, "internal", "internal error (see the agent log)")
+    metrics.inc("api_labels_ok")
+    return {"id": req_id, "labels": out}
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -98,13 +129,16 @@ class _Handler(socketserver.StreamRequestHandler):
         self.wfile.flush()
 
 
-def answer(line: bytes, predict: PredictFn, metrics: Metrics) -> dict[str, Any]:
+def answer(line: bytes, predict: PredictFn, metrics: Metrics,
+           label: LabelFn | None = None) -> dict[str, Any]:
     """The reply to one request line; never raises (a bad request is an error reply)."""
     try:
         req = loads_guarded(line, REQUEST_LIMITS)
     except JsonRejected as exc:  # not JSON, not UTF-8, too deep or large, NaN/Infinity
         metrics.inc("api_errors_bad_json")
         return _error(None, "bad_json", f"request refused ({exc.reason}): {exc}")
+    if isinstance(req, dict) and "label" in req and "input" not in req:
+        return answer_label(req, label, metrics)
     if not isinstance(req, dict) or "input" not in req:
         metrics.inc("api_errors_bad_request")
         return _error(None, "bad_request", 'expected an object with an "input" field')
@@ -133,6 +167,7 @@ def answer(line: bytes, predict: PredictFn, metrics: Metrics) -> dict[str, Any]:
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     request_queue_size = 64
+    label: LabelFn | None = None  # set by LocalApiServer.accept_labels
 
     def __init__(self, path: str, predict: PredictFn, metrics: Metrics,
                  limits: ConnectionLimits) -> None:
@@ -186,7 +221,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         log.exception("local API connection failed")
 
     def answer(self, line: bytes) -> dict[str, Any]:
-        return answer(line, self.predict, self.metrics)
+        return answer(line, self.predict, self.metrics, self.label)
 
 
 class LocalApiServer:
@@ -206,6 +241,11 @@ class LocalApiServer:
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.2}, name="local-api",
                                         daemon=True)
+
+    def accept_labels(self, label: LabelFn) -> LocalApiServer:
+        """Answer label requests with ``label`` (the agent's sample store intake)."""
+        self._server.label = label
+        return self
 
     def start(self) -> LocalApiServer:
         """Begin serving."""

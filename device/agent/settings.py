@@ -8,6 +8,7 @@ cannot work (node authentication without TLS, updates without a trusted root).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -18,9 +19,15 @@ from edgefleet.device.runtime.backends import DEFAULT_THREADS
 from edgefleet.device.telemetry.spool import DEFAULT_MAX_BYTES
 from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
 
+LabelSource = Literal["api", "serial", "scorer", "import"]
+#: File name (in ``<state_dir>/keys``) of the sample-store key made at enrollment.
+STORE_KEY = "sample-store.key"
+
 __all__ = [
+    "STORE_KEY",
     "AgentConfig",
     "ApiSection",
+    "DataSection",
     "FlSection",
     "InputSection",
     "ModelSection",
@@ -117,6 +124,33 @@ class FlSection(StrictModel):
         return self
 
 
+class DataSection(StrictModel):
+    """The local sample store (docs/device-data.md): what the device keeps to train on."""
+
+    enabled: bool = True
+    path: Path | None = Field(default=None, description="Default: <state_dir>/data/"
+                                                        "samples.db.")
+    max_samples: int = Field(default=10_000, ge=1, le=10_000_000)
+    max_bytes: int = Field(default=32 << 20, ge=1024)
+    max_age_days: float | None = Field(default=None, gt=0,
+                                       description="Drop samples older than this.")
+    label_sources: list[LabelSource] = Field(
+        default_factory=lambda: list[LabelSource](["api", "serial", "import"]),
+        description="Where labels may come from; 'scorer' also needs cloud_labels.")
+    cloud_labels: bool = Field(default=False, description="Keep the scorer's answers to "
+                               "escalated samples as labels (source 'scorer').")
+    cloud_min_confidence: float = Field(default=0.9, ge=0, le=1,
+                                        description="Scorer answers below this are not kept.")
+    min_samples: int = Field(default=20, ge=2, description="Fewer stored samples: the "
+                             "device declines a training round (reason 'few samples').")
+    encrypt: bool = Field(default=True, description="Seal inputs with the key made at "
+                          "enrollment (keys/sample-store.key) when it exists.")
+    remember_answers: int = Field(default=4096, ge=1, le=1_000_000,
+                                  description="Recent answers that can still be labelled.")
+    wipe_on_revoke: bool = Field(default=True, description="Wipe the store when the broker "
+                                 "refuses the credentials it accepted before.")
+
+
 class AgentConfig(StrictModel):
     """The whole ``agent.toml``."""
 
@@ -132,6 +166,7 @@ class AgentConfig(StrictModel):
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     updates: UpdatesSection = Field(default_factory=UpdatesSection)
     fl: FlSection = Field(default_factory=FlSection)
+    data: DataSection = Field(default_factory=DataSection)
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> AgentConfig:
@@ -146,6 +181,16 @@ class AgentConfig(StrictModel):
     def socket_path(self) -> Path:
         """Where the local API listens."""
         return self.api.socket or self.state_dir / "agent.sock"
+
+    @property
+    def store_path(self) -> Path:
+        """The local sample store."""
+        return self.data.path or self.state_dir / "data" / "samples.db"
+
+    @property
+    def store_key_path(self) -> Path:
+        """The sample-store key made at enrollment."""
+        return self.state_dir / "keys" / STORE_KEY
 
 
 def load_agent_config(*files: Path | str) -> AgentConfig:

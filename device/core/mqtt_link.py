@@ -142,6 +142,8 @@ class MqttLink:
         if rc.is_failure:
             log.warning("%s: broker refused connection: %s", self.prefix, rc)
             self.metrics.inc(f"{self.prefix}_connect_refused")
+            if getattr(rc, "value", rc) in (134, 135):  # bad credentials / not authorized
+                self.metrics.inc(f"{self.prefix}_connect_refused_auth")
             self._drop("refused")
             return
         self.connected = True

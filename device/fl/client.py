@@ -2,8 +2,9 @@
 
 A SuperNode starts it (``flower-supernode --node-config ...``); its data never leaves
 the device. :func:`make_client_app` builds the app around a *data loader*: the
-production app (:data:`app`) reads the labelled samples the agent stored
-(``data="path/to/samples.npz"`` with arrays ``x`` and ``y``) and nothing else; the
+production app (:data:`app`) reads the labelled samples the agent stored (its sample
+store, node-config ``sample-store``, split by sample id: :mod:`edgefleet.device.fl.store_data`;
+or a provisioned ``data="samples.npz"`` with arrays ``x`` and ``y``) and nothing else; the
 simulated devices of the demo, tests and benchmarks use
 ``edgefleet.models.sim.fl_app:app``, whose loader cuts a Dirichlet share of a built-in
 task. A fixed 20 % of the local data is held out for federated evaluation.
@@ -40,12 +41,14 @@ from edgefleet.device.core.config import StrictModel, load_config
 from edgefleet.device.core.errors import ConfigError, EdgefleetError
 from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
+from edgefleet.device.fl.store_data import TooFewSamples
 from edgefleet.device.privacy.accounting import noise_for_epsilon_cached
 from edgefleet.device.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from edgefleet.device.wire.federated import (
     ARRAYS,
     CONFIG,
     DECLINED_BUDGET,
+    DECLINED_FEW_SAMPLES,
     METRICS,
     REJECTED_INPUT,
     from_arrays,
@@ -74,6 +77,9 @@ class NodeSettings(StrictModel):
                                            "(default: FLWR_HOME)")
     privacy_budget: float = Field(10.0, gt=0)
     privacy_delta: float = Field(1e-5, gt=0, lt=1)
+    sample_store: str = Field("", description="The agent's sample store (set by the agent)")
+    sample_key: str = Field("", description="Key file of an encrypted sample store")
+    min_samples: int = Field(20, ge=2, description="Fewer stored samples: decline")
 
 
 class LocalData:
@@ -84,6 +90,13 @@ class LocalData:
         k = round(len(y) * HOLDOUT)
         self.x_test, self.y_test = x[order[:k]], y[order[:k]]
         self.x_train, self.y_train = x[order[k:]], y[order[k:]]
+
+    @classmethod
+    def from_split(cls, x_train: F32, y_train: I64, x_test: F32, y_test: I64) -> LocalData:
+        """Data already split (the sample store's split by sample id)."""
+        data = cls.__new__(cls)
+        data.x_train, data.y_train, data.x_test, data.y_test = x_train, y_train, x_test, y_test
+        return data
 
 
 def node_settings(node_config: dict[str, Any]) -> NodeSettings:
@@ -96,7 +109,13 @@ DataLoader = Callable[[NodeSettings], LocalData]
 
 
 def stored_samples(s: NodeSettings) -> LocalData:
-    """The labelled samples the agent stored (node-config ``data``): a device's only data."""
+    """The labelled samples the agent stored (node-config ``sample-store``, or a provisioned
+    ``data`` file): a device's only data."""
+    if s.sample_store:
+        from edgefleet.device.fl.store_data import store_split
+
+        return LocalData.from_split(*store_split(s.sample_store, s.sample_key, s.min_samples,
+                                                 s.partition_seed))
     if not s.data:
         raise ConfigError("no local samples: node-config 'data' names none")
     return _stored_samples(s.data, s.partition_seed)
@@ -158,6 +177,8 @@ def _train(load: DataLoader, msg: Message, context: Context) -> Message:
         x = _normalize(data.x_train, cfg)
         if len(data.y_train) == 0:
             raise ValueError("no local training samples")
+    except TooFewSamples as exc:
+        return _reject(msg, DECLINED_FEW_SAMPLES, str(exc))
     except (EdgefleetError, ValueError, KeyError) as exc:
         metrics.inc("fl.rejected_input")
         return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
@@ -227,6 +248,8 @@ def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
         cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
         x = _normalize(data.x_test, cfg)
+    except TooFewSamples as exc:
+        return _reject(msg, DECLINED_FEW_SAMPLES, str(exc))
     except (EdgefleetError, ValueError, KeyError) as exc:
         default_metrics().inc("fl.rejected_input")
         return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")

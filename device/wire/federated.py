@@ -16,6 +16,7 @@ __all__ = [
     "ARRAYS",
     "CONFIG",
     "DECLINED_BUDGET",
+    "DECLINED_FEW_SAMPLES",
     "DP_MODES",
     "METRICS",
     "REJECTED_INPUT",
@@ -33,13 +34,14 @@ METRICS = "metrics"
 DECLINED_BUDGET = 4101
 #: ``Error.code`` of a device that refuses a malformed global model or task config.
 REJECTED_INPUT = 4102
+DECLINED_FEW_SAMPLES = 4103  #: fewer stored samples than the node's ``min-samples``
 
 DP_MODES = ("sample", "client", "off")
 
 
 def is_decline(code: int) -> bool:
     """True for replies the server counts as a declined node, not a failed one."""
-    return code == DECLINED_BUDGET
+    return code in (DECLINED_BUDGET, DECLINED_FEW_SAMPLES)
 
 
 def to_arrays(params: Sequence[npt.NDArray[np.floating]]) -> list[npt.NDArray[np.float32]]:

@@ -31,7 +31,9 @@ __all__ = [
     "PayloadType",
     "cobs_decode",
     "cobs_encode",
+    "decode_labels",
     "encode_frame",
+    "encode_labels",
     "max_encoded_len",
     "payload_ok",
 ]
@@ -51,6 +53,26 @@ class PayloadType(IntEnum):
     U8_VECTOR = 1  #: unsigned bytes, e.g. the 64 digits pixels (0..16)
     F32_VECTOR = 2  #: little-endian float32 values, e.g. precomputed features
     ACCEL_F32 = 3  #: 3-axis accelerometer window, float32 LE, interleaved x,y,z, in g
+    LABEL = 4  #: ground truth for earlier frames of this sensor: (seq u32, class u16) BE each
+
+
+#: One record of a ``LABEL`` payload: the labelled frame's sequence number and its class.
+LABEL_RECORD = struct.Struct(">IH")
+
+
+def encode_labels(pairs: list[tuple[int, int]]) -> bytes:
+    """A ``LABEL`` payload: ``(seq, class)`` for earlier frames of the same sensor."""
+    return b"".join(LABEL_RECORD.pack(seq % SEQ_MOD, cls) for seq, cls in pairs)
+
+
+def decode_labels(payload: bytes) -> list[tuple[int, int]]:
+    """The ``(seq, class)`` records of a ``LABEL`` payload; ``ValueError`` if it is not
+    a whole, non-empty number of records."""
+    if not payload or len(payload) % LABEL_RECORD.size:
+        raise ValueError(f"label payload of {len(payload)} bytes is not a whole number of "
+                         f"{LABEL_RECORD.size}-byte records")
+    return [LABEL_RECORD.unpack_from(payload, i)
+            for i in range(0, len(payload), LABEL_RECORD.size)]
 
 
 class CobsError(ValueError):

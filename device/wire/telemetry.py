@@ -8,9 +8,9 @@ does not know a version rejects the message with the reason ``unknown_schema``.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 __all__ = [
     "DEVICE_ID_PATTERN",
@@ -20,6 +20,7 @@ __all__ = [
     "TOPIC_ROOT",
     "Envelope",
     "MetricsBody",
+    "SamplesBody",
     "Status",
     "parse_topic",
     "topic_for",
@@ -104,6 +105,19 @@ class HistogramBody(BaseModel):
     sum: float = 0.0
 
 
+class SamplesBody(_Strict):
+    """The sample store in a report: counts per label source and class, never contents."""
+
+    total: int = Field(ge=0)
+    bytes: int = Field(default=0, ge=0)
+    by_source: dict[Literal["api", "serial", "scorer", "import"], int] = Field(
+        default_factory=dict)
+    by_class: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,4}$")],
+                   Annotated[int, Field(ge=0)]] = Field(default_factory=dict, max_length=1000)
+    refused: dict[Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,32}$")],
+                  Annotated[int, Field(ge=0)]] = Field(default_factory=dict, max_length=32)
+
+
 class MetricsBody(BaseModel):
     """The body of a ``metrics`` message; the ingest reads the typed fields."""
 
@@ -122,3 +136,4 @@ class MetricsBody(BaseModel):
     spool: dict[str, int] = Field(default_factory=dict)
     counters: dict[str, int] = Field(default_factory=dict)
     gauges: dict[str, float | str | None] = Field(default_factory=dict)
+    samples: SamplesBody | None = None

@@ -38,8 +38,10 @@ APP_REF = "edgefleet.models.sim.fl_app:app"
 
 
 def builtin_share(s: NodeSettings) -> LocalData:
-    """Stored samples when ``data`` is set, else this node's share of the built-in task."""
-    if s.data:
+    """Stored samples when the node has them (``sample-store``: every agent's SuperNode;
+    or ``data``), else this node's share of the built-in task: a SuperNode an enrolled
+    agent runs never reaches the built-in data."""
+    if s.data or s.sample_store:
         return stored_samples(s)
     return _builtin_share(s.model_dump_json())
 

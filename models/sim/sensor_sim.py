@@ -3,8 +3,10 @@
 It plays the part of the microcontroller on the other end of the UART for demos, tests
 and benchmarks: frames for ``digits`` (the 64 pixels, ``U8_VECTOR``) or ``vibration``
 (a raw 3-axis window, ``ACCEL_F32``, or its 48 features, ``F32_VECTOR``), at a fixed
-rate, with seeded faults from :mod:`edgefleet.models.sim.serial_faults`. Everything,
-samples and faults, is deterministic in ``--seed``.
+rate, with seeded faults from :mod:`edgefleet.models.sim.serial_faults`. It knows the
+truth: with ``--label-every N`` it also sends ``LABEL`` frames carrying the true classes
+of its last N sample frames (delayed ground truth). Everything, samples, labels and
+faults, is deterministic in ``--seed``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import typer
 
 from edgefleet.device.core.cli_support import print_json, run_app, version_callback
 from edgefleet.device.core.errors import UsageError
-from edgefleet.device.wire.frames import PayloadType, encode_frame
+from edgefleet.device.wire.frames import PayloadType, encode_frame, encode_labels
 from edgefleet.models.sim.serial_faults import FaultInjector, Faults
 from edgefleet.models.sim.shift import Shift, shifted_pixels, shifted_windows
 
@@ -135,6 +137,11 @@ def run(
     baudrate: int = typer.Option(921_600, "--baudrate", min=1200),
     truth: Path | None = typer.Option(None, "--truth", help="Write seq, label, damaged "
                                       "as JSON lines here."),
+    label_every: int = typer.Option(0, "--label-every", min=0, help="After every N sample "
+                                    "frames send one LABEL frame with their true classes "
+                                    "(delayed ground truth; 0: never)."),
+    label_share: float = typer.Option(1.0, "--label-share", min=0.0, max=1.0,
+                                      help="Share of the sample frames that get a label."),
     json_out: bool = typer.Option(False, "--json", help="Print a summary as JSON at the end."),
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                  help="Print the version and exit."),
@@ -148,6 +155,8 @@ def run(
       edgefleet-sensor-sim --task vibration --create-pty /tmp/sensor --faults bitflip=0.01
 
       edgefleet-sensor-sim --task vibration --create-pty /tmp/sensor --shift speed=1.6
+
+      edgefleet-sensor-sim --task digits --create-pty /tmp/sensor --label-every 10
     """
     if (port is None) == (create_pty is None):
         raise UsageError("give exactly one of --port and --create-pty")
@@ -155,25 +164,42 @@ def run(
     injector = FaultInjector(Faults.parse(faults), seed=seed)
     write, close = _writer(port, create_pty, baudrate)
     truth_fh = truth.open("w", encoding="utf-8") if truth else None
-    sent = damaged = nbytes = 0
+    sent = damaged = nbytes = labelled = 0
+    seq = 0  # every frame takes a sequence number, label frames too
+    pending: list[tuple[int, int]] = []
+    pick = np.random.default_rng([seed, 1])
     start = time.monotonic()
     stream = samples(task.value, seed, payload.value, moved)
+
+    def send(ptype: int, data: bytes) -> int:
+        nonlocal seq, nbytes
+        ts = time.time_ns() // 1000
+        chunks, touched = injector.apply(encode_frame(sensor_id, seq, ts, ptype, data))
+        for chunk in chunks:
+            if isinstance(chunk, float):
+                time.sleep(chunk)
+            else:
+                write(chunk)
+                nbytes += len(chunk)
+        seq += 1
+        return int(touched)
+
     try:
         while count == 0 or sent < count:
             ptype, data, label = next(stream)
-            ts = time.time_ns() // 1000
-            chunks, touched = injector.apply(encode_frame(sensor_id, sent, ts, ptype, data))
-            for chunk in chunks:
-                if isinstance(chunk, float):
-                    time.sleep(chunk)
-                else:
-                    write(chunk)
-                    nbytes += len(chunk)
+            frame_seq = seq
+            touched = send(ptype, data)
             if truth_fh:
-                truth_fh.write(json.dumps({"seq": sent, "label": label, "damaged": touched})
-                               + "\n")
+                truth_fh.write(json.dumps({"seq": frame_seq, "label": label,
+                                           "damaged": touched}) + "\n")
+            if label_every and pick.random() < label_share:
+                pending.append((frame_seq, label))
             sent += 1
             damaged += touched
+            if label_every and sent % label_every == 0 and pending:
+                send(PayloadType.LABEL, encode_labels(pending))
+                labelled += len(pending)
+                pending = []
             if rate > 0:
                 delay = start + sent / rate - time.monotonic()
                 if delay > 0:
@@ -185,6 +211,7 @@ def run(
         if truth_fh:
             truth_fh.close()
     summary: dict[str, Any] = {"frames": sent, "damaged": damaged, "bytes": nbytes,
+                               "labelled": labelled,
                                "seconds": round(time.monotonic() - start, 3)}
     if json_out:
         print_json(summary)

@@ -98,6 +98,15 @@ def _print_report(r: dict[str, Any]) -> None:
         d.add_row(row["device"], row["model"], str(row["inferences"]),
                   "—" if row["epsilon"] is None else f"{row['epsilon']:.3f}")
     console.print(d)
+    if r.get("device_data"):
+        dd = Table("device", "samples", "serial", "local API", "scorer", "held out",
+                   "accuracy before", "after", title="each device's own data")
+        for row in r["device_data"]:
+            src = row["by_source"]
+            dd.add_row(row["device"], str(row["samples"]), str(src.get("serial", 0)),
+                       str(src.get("api", 0)), str(src.get("scorer", 0)), str(row["held_out"]),
+                       _pct(row["accuracy_before"]), _pct(row["accuracy_after"]))
+        console.print(dd)
     if r.get("arm"):
         console.print("emulated arm64 devices: " + ", ".join(
             f"{k} ({v['machine']}, {v['variant']})" for k, v in r["arm"]["devices"].items()))

@@ -4,10 +4,14 @@ Every part is the real one, started as its own process with the operator's comma
 mosquitto (with the generated password file and ACL), the TUF registry server, the
 telemetry ingest, the cloud scorer, the rollout guard and a Flower SuperLink; then N
 enrolled device agents, each fed by ``edgefleet-sensor-sim`` through its own
-pseudo-terminal and running its own SuperNode. The demo trains a model federatedly with
-differential privacy, signs and rolls it out (canary, then promote), streams inferences
-with the cloud fallback, stops everything and reports from the fleet store. Ctrl-C at
-any point stops every process.
+pseudo-terminal and running its own SuperNode. Each device sees its own shifted data and
+collects labelled samples the ways a deployment would: LABEL frames from its sensor
+(the simulator knows the truth), an application labelling answers through the local API,
+and the scorer's confident answers. The demo trains a model federatedly with
+differential privacy on what each device collected, measures each device's accuracy on
+its own held-out samples before and after, signs and rolls the model out (canary, then
+promote), streams inferences with the cloud fallback, stops everything and reports from
+the fleet store. Ctrl-C at any point stops every process.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.core.metrics import Histogram
@@ -64,6 +70,12 @@ class DemoOptions:
     arm_devices: int = 0
     #: After the rollout, assign a version whose archive was corrupted after signing.
     tampered_update: bool = False
+    #: Each device's sensor sees a somewhat different, shifted field (:func:`device_shift`).
+    device_shifts: bool = True
+
+    def shift(self, i: int) -> str:
+        """Device ``i``'s ``--shift`` ("" when every device sees the training field)."""
+        return device_shift(self.task, i) if self.device_shifts else ""
 
     @property
     def formats(self) -> str:
@@ -93,6 +105,8 @@ class DemoState:
     secrets: dict[str, str] = field(default_factory=dict)
     arm: dict[str, Any] = field(default_factory=dict)
     tampered: dict[str, Any] = field(default_factory=dict)
+    #: Per device: samples per source, held-out accuracy before and after training.
+    device_data: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,6 +132,46 @@ def _cli_json(step: str, *args: str, **kw: Any) -> Any:
         raise DemoError(f"{step}: no JSON from `edgefleet {' '.join(args)}`") from None
 
 
+def _agent_json(step: str, *args: str) -> Any:
+    """An ``edgefleet-agent`` command that prints one JSON object."""
+    res = _cli(*args, "--json", program="edgefleet-agent", timeout=120)
+    if res.returncode:
+        lines = (res.stderr or res.stdout).strip().splitlines()
+        raise DemoError(f"{step}: `edgefleet-agent {' '.join(args)}` failed: "
+                        f"{lines[-1] if lines else res.returncode}")
+    return json.loads(res.stdout[res.stdout.index("{"):])
+
+
+def _api_call(sock: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One request line to a device's local API (docs/device-data.md), one reply line."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(timeout)
+        c.connect(str(sock))
+        c.sendall(json.dumps(payload).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    out: dict[str, Any] = json.loads(buf)
+    return out
+
+
+#: How each simulated device's field differs (device i uses entry i mod 5).
+_SHIFTS = {"digits": ["", "intensity=0.8,noise=1", "intensity=1.2", "noise=2",
+                      "intensity=0.9,noise=0.5"],
+           "vibration": ["", "speed=1.1", "gain=1.2", "speed=0.92", "speed=1.05,gain=0.9"]}
+
+
+def device_shift(task: str, i: int) -> str:
+    """The ``--shift`` of device ``i``'s sensor: every device sees somewhat different data."""
+    table = _SHIFTS.get(task, [""])
+    return table[i % len(table)]
+
+
 def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -137,6 +191,8 @@ class Demo:
         self.procs = ProcessGroup(self.s.work / "logs")
         self.fed: Any = None
         self._sockets: Path | None = None
+        self._configs: dict[str, Path] = {}
+        self._api: dict[str, Path] = {}
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -240,16 +296,24 @@ class Demo:
                                      "input": {"serial": str(sensor)},
                                      **({"api": extra["api"]} if "api" in extra else {}),
                                      "telemetry": {"interval_s": 1.0},
+                                     "data": {"label_sources": ["api", "serial", "scorer",
+                                                                "import"],
+                                              "cloud_labels": True,
+                                              "cloud_min_confidence": 0.9},
                                      "fl": {"runtime_port": free_port(), "node_config": {
                                          "task": self.opts.task, "partition-id": i,
                                          "num-partitions": n, "privacy-budget": 50.0,
                                          **extra.get("node_config", {})},
                                          **extra["fl"]},
                                  })
+            self._configs[name] = cfg
+            self._api[name] = Path(extra["api"]["socket"]) if "api" in extra else \
+                ddir / "state" / "agent.sock"
             self.procs.start(f"sim-{name}", [
                 str(BIN / "edgefleet-sensor-sim"), "--task", self.opts.task, "--create-pty",
                 str(sensor), "--rate", str(self.opts.rate), "--seed", str(i),
-                "--truth", str(ddir / "truth.csv")])
+                "--shift", self.opts.shift(i), "--label-every", "5",
+                "--label-share", "0.6", "--truth", str(ddir / "truth.csv")])
             _wait(sensor.exists, 30, f"{name}'s sensor pty")
             if arm is not None and i >= first_arm:
                 # uname first: two overlays must never share the device's disk at once.
@@ -296,6 +360,58 @@ class Demo:
             return sum(1 for d in st.devices() if d["online"] and d["n_inferences"])
         finally:
             st.close()
+
+    # -- 3b. labelled samples on each device ------------------------------------------
+    def collect_labels(self, api_labels: int = 40, min_samples: int = 100) -> None:
+        """An application on each device asks for answers and labels them later by answer
+        id (one batch of delayed ground truth); meanwhile the sensors' LABEL frames and
+        the scorer's answers fill the stores. Waits until every store has ``min_samples``."""
+        from edgefleet.models.sim.sensor_sim import samples
+        from edgefleet.models.sim.shift import Shift
+
+        local = [d for d in self.s.devices if d not in self.s.arm.get("devices", {})]
+        for i, name in enumerate(self.s.devices):
+            if name not in local:
+                continue
+            shift = Shift.parse(self.opts.shift(i), self.opts.task)
+            stream = samples(self.opts.task, 1000 + i, "features", shift)
+            rows, truth = [], []
+            for _ in range(api_labels):
+                ptype, data, label = next(stream)
+                dtype = "<u1" if ptype == 1 else "<f4"
+                rows.append(np.frombuffer(data, dtype=dtype).astype(float).tolist())
+                truth.append(label)
+            answers = _api_call(self._api[name], {"id": "app", "input": rows})
+            if "predictions" not in answers:
+                raise DemoError(f"{name}: the local API did not answer: {answers}")
+            labels = [{"answer": a["id"], "class": c}
+                      for a, c in zip(answers["predictions"], truth, strict=True)]
+            got = _api_call(self._api[name], {"id": "truth", "label": labels})
+            if got.get("labels", {}).get("stored") != api_labels:
+                raise DemoError(f"{name}: labels through the local API were refused: {got}")
+        _wait(lambda: all(self._data_stats(d)["total"] >= min_samples for d in local),
+              120 * self.opts.slow_factor, f"{min_samples} labelled samples on each device")
+
+    def _data_stats(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = _agent_json(f"{name}'s samples", "data", "stats", "-c",
+                                          str(self._configs[name]))
+        return out
+
+    def device_accuracy(self) -> None:
+        """Each device's own held-out samples: accuracy of the bootstrap model and of the
+        federated one (``edgefleet-agent data eval``, on the device: only numbers leave)."""
+        assert self.s.fl_pkg is not None and self.s.device_pkg is not None
+        for name in self.s.devices:
+            if name in self.s.arm.get("devices", {}):
+                continue
+            cfg = str(self._configs[name])
+            stats = self._data_stats(name)
+            before = _agent_json("evaluate", "data", "eval", str(self.s.device_pkg), "-c", cfg)
+            after = _agent_json("evaluate", "data", "eval", str(self.s.fl_pkg), "-c", cfg)
+            self.s.device_data[name] = {
+                "samples": stats["total"], "by_source": stats["by_source"],
+                "held_out": after["held_out"], "accuracy_before": before["accuracy"],
+                "accuracy_after": after["accuracy"]}
 
     # -- 4. federated training ----------------------------------------------------------
     def train(self) -> None:
@@ -470,6 +586,7 @@ def build_report(demo: Demo) -> dict[str, Any]:
                       "duplicates_dropped_at_ingest": dup},
         "rollout": s.rollout,
         "models": {"bootstrap": str(s.device_pkg), "federated": str(s.fl_pkg)},
+        "device_data": [{"device": k, **v} for k, v in sorted(s.device_data.items())],
         "per_device": [{"device": d["device"], "model": f"{d['model_name']}@"
                         f"{d['model_version']}", "inferences": d["n_inferences"],
                         "epsilon": d["epsilon"]} for d in devices],
@@ -508,8 +625,12 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
             demo.start_services()
         with demo.step(f"enrolling and starting {opts.devices} device agents"):
             demo.start_devices()
+        with demo.step("collecting labelled samples (serial, local API, scorer)"):
+            demo.collect_labels()
         with demo.step(f"federated training: {opts.rounds} rounds with DP"):
             demo.train()
+        with demo.step("each device's accuracy on its own held-out samples"):
+            demo.device_accuracy()
         with demo.step("signing and rolling out the new model (canary, promote)"):
             demo.rollout()
         if opts.tampered_update:

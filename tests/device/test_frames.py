@@ -6,6 +6,7 @@ import random
 import struct
 import zlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -180,3 +181,16 @@ def test_any_valid_crc_frame_decodes_to_usable_values_or_is_counted(ptype: int,
         g.values()  # never raises for a delivered frame
     c = m.snapshot()["counters"]
     assert len(got) + c.get("serial_bad_payload", 0) + c.get("serial_malformed", 0) == 1
+
+
+def test_label_payload_round_trip_and_refusals() -> None:
+    from edgefleet.device.wire.frames import decode_labels, encode_labels
+
+    pairs = [(0, 3), (41, 9), (2**32 - 1, 0)]
+    wire = encode_frame(2, 42, 7, PayloadType.LABEL, encode_labels(pairs))
+    (frame,) = FrameDecoder(metrics=Metrics()).feed(wire)
+    assert frame.payload_type == PayloadType.LABEL
+    assert decode_labels(frame.payload) == pairs
+    for bad in (b"", b"\x00" * 5, b"\x00" * 13):
+        with pytest.raises(ValueError, match="whole number"):
+            decode_labels(bad)

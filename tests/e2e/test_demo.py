@@ -54,6 +54,15 @@ def test_demo_report_and_store(tmp_path: Path) -> None:
     events = [e["event"] for e in r["rollout"]]
     assert events == ["canary", "promote"] and r["rollout"][-1]["status"] == "promoted"
     assert len(r["rollout"][0]["devices"]) == 1  # 20 % of 3 devices: one canary
+    # Every device trained on what it collected: sensor LABEL frames and the local API
+    # at least, each with its own held-out samples measured before and after.
+    data = {d["device"]: d for d in r["device_data"]}
+    assert sorted(data) == ["dev-01", "dev-02", "dev-03"]
+    for d in data.values():
+        assert d["samples"] >= 100 and d["by_source"]["serial"] > 0
+        assert d["by_source"]["api"] == 40 and d["held_out"] > 0
+        assert 0 <= d["accuracy_before"] <= 1 and 0 <= d["accuracy_after"] <= 1
+    assert len({d["held_out"] for d in data.values()} | {d["samples"] for d in data.values()}) > 1
     fl_model = Path(r["models"]["federated"]).name
     assert fl_model and all(d["model"].startswith("digits-fl@") for d in r["per_device"])
     st = Store(work / "fleet.db")

@@ -83,7 +83,8 @@ def test_enroll_install_doctor_publish_then_revoke(tmp_path: Path,
             for d in (state, state / "keys"):
                 assert stat.S_IMODE(d.stat().st_mode) == 0o700
             keys = sorted(p.name for p in (state / "keys").iterdir())
-            assert keys == ["mqtt.password", "node.key", "root.json", "superlink-ca.pem"]
+            assert keys == ["mqtt.password", "node.key", "root.json", "sample-store.key",
+                            "superlink-ca.pem"]
             assert all(stat.S_IMODE((state / "keys" / k).stat().st_mode) == 0o600 for k in keys)
             assert stat.S_IMODE(cfg_path.stat().st_mode) == 0o600
             assert (state / "keys" / "mqtt.password").read_text().strip() not in \
@@ -134,3 +135,85 @@ def test_enroll_install_doctor_publish_then_revoke(tmp_path: Path,
             assert isinstance(listed, list) and listed[0]["active"] is False
         finally:
             broker.kill()
+
+
+def test_reenrollment_and_revocation_wipe_the_sample_store(tmp_path: Path,
+                                                           digits_package: Path) -> None:
+    """Samples belong to one enrollment: installing a bundle again wipes them (and makes a
+    new key); a running agent whose credentials the broker refuses after a revocation
+    wipes its store."""
+    import numpy as np
+
+    from edgefleet.device.core.process import ProcessGroup
+    from edgefleet.device.data.store import SampleStore, load_key
+    from edgefleet.models.core.tasks import get_task
+    from tests.conftest import BIN
+
+    fed = EmbeddedFederation(tmp_path / "fl", devices=0, secure=True).__enter__()
+    assert fed.certs is not None
+    root = str(_json("keys", "init", "--registry", str(tmp_path / "registry"))["root"])
+    home_dir = tmp_path / "home"
+    _json("fleet", "init", "--home", str(home_dir), "--broker", f"127.0.0.1:{free_port()}",
+          "--broker-pid-file", str(tmp_path / "mosq.pid"), "--superlink",
+          f"127.0.0.1:{fed.port}", "--superlink-ca", str(fed.certs.ca), "--metadata-url",
+          "http://127.0.0.1:9/metadata/",
+          "--targets-url", "http://127.0.0.1:9/targets/", "--trusted-root", root)
+    home = FleetHome(home_dir)
+    broker = home_broker(home, tmp_path / "broker")
+    procs = ProcessGroup(tmp_path / "logs")
+    state = tmp_path / "state"
+    cfg_path = tmp_path / "agent.toml"
+    local = tmp_path / "local.toml"
+    local.write_text("[fl]\nenabled = false\n[updates]\nenabled = false\n"
+                     "[telemetry]\ninterval_s = 0.5\n[mqtt]\nbackoff_base = 0.05\n"
+                     "backoff_cap = 0.5\n")
+    split = get_task("digits").split()
+    npz = tmp_path / "pilot.npz"
+    np.savez(npz, x=split.x_train[:30], y=split.y_train[:30])
+
+    def enroll_and_import() -> bytes:
+        _json("enroll", str(bundle), "--state-dir", str(state), "--config-out", str(cfg_path),
+              "--model", str(digits_package), program="edgefleet-agent")
+        key = (state / "keys" / "sample-store.key").read_bytes()
+        out = _json("data", "import", str(npz), "-c", str(cfg_path), "-c", str(local),
+                    program="edgefleet-agent")
+        assert out["stored"] == 30
+        return key
+
+    def stored() -> int:
+        key = state / "keys" / "sample-store.key"
+        with SampleStore(state / "data" / "samples.db",
+                         key=load_key(key) if key.exists() else None) as st:
+            return st.count()
+
+    try:
+        bundle = tmp_path / "dev1.tar.gz"
+        _json("devices", "enroll", "dev1", "--group", "g1", "--out", str(bundle),
+              "--home", str(home_dir))
+        first_key = enroll_and_import()
+        second_key = enroll_and_import()  # re-enrollment: the 30 samples went first
+        assert first_key != second_key and stored() == 30
+        _json("enroll", str(bundle), "--state-dir", str(state), "--config-out", str(cfg_path),
+              "--model", str(digits_package), program="edgefleet-agent")
+        assert stored() == 0
+        out = _json("data", "import", str(npz), "-c", str(cfg_path), "-c", str(local),
+                    program="edgefleet-agent")
+        assert out["stored"] == 30
+
+        procs.start("agent", [str(BIN / "edgefleet-agent"), "run", "-c", str(cfg_path),
+                              "-c", str(local)])
+        assert wait_until((state / ".broker-accepted").exists, 30, 0.2), \
+            procs.tail("agent", 20)
+        assert stored() == 30
+        _json("devices", "revoke", "dev1", "--home", str(home_dir))
+        # The broker keeps a live session; the revoked device learns at its next connect.
+        broker.kill()
+        broker = home_broker(home, tmp_path / "broker2")
+        assert wait_until(lambda: stored() == 0, 30, 0.2), procs.tail("agent", 20)
+        assert "revoked; sample store wiped (30 samples)" in \
+            (tmp_path / "logs" / "agent.log").read_text()
+        assert procs.alive("agent")
+    finally:
+        procs.stop_all(20)
+        broker.kill()
+        fed.stop()

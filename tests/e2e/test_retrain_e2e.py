@@ -49,8 +49,13 @@ def _with_shifted_samples(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
         x, y = shifted_dataset("digits", Shift.parse(SHIFT, "digits"), 400, seed=1000 + i)
         data = tmp_path / f"samples-{i}.npz"
         np.savez(data, x=x, y=y)
-        kw["overrides"]["fl"]["node_config"]["data"] = str(data)
-        return real(bundle, state, **kw)
+        cfg = real(bundle, state, **kw)
+        # A pilot's provisioned file, imported into the device's sample store.
+        res = subprocess.run([str(BIN / "edgefleet-agent"), "data", "import", str(data), "-c",
+                              str(cfg), "--json"], capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert res.returncode == 0 and '"stored": 400' in res.stdout, res.stderr[-2000:]
+        return cfg
 
     monkeypatch.setattr(enroll, "install_bundle", install)
 
@@ -62,14 +67,15 @@ def _shift_simulators(demo: Demo) -> None:
         sensor = demo.s.work / "devices" / name / "sensor"
         demo.procs.start(f"sim2-{name}", [
             str(BIN / "edgefleet-sensor-sim"), "--task", "digits", "--create-pty", str(sensor),
-            "--rate", "20", "--seed", str(50 + i), "--shift", SHIFT])
+            "--rate", "20", "--seed", str(50 + i), "--shift", SHIFT, "--label-every", "5"])
 
 
 @pytest.mark.timeout(480)
 def test_shift_drift_retrain_canary_promote(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     _with_shifted_samples(monkeypatch, tmp_path)
-    demo = Demo(DemoOptions(devices=3, rate=20.0, workdir=tmp_path / "fleet"),
+    demo = Demo(DemoOptions(devices=3, rate=20.0, workdir=tmp_path / "fleet",
+                            device_shifts=False),
                 lambda _msg: None)
     try:
         demo.build_models()

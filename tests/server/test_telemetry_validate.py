@@ -76,3 +76,25 @@ def test_validator_failure_is_internal_not_raised(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(v, "parse_topic", boom)
     res = validate_message("edgefleet/v1/d1/metrics", env())
     assert isinstance(res, Rejected) and res.reason == "internal"
+
+
+def test_sample_counts_are_validated_and_carry_no_contents() -> None:
+    import json
+
+    from edgefleet.server.telemetry.validate import Accepted, Rejected, validate_message
+
+    def msg(samples: object) -> bytes:
+        return json.dumps({"v": 1, "device": "pi-1", "boot": "ab12cd34", "seq": 1, "ts": 1.0,
+                           "kind": "metrics", "body": {"samples": samples}}).encode()
+
+    ok = validate_message("edgefleet/v1/pi-1/metrics", msg(
+        {"total": 5, "bytes": 1280, "by_source": {"api": 2, "serial": 3},
+         "by_class": {"0": 4, "7": 1}, "refused": {"unknown_class": 2}}))
+    assert isinstance(ok, Accepted) and ok.metrics is not None
+    assert ok.metrics.samples is not None and ok.metrics.samples.by_source["serial"] == 3
+    for bad in ({"total": 1, "by_source": {"usb": 1}},            # unknown source
+                {"total": 1, "by_class": {"cat": 1}},             # class names, not indices
+                {"total": 1, "x": [[0.1, 0.2]]},                   # contents: no such field
+                {"total": -1}):
+        got = validate_message("edgefleet/v1/pi-1/metrics", msg(bad))
+        assert isinstance(got, Rejected) and got.reason == "invalid", bad
