@@ -99,6 +99,8 @@ class Frame:
         if not payload_ok(self.payload_type, self.payload):
             raise ValueError(f"payload of {len(self.payload)} bytes is not whole values of "
                              f"type {self.payload_type}")
+        if self.payload_type == PayloadType.LABEL:
+            raise ValueError("a LABEL frame holds label records (decode_labels), not values")
         if self.payload_type == PayloadType.U8_VECTOR:
             return np.frombuffer(self.payload, dtype=np.uint8).astype(np.float32)
         arr = np.frombuffer(self.payload, dtype="<f4").astype(np.float32)
@@ -265,7 +267,7 @@ class FrameDecoder:
 _PAYLOAD_TYPES = frozenset(int(t) for t in PayloadType)
 #: Bytes per value of each payload type: a payload must be a whole number of them.
 _VALUE_SIZE = {int(PayloadType.U8_VECTOR): 1, int(PayloadType.F32_VECTOR): 4,
-               int(PayloadType.ACCEL_F32): 12}
+               int(PayloadType.ACCEL_F32): 12, int(PayloadType.LABEL): LABEL_RECORD.size}
 
 
 def payload_ok(payload_type: int, payload: bytes) -> bool:

@@ -18,11 +18,13 @@ from edgefleet.device.wire.frames import (
     PayloadType,
     cobs_decode,
     cobs_encode,
+    decode_labels,
     encode_frame,
 )
 from edgefleet.models.sim.serial_faults import FaultInjector, Faults, corrupt_bytes
 
-_VALUE = {PayloadType.U8_VECTOR: 1, PayloadType.F32_VECTOR: 4, PayloadType.ACCEL_F32: 12}
+_VALUE = {PayloadType.U8_VECTOR: 1, PayloadType.F32_VECTOR: 4, PayloadType.ACCEL_F32: 12,
+          PayloadType.LABEL: 6}
 
 
 def _whole(t: PayloadType, data: bytes) -> bytes:
@@ -177,8 +179,12 @@ def test_any_valid_crc_frame_decodes_to_usable_values_or_is_counted(ptype: int,
                                                                     payload: bytes) -> None:
     m = Metrics()
     got = FrameDecoder(metrics=m).feed(raw_frame(5, 1, ptype, payload))
-    for g in got:
-        g.values()  # never raises for a delivered frame
+    for g in got:  # never raises for a delivered frame
+        if g.payload_type == PayloadType.LABEL:
+            if g.payload:
+                decode_labels(g.payload)
+        else:
+            g.values()
     c = m.snapshot()["counters"]
     assert len(got) + c.get("serial_bad_payload", 0) + c.get("serial_malformed", 0) == 1
 

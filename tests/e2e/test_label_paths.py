@@ -57,17 +57,19 @@ def test_local_api_labels_by_answer_id_by_input_and_in_batches(
             {"answer": preds[10]["id"], "class": 10},          # unknown class
             {"answer": "feedface-99", "class": 1},             # unknown answer id
             {"input": rows[0][:10].tolist(), "class": 1},      # wrong input shape
-            {"input": [float("nan")] * 64, "class": 1},        # NaN (JSON NaN literal)
             {"input": rows[0].tolist(), "class": -1},          # unknown class
         ]})["labels"]
         assert bad["stored"] == 0
         assert [r["reason"] for r in bad["refused"]] == [
-            "unknown_class", "unknown_answer", "bad_input", "not_finite", "unknown_class"]
+            "unknown_class", "unknown_answer", "bad_input", "unknown_class"]
+        # NaN (a JSON NaN literal): the guarded reader refuses the whole request first.
+        nan = request(sock, {"id": 5, "label": [{"input": [float("nan")] * 64, "class": 1}]})
+        assert nan["error"]["code"] == "bad_json" and "non_finite" in nan["error"]["message"]
         m = agent.metrics
         assert m.counter("data_labels_refused_unknown_class") == 2
         assert m.counter("data_labels_refused_unknown_answer") == 1
         assert m.counter("data_labels_refused_bad_input") == 1
-        assert m.counter("data_labels_refused_not_finite") == 1
+        assert m.counter("api_errors_bad_json") == 1
         assert agent.store is not None
         got = agent.store.samples()
         assert got.y.tolist() == [*truth, 3] and set(got.sources) == {"api"}
