@@ -41,6 +41,7 @@ def _register() -> None:
         retrain_cmd,
         rollout_cmd,
         scorer_cmd,
+        server_cmd,
         telemetry_cmd,
         train_cmd,
     )
@@ -50,7 +51,7 @@ def _register() -> None:
         "fleet": fleet_cmd.app, "ingest": ingest_cmd.app, "telemetry": telemetry_cmd.app,
         "devices": devices_cmd.app, "keys": keys_cmd.app, "registry": registry_cmd.app,
         "audit": audit_cmd.app, "retrain": retrain_cmd.retrain_app,
-        "approvals": retrain_cmd.approvals_app,
+        "approvals": retrain_cmd.approvals_app, "server": server_cmd.app,
     }
     for name, group in groups.items():
         app.add_typer(group, name=name)

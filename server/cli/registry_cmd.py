@@ -20,8 +20,9 @@ __all__ = ["HOME", "PASSPHRASE_FILE", "ROOT_KEY", "app", "open_registry"]
 app = typer.Typer(help="The model registry: versions, lineage, metrics, TUF-signed artifacts.",
                   no_args_is_help=True)
 
-HOME = typer.Option(Path("registry"), "--registry", envvar="EDGEFLEET_REGISTRY",
-                    help="Registry home folder (database, artifacts, TUF metadata, audit log).")
+HOME = typer.Option(None, "--registry", envvar="EDGEFLEET_REGISTRY",
+                    help="Registry folder: database, artifacts, TUF metadata, audit log "
+                         "(default: the fleet home's, <home>/registry).")
 ROOT_KEY = typer.Option(None, "--root-key", envvar="EDGEFLEET_ROOT_KEY",
                         help="Root private key kept offline (default: <registry>/keys/root.pem).")
 PASSPHRASE_FILE = typer.Option(None, "--passphrase-file",
@@ -29,11 +30,21 @@ PASSPHRASE_FILE = typer.Option(None, "--passphrase-file",
                                     "EDGEFLEET_KEY_PASSPHRASE).")
 
 
-def open_registry(home: Path, root_key: Path | None = None,
-                  passphrase_file: Path | None = None) -> Registry:
-    """The registry in ``home`` with its key ring (passphrase from file or environment)."""
+def open_registry(home: Path | None, root_key: Path | None = None,
+                  passphrase_file: Path | None = None, *, fleet: Path | None = None,
+                  create: bool = False) -> Registry:
+    """The registry in ``home`` (None: the fleet home's) with its key ring (passphrase
+    from file or environment). A registry that does not exist is an error unless
+    ``create`` (``keys init``): a mistyped path must not become an empty registry."""
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.cli.home_opts import registry_path
     from edgefleet.server.fleet.keys import KeyRing
     from edgefleet.server.registry.repository import Registry
+
+    home = registry_path(home, fleet)
+    if not create and not (home / "registry.db").is_file():
+        raise UsageError(f"no model registry at {home} (create one with `edgefleet keys "
+                         "init`, or pass --registry)")
 
     secret = (passphrase_file.read_bytes().strip() if passphrase_file
               else os.environ.get("EDGEFLEET_KEY_PASSPHRASE", "").encode())
