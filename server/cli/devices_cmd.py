@@ -79,6 +79,9 @@ def fleet_init(
     broker_user: str | None = typer.Option(
         None, "--broker-user", help="User mosquitto drops to when the server runs as root "
         "(default: mosquitto, when that user exists and this runs as root)."),
+    broker_dir: Path | None = typer.Option(
+        None, "--broker-dir", help="Folder for the broker's files (default: <home>/broker); "
+        "broker_user must be able to reach it."),
     update: bool = typer.Option(False, "--update", help="Change the settings of an existing "
                                                        "home (devices are kept)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -119,7 +122,8 @@ def fleet_init(
             broker_user = None
     server = {"certs": certs, "registry": registry, "store": store,
               "scorer_package": scorer_package, "listen": listen,
-              "broker_local_port": broker_local_port, "broker_user": broker_user}
+              "broker_local_port": broker_local_port, "broker_user": broker_user,
+              "broker_dir": broker_dir}
     h = FleetHome.create(home, update=update, broker_host=host, broker_port=port,
                          broker_ca=broker_ca, broker_pid_file=broker_pid_file,
                          superlink=superlink, superlink_ca=superlink_ca,

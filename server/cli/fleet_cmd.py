@@ -57,6 +57,21 @@ def _row(d: dict[str, Any]) -> dict[str, Any]:
             "messages": d["messages"], "spool_dropped": d["spool_dropped"]}
 
 
+def _seen(r: dict[str, Any]) -> str:
+    """``online``, else how long ago it was last heard of (fits a narrow column)."""
+    import time
+
+    if r["online"]:
+        return "[green]online[/]"
+    if r["last_seen"] is None:
+        return "[red]never[/]"
+    ago = max(0.0, time.time() - r["last_seen"])
+    for unit, secs in (("d", 86400), ("h", 3600), ("m", 60)):
+        if ago >= secs:
+            return f"[red]{ago // secs:.0f}{unit} ago[/]"
+    return f"[red]{ago:.0f}s ago[/]"
+
+
 def _model(r: dict[str, Any]) -> str:
     if not r["model_version"]:
         return "-"
@@ -85,13 +100,16 @@ def ls(db: str | None = db_option(), home: Path | None = HOME_OPTION,
     if json_out:
         print_json({"devices": rows})
         return
-    t = Table(title=f"{len(rows)} devices")
-    for col in ("device", "online", "last seen", "model", "inferences", "fallback",
-                "degraded", "drift PSI", "ε"):
-        t.add_column(col, justify="left" if col in ("device", "model", "last seen") else "right")
+    from rich import box
+
+    t = Table(title=f"{len(rows)} devices", box=box.SIMPLE_HEAD, padding=(0, 1),
+              title_justify="left")
+    for col in ("device", "seen", "model", "inf", "fallback", "degraded", "PSI", "ε"):
+        left = col in ("device", "model", "seen")
+        t.add_column(col, justify="left" if left else "right", no_wrap=col == "model",
+                     overflow="fold")
     for r in rows:
-        t.add_row(r["device"], "[green]yes[/]" if r["online"] else "[red]no[/]",
-                  _when(r["last_seen"]), _model(r), str(r["inferences"]),
+        t.add_row(r["device"], _seen(r), _model(r), str(r["inferences"]),
                   _fmt(r["fallback_rate"], True), _fmt(r["degraded_rate"], True),
                   _fmt(r["drift"]), _fmt(r["epsilon"]))
     console.print(t)

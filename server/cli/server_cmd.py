@@ -73,11 +73,12 @@ def up(home: Path | None = HOME_OPTION,
     Example: edgefleet server up && edgefleet server status
     """
     from edgefleet.device.core.process import Child
-    from edgefleet.server.fleet.services import BIN, plan
+    from edgefleet.server.fleet.services import BIN, plan, write_mosquitto_conf
     from edgefleet.server.fleet.supervisor import read_status, server_pid
 
     h = _home(home)
     plan(h)  # a missing certificate or registry fails here, before anything starts
+    write_mosquitto_conf(h)
     pid = server_pid(h)
     if pid is None:
         (h.run_dir / "status.json").unlink(missing_ok=True)

@@ -71,6 +71,9 @@ class ServerSettings(StrictModel):
     broker_user: str | None = Field(default=None, description=(
         "When the server runs as root, mosquitto drops to this user; the home hands it "
         "the broker's files (Debian: mosquitto)."))
+    broker_dir: Path | None = Field(default=None, description=(
+        "The broker's files: password file, ACL, config, TLS copies, persistence "
+        "[default: <home>/broker]. Must be reachable by broker_user."))
     certs: Path | None = Field(default=None, description=(
         "Folder of `edgefleet certs init`: ca.pem, server.pem/.key (SuperLink), "
         "registry.pem/.key and broker.pem/.key (`edgefleet certs issue`)."))
@@ -158,6 +161,19 @@ def find_home(root: Path | None = None) -> FleetHome | None:
     return FleetHome(default) if (default / "fleet.toml").is_file() else None
 
 
+def _unreachable(path: Path, uid: int, gid: int) -> Path | None:
+    """The first folder above ``path`` that user ``uid`` may not enter (None: none)."""
+    import stat
+
+    for parent in reversed(path.resolve().parents):
+        st = parent.stat()
+        bit = (stat.S_IXUSR if st.st_uid == uid else
+               stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH)
+        if not st.st_mode & bit:
+            return parent
+    return None
+
+
 def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
@@ -201,7 +217,7 @@ class FleetHome:
             if settings.get(key) is not None:
                 settings[key] = Path(settings[key]).resolve()
         server = dict(settings.get("server") or {})
-        for key in ("certs", "registry", "scorer_package"):
+        for key in ("certs", "registry", "scorer_package", "broker_dir"):
             if server.get(key) is not None:
                 server[key] = Path(server[key]).resolve()
         if server.get("store") and "://" not in str(server["store"]):
@@ -226,6 +242,11 @@ class FleetHome:
             home.service_credentials(role)
         home.broker_files()
         return home
+
+    @property
+    def broker_dir(self) -> Path:
+        """Where the broker's files are (``[server] broker_dir``, else ``<home>/broker``)."""
+        return self.settings.server.broker_dir or self.root / "broker"
 
     @property
     def registry_path(self) -> Path:
@@ -280,14 +301,14 @@ class FleetHome:
         hashes = {r.mqtt_username: r.mqtt_hash for r in active}
         hashes.update({role: hash_password(self.service_credentials(role).password)
                        for role in SERVICE_ROLES})
-        d = private_dir(self.root / "broker")
+        d = private_dir(self.broker_dir)
         pw = write_password_hashes(d / "passwd", hashes)
         acl = write_acl(d / "acl", services=(), roles={r: r for r in SERVICE_ROLES},
                         groups={r.mqtt_username: r.group for r in active})
         self.share_with_broker(d, pw, acl)
         return BrokerFiles(pw, acl)
 
-    def share_with_broker(self, *paths: Path) -> None:
+    def share_with_broker(self, *paths: Path, check: bool = False) -> None:
         """Hand ``paths`` to ``[server] broker_user`` (running as root only).
 
         Debian's mosquitto starts as root and drops to its own user before it reads the
@@ -302,9 +323,16 @@ class FleetHome:
         except KeyError:
             raise ConfigError(f"broker_user {user!r} does not exist",
                               path=str(self.config_path)) from None
-        self.root.chmod(0o711)
+        if self.broker_dir.is_relative_to(self.root):
+            self.root.chmod(0o711)
         for path in paths:
             os.chown(path, entry.pw_uid, entry.pw_gid)
+        blocked = _unreachable(self.broker_dir, entry.pw_uid, entry.pw_gid) if check else None
+        if blocked is not None:
+            raise ConfigError(
+                f"mosquitto runs as {user} and cannot reach {self.broker_dir} ({blocked} "
+                f"is closed to it): put the fleet home where it can (e.g. /srv/edgefleet) "
+                f"or set [server] broker_dir", path=str(blocked))
 
     def superlink_conn(self) -> SuperLinkConn | None:
         """How the ``flwr`` CLI reaches the configured SuperLink (None when none is)."""

@@ -135,7 +135,7 @@ def write_mosquitto_conf(home: FleetHome) -> Path:
     conf.write_text("\n".join(lines) + "\n")
     conf.chmod(0o600)
     shared.append(conf)
-    home.share_with_broker(*shared)
+    home.share_with_broker(*shared, check=True)
     return conf
 
 
@@ -146,8 +146,8 @@ def plan(home: FleetHome) -> list[Service]:
     root = str(home.root)
     env = {"EDGEFLEET_HOME": root}
     probe = _probe_host(srv.listen)
-    out = [Service("mosquitto", [find_mosquitto(), "-c", str(home.root / "broker" /
-                                                                "mosquitto.conf")],
+    out = [Service("mosquitto", [find_mosquitto(), "-c",
+                                       str(home.broker_dir / "mosquitto.conf")],
                    "MQTT broker (devices and services)", port=srv.broker_local_port)]
     if s.superlink:
         port = int(s.superlink.rpartition(":")[2])
