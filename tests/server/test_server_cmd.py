@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import signal
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,66 +22,18 @@ from edgefleet.device.core.mqtt_link import MqttConfig
 from edgefleet.device.telemetry.publisher import TelemetryPublisher
 from edgefleet.device.telemetry.reporter import TelemetryReporter
 from edgefleet.device.telemetry.spool import Spool
-from edgefleet.server.fleet.broker import free_port
 from edgefleet.server.fleet.enrollment import enroll_device
 from edgefleet.server.fleet.home import FleetHome
-from edgefleet.server.fleet.pki import init_certs, issue_server_cert
 from edgefleet.server.fleet.services import plan, systemd_units, write_mosquitto_conf
 from tests.conftest import run_cli
+from tests.support.fleet_server import broker_user, make_home, reachable_broker_dir  # noqa: F401
 from tests.support.telemetry import wait_until
 
-
-def _broker_user() -> str | None:
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam("mosquitto").pw_name
-    except KeyError:
-        return None
-
-
-@pytest.fixture(autouse=True)
-def _reachable_broker_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """pytest's tmp folders are closed to mosquitto's user (0700 root): as root, the
-    broker's files go where that user can reach them, as `fleet init --broker-dir`."""
-    if _broker_user() is None:
-        yield
-        return
-    d = Path(tempfile.mkdtemp(prefix="ef-broker-"))
-    monkeypatch.setitem(_BROKER_DIR, "dir", d)
-    yield
-    shutil.rmtree(d, ignore_errors=True)
-
-
-_BROKER_DIR: dict[str, Path | None] = {"dir": None}
-
-
-def _home(tmp: Path, *, registry: bool = True, **server: object) -> FleetHome:
-    """A fleet home with the fleet CA, broker and registry certificates, TUF keys."""
-    root = tmp / "home"
-    server.setdefault("broker_dir", _BROKER_DIR["dir"])
-    certs = root / "certs"
-    init_certs(certs, ["127.0.0.1", "localhost"])
-    issue_server_cert(certs, "broker", ["127.0.0.1"])
-    issue_server_cert(certs, "registry", ["127.0.0.1"])
-    settings: dict[str, object] = {}
-    if registry:
-        res = run_cli("keys", "init", "--json", env={"EDGEFLEET_HOME": str(root)})
-        assert res.returncode == 0, res.stderr
-        reg = free_port()
-        settings = {"metadata_url": f"https://127.0.0.1:{reg}/metadata/",
-                    "targets_url": f"https://127.0.0.1:{reg}/targets/",
-                    "trusted_root": root / "registry/repo/metadata/1.root.json",
-                    "registry_ca": certs / "ca.pem"}
-    return FleetHome.create(
-        root, broker_host="127.0.0.1", broker_port=free_port(), broker_ca=certs / "ca.pem",
-        server={"certs": certs, "listen": "127.0.0.1", "broker_local_port": free_port(),
-                "broker_user": _broker_user(), "guard_interval": 1.0, **server},
-        **settings)
+pytestmark = pytest.mark.usefixtures("reachable_broker_dir")
 
 
 def test_generated_config_units_and_plan(tmp_path: Path) -> None:
-    home = _home(tmp_path)
+    home = make_home(tmp_path)
     conf = write_mosquitto_conf(home).read_text()
     s = home.settings
     # devices: TLS on the public listener; services: loopback without TLS
@@ -93,7 +42,7 @@ def test_generated_config_units_and_plan(tmp_path: Path) -> None:
     for key in ("cafile", "certfile", "keyfile"):
         assert f"\n{key} " in "\n" + device_listener
     assert "allow_anonymous false" in conf and "password_file" in conf
-    user = _broker_user()
+    user = broker_user()
     if user is not None:  # the broker's user can read what it is given, nobody else
         assert f"user {user}" in conf
         uid = pwd.getpwnam(user).pw_uid
@@ -118,7 +67,7 @@ def test_generated_config_units_and_plan(tmp_path: Path) -> None:
 
 
 def test_missing_certificate_fails_before_anything_starts(tmp_path: Path) -> None:
-    home = _home(tmp_path, registry=False)
+    home = make_home(tmp_path, registry=False)
     (home.root / "certs" / "broker.key").unlink()
     res = run_cli("server", "up", "--home", str(home.root), timeout=60)
     assert res.returncode == 78, res.stdout + res.stderr
@@ -134,7 +83,7 @@ def _status(home: FleetHome) -> dict[str, object]:
 
 @pytest.mark.timeout(240)
 def test_server_up_status_down(tmp_path: Path) -> None:
-    home = _home(tmp_path)
+    home = make_home(tmp_path)
     env = {"EDGEFLEET_HOME": str(home.root)}
     res = run_cli("server", "up", "--json", env=env, timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -197,9 +146,9 @@ def test_server_up_status_down(tmp_path: Path) -> None:
 
 
 def test_broker_dir_the_broker_cannot_reach_is_named(tmp_path: Path) -> None:
-    if _broker_user() is None:
+    if broker_user() is None:
         pytest.skip("needs root and a mosquitto user")
-    home = _home(tmp_path, registry=False, broker_dir=tmp_path / "closed" / "broker")
+    home = make_home(tmp_path, registry=False, broker_dir=tmp_path / "closed" / "broker")
     (tmp_path / "closed").mkdir(mode=0o700, exist_ok=True)
     res = run_cli("server", "up", "--home", str(home.root), timeout=60)
     assert res.returncode == 78 and "cannot reach" in res.stderr, res.stderr
