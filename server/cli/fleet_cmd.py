@@ -103,7 +103,7 @@ def ls(db: str | None = db_option(), home: Path | None = HOME_OPTION,
     from rich import box
 
     t = Table(title=f"{len(rows)} devices", box=box.SIMPLE_HEAD, padding=(0, 1),
-              title_justify="left")
+              title_justify="left", pad_edge=False, collapse_padding=True)
     for col in ("device", "seen", "model", "inf", "fallback", "degraded", "PSI", "ε"):
         left = col in ("device", "model", "seen")
         t.add_column(col, justify="left" if left else "right", no_wrap=col == "model",

@@ -111,9 +111,17 @@ def rollout(
       edgefleet rollout digits-mlp@1.1.0 --devices pi-01,pi-02 --shadow
       edgefleet rollout digits-mlp@1.1.0 --group lab
     """
+    from edgefleet.server.cli.registry_cmd import registered_tau, warn_no_tau
     from edgefleet.server.registry.repository import parse_ref
 
     model, version = parse_ref(ref)
+    reg = open_registry(home, fleet=fleet_home)
+    try:
+        rec = reg.get(model, version)
+        if rec is not None and registered_tau(reg, rec.sha256) is None:
+            warn_no_tau(ref)
+    finally:
+        reg.close()
     ctl, view = _controller(home, broker, fleet_home)
     try:
         r = ctl.start(model, version, fleet=view.fleet(1.0),
