@@ -182,7 +182,7 @@ def supervise(home: Path | None = HOME_OPTION) -> None:
     if server_pid(h) is not None:
         raise UsageError(f"a fleet server already runs for {h.root}")
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     FleetServer(h).run(stop)
 

@@ -352,7 +352,11 @@ class FleetHome:
             log.warning("broker files changed; reload mosquitto (SIGHUP) to apply them")
             return False
         try:
-            os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
+            pid = int(pid_file.read_text().strip())
+            comm = Path(f"/proc/{pid}/comm")
+            if comm.exists() and "mosquitto" not in comm.read_text():
+                raise ProcessLookupError  # a stale pid file: that pid is someone else now
+            os.kill(pid, signal.SIGHUP)
         except (ProcessLookupError, ValueError):
             log.warning("mosquitto is not running (stale %s)", pid_file)
             return False

@@ -31,7 +31,7 @@ from tests.support.telemetry import wait_until
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 
 def guide_blocks(text: str) -> list[tuple[str, str]]:

@@ -23,7 +23,8 @@ from tests.conftest import BIN, run_cli
 from tests.support.fleet_server import make_home, reachable_broker_dir  # noqa: F401
 from tests.support.telemetry import wait_until
 
-pytestmark = [pytest.mark.usefixtures("reachable_broker_dir"), pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.usefixtures("reachable_broker_dir"), pytest.mark.slow,
+              pytest.mark.e2e, pytest.mark.timeout(420)]
 
 
 def _predict(sock: Path, x: list[float]) -> dict[str, object]:

@@ -59,6 +59,7 @@ def test_help_texts_keep_bracketed_words() -> None:
     assert "[default: <state-dir>/agent.toml]" in out
 
 
+@pytest.mark.slow
 def test_registry_ls_fl_next_version_and_tau_warning(tmp_path: Path,
                                                      digits_package: Path) -> None:
     env = {"EDGEFLEET_HOME": str(tmp_path / "h")}

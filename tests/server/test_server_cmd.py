@@ -81,6 +81,8 @@ def _status(home: FleetHome) -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_server_up_status_down(tmp_path: Path) -> None:
     home = make_home(tmp_path)
