@@ -104,7 +104,7 @@ def watch(
 
     ctl = RetrainController(
         policy, group, signals=signals, audit=registry.audit, state=home / STATE,
-        start_run=TrainCommand(home / "retrain", len(signals.members(group))),
+        start_run=TrainCommand(home / "retrain", len(signals.members(group)), registry.home),
         push=push_with(registry), canary=canary, promote=promote)
     try:
         while True:

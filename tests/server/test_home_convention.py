@@ -88,3 +88,22 @@ def test_registry_ls_fl_next_version_and_tau_warning(tmp_path: Path,
     ro = run_cli("rollout", f"{m.name}@{m.version}", "--devices", "pi-01",
                  "--broker", "127.0.0.1:9", env=env, timeout=60)
     assert "never ask the cloud scorer" in ro.stderr
+
+
+def test_retraining_runs_as_the_next_version_of_its_base(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgefleet.server.retrain import actions
+    from edgefleet.server.retrain.policy import RetrainPolicy
+
+    calls: list[list[str]] = []
+
+    def fake(step: str, args: list[str], timeout: float) -> dict[str, object]:
+        calls.append(args)
+        return {"package": str(tmp_path / "pkg"), "final": {"accuracy": 0.9}}
+
+    monkeypatch.setattr(actions, "_json_cli", fake)
+    run = actions.TrainCommand(tmp_path / "work", 2, registry=tmp_path / "reg")
+    run("lab", RetrainPolicy(superlink="127.0.0.1:9092", base_model="digits-mlp"))
+    args = calls[0]
+    assert args[args.index("--base") + 1] == "digits-mlp"
+    assert args[args.index("--registry") + 1] == str(tmp_path / "reg")
