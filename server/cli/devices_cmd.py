@@ -178,8 +178,7 @@ def enroll(
 
 
 def _when(ts: float | None) -> str:
-    return "-" if ts is None else dt.datetime.fromtimestamp(ts).isoformat(
-        sep=" ", timespec="seconds")
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
 
 @app.command("ls")
@@ -196,10 +195,13 @@ def ls(home: Path | None = _home_option(),
     if json_out:
         print_json({"devices": [r.as_dict() for r in rows]})
         return
+    from rich import box
+
     t = Table(title=f"{sum(r.active for r in rows)} enrolled, "
-                    f"{sum(not r.active for r in rows)} revoked")
+                    f"{sum(not r.active for r in rows)} revoked", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("device", "group", "enrolled", "revoked", "SuperNode", "node id"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("device", "node id"))
     for r in rows:
         t.add_row(r.name, r.group, _when(r.enrolled_at), _when(r.revoked_at), r.fl_state,
                   "-" if r.node_id is None else str(r.node_id))
