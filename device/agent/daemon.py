@@ -105,6 +105,15 @@ class _ServingView:
         return self.serving.validate_and_predict(x)
 
 
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the SuperNode's runtime API)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _child_path() -> str:
     """PATH for flower-supernode with our venv's bin first: systemd's PATH lacks it, and
     the SuperNode itself starts ``flower-superexec`` and ``flwr-clientapp`` by name."""
@@ -128,6 +137,10 @@ class Agent:
         self.serving = ServingModel(metrics=self.metrics)
         self.view = _ServingView(self.serving)
         self.hybrid: HybridPredictor | None = None
+        self._hybrid_manifest: Manifest | None = None
+        self._score_client: Any = None
+        self._started = False
+        self._supernode_down_reported = False
         self.drift: DriftMonitor | None = None
         self._drift_manifest: Manifest | None = None
         self._queue: collections.deque[Frame] = collections.deque(maxlen=cfg.input.queue_size)
@@ -169,6 +182,16 @@ class Agent:
         if self.cfg.fl.enabled:
             self._start_fl()
         self.metrics.set("agent_started", time.time())
+        self._started = True
+        if self.serving.active is None:
+            self.metrics.set("agent_state", "waiting_for_update")
+            log.warning("agent %s started without a model: waiting for an update",
+                        self.cfg.device_id)
+            if self.reporter is not None:
+                self.reporter.event("waiting_for_update",
+                                    message="no model yet: waiting for an update")
+        else:
+            self.metrics.set("agent_state", "serving")
         log.info("agent %s started", self.cfg.device_id)
         return self
 
@@ -188,7 +211,11 @@ class Agent:
             if self.updater.start() is not None:
                 return
         if self.cfg.model.package is None:
-            log.warning("no model yet: waiting for an update assignment")
+            if self.updater is None:
+                from edgefleet.device.core.errors import ConfigError
+
+                raise ConfigError("no model: set [model] package, or [updates] so the "
+                                  "agent can wait for one")
             return
         model = Predictor.load(self.cfg.model.package, variant=self.cfg.model.variant,
                                threads=self.cfg.model.threads, metrics=self.metrics)
@@ -307,7 +334,21 @@ class Agent:
         return out
 
     def _training_report(self) -> dict[str, Any]:
-        """Training state and ε from the privacy ledger the SuperNode's ClientApp keeps."""
+        """Training state and ε from the privacy ledger the SuperNode's ClientApp keeps;
+        whether the agent serves or waits; a SuperNode that cannot run."""
+        self.metrics.set("agent_state", "serving" if self.serving.active is not None
+                         else "waiting_for_update")
+        sn = self.supernode
+        if sn is not None and sn.gave_up:
+            if not self._supernode_down_reported and self.reporter is not None:
+                self._supernode_down_reported = True
+                log.error("flower-supernode keeps exiting: this device does not take part in "
+                          "federated learning (see %s)", self.state_dir / "supernode.log")
+                self.reporter.event("supernode_gave_up",
+                                    message="flower-supernode keeps exiting; no federated "
+                                            "learning on this device",
+                                    log=str(self.state_dir / "supernode.log"))
+            return {"training": {"state": "unavailable", "epsilon": None}}
         ledger = self._ledger_path()
         if ledger is None or not ledger.exists():
             return {}
@@ -338,8 +379,17 @@ class Agent:
             client = ScoreClient(self.cfg.mqtt, self.cfg.device_id, qos=self.cfg.fallback.qos,
                                  metrics=self.metrics).start()
             self._parts.append(client.close)
-        self.hybrid = HybridPredictor(self.view, self.cfg.fallback, client,
-                                      metrics=self.metrics)
+        self._score_client = client
+        if self.serving.active is not None:
+            self._hybrid_for(self.serving.active.manifest)
+
+    def _hybrid_for(self, manifest: Manifest) -> HybridPredictor:
+        """The cascade of the active model (a new one after a swap: its τ, labels, name)."""
+        if self.hybrid is None or manifest is not self._hybrid_manifest:
+            self._hybrid_manifest = manifest
+            self.hybrid = HybridPredictor(self.view, self.cfg.fallback, self._score_client,
+                                          metrics=self.metrics)
+        return self.hybrid
 
     def _start_updates(self) -> None:
         from edgefleet.device.updates.listener import UpdateAgent
@@ -371,8 +421,9 @@ class Agent:
         program = [_program(fl.supernode)]
         if fl.trusted_app_keys is not None:  # Flower's SuperNode + the fleet's app signature
             program = [sys.executable, "-m", "edgefleet.device.fl.supernode"]
+        port = fl.runtime_port or _free_port()
         argv = [*program, "--superlink", fl.superlink,
-                "--port", str(fl.runtime_port), "--node-config",
+                "--port", str(port), "--node-config",
                 " ".join(f"{k}={json.dumps(v)}" for k, v in node_cfg.items())]
         if fl.insecure:
             argv.append("--insecure")
@@ -437,11 +488,14 @@ class Agent:
 
     def answer(self, x: Any, raw: Any = None) -> Answer:
         """One sample through the cascade; records drift."""
-        if self.hybrid is None:
+        if not self._started:
             raise EdgefleetError("the agent is not started")
-        a = self.hybrid.predict(x, raw)
         active = self.serving.active
-        drift = self._drift_for(active.manifest) if active is not None else None
+        if active is None:
+            self.metrics.inc("inference_no_model")
+            raise EdgefleetError("no model yet: waiting for an update")
+        a = self._hybrid_for(active.manifest).predict(x, raw)
+        drift = self._drift_for(active.manifest)
         if drift is not None:
             drift.observe(x, a.local.confidence)
         return a

@@ -10,10 +10,12 @@ import datetime as dt
 import os
 import shutil
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgefleet.device.agent.settings import AgentConfig
 from edgefleet.device.core.errors import EdgefleetError
@@ -40,6 +42,8 @@ def _model(cfg: AgentConfig) -> tuple[bool, str]:
     from edgefleet.device.runtime.predictor import Predictor
 
     if cfg.model.package is None:
+        if not cfg.updates.enabled:
+            return False, "no model package and no update registry: the agent cannot start"
         return True, "no bootstrap package (waits for a signed update)"
     p = Predictor.load(cfg.model.package, variant=cfg.model.variant, threads=1)
     return True, f"{p.manifest.name} {p.manifest.version} ({p.variant}): verified, golden ok"
@@ -48,7 +52,8 @@ def _model(cfg: AgentConfig) -> tuple[bool, str]:
 def _keys(cfg: AgentConfig) -> tuple[bool, str]:
     wanted: list[Path] = []
     m = cfg.mqtt
-    wanted += [p for p in (m.ca_file, m.cert_file, m.key_file) if p is not None]
+    wanted += [p for p in (m.ca_file, m.cert_file, m.key_file, m.password_file)
+               if p is not None]
     if cfg.updates.enabled:
         wanted += [p for p in (cfg.updates.trusted_root, cfg.updates.ca_file) if p]
     if cfg.fl.enabled:
@@ -56,17 +61,106 @@ def _keys(cfg: AgentConfig) -> tuple[bool, str]:
     missing = [str(p) for p in wanted if not p.is_file()]
     if missing:
         return False, "missing: " + ", ".join(missing)
-    loose = [str(p) for p in wanted if p.suffix in (".key", ".pem") and "key" in p.name
-             and p.stat().st_mode & 0o077]
+    loose = [str(p) for p in wanted if ((p.suffix in (".key", ".pem") and "key" in p.name)
+                                        or p == m.password_file) and p.stat().st_mode & 0o077]
     if loose:
         return False, "private keys readable by others: " + ", ".join(loose)
     return True, f"{len(wanted)} file(s) present" if wanted else "none configured"
 
 
 def _broker(cfg: AgentConfig) -> tuple[bool, str]:
-    with socket.create_connection((cfg.mqtt.host, cfg.mqtt.port), timeout=3):
-        pass
-    return True, f"{cfg.mqtt.host}:{cfg.mqtt.port} accepts connections"
+    """A real MQTT 5 CONNECT with the agent's TLS settings and account (its own client
+    id, so a running agent keeps its session)."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    m = cfg.mqtt
+    where = f"{m.host}:{m.port}"
+    secret = m.secret()
+    if m.username and not secret:
+        return False, f"no password for {m.username} (password_file is empty)"
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"doctor-{os.getpid()}",
+                    protocol=mqtt.MQTTv5)
+    if m.username:
+        c.username_pw_set(m.username, secret)
+    if m.ca_file is not None:
+        c.tls_set(ca_certs=str(m.ca_file),
+                  certfile=str(m.cert_file) if m.cert_file else None,
+                  keyfile=str(m.key_file) if m.key_file else None,
+                  cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    answer: list[Any] = []
+    done = threading.Event()
+
+    def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        answer.append(rc)
+        done.set()
+
+    c.on_connect = on_connect
+    try:
+        c.connect(m.host, m.port, keepalive=10)
+    except ssl.SSLError as exc:
+        return False, f"TLS with {where} failed: {exc.reason or exc}"
+    except OSError as exc:
+        return False, f"cannot reach {where}: {exc.strerror or exc}"
+    c.loop_start()
+    try:
+        done.wait(8)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    if not answer:
+        return False, f"{where}: no answer to CONNECT in 8 s"
+    if answer[0].is_failure:
+        return False, f"{where} refused {m.username or 'anonymous'}: {answer[0]}"
+    return True, (f"{where}: connected as {m.username or 'anonymous'} "
+                  f"({'TLS' if m.ca_file else 'no TLS'})")
+
+
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _registry(cfg: AgentConfig) -> tuple[bool, str]:
+    """Fetch the registry's signed timestamp the way the updater does (TLS, its CA)."""
+    import urllib.error
+    import urllib.request
+
+    u = cfg.updates
+    if not u.enabled:
+        return True, "not configured (no updates)"
+    url = u.metadata_url.rstrip("/") + "/timestamp.json"
+    ctx = _tls_context(u.ca_file) if url.startswith("https://") else None
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+            resp.read(1 << 16)
+    except urllib.error.HTTPError as exc:
+        return False, f"{url}: HTTP {exc.code}"
+    except urllib.error.URLError as exc:
+        return False, f"{url}: {exc.reason}"
+    return True, f"{url}: ok ({'TLS' if ctx else 'plain HTTP'})"
+
+
+def _superlink(cfg: AgentConfig) -> tuple[bool, str]:
+    """A TLS handshake with the SuperLink, checked against the fleet CA."""
+    fl = cfg.fl
+    if not fl.enabled:
+        return True, "not configured (no federated learning)"
+    host, _, port = fl.superlink.rpartition(":")
+    if fl.insecure:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return True, f"{fl.superlink}: reachable (insecure)"
+    ctx = _tls_context(fl.root_certificates)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                pass
+        except ssl.SSLError as exc:
+            return False, f"TLS with {fl.superlink} failed: {exc.reason or exc}"
+    return True, f"{fl.superlink}: TLS ok"
 
 
 def _serial(cfg: AgentConfig) -> tuple[bool, str]:
@@ -97,8 +191,8 @@ def _disk(cfg: AgentConfig) -> tuple[bool, str]:
 
 
 CHECKS: list[tuple[str, Callable[[AgentConfig], tuple[bool, str]]]] = [
-    ("model", _model), ("keys", _keys), ("broker", _broker), ("serial", _serial),
-    ("clock", _clock), ("disk", _disk),
+    ("model", _model), ("keys", _keys), ("broker", _broker), ("registry", _registry),
+    ("superlink", _superlink), ("serial", _serial), ("clock", _clock), ("disk", _disk),
 ]
 
 

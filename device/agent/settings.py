@@ -107,9 +107,10 @@ class FlSection(StrictModel):
     root_certificates: Path | None = None
     auth_private_key: Path | None = None
     node_config: dict[str, str | int | float] = Field(default_factory=dict)
-    runtime_port: int = Field(default=9094, ge=1, le=65535,
-                              description="SuperNode's local runtime API port (Flower's "
-                                          "default; change it to run two on one host).")
+    runtime_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="SuperNode's local runtime API port (default: a free port at start, so "
+                    "several agents share a host).")
     supernode: str = Field(default="flower-supernode", description="Program to run.")
     trusted_app_keys: Path | None = Field(
         default=None, description="Flower trusted-entities YAML (the enrollment bundle's "

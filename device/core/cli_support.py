@@ -48,9 +48,33 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+def _plain_help_texts() -> None:
+    """Help texts are plain text: Typer parses them as Rich markup, which swallowed every
+    bracketed word ("Fleet home folder [default: ...]" printed as "Fleet home folder .",
+    "an [ingest] table" as "an  table"). Rich still draws the panels."""
+    import inspect
+
+    from rich.text import Text
+    from typer import rich_utils
+
+    original = rich_utils._make_rich_text
+    if getattr(original, "plain", False):
+        return
+
+    def plain(*, text: str, style: str = "", markup_mode: Any) -> Any:
+        if markup_mode == rich_utils.MARKUP_MODE_RICH:
+            return rich_utils.highlighter(Text(inspect.cleandoc(text), style=style))
+        return original(text=text, style=style, markup_mode=markup_mode)
+
+    plain.plain = True  # type: ignore[attr-defined]
+    setattr(rich_utils, "_make_rich_text", plain)  # noqa: B010
+
+
 def root_app(name: str, help: str, about: str) -> typer.Typer:
     """A top-level CLI (``edgefleet``, ``edgefleet-agent``): ``-h``, ``--version``, no
-    pretty tracebacks (errors are one line), help when called without arguments."""
+    pretty tracebacks (errors are one line), help when called without arguments, help
+    texts shown as written (no Rich markup)."""
+    _plain_help_texts()
     app = typer.Typer(name=name, help=help, no_args_is_help=True,
                       pretty_exceptions_enable=False,
                       context_settings={"help_option_names": ["-h", "--help"]})

@@ -222,6 +222,7 @@ class SupervisedProcess:
         *,
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
         backoff: Backoff | None = None,
         max_restarts: int = 5,
         window_s: float = 60.0,
@@ -231,6 +232,7 @@ class SupervisedProcess:
         self.argv = list(argv)
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
         self.backoff = backoff or Backoff(base=0.5, cap=30.0)
         self.max_restarts = max_restarts
         self.window_s = window_s
@@ -257,7 +259,7 @@ class SupervisedProcess:
             started = time.monotonic()
             try:
                 self.child = Child.start(self.name, self.argv, log_path=self.log_path,
-                                         env=self.env)
+                                         env=self.env, cwd=self.cwd)
             except OSError as exc:
                 log.error("%s: cannot start: %s", self.name, exc)
                 self.metrics.inc(f"{self.name}_spawn_errors")

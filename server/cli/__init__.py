@@ -42,6 +42,7 @@ def _register() -> None:
         retrain_cmd,
         rollout_cmd,
         scorer_cmd,
+        server_cmd,
         telemetry_cmd,
         train_cmd,
     )
@@ -52,6 +53,7 @@ def _register() -> None:
         "devices": devices_cmd.app, "keys": keys_cmd.app, "registry": registry_cmd.app,
         "audit": audit_cmd.app, "retrain": retrain_cmd.retrain_app,
         "approvals": retrain_cmd.approvals_app, "privacy": privacy_cmd.app,
+        "server": server_cmd.app,
     }
     for name, group in groups.items():
         app.add_typer(group, name=name)

@@ -23,9 +23,10 @@ def verify(
 
     Example: edgefleet audit verify --registry /srv/registry
     """
+    from edgefleet.server.cli.home_opts import registry_path
     from edgefleet.server.fleet.audit import AuditLog
 
-    report = AuditLog(home / "audit.jsonl").verify()
+    report = AuditLog(registry_path(home, None) / "audit.jsonl").verify()
     if json_out:
         print_json({"ok": True, "entries": report.entries, "head": report.head})
     else:
@@ -42,9 +43,10 @@ def show(
 
     Example: edgefleet audit show --limit 5
     """
+    from edgefleet.server.cli.home_opts import registry_path
     from edgefleet.server.fleet.audit import AuditLog
 
-    entries = AuditLog(home / "audit.jsonl").entries()[-limit:]
+    entries = AuditLog(registry_path(home, None) / "audit.jsonl").entries()[-limit:]
     if json_out:
         print_json({"entries": entries})
         return

@@ -59,6 +59,29 @@ def fleet_init(
     registry_ca: Path | None = typer.Option(None, "--registry-ca",
                                             help="CA of the registry's HTTPS certificate "
                                                  "(the fleet CA: certs/ca.pem)."),
+    certs: Path | None = typer.Option(
+        None, "--certs", help="Folder of `edgefleet certs init` (+ `certs issue registry`, "
+        "`certs issue broker`): its ca.pem becomes the default of --broker-ca, "
+        "--superlink-ca and --registry-ca, and `server up` takes the servers' "
+        "certificates from it."),
+    registry: Path | None = typer.Option(None, "--registry", help="Model registry folder "
+                                         "(default: <home>/registry)."),
+    store: str | None = typer.Option(None, "--store", help="Fleet store, path or DSN "
+                                     "(default: <home>/fleet.db)."),
+    scorer_package: Path | None = typer.Option(None, "--scorer-package",
+                                               help="Cloud model package `server up` "
+                                                    "serves with a scorer."),
+    listen: str = typer.Option("0.0.0.0", "--listen", help="Address the device-facing "
+                               "listeners of `server up` bind to."),
+    broker_local_port: int = typer.Option(1884, "--broker-local-port",
+                                          help="The broker's loopback listener for the "
+                                               "services (no TLS)."),
+    broker_user: str | None = typer.Option(
+        None, "--broker-user", help="User mosquitto drops to when the server runs as root "
+        "(default: mosquitto, when that user exists and this runs as root)."),
+    broker_dir: Path | None = typer.Option(
+        None, "--broker-dir", help="Folder for the broker's files (default: <home>/broker); "
+        "broker_user must be able to reach it."),
     update: bool = typer.Option(False, "--update", help="Change the settings of an existing "
                                                        "home (devices are kept)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -66,24 +89,47 @@ def fleet_init(
     """Create the fleet home: fleet.toml, service accounts and broker password/ACL files.
 
     Example:
-        edgefleet fleet init --broker mqtt.example.org:8883 --broker-ca ca.pem
-        --superlink fl.example.org:9092 --superlink-ca certs/ca.pem
-        --metadata-url https://reg.example.org/metadata/
-        --targets-url https://reg.example.org/targets/ --trusted-root root.json
-        --registry-ca certs/ca.pem
+        edgefleet fleet init --certs /srv/edgefleet/certs
+        --broker mqtt.example.org:8883 --superlink fl.example.org:9092
+        --metadata-url https://reg.example.org:8470/metadata/
+        --targets-url https://reg.example.org:8470/targets/
 
-    Then point mosquitto at the files it prints (password_file, acl_file).
+    Then `edgefleet server up` runs every service from this home.
     """
-    from edgefleet.server.fleet.home import SERVICE_ROLES, FleetHome
+    import os
+    import pwd
+
+    from edgefleet.device.core.config import registry_is_https
+    from edgefleet.server.fleet.home import SERVICE_ROLES, FleetHome, default_root
 
     host, port = _host_port(broker, "--broker")
     if superlink:
         _host_port(superlink, "--superlink")
+    if certs is not None:
+        ca = certs / "ca.pem"
+        broker_ca = broker_ca or ca
+        superlink_ca = superlink_ca or (ca if superlink else None)
+        if registry_is_https(metadata_url, targets_url):
+            registry_ca = registry_ca or ca
+    root = home or default_root()
+    reg = registry or root / "registry"
+    if metadata_url and trusted_root is None and (reg / "repo/metadata/1.root.json").is_file():
+        trusted_root = reg / "repo/metadata/1.root.json"
+    if broker_user is None and os.geteuid() == 0:
+        try:
+            broker_user = pwd.getpwnam("mosquitto").pw_name
+        except KeyError:
+            broker_user = None
+    server = {"certs": certs, "registry": registry, "store": store,
+              "scorer_package": scorer_package, "listen": listen,
+              "broker_local_port": broker_local_port, "broker_user": broker_user,
+              "broker_dir": broker_dir}
     h = FleetHome.create(home, update=update, broker_host=host, broker_port=port,
                          broker_ca=broker_ca, broker_pid_file=broker_pid_file,
                          superlink=superlink, superlink_ca=superlink_ca,
                          metadata_url=metadata_url, targets_url=targets_url,
-                         trusted_root=trusted_root, registry_ca=registry_ca)
+                         trusted_root=trusted_root, registry_ca=registry_ca,
+                         server={k: v for k, v in server.items() if v is not None})
     from edgefleet.server.fleet.broker import limit_lines
 
     files = h.broker_files()
@@ -101,6 +147,7 @@ def fleet_init(
                   + "\n".join(f"           {line}" for line in limit_lines()),
                   markup=False, highlight=False)
     console.print("service passwords: " + ", ".join(services.values()))
+    console.print("start every service: edgefleet server up")
 
 
 @app.command()
@@ -137,8 +184,7 @@ def enroll(
 
 
 def _when(ts: float | None) -> str:
-    return "-" if ts is None else dt.datetime.fromtimestamp(ts).isoformat(
-        sep=" ", timespec="seconds")
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
 
 @app.command("ls")
@@ -155,10 +201,13 @@ def ls(home: Path | None = _home_option(),
     if json_out:
         print_json({"devices": [r.as_dict() for r in rows]})
         return
+    from rich import box
+
     t = Table(title=f"{sum(r.active for r in rows)} enrolled, "
-                    f"{sum(not r.active for r in rows)} revoked")
+                    f"{sum(not r.active for r in rows)} revoked", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("device", "group", "enrolled", "revoked", "SuperNode", "node id"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("device", "node id"))
     for r in rows:
         t.add_row(r.name, r.group, _when(r.enrolled_at), _when(r.revoked_at), r.fl_state,
                   "-" if r.node_id is None else str(r.node_id))

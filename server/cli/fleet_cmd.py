@@ -1,7 +1,7 @@
 """``edgefleet fleet ls|show``, ``edgefleet alerts``, ``edgefleet report``: read the fleet store.
 
 Every command takes ``--db`` (a SQLite path or a ``postgresql://`` DSN; default
-``$EDGEFLEET_DB`` or ``~/.local/share/edgefleet/fleet.db``).
+``$EDGEFLEET_DB``, else the fleet home's store, ``<home>/fleet.db``) and ``--home``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import typer
 
 from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.device.core.errors import UsageError
+from edgefleet.server.cli.home_opts import HOME_OPTION
 
 __all__ = ["alerts", "app", "db_option", "report"]
 
@@ -24,18 +25,15 @@ app = typer.Typer(help="The device registry: who is online, what they run, how t
 def db_option() -> Any:
     """The shared ``--db`` option."""
     return typer.Option(None, "--db", envvar="EDGEFLEET_DB",
-                        help="Fleet store: SQLite path or postgresql:// DSN "
-                             "[default: ~/.local/share/edgefleet/fleet.db].")
+                        help="Fleet store: SQLite path or postgresql:// DSN (default: the "
+                             "fleet home's, <home>/fleet.db).")
 
 
-def _store(db: str | None) -> Any:
-    from edgefleet.server.telemetry.store import default_db, open_store
+def _store(db: str | None, home: Path | None = None) -> Any:
+    from edgefleet.server.cli.home_opts import store_target
+    from edgefleet.server.telemetry.store import open_store
 
-    target = db or default_db()
-    if "://" not in target and not Path(target).exists():
-        raise UsageError(f"no fleet store at {target} (run `edgefleet ingest run` first, "
-                         "or pass --db)")
-    return open_store(target)
+    return open_store(store_target(db, home))
 
 
 def _when(ts: float | None) -> str:
@@ -59,6 +57,27 @@ def _row(d: dict[str, Any]) -> dict[str, Any]:
             "messages": d["messages"], "spool_dropped": d["spool_dropped"]}
 
 
+def _seen(r: dict[str, Any]) -> str:
+    """``online``, else how long ago it was last heard of (fits a narrow column)."""
+    import time
+
+    if r["online"]:
+        return "[green]online[/]"
+    if r["last_seen"] is None:
+        return "[red]never[/]"
+    ago = max(0.0, time.time() - r["last_seen"])
+    for unit, secs in (("d", 86400), ("h", 3600), ("m", 60)):
+        if ago >= secs:
+            return f"[red]{ago // secs:.0f}{unit} ago[/]"
+    return f"[red]{ago:.0f}s ago[/]"
+
+
+def _model(r: dict[str, Any]) -> str:
+    if not r["model_version"]:
+        return "-"
+    return f"{r['model_name']}@{r['model_version']}" if r["model_name"] else r["model_version"]
+
+
 def _fmt(v: Any, pct: bool = False) -> str:
     if v is None:
         return "-"
@@ -68,7 +87,7 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 @app.command("ls")
-def ls(db: str | None = db_option(),
+def ls(db: str | None = db_option(), home: Path | None = HOME_OPTION,
        json_out: bool = typer.Option(False, "--json", help="One JSON object: {devices: [...]}.")
        ) -> None:
     """List every device the ingest has heard of.
@@ -77,17 +96,20 @@ def ls(db: str | None = db_option(),
     """
     from rich.table import Table
 
-    rows = [_row(d) for d in _store(db).devices()]
+    rows = [_row(d) for d in _store(db, home).devices()]
     if json_out:
         print_json({"devices": rows})
         return
-    t = Table(title=f"{len(rows)} devices")
-    for col in ("device", "online", "last seen", "model", "inferences", "fallback",
-                "degraded", "drift PSI", "ε"):
-        t.add_column(col, justify="left" if col in ("device", "model", "last seen") else "right")
+    from rich import box
+
+    t = Table(title=f"{len(rows)} devices", box=box.SIMPLE_HEAD, padding=(0, 1),
+              title_justify="left", pad_edge=False, collapse_padding=True)
+    for col in ("device", "seen", "model", "inf", "fallback", "degraded", "PSI", "ε"):
+        left = col in ("device", "model", "seen")
+        t.add_column(col, justify="left" if left else "right", no_wrap=col == "model",
+                     overflow="fold")
     for r in rows:
-        t.add_row(r["device"], "[green]yes[/]" if r["online"] else "[red]no[/]",
-                  _when(r["last_seen"]), r["model_version"] or "-", str(r["inferences"]),
+        t.add_row(r["device"], _seen(r), _model(r), str(r["inferences"]),
                   _fmt(r["fallback_rate"], True), _fmt(r["degraded_rate"], True),
                   _fmt(r["drift"]), _fmt(r["epsilon"]))
     console.print(t)
@@ -95,12 +117,13 @@ def ls(db: str | None = db_option(),
 
 @app.command()
 def show(device: str = typer.Argument(..., help="Device id."), db: str | None = db_option(),
+         home: Path | None = HOME_OPTION,
          json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
     """Everything the store knows about one device: registry row, latest report, events.
 
     Example: edgefleet fleet show pi-07
     """
-    store = _store(db)
+    store = _store(db, home)
     d = store.device(device)
     if d is None:
         raise UsageError(f"unknown device {device!r} (see `edgefleet fleet ls`)")
@@ -129,7 +152,7 @@ def show(device: str = typer.Argument(..., help="Device id."), db: str | None = 
         console.print(f"  {_when(e['ts'])}  {e['kind']:24s} {e['message']}")
 
 
-def alerts(db: str | None = db_option(),
+def alerts(db: str | None = db_option(), home: Path | None = HOME_OPTION,
            limit: int = typer.Option(50, "--limit", min=1, help="How many recent events."),
            json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
     """Open alerts (drift, fallback/degraded rate, silent devices) and recent alert events.
@@ -138,7 +161,7 @@ def alerts(db: str | None = db_option(),
     """
     from rich.table import Table
 
-    store = _store(db)
+    store = _store(db, home)
     open_ = store.open_alerts()
     events = [e for e in store.events(limit=limit * 4)
               if e["kind"].startswith(("alert.", "resolved."))][:limit]
@@ -158,7 +181,7 @@ def alerts(db: str | None = db_option(),
 
 
 def report(out: Path = typer.Option(..., "--out", help="Folder for index.html and PNGs."),
-           db: str | None = db_option(),
+           db: str | None = db_option(), home: Path | None = HOME_OPTION,
            limit: int = typer.Option(20_000, "--limit", min=1,
                                      help="Metrics messages to read (newest)."),
            fl_db: Path | None = typer.Option(
@@ -174,7 +197,7 @@ def report(out: Path = typer.Option(..., "--out", help="Folder for index.html an
     """
     from edgefleet.server.telemetry.report import write_report
 
-    written = write_report(_store(db), out, limit=limit, fl_db=fl_db)
+    written = write_report(_store(db, home), out, limit=limit, fl_db=fl_db)
     if json_out:
         print_json({"report": str(written), "files": sorted(p.name for p in out.iterdir())})
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -12,6 +11,12 @@ import typer
 
 from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.server.cli.fleet_cmd import db_option
+from edgefleet.server.cli.home_opts import (
+    BROKER_CA_OPTION,
+    BROKER_OPTION,
+    HOME_OPTION,
+    PASSWORD_FILE_OPTION,
+)
 
 __all__ = ["app"]
 
@@ -22,10 +27,16 @@ app = typer.Typer(help="Receive device telemetry over MQTT into the fleet store.
 @app.command()
 def run(
     db: str | None = db_option(),
+    home: Path | None = HOME_OPTION,
+    broker: str | None = BROKER_OPTION,
+    password_file: Path | None = PASSWORD_FILE_OPTION,
+    broker_ca: Path | None = BROKER_CA_OPTION,
     config: list[Path] = typer.Option([], "--config", "-c",
                                       help="TOML file(s) with an [ingest] table."),
-    host: str | None = typer.Option(None, "--host", help="Broker host."),
-    port: int | None = typer.Option(None, "--port", help="Broker port."),
+    host: str | None = typer.Option(None, "--host", hidden=True,
+                                    help="Broker host (use --broker)."),
+    port: int | None = typer.Option(None, "--port", hidden=True,
+                                    help="Broker port (use --broker)."),
     username: str | None = typer.Option(None, "--username", help="Broker user (the ACL's "
                                         "service user)."),
     shared: bool = typer.Option(False, "--shared/--exclusive",
@@ -39,28 +50,31 @@ def run(
 ) -> None:
     """Subscribe to edgefleet/v1/+/+ and store every message exactly once.
 
-    The password comes from $EDGEFLEET_MQTT_PASSWORD (never the command line).
+    Broker, account and store come from the fleet home (the ingest account, its password
+    file, <home>/fleet.db); --broker, --username, --password-file, --db override.
 
-    Example: edgefleet ingest run --db fleet.db --port 1883 --username ingest
+    Example: edgefleet ingest run --home /srv/edgefleet/fleet
     """
     from edgefleet.device.core.config import StrictModel, load_config
     from edgefleet.device.core.metrics import default_metrics
+    from edgefleet.server.cli.home_opts import mqtt_for, store_target
     from edgefleet.server.telemetry.ingest import IngestConfig, IngestService
-    from edgefleet.server.telemetry.store import default_db, open_store
+    from edgefleet.server.telemetry.store import open_store
 
     class _File(StrictModel):
         ingest: IngestConfig = IngestConfig()
 
-    mqtt: dict[str, Any] = {}
-    for key, val in (("host", host), ("port", port), ("username", username),
-                     ("password", os.environ.get("EDGEFLEET_MQTT_PASSWORD"))):
+    base = mqtt_for("ingest", home, broker=broker, username=username,
+                    password_file=password_file, broker_ca=broker_ca)
+    mqtt: dict[str, Any] = base.model_dump(exclude_unset=True, exclude_none=True)
+    for key, val in (("host", host), ("port", port)):
         if val is not None:
             mqtt[key] = val
     over: dict[str, Any] = {"ingest": {"mqtt": mqtt}}
     if shared:
         over["ingest"]["shared"] = True
     cfg = load_config(_File, config, over).ingest
-    store = open_store(db or default_db())
+    store = open_store(store_target(db, home, must_exist=False))
     svc = IngestService(store, cfg)
 
     def _stop(*_: object) -> None:

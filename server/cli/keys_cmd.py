@@ -30,11 +30,11 @@ def init(
     """
     from edgefleet.server.fleet.keys import ROLES
 
-    reg = open_registry(home, root_key, passphrase_file)
+    reg = open_registry(home, root_key, passphrase_file, create=True)
     signers = {role: reg.keys.generate(role) for role in ROLES}
     reg.init_repo()
     keys = {r: s.public_key.keyid for r, s in signers.items()}
-    out = {"registry": str(home), "root": str(reg.repo.metadata_dir / "1.root.json"),
+    out = {"registry": str(reg.home), "root": str(reg.repo.metadata_dir / "1.root.json"),
            "keys": keys, "encrypted": reg.keys.passphrase is not None}
     if json_out:
         print_json(out)

@@ -15,13 +15,15 @@ from edgefleet.device.core.cli_support import console, print_json
 if TYPE_CHECKING:
     from edgefleet.server.registry.repository import Registry
 
-__all__ = ["HOME", "PASSPHRASE_FILE", "ROOT_KEY", "app", "open_registry"]
+__all__ = ["HOME", "PASSPHRASE_FILE", "ROOT_KEY", "accuracy", "app", "open_registry",
+           "registered_tau", "warn_no_tau"]
 
 app = typer.Typer(help="The model registry: versions, lineage, metrics, TUF-signed artifacts.",
                   no_args_is_help=True)
 
-HOME = typer.Option(Path("registry"), "--registry", envvar="EDGEFLEET_REGISTRY",
-                    help="Registry home folder (database, artifacts, TUF metadata, audit log).")
+HOME = typer.Option(None, "--registry", envvar="EDGEFLEET_REGISTRY",
+                    help="Registry folder: database, artifacts, TUF metadata, audit log "
+                         "(default: the fleet home's, <home>/registry).")
 ROOT_KEY = typer.Option(None, "--root-key", envvar="EDGEFLEET_ROOT_KEY",
                         help="Root private key kept offline (default: <registry>/keys/root.pem).")
 PASSPHRASE_FILE = typer.Option(None, "--passphrase-file",
@@ -29,16 +31,70 @@ PASSPHRASE_FILE = typer.Option(None, "--passphrase-file",
                                     "EDGEFLEET_KEY_PASSPHRASE).")
 
 
-def open_registry(home: Path, root_key: Path | None = None,
-                  passphrase_file: Path | None = None) -> Registry:
-    """The registry in ``home`` with its key ring (passphrase from file or environment)."""
+def open_registry(home: Path | None, root_key: Path | None = None,
+                  passphrase_file: Path | None = None, *, fleet: Path | None = None,
+                  create: bool = False) -> Registry:
+    """The registry in ``home`` (None: the fleet home's) with its key ring (passphrase
+    from file or environment). A registry that does not exist is an error unless
+    ``create`` (``keys init``): a mistyped path must not become an empty registry."""
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.cli.home_opts import registry_path
     from edgefleet.server.fleet.keys import KeyRing
     from edgefleet.server.registry.repository import Registry
+
+    home = registry_path(home, fleet)
+    if not create and not (home / "registry.db").is_file():
+        raise UsageError(f"no model registry at {home} (create one with `edgefleet keys "
+                         "init`, or pass --registry)")
 
     secret = (passphrase_file.read_bytes().strip() if passphrase_file
               else os.environ.get("EDGEFLEET_KEY_PASSPHRASE", "").encode())
     keys = KeyRing(home / "keys", passphrase=secret or None, root_key=root_key)
     return Registry(home, keys)
+
+
+NO_TAU = ("has no τ (fallback_threshold): devices running it never ask the cloud "
+          "scorer. Choose one with `edgefleet models cascade PACKAGE CLOUD_PACKAGE` and push "
+          "that as a new version")
+
+
+def registered_tau(reg: Registry, sha256: str) -> float | None:
+    """τ of a registered version, read from the manifest inside its stored archive."""
+    import json
+    import tarfile
+
+    with tarfile.open(reg.artifacts / sha256) as tar:
+        member = tar.extractfile("manifest.json")
+        if member is None:
+            return None
+        tau = json.loads(member.read()).get("fallback_threshold")
+    return float(tau) if isinstance(tau, int | float) else None
+
+
+def warn_no_tau(ref: str) -> None:
+    """The loud warning for a package that never escalates."""
+    from edgefleet.device.core.cli_support import err_console
+
+    err_console.print(f"[bold yellow]warning:[/] {ref} {NO_TAU}", highlight=False)
+
+
+def accuracy(metrics: object) -> float | None:
+    """The test accuracy a package's manifest reports: top-level, else its first variant's
+    (``{"onnx-fp32": {"accuracy": ...}, ...}``), else None."""
+    if not isinstance(metrics, dict):
+        return None
+    acc = metrics.get("accuracy")
+    if isinstance(acc, int | float):
+        return float(acc)
+    if isinstance(acc, dict):
+        metrics = acc
+    for key in sorted(metrics):
+        v = metrics[key]
+        if isinstance(v, dict) and isinstance(v.get("accuracy"), int | float):
+            return float(v["accuracy"])
+        if isinstance(v, int | float) and isinstance(acc, dict):
+            return float(v)
+    return None
 
 
 @app.command()
@@ -52,8 +108,12 @@ def push(
 
     Example: edgefleet registry push out/digits --registry /srv/edgefleet/registry
     """
+    from edgefleet.device.runtime.manifest import read_manifest
+
     reg = open_registry(home, passphrase_file=passphrase_file)
     rec = reg.push(package)
+    if read_manifest(package).fallback_threshold is None:
+        warn_no_tau(f"{rec.name}@{rec.version}")
     if json_out:
         print_json(rec.as_dict())
     else:
@@ -75,15 +135,19 @@ def ls(
     if json_out:
         print_json({"models": [r.as_dict() for r in recs]})
         return
-    table = Table("model", "version", "task", "size", "sha256", "accuracy", "pushed", "yanked")
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, collapse_padding=True)
+    for col in ("model", "version", "task", "accuracy", "parent", "MB", "pushed"):
+        table.add_column(col, no_wrap=col in ("model", "version", "parent"),
+                         justify="right" if col in ("accuracy", "MB") else "left")
     for r in recs:
-        acc = r.metrics.get("accuracy") if isinstance(r.metrics, dict) else None
-        if isinstance(acc, dict):
-            acc = next(iter(acc.values()), None)
-        table.add_row(r.name, r.version, r.task, str(r.size), r.sha256[:12],
-                      f"{acc:.3f}" if isinstance(acc, float) else "-",
-                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.pushed_at)),
-                      "yes" if r.yanked else "")
+        acc = accuracy(r.metrics)
+        parent = r.lineage.get("parent") if isinstance(r.lineage, dict) else None
+        table.add_row(r.name, r.version + (" (yanked)" if r.yanked else ""), r.task,
+                      "-" if acc is None else f"{acc:.3f}", str(parent or "-"),
+                      f"{r.size / 1e6:.1f}",
+                      time.strftime("%Y-%m-%d", time.gmtime(r.pushed_at)))
     console.print(table)
 
 

@@ -74,6 +74,7 @@ def watch(
     cfg = load_config(RetrainConfig, [config] if config else [])
     policy = cfg.retrain.model_copy(update=over)
     registry = open_registry(home)
+    home = registry.home
     store = open_store(db)
     signals = StoreSignals(store, fleet)
     view: FleetView | None = None
@@ -103,7 +104,7 @@ def watch(
 
     ctl = RetrainController(
         policy, group, signals=signals, audit=registry.audit, state=home / STATE,
-        start_run=TrainCommand(home / "retrain", len(signals.members(group))),
+        start_run=TrainCommand(home / "retrain", len(signals.members(group)), registry.home),
         push=push_with(registry), canary=canary, promote=promote)
     try:
         while True:
@@ -144,9 +145,10 @@ def pending(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from edgefleet.server.cli.home_opts import registry_path
     from edgefleet.server.retrain.policy import Approvals
 
-    rows = Approvals(home / STATE).rows(None if all_ else "pending")
+    rows = Approvals(registry_path(home, None) / STATE).rows(None if all_ else "pending")
     if json_out:
         print_json({"requests": rows})
         return
@@ -159,10 +161,12 @@ def pending(
                       f"{len(d.get('alerting', []))}/{d.get('devices', '?')} devices alerting")
 
 
-def _decide(rid: str, home: Path, approve: bool, json_out: bool) -> None:
+def _decide(rid: str, home: Path | None, approve: bool, json_out: bool) -> None:
+    from edgefleet.server.cli.home_opts import registry_path
     from edgefleet.server.fleet.audit import AuditLog
     from edgefleet.server.retrain.policy import Approvals, decide
 
+    home = registry_path(home, None)
     row = decide(Approvals(home / STATE), AuditLog(home / "audit.jsonl"), rid, approve,
                  getpass.getuser())
     if json_out:

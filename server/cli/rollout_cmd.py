@@ -9,7 +9,6 @@ that stops unhealthy canaries when nobody is watching (docs/operations.md).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -22,6 +21,7 @@ from typer.core import TyperGroup
 
 from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.device.core.errors import UsageError
+from edgefleet.server.cli.home_opts import HOME_OPTION
 from edgefleet.server.cli.registry_cmd import HOME, open_registry
 
 if TYPE_CHECKING:
@@ -48,8 +48,9 @@ rollout_app = typer.Typer(
     help="Roll a model version out (`edgefleet rollout MODEL@VERSION --canary 10%` is "
          "`rollout start`), or guard running canaries (`rollout guard`).")
 
-BROKER = typer.Option("127.0.0.1:1883", "--broker", envvar="EDGEFLEET_BROKER",
-                      help="MQTT broker host:port the devices listen on (credentials: "
+BROKER = typer.Option(None, "--broker", envvar="EDGEFLEET_BROKER",
+                      help="MQTT broker HOST:PORT (default: the fleet home's loopback "
+                           "listener with the operator account; else 127.0.0.1:1883 with "
                            "$EDGEFLEET_MQTT_USERNAME, $EDGEFLEET_MQTT_PASSWORD).")
 
 
@@ -61,19 +62,24 @@ def _host_port(broker: str) -> tuple[str, int]:
         raise UsageError(f"--broker {broker!r}: expected HOST:PORT") from None
 
 
-def _view(broker: str) -> FleetView:
+def _view(broker: str | None, fleet: Path | None = None) -> FleetView:
+    """The operator's view of the fleet: the home's operator account unless overridden."""
+    from edgefleet.server.cli.home_opts import mqtt_for
     from edgefleet.server.rollout.fleet_view import FleetView
 
-    host, port = _host_port(broker)
-    return FleetView(host, port, username=os.environ.get("EDGEFLEET_MQTT_USERNAME"),
-                     password=os.environ.get("EDGEFLEET_MQTT_PASSWORD"))
+    if broker:
+        _host_port(broker)
+    cfg = mqtt_for("operator", fleet, broker=broker)
+    return FleetView(cfg.host, cfg.port, username=cfg.username, password=cfg.secret())
 
 
-def _controller(home: Path, broker: str) -> tuple[RolloutController, FleetView]:
+def _controller(home: Path | None, broker: str | None,
+                fleet: Path | None = None) -> tuple[RolloutController, FleetView]:
     from edgefleet.server.rollout.controller import RolloutController
 
-    view = _view(broker)
-    return RolloutController(open_registry(home), view, view), view
+    reg = open_registry(home, fleet=fleet)
+    view = _view(broker, fleet)
+    return RolloutController(reg, view, view), view
 
 
 def _percent(text: str) -> float:
@@ -94,7 +100,8 @@ def rollout(
                                                "error+degraded+fallback rate passes this."),
     watch: float = typer.Option(0.0, help="Watch the canary this many seconds (auto-stop)."),
     home: Path = HOME,
-    broker: str = BROKER,
+    fleet_home: Path | None = HOME_OPTION,
+    broker: str | None = BROKER,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Assign a registered model version to a canary, devices, a group or the fleet.
@@ -104,10 +111,18 @@ def rollout(
       edgefleet rollout digits-mlp@1.1.0 --devices pi-01,pi-02 --shadow
       edgefleet rollout digits-mlp@1.1.0 --group lab
     """
+    from edgefleet.server.cli.registry_cmd import registered_tau, warn_no_tau
     from edgefleet.server.registry.repository import parse_ref
 
     model, version = parse_ref(ref)
-    ctl, view = _controller(home, broker)
+    reg = open_registry(home, fleet=fleet_home)
+    try:
+        rec = reg.get(model, version)
+        if rec is not None and registered_tau(reg, rec.sha256) is None:
+            warn_no_tau(ref)
+    finally:
+        reg.close()
+    ctl, view = _controller(home, broker, fleet_home)
     try:
         r = ctl.start(model, version, fleet=view.fleet(1.0),
                       canary_pct=_percent(canary) if canary else None,
@@ -128,14 +143,15 @@ def rollout(
 def promote(
     model: str = typer.Argument(..., help="Model whose running rollout becomes fleet-wide."),
     home: Path = HOME,
-    broker: str = BROKER,
+    fleet_home: Path | None = HOME_OPTION,
+    broker: str | None = BROKER,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Promote the running canary of MODEL to every device.
 
     Example: edgefleet promote digits-mlp
     """
-    ctl, view = _controller(home, broker)
+    ctl, view = _controller(home, broker, fleet_home)
     try:
         r = ctl.promote(model)
     finally:
@@ -149,14 +165,15 @@ def promote(
 def rollback(
     model: str = typer.Argument(..., help="Model to roll back."),
     home: Path = HOME,
-    broker: str = BROKER,
+    fleet_home: Path | None = HOME_OPTION,
+    broker: str | None = BROKER,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Stop MODEL's running canary, or return the fleet to the version before the last promotion.
 
     Example: edgefleet rollback digits-mlp
     """
-    ctl, view = _controller(home, broker)
+    ctl, view = _controller(home, broker, fleet_home)
     try:
         r = ctl.rollback(model)
     finally:
@@ -178,7 +195,8 @@ def guard(
                                        help="Judge a device's rate only after this many "
                                             "inferences on the candidate."),
     home: Path = HOME,
-    broker: str = BROKER,
+    fleet_home: Path | None = HOME_OPTION,
+    broker: str | None = BROKER,
     json_out: bool = typer.Option(False, "--json", help="With --once: one JSON object; "
                                   "else one JSON line per pass."),
 ) -> None:
@@ -194,12 +212,20 @@ def guard(
 
       edgefleet rollout guard --once --json          (from cron)
     """
+    from edgefleet.server.cli.home_opts import fleet_home as find_fleet_home
+    from edgefleet.server.cli.home_opts import store_target
     from edgefleet.server.rollout.guard import GuardPass, RolloutGuard
     from edgefleet.server.telemetry.store import open_store
 
-    _host_port(broker)
-    store = open_store(db) if db else None
-    g = RolloutGuard(open_registry(home), lambda: _view(broker), store=store,
+    if broker:
+        _host_port(broker)
+    reg = open_registry(home, fleet=fleet_home)
+    fh = find_fleet_home(fleet_home)
+    if db is None and fh is not None:  # the home's store, once the ingest has made it
+        db = fh.store_target if "://" in fh.store_target or Path(
+            fh.store_target).exists() else None
+    store = open_store(store_target(db, fleet_home)) if db else None
+    g = RolloutGuard(reg, lambda: _view(broker, fleet_home), store=store,
                      interval=interval, min_inferences=min_inferences)
 
     def report(p: GuardPass) -> None:
@@ -226,8 +252,8 @@ def guard(
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _stop)
         if not json_out:
-            console.print(f"guarding the running canaries of {home} every {interval:g} s "
-                          f"(broker {broker}); Ctrl-C to stop")
+            console.print(f"guarding the running canaries of {reg.home} every "
+                          f"{interval:g} s; Ctrl-C to stop")
         g.run(report)
     finally:
         g.close()

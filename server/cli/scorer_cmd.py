@@ -7,6 +7,14 @@ from pathlib import Path
 import typer
 
 from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.server.cli.home_opts import (
+    BROKER_CA_OPTION,
+    BROKER_OPTION,
+    HOME_OPTION,
+    PASSWORD_FILE_OPTION,
+    USERNAME_OPTION,
+)
+from edgefleet.server.cli.home_opts import parse_broker as _parse_broker
 
 __all__ = ["app", "parse_broker"]
 
@@ -19,24 +27,14 @@ app = typer.Typer(
 
 def parse_broker(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``HOST``, port 1883) → ``(host, port)``."""
-    from edgefleet.device.core.errors import UsageError
-
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return value, 1883
-    try:
-        num = int(port)
-    except ValueError:
-        raise UsageError(f"--broker must be HOST:PORT, not {value!r}") from None
-    if not host or not 0 < num < 65536:
-        raise UsageError(f"--broker must be HOST:PORT, not {value!r}")
-    return host, num
+    return _parse_broker(value)
 
 
 @app.command()
 def run(
     package: Path = typer.Option(..., "--package", "-p", help="Cloud model package folder."),
-    broker: str = typer.Option("127.0.0.1:1883", "--broker", help="MQTT broker HOST:PORT."),
+    home: Path | None = HOME_OPTION,
+    broker: str | None = BROKER_OPTION,
     scorer_id: str = typer.Option("scorer", "--id", help="This process's name (in replies "
                                   "and its status topic)."),
     group: str = typer.Option("scorers", "--group", help="Shared-subscription group: "
@@ -45,19 +43,24 @@ def run(
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0,
                                       help="Longest a request waits for its batch to fill."),
     threads: int = typer.Option(2, "--threads", min=1, help="onnxruntime threads."),
-    username: str = typer.Option("", "--username", help="MQTT user name."),
-    password_env: str = typer.Option("", "--password-env", help="Name of the environment "
-                                     "variable holding the MQTT password."),
+    username: str | None = USERNAME_OPTION,
+    password_file: Path | None = PASSWORD_FILE_OPTION,
+    broker_ca: Path | None = BROKER_CA_OPTION,
+    password_env: str = typer.Option("", "--password-env", hidden=True,
+                                     help="Name of the environment variable holding the "
+                                          "MQTT password (use --password-file)."),
     duration: float = typer.Option(0.0, "--duration", min=0.0,
                                    help="Stop after this many seconds (0: until SIGTERM)."),
     json_out: bool = typer.Option(False, "--json", help="On exit, print the counters as JSON."),
 ) -> None:
     """Serve a cloud model package to devices through the broker until stopped.
 
-    Two processes with the same --group split the load:
+    Broker and account come from the fleet home (the scorer account and its password
+    file); --broker, --username, --password-file override. Two processes with the same
+    --group split the load:
 
-        edgefleet scorer run --package out/digits-cloud --broker 127.0.0.1:1883 --id s1
-        edgefleet scorer run --package out/digits-cloud --broker 127.0.0.1:1883 --id s2
+        edgefleet scorer run --package out/digits-cloud --id s1
+        edgefleet scorer run --package out/digits-cloud --id s2
 
     Each process publishes a retained status (online/offline) on
     edgefleet/v1/scorer/<id>/status; see docs/fallback.md for topics and payloads.
@@ -67,13 +70,16 @@ def run(
     import threading
 
     from edgefleet.device.core.metrics import Metrics
-    from edgefleet.device.core.mqtt_link import MqttConfig
     from edgefleet.device.runtime.predictor import Predictor
+    from edgefleet.server.cli.home_opts import mqtt_for
     from edgefleet.server.scorer import Scorer, ScorerConfig
 
-    host, port = parse_broker(broker)
-    mqtt = MqttConfig(host=host, port=port, username=username or None,
-                      password=os.environ.get(password_env) if password_env else None)
+    mqtt = mqtt_for("scorer", home, broker=broker, username=username,
+                    password_file=password_file, broker_ca=broker_ca)
+    if password_env and os.environ.get(password_env):
+        mqtt = mqtt.model_copy(update={"password": os.environ[password_env],
+                                       "password_file": None})
+    host, port = mqtt.host, mqtt.port
     cfg = ScorerConfig(scorer_id=scorer_id, group=group, max_batch=max_batch,
                        max_wait_ms=max_wait_ms)
     metrics = Metrics()

@@ -27,14 +27,24 @@ def train(
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.001, help="Target ε for this run."),
     delta: float = typer.Option(1e-5, "--delta", min=1e-12, max=0.1, help="δ of the guarantee."),
     devices: int = typer.Option(5, "--devices", min=1, help="SuperNodes (embedded) or expected."),
-    superlink: str = typer.Option("", "--superlink",
-                                  help="host:port of a running SuperLink; empty starts an "
-                                       "embedded SuperLink and --devices SuperNodes."),
+    superlink: str | None = typer.Option(
+        None, "--superlink", help="host:port of a running SuperLink (default: the fleet "
+        "home's; without a home, an embedded SuperLink and --devices SuperNodes)."),
+    embedded: bool = typer.Option(False, "--embedded", help="Run an embedded SuperLink and "
+                                  "--devices simulated SuperNodes even when a fleet home "
+                                  "names a SuperLink."),
+    base: str | None = typer.Option(
+        None, "--base", help="MODEL or MODEL@VERSION in the registry this run improves: the "
+        "result is packaged as its next version (lineage parent), to canary as an upgrade."),
+    registry: Path | None = typer.Option(None, "--registry", envvar="EDGEFLEET_REGISTRY",
+                                         help="Registry of --base (default: the fleet "
+                                              "home's)."),
+    home: Path | None = typer.Option(None, "--home", envvar="EDGEFLEET_HOME",
+                                     help="Fleet home: its SuperLink, CA, registry, run "
+                                          "folder (<home>/fl) and the key that signs the "
+                                          "Flower app."),
     root_certificates: Path | None = typer.Option(None, "--root-certificates",
                                                   help="CA of a remote SuperLink's TLS cert."),
-    home: Path | None = typer.Option(None, "--home",
-                                     help="Fleet home whose app-signing key signs the Flower "
-                                          "app (remote SuperLink; default: the fleet home)."),
     insecure: bool = typer.Option(False, "--insecure",
                                   help="Embedded run without TLS and node authentication."),
     strategy: str = typer.Option("fedavg", "--strategy",
@@ -64,8 +74,9 @@ def train(
     seed: int = typer.Option(-1, "--seed", help="Seed (-1: fresh entropy for the DP noise)."),
     out: Path = typer.Option(Path("out/digits-fl"), "--out", "-o", help="Model package folder."),
     fmt: str = typer.Option("all", "--format", help="Package formats: onnx, tflite or all."),
-    work: Path = typer.Option(Path(".edgefleet/fl"), "--work-dir",
-                              help="Certificates, logs, node state and the run database."),
+    work: Path | None = typer.Option(None, "--work-dir",
+                                     help="Certificates, logs, node state and the run "
+                                          "database (default: <home>/fl, else .edgefleet/fl)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
 ) -> None:
     """Train a model across devices with Flower and package the result.
@@ -79,10 +90,14 @@ def train(
       edgefleet train --strategy trimmed --norm-bound 3 --dp off     (poisoning-robust)
 
       edgefleet train --superlink 10.0.0.2:8000 --root-certificates ca.pem --devices 20
+
+      edgefleet train --base digits-mlp --devices 2 --rounds 3   (the fleet home's SuperLink;
+      the result is the next version of digits-mlp)
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.cli.home_opts import fleet_home
     from edgefleet.server.fl.runner import (
         EmbeddedFederation,
         check_settings,
@@ -97,7 +112,14 @@ def train(
 
     if dp not in ("sample", "client", "off"):
         raise UsageError(f"--dp must be sample, client or off, not {dp!r}")
-    work = work.resolve()
+    fh = fleet_home(home)
+    if superlink is None and not embedded and fh is not None and fh.settings.superlink:
+        superlink = fh.settings.superlink_control or fh.settings.superlink
+        root_certificates = root_certificates or fh.settings.superlink_ca
+    if embedded:
+        superlink = None
+    work = (work or (fh.fl_dir if fh is not None else Path(".edgefleet/fl"))).resolve()
+    parent = _base(base, registry, home, task) if base else None
     tag = uuid.uuid4().hex[:12]
     settings = run_settings({
         "tag": tag, "task": task, "num-rounds": rounds, "strategy": strategy,
@@ -133,6 +155,8 @@ def train(
                 run_id = submit_run(fed.conn, settings, work, signing_key=fed.app_key)
                 run = follow_run(store, tag, fed.conn, run_id, on_round)
     final = run.final or {}
+    if parent is not None and final.get("package"):
+        final["package"] = _as_next_version(Path(final["package"]), parent)
     result = {
         "run": tag, "flower_run_id": run_id,
         "rounds": [{"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "nodes": r.nodes,
@@ -143,16 +167,59 @@ def train(
         "devices": final.get("devices", []),
         "device_accuracy": final.get("device_accuracy"),
         "package": final.get("package"),
+        **({"parent": f"{parent[0]}@{parent[1]}"} if parent else {}),
     }
     if json_out:
         print_json(result)
         return
     f = result["final"]
     eps_txt = "no DP" if f["epsilon"] is None else f"ε={f['epsilon']:.3f} at δ={f['delta']:g}"
-    console.print(f"[green]run {tag} finished[/]: accuracy {f['accuracy']:.4f}, {eps_txt}")
+    console.print(f"[green]Flower run {run_id} finished[/] (edgefleet tag {tag}): accuracy "
+                  f"{f['accuracy']:.4f}, {eps_txt}; details: flwr log {run_id}")
     spread = result["device_accuracy"]
     if spread:
         console.print(f"accuracy per device ({spread['devices']} devices): min {spread['min']:.4f}"
                       f", median {spread['median']:.4f}, max {spread['max']:.4f}; worst: node "
                       f"{spread['worst']}")
-    console.print(f"model package → {result['package']}")
+    console.print(f"model package → {result['package']}"
+                  + (f" (next version of {result['parent']})" if parent else ""))
+
+
+def _base(ref: str, registry: Path | None, home: Path | None, task: str) -> tuple[str, str]:
+    """``(name, version)`` of the registered model a run continues (newest if no version)."""
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.cli.registry_cmd import open_registry
+    from edgefleet.server.registry.repository import parse_ref
+
+    reg = open_registry(registry, fleet=home)
+    try:
+        if "@" in ref:
+            name, version = parse_ref(ref)
+            rec = reg.require(name, version)
+        else:
+            recs = [r for r in reg.list(ref) if not r.yanked]
+            if not recs:
+                raise UsageError(f"--base {ref}: no such model in {reg.home}")
+            rec = recs[-1]
+    finally:
+        reg.close()
+    if rec.task != task:
+        raise UsageError(f"--base {rec.name}@{rec.version} is a {rec.task} model, not {task}")
+    return rec.name, rec.version
+
+
+def _next_version(version: str) -> str:
+    parts = [int(p) for p in version.split(".")] + [0, 0]
+    return f"{parts[0]}.{parts[1] + 1}.0"
+
+
+def _as_next_version(pkg: Path, parent: tuple[str, str]) -> str:
+    """Rename the run's package to the next version of ``parent`` (lineage records it)."""
+    from edgefleet.device.runtime.manifest import read_manifest, write_manifest
+
+    m = read_manifest(pkg)
+    name, version = parent
+    write_manifest(pkg, m.model_copy(update={
+        "name": name, "version": _next_version(version),
+        "lineage": {**m.lineage, "parent": f"{name}@{version}"}}))
+    return str(pkg)

@@ -10,6 +10,16 @@ Layout (all private: the folder is 0700, secrets 0600)::
     app-signing/app.key   signs every Flower app run on the fleet (app.pub: what devices trust)
     bundles/<device>/     default output of ``edgefleet devices enroll``
     flwr/                 the ``flwr`` CLI's config for reaching the SuperLink
+    registry/             the model registry (``[server] registry`` moves it)
+    fleet.db              the telemetry store (``[server] store`` moves it)
+    superlink.db          the SuperLink's runs and node keys (``edgefleet server up``)
+    fl/                   federated runs (``edgefleet train``'s work folder)
+    logs/<service>.log    every service ``edgefleet server up`` runs
+    run/                  ``server up``'s pid and status files
+
+Every service and command finds its endpoints, credentials and stores here (``--home``,
+``$EDGEFLEET_HOME``); flags override; secrets are read from files, never passed on a
+command line.
 
 Default location: ``$EDGEFLEET_HOME``, else ``$XDG_DATA_HOME/edgefleet``, else
 ``~/.local/share/edgefleet`` (next to the default telemetry store).
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import secrets
 import signal
 from dataclasses import dataclass
@@ -38,10 +49,11 @@ from edgefleet.server.fleet.devices import DeviceTable
 from edgefleet.server.fleet.superlink import SuperLinkConn
 
 if TYPE_CHECKING:
+    from edgefleet.device.core.mqtt_link import MqttConfig
     from edgefleet.server.fleet.broker import MosquittoBroker
 
 __all__ = ["SERVICE_ROLES", "BrokerFiles", "Credentials", "FleetHome", "FleetSettings",
-           "private_dir"]
+           "ServerSettings", "find_home", "private_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +62,37 @@ SERVICE_ROLES = ("ingest", "scorer", "operator")
 _HOST_PORT = r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$"
 
 
+class ServerSettings(StrictModel):
+    """``[server]`` of ``fleet.toml``: what ``edgefleet server up`` runs, where stores are."""
+
+    listen: str = Field(default="0.0.0.0", description="Address the device-facing "
+                        "listeners (broker, SuperLink, registry) bind to.")
+    broker_local_port: int = Field(default=1884, ge=1, le=65535, description=(
+        "The broker's loopback listener (127.0.0.1, no TLS) the fleet's services use."))
+    broker_user: str | None = Field(default=None, description=(
+        "When the server runs as root, mosquitto drops to this user; the home hands it "
+        "the broker's files (Debian: mosquitto)."))
+    broker_dir: Path | None = Field(default=None, description=(
+        "The broker's files: password file, ACL, config, TLS copies, persistence "
+        "[default: <home>/broker]. Must be reachable by broker_user."))
+    certs: Path | None = Field(default=None, description=(
+        "Folder of `edgefleet certs init`: ca.pem, server.pem/.key (SuperLink), "
+        "registry.pem/.key and broker.pem/.key (`edgefleet certs issue`)."))
+    registry: Path | None = Field(default=None, description="Registry folder "
+                                  "[default: <home>/registry].")
+    store: str | None = Field(default=None, description="Fleet store: SQLite path or "
+                              "postgresql:// DSN [default: <home>/fleet.db].")
+    scorer_package: Path | None = Field(default=None, description=(
+        "Cloud model package the scorer serves (no scorer without it)."))
+    guard_interval: float = Field(default=10.0, gt=0)
+    max_restarts: int = Field(default=5, ge=0, description=(
+        "Restart budget of each service: at most this many restarts ..."))
+    restart_window_s: float = Field(default=60.0, gt=0, description="... within this window.")
+
+
 class FleetSettings(StrictModel):
-    """``fleet.toml``: what every enrollment bundle tells its device."""
+    """``fleet.toml``: what every enrollment bundle tells its device (``[server]``: what
+    the server runs)."""
 
     broker_host: str = "127.0.0.1"
     broker_port: int = Field(default=1883, ge=1, le=65535)
@@ -70,6 +111,7 @@ class FleetSettings(StrictModel):
     registry_ca: Path | None = Field(
         default=None, description="CA of the registry's HTTPS certificate (usually the "
                                   "fleet CA of `edgefleet certs init`).")
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
     @model_validator(mode="after")
     def _complete(self) -> FleetSettings:
@@ -106,6 +148,31 @@ def default_root() -> Path:
         return Path(env)
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "edgefleet"
+
+
+def find_home(root: Path | None = None) -> FleetHome | None:
+    """The fleet home for a command that can also run without one.
+
+    ``root`` (``--home`` or ``$EDGEFLEET_HOME``) must hold a fleet; without it, the default
+    location is used when it holds one, else None (the command's own defaults apply).
+    """
+    if root is not None or os.environ.get("EDGEFLEET_HOME"):
+        return FleetHome(root)
+    default = default_root()
+    return FleetHome(default) if (default / "fleet.toml").is_file() else None
+
+
+def _unreachable(path: Path, uid: int, gid: int) -> Path | None:
+    """The first folder above ``path`` that user ``uid`` may not enter (None: none)."""
+    import stat
+
+    for parent in reversed(path.resolve().parents):
+        st = parent.stat()
+        bit = (stat.S_IXUSR if st.st_uid == uid else
+               stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH)
+        if not st.st_mode & bit:
+            return parent
+    return None
 
 
 def private_dir(path: Path) -> Path:
@@ -150,6 +217,13 @@ class FleetHome:
                     "registry_ca"):
             if settings.get(key) is not None:
                 settings[key] = Path(settings[key]).resolve()
+        server = dict(settings.get("server") or {})
+        for key in ("certs", "registry", "scorer_package", "broker_dir"):
+            if server.get(key) is not None:
+                server[key] = Path(server[key]).resolve()
+        if server.get("store") and "://" not in str(server["store"]):
+            server["store"] = str(Path(server["store"]).resolve())
+        settings["server"] = server
         try:
             cfg = FleetSettings.model_validate(settings)
         except ValidationError as exc:
@@ -173,6 +247,49 @@ class FleetHome:
         fleet_key(root)  # the Flower-app signing key devices will trust
         return home
 
+    @property
+    def broker_dir(self) -> Path:
+        """Where the broker's files are (``[server] broker_dir``, else ``<home>/broker``)."""
+        return self.settings.server.broker_dir or self.root / "broker"
+
+    @property
+    def registry_path(self) -> Path:
+        """The model registry's folder."""
+        return self.settings.server.registry or self.root / "registry"
+
+    @property
+    def store_target(self) -> str:
+        """The fleet store (SQLite path or DSN) the ingest writes and ``fleet ls`` reads."""
+        return self.settings.server.store or str(self.root / "fleet.db")
+
+    @property
+    def fl_dir(self) -> Path:
+        """``edgefleet train``'s work folder (run database ``fl.db``)."""
+        return self.root / "fl"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Logs of the services ``edgefleet server up`` runs."""
+        return private_dir(self.root / "logs")
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid and status files of ``edgefleet server up``."""
+        return private_dir(self.root / "run")
+
+    def service_password_file(self, role: str) -> Path:
+        """The 0600 file holding the broker password of ``role``."""
+        self.service_credentials(role)
+        return self.root / "services" / f"{role}.password"
+
+    def service_mqtt(self, role: str) -> MqttConfig:
+        """How service ``role`` reaches the broker: its loopback listener, the role's
+        account, the password read from its file at each connect."""
+        from edgefleet.device.core.mqtt_link import MqttConfig
+
+        return MqttConfig(host="127.0.0.1", port=self.settings.server.broker_local_port,
+                          username=role, password_file=self.service_password_file(role))
+
     def service_credentials(self, role: str) -> Credentials:
         """The broker account of ``role`` (created with a random password on first use)."""
         if role not in SERVICE_ROLES:
@@ -188,11 +305,38 @@ class FleetHome:
         hashes = {r.mqtt_username: r.mqtt_hash for r in active}
         hashes.update({role: hash_password(self.service_credentials(role).password)
                        for role in SERVICE_ROLES})
-        d = private_dir(self.root / "broker")
+        d = private_dir(self.broker_dir)
         pw = write_password_hashes(d / "passwd", hashes)
         acl = write_acl(d / "acl", services=(), roles={r: r for r in SERVICE_ROLES},
                         groups={r.mqtt_username: r.group for r in active})
+        self.share_with_broker(d, pw, acl)
         return BrokerFiles(pw, acl)
+
+    def share_with_broker(self, *paths: Path, check: bool = False) -> None:
+        """Hand ``paths`` to ``[server] broker_user`` (running as root only).
+
+        Debian's mosquitto starts as root and drops to its own user before it reads the
+        password file and ACL ("Unable to open pwfile"): those files (still 0600) and
+        their folder become that user's, and the home 0711 so it can reach them by name.
+        """
+        user = self.settings.server.broker_user
+        if not user or os.geteuid() != 0:
+            return
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise ConfigError(f"broker_user {user!r} does not exist",
+                              path=str(self.config_path)) from None
+        if self.broker_dir.is_relative_to(self.root):
+            self.root.chmod(0o711)
+        for path in paths:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        blocked = _unreachable(self.broker_dir, entry.pw_uid, entry.pw_gid) if check else None
+        if blocked is not None:
+            raise ConfigError(
+                f"mosquitto runs as {user} and cannot reach {self.broker_dir} ({blocked} "
+                f"is closed to it): put the fleet home where it can (e.g. /srv/edgefleet) "
+                f"or set [server] broker_dir", path=str(blocked))
 
     def superlink_conn(self) -> SuperLinkConn | None:
         """How the ``flwr`` CLI reaches the configured SuperLink (None when none is)."""
@@ -207,9 +351,17 @@ class FleetHome:
         if broker is not None:
             broker.reload()
             return True
-        pid_file = self.settings.broker_pid_file
-        if pid_file is None or not pid_file.is_file():
+        pid_file = self.settings.broker_pid_file or self.root / "run" / "mosquitto.pid"
+        if not pid_file.is_file():
             log.warning("broker files changed; reload mosquitto (SIGHUP) to apply them")
             return False
-        os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
+        try:
+            pid = int(pid_file.read_text().strip())
+            comm = Path(f"/proc/{pid}/comm")
+            if comm.exists() and "mosquitto" not in comm.read_text():
+                raise ProcessLookupError  # a stale pid file: that pid is someone else now
+            os.kill(pid, signal.SIGHUP)
+        except (ProcessLookupError, ValueError):
+            log.warning("mosquitto is not running (stale %s)", pid_file)
+            return False
         return True

@@ -90,9 +90,11 @@ def _json_cli(step: str, args: list[str], timeout: float) -> dict[str, Any]:
 class TrainCommand:
     """Runs ``edgefleet train`` on the fleet's SuperLink for a group; packages go to ``work``."""
 
-    def __init__(self, work: Path, devices: int) -> None:
+    def __init__(self, work: Path, devices: int, registry: Path | None = None) -> None:
         self.work = work
         self.devices = devices
+        #: Where ``base_model`` is registered (``edgefleet train --base``).
+        self.registry = registry
 
     def __call__(self, group: str, p: RetrainPolicy) -> RunOutcome:
         """One federated run; τ against the cloud model if the policy names one."""
@@ -107,6 +109,10 @@ class TrainCommand:
                 "--work-dir", str(self.work / "runs" / tag)]
         if p.root_certificates:
             args += ["--root-certificates", p.root_certificates]
+        if p.base_model:
+            args += ["--base", p.base_model]
+            if self.registry is not None:
+                args += ["--registry", str(self.registry)]
         res = _json_cli("federated run", args, p.run_timeout)
         if not res.get("package"):
             raise RetrainError("federated run finished without a model package")

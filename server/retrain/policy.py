@@ -77,6 +77,9 @@ class RetrainPolicy(StrictModel):
     root_certificates: str = ""
     cloud_package: str = Field(default="",
                                description="if set, τ is chosen against it before push")
+    base_model: str = Field(default="", description=(
+        "MODEL the group runs: the retrained package becomes its next version (lineage "
+        "parent), canaried as an upgrade"))
     # The rollout.
     canary_percent: float = Field(default=20.0, gt=0, le=100)
     canary_watch_seconds: float = Field(default=30.0, ge=0)

@@ -1,4 +1,5 @@
-"""Fleet alerts: drift, fallback rate, degraded rate, silence; written as events.
+"""Fleet alerts: drift, fallback rate, degraded rate, silence, a device whose SuperNode
+cannot run; written as events.
 
 An alert is raised once when its condition starts (an ``alert.<kind>`` event and an
 ``open_alerts`` row) and resolved once when it ends (``resolved.<kind>``), so a device
@@ -49,6 +50,10 @@ def check_metrics(store: Store, device: str, body: MetricsBody, ts: float,
         _set(store, device, "drift", worst > th.drift_psi, ts,
              f"drift PSI {worst:.3f} > {th.drift_psi}",
              {"input_psi": psi_in, "confidence_psi": psi_conf})
+    # The agent reports training state "unavailable" once its SuperNode exhausted its
+    # restart budget: that device silently left federated learning otherwise.
+    _set(store, device, "fl_unavailable", body.training.get("state") == "unavailable", ts,
+         "flower-supernode keeps exiting: no federated learning on this device", {})
     if body.inferences >= th.min_inferences:
         for kind, n, limit in (("fallback_rate", body.fallback, th.fallback_rate),
                                ("degraded_rate", body.degraded, th.degraded_rate)):
