@@ -3,7 +3,11 @@
 The bundle (server/fleet/enroll_bundle.py) carries the device's secrets; they are copied into
 ``<state_dir>/keys`` (0700) as 0600 files, and the ``agent.toml`` template's bare file
 names become absolute paths there. The result is validated as a whole ``AgentConfig``
-before anything is written, so a bundle that cannot run is refused on the spot.
+before anything is written, so a bundle that cannot run is refused on the spot (this
+includes an ``fl.node_config`` that sets the insecure reproducible-noise seed, or
+``privacy-*`` keys outside ``[fl.privacy]``). With FL enabled, enrollment creates the
+device's empty privacy ledger and high-water mark: from then on a SuperNode started
+by the agent refuses to train if they are missing, instead of starting a fresh budget.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pydantic import ValidationError
 from edgefleet.device.agent.settings import AgentConfig
 from edgefleet.device.core.config import deep_merge, dump_toml, read_toml
 from edgefleet.device.core.errors import ConfigError, UsageError
+from edgefleet.device.privacy.ledger import LEDGER_FILE, PrivacyLedger
 
 __all__ = ["install_bundle"]
 
@@ -90,7 +95,7 @@ def _install(folder: Path, state_dir: Path, config_out: Path,
     if overrides:
         data = deep_merge(data, overrides)
     try:  # refuse before writing anything
-        AgentConfig.model_validate(data)
+        cfg = AgentConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         msg = str(err["msg"]).removeprefix("Value error, ")
@@ -108,6 +113,8 @@ def _install(folder: Path, state_dir: Path, config_out: Path,
         fh.write("# Written by `edgefleet-agent enroll`; secrets live in the keys folder.\n")
         fh.write(dump_toml(data))
     tmp.replace(config_out)
+    if cfg.fl.enabled:  # the privacy ledger exists from now on: deleting it is refused
+        PrivacyLedger.initialize(cfg.fl_state_dir / LEDGER_FILE)
     return config_out
 
 

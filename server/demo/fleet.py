@@ -242,8 +242,11 @@ class Demo:
                                      "telemetry": {"interval_s": 1.0},
                                      "fl": {"runtime_port": free_port(), "node_config": {
                                          "task": self.opts.task, "partition-id": i,
-                                         "num-partitions": n, "privacy-budget": 50.0,
+                                         "num-partitions": n,
                                          **extra.get("node_config", {})},
+                                         # Each device's own policy admits the demo's run.
+                                         "privacy": {"budget": max(50.0, self.opts.epsilon),
+                                                     "max_run_epsilon": self.opts.epsilon},
                                          **extra["fl"]},
                                  })
             self.procs.start(f"sim-{name}", [
