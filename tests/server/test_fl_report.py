@@ -47,3 +47,16 @@ def test_report_without_fl_store_says_so(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "no FL store at" in (tmp_path / "r" / "index.html").read_text()
     assert not (tmp_path / "absent.db").exists()
+
+
+def test_train_names_the_reasons_devices_declined() -> None:
+    from edgefleet.server.cli.train_cmd import describe_declines, embedded_policy
+    from edgefleet.server.fl.store import declines_by_reason
+
+    rows = [RoundRow(r, 0.5, 0.5, 1, 2, 0, 1.0, None, 1.0, 1, 1, d)
+            for r, d in ((1, {"policy": 1, "budget": 1}), (2, {"policy": 1, "ledger": 1}))]
+    assert declines_by_reason(rows) == {"policy": 2, "budget": 1, "ledger": 1}
+    assert describe_declines({"policy": 2, "budget": 1}) == (
+        "2 × outside the device's privacy policy, 1 × privacy budget spent")
+    assert embedded_policy("off", 8.0)["privacy-min-mode"] == "off"
+    assert embedded_policy("sample", 8.0)["privacy-max-run-epsilon"] == 8.0
