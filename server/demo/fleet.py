@@ -456,7 +456,8 @@ def build_report(demo: Demo) -> dict[str, Any]:
         return sum(int(b.get(key, 0)) for b in bodies) / inf if inf else 0.0
 
     rounds = [{"round": r["round"], "accuracy": r["accuracy"], "epsilon": r["epsilon"],
-               "nodes": r["nodes"]} for r in s.training.get("rounds", [])]
+               "nodes": r["nodes"], "declines": r.get("declines", {})}
+              for r in s.training.get("rounds", [])]
     return {
         "devices": len(s.devices),
         "rounds": rounds,
