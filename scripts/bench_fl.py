@@ -47,9 +47,12 @@ def federated(dp: str, eps: float, n: int = DEVICES, rounds: int = ROUNDS,
     work = tempfile.mkdtemp()
     s = run_settings({"num-rounds": rounds, "dp": dp, "epsilon": eps, "min-nodes": n,
                       "num-nodes": n, "seed": SEED, "db": f"{work}/fl.db", **(extra or {})})
+    # Benchmark devices: a policy admitting every lever compared here, and noise seeded
+    # by the run's seed so rows repeat (the insecure node flag exists for this only).
     grid = InProcessGrid(client_app, n, lambda i: {
         "partition-id": i, "num-partitions": n, "state-dir": f"{work}/n{i}",
-        "privacy-budget": 1000.0})
+        "privacy-budget": 1000.0, "privacy-min-mode": "off", "privacy-max-run-epsilon": 1000.0,
+        "privacy-min-noise-multiplier": 1e-6, "insecure-reproducible-noise-seed": s.seed})
     st = FleetStrategy(build_strategy(s), s)
     task, norm, model = s.initial_model()
     split = task.split()

@@ -43,6 +43,7 @@ from edgefleet.device.inference.cascade import Answer, HybridPredictor
 from edgefleet.device.inference.drift import DriftMonitor
 from edgefleet.device.inference.serving import ServingModel
 from edgefleet.device.input.features import window_features
+from edgefleet.device.privacy.ledger import LEDGER_FILE, hwm_path
 from edgefleet.device.runtime.manifest import Manifest
 from edgefleet.device.runtime.predictor import Prediction, Predictor
 from edgefleet.device.wire.frames import Frame, PayloadType, decode_labels
@@ -349,27 +350,27 @@ class Agent:
                                             "learning on this device",
                                     log=str(self.state_dir / "supernode.log"))
             return {"training": {"state": "unavailable", "epsilon": None}}
-        ledger = self._ledger_path()
-        if ledger is None or not ledger.exists():
+        mark = self._hwm_path()  # ε from the ledger's high-water mark
+        if mark is None or not mark.exists():
             return {}
         try:
-            data = json.loads(ledger.read_text())
+            data = json.loads(mark.read_text())
         except (OSError, json.JSONDecodeError):
             self.metrics.inc("ledger_unreadable")
             return {}
-        eps, budget = data.get("epsilon_high_water"), data.get("budget")
+        eps, budget = data.get("epsilon"), self.cfg.fl.privacy.budget
         if not isinstance(eps, int | float):
             return {}
-        state = "budget_spent" if isinstance(budget, int | float) and eps >= budget else "ready"
+        state = "budget_spent" if eps >= budget else "ready"
         return {"training": {"state": state, "epsilon": float(eps)}}
 
-    def _ledger_path(self) -> Path | None:
+    def _hwm_path(self) -> Path | None:
         if not self.cfg.fl.enabled:
             return None
-        return self._fl_state_dir() / "privacy-ledger.json"
+        return hwm_path(self._fl_state_dir() / LEDGER_FILE)
 
     def _fl_state_dir(self) -> Path:
-        return Path(str(self.cfg.fl.node_config.get("state-dir", self.state_dir / "fl")))
+        return self.cfg.fl_state_dir
 
     def _start_fallback(self) -> None:
         client = None
@@ -411,7 +412,9 @@ class Agent:
 
     def _start_fl(self) -> None:
         fl = self.cfg.fl
-        node_cfg: dict[str, Any] = {"state-dir": str(self._fl_state_dir()), **fl.node_config}
+        # The device's privacy policy, and a ledger that must exist (made at enrollment).
+        node_cfg: dict[str, Any] = {"state-dir": str(self._fl_state_dir()), **fl.node_config,
+                                    **fl.privacy.node_config(), "privacy-ledger-required": True}
         # The agent's SuperNode trains on its store and nothing else: always named (over
         # any node_config of agent.toml), so no ClientApp falls back to built-in data.
         node_cfg.update({"sample-store": str(self.cfg.store_path),

@@ -5,7 +5,11 @@ The bundle (server/fleet/enroll_bundle.py) carries the device's secrets; they ar
 names become absolute paths there. A fresh sample-store key is made there too, after
 any samples of a previous enrollment have been wiped. The result is validated as a
 whole ``AgentConfig`` before anything is written, so a bundle that cannot run is refused
-on the spot.
+on the spot (this includes an ``fl.node_config`` that sets the insecure reproducible-noise
+seed, or ``privacy-*`` keys outside ``[fl.privacy]``). With FL enabled, enrollment
+creates the device's empty privacy ledger and high-water mark: from then on a SuperNode
+started by the agent refuses to train if they are missing, instead of starting a fresh
+budget.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from edgefleet.device.agent.settings import STORE_KEY, AgentConfig
 from edgefleet.device.core.config import deep_merge, dump_toml, read_toml
 from edgefleet.device.core.errors import ConfigError, UsageError
 from edgefleet.device.data.store import new_key
+from edgefleet.device.privacy.ledger import LEDGER_FILE, PrivacyLedger
 
 __all__ = ["install_bundle"]
 
@@ -121,6 +126,8 @@ def _install(folder: Path, state_dir: Path, config_out: Path,
         fh.write("# Written by `edgefleet-agent enroll`; secrets live in the keys folder.\n")
         fh.write(dump_toml(data))
     tmp.replace(config_out)
+    if cfg.fl.enabled:  # the privacy ledger exists from now on: deleting it is refused
+        PrivacyLedger.initialize(cfg.fl_state_dir / LEDGER_FILE)
     return config_out
 
 

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from edgefleet.device.core.config import StrictModel, load_config, registry_is_https
 from edgefleet.device.core.mqtt_link import MqttConfig
 from edgefleet.device.inference.cascade import FallbackConfig
+from edgefleet.device.privacy.policy import INSECURE_SEED_KEY, PrivacyPolicy
 from edgefleet.device.runtime.backends import DEFAULT_THREADS
 from edgefleet.device.telemetry.spool import DEFAULT_MAX_BYTES
 from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
@@ -99,7 +100,12 @@ class UpdatesSection(StrictModel):
 
 
 class FlSection(StrictModel):
-    """Federated learning: the agent runs and watches ``flower-supernode``."""
+    """Federated learning: the agent runs and watches ``flower-supernode``.
+
+    ``privacy`` is the device's privacy policy (written at enrollment): the SuperNode gets
+    it as ``privacy-*`` node-config keys, which ``node_config`` may not set itself; nor
+    may it set the insecure reproducible-noise seed (benchmarks and tests only).
+    """
 
     enabled: bool = False
     superlink: str = "127.0.0.1:9092"
@@ -115,6 +121,21 @@ class FlSection(StrictModel):
     trusted_app_keys: Path | None = Field(
         default=None, description="Flower trusted-entities YAML (the enrollment bundle's "
         "app-trust.yaml): the SuperNode runs only Flower apps signed by these keys.")
+    privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy,
+                                   description="What this device accepts, whatever the "
+                                               "server asks (edgefleet.device.privacy.policy).")
+
+    @model_validator(mode="after")
+    def _device_owns_its_privacy(self) -> FlSection:
+        if INSECURE_SEED_KEY in self.node_config:
+            raise ValueError(f"fl.node_config sets {INSECURE_SEED_KEY!r}: reproducible DP noise "
+                             "is for benchmarks and tests only (anyone knowing the seed can "
+                             "remove the noise); an enrolled device never uses it")
+        own = sorted(k for k in self.node_config if k.startswith("privacy-"))
+        if own:
+            raise ValueError(f"fl.node_config sets {', '.join(own)}: the privacy policy goes "
+                             "in [fl.privacy]")
+        return self
 
     @model_validator(mode="after")
     def _tls_for_auth(self) -> FlSection:
@@ -177,6 +198,11 @@ class AgentConfig(StrictModel):
                                      or not self.updates.metadata_url):
             raise ValueError("updates need metadata_url and trusted_root")
         return self
+
+    @property
+    def fl_state_dir(self) -> Path:
+        """The SuperNode's state folder: privacy ledger, σ cache (``FLWR_HOME``)."""
+        return Path(str(self.fl.node_config.get("state-dir", self.state_dir / "fl")))
 
     @property
     def socket_path(self) -> Path:

@@ -1,4 +1,4 @@
-"""The device's Flower ClientApp: DP training on private data, and federated evaluation.
+"""The device's Flower ClientApp: DP training on private data, under the device's own policy.
 
 A SuperNode starts it (``flower-supernode --node-config ...``); its data never leaves
 the device. :func:`make_client_app` builds the app around a *data loader*: the
@@ -9,15 +9,33 @@ simulated devices of the demo, tests and benchmarks use
 ``edgefleet.models.sim.fl_app:app``, whose loader cuts a Dirichlet share of a built-in
 task. A fixed 20 % of the local data is held out for federated evaluation.
 
+The device decides its privacy (:mod:`edgefleet.device.privacy.policy`, node-config
+``privacy-*`` keys): the round config says what the server *asks*; a request outside
+the policy is declined (``DECLINED_POLICY``), never weakened to fit.
+
+``dp = "sample"``: DP-SGD (:mod:`edgefleet.device.fl.dp_sgd`) with the noise calibrated
+so the whole run spends the requested ε, every round recorded in the device's privacy
+ledger before the update is sent. A device whose ledger would pass its budget declines
+(``DECLINED_BUDGET``); one whose ledger is missing or rolled back declines
+(``DECLINED_LEDGER``). ``dp = "client"`` (only if the policy allows it): plain local
+SGD, update clipped on the device by Flower's ``fixedclipping_mod``, noise added once on
+the server. ``dp = "off"`` only if the policy says ``off``.
+
+Randomness: DP noise and Poisson sampling draw from OS entropy
+(``np.random.default_rng()``); the round config's ``seed`` is ignored. Only the
+node-config key ``insecure-reproducible-noise-seed`` (benchmarks and tests; an
+enrolled agent refuses it) makes them reproducible.
+
+What leaves the device: the noised model, the number of local examples and the DP
+parameters and ε it accounted. No training loss or other statistic of the training
+records. Evaluation on the held-out records is governed by ``privacy-evaluation``:
+``off`` (the default: declined) or ``noised`` (accuracy and loss released through the
+Gaussian mechanism and recorded in the ledger). Apps built with ``public_data=True``
+(the simulated devices, whose shares are cut from a public task) evaluate exactly.
+
 Flower runs every message in a fresh process, so what a message would recompute is
 kept in the node's state folder (with the privacy ledger), e.g. the calibrated σ
 (:func:`~edgefleet.device.privacy.accounting.noise_for_epsilon_cached`).
-
-``dp = "sample"``: DP-SGD (:mod:`edgefleet.device.fl.dp_sgd`) with the noise calibrated
-so the whole run spends the requested ε, and every round recorded in the device's privacy
-ledger before the update is sent. A device whose ledger would pass its budget declines.
-``dp = "client"``: plain local SGD, update clipped on the device by Flower's
-``fixedclipping_mod``, noise added once on the server.
 """
 
 from __future__ import annotations
@@ -27,7 +45,7 @@ import os
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -35,20 +53,29 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgefleet.device.core.config import StrictModel, load_config
 from edgefleet.device.core.errors import ConfigError, EdgefleetError
 from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
 from edgefleet.device.fl.store_data import TooFewSamples
-from edgefleet.device.privacy.accounting import noise_for_epsilon_cached
-from edgefleet.device.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from edgefleet.device.privacy.accounting import DpEvent, noise_for_epsilon_cached
+from edgefleet.device.privacy.ledger import (
+    LEDGER_FILE,
+    LedgerError,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    RunBudgetExceeded,
+)
+from edgefleet.device.privacy.policy import INSECURE_SEED_KEY, PolicyViolation, PrivacyPolicy
 from edgefleet.device.wire.federated import (
     ARRAYS,
     CONFIG,
     DECLINED_BUDGET,
     DECLINED_FEW_SAMPLES,
+    DECLINED_LEDGER,
+    DECLINED_POLICY,
     METRICS,
     REJECTED_INPUT,
     from_arrays,
@@ -62,6 +89,9 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 HOLDOUT = 0.2
+#: A noised evaluation clips each example's cross-entropy to this (its loss sum then
+#: changes by at most this much when one record is added or removed).
+EVAL_LOSS_CLIP = 10.0
 
 
 class NodeSettings(StrictModel):
@@ -75,11 +105,37 @@ class NodeSettings(StrictModel):
     data: str = ""
     state_dir: str = Field("", description="Folder of the privacy ledger and caches "
                                            "(default: FLWR_HOME)")
+    # The device's privacy policy (edgefleet.device.privacy.policy), flattened.
+    privacy_min_mode: Literal["sample", "client", "off"] = "sample"
     privacy_budget: float = Field(10.0, gt=0)
     privacy_delta: float = Field(1e-5, gt=0, lt=1)
     sample_store: str = Field("", description="The agent's sample store (set by the agent)")
     sample_key: str = Field("", description="Key file of an encrypted sample store")
     min_samples: int = Field(20, ge=2, description="Fewer stored samples: decline")
+    privacy_max_run_epsilon: float = Field(5.0, gt=0)
+    privacy_max_sampling_rate: float = Field(1.0, gt=0, le=1)
+    privacy_min_noise_multiplier: float = Field(0.5, gt=0)
+    privacy_evaluation: Literal["off", "noised"] = "off"
+    privacy_eval_noise_multiplier: float = Field(20.0, gt=0)
+    privacy_ledger_required: bool = Field(
+        False, description="The ledger was created at enrollment: missing files are refused")
+    insecure_reproducible_noise_seed: int = Field(
+        -1, description="INSECURE, benchmarks/tests only: seed DP noise and sampling so "
+                        "a run can be repeated bit for bit (anyone knowing it can subtract "
+                        "the noise). -1: OS entropy. An enrolled agent refuses it.")
+
+    @model_validator(mode="after")
+    def _policy_valid(self) -> NodeSettings:
+        self.policy  # noqa: B018 - validates the cross-field rules
+        return self
+
+    @property
+    def policy(self) -> PrivacyPolicy:
+        """The device's privacy policy from its ``privacy-*`` keys."""
+        return PrivacyPolicy.model_validate({
+            name.removeprefix("privacy_"): getattr(self, name)
+            for name in type(self).model_fields
+            if name.startswith("privacy_") and name != "privacy_ledger_required"})
 
 
 class LocalData:
@@ -140,8 +196,8 @@ def state_dir(s: NodeSettings) -> Path:
 
 
 def _ledger(s: NodeSettings) -> PrivacyLedger:
-    return PrivacyLedger(state_dir(s) / "privacy-ledger.json", s.privacy_budget,
-                         s.privacy_delta)
+    return PrivacyLedger(state_dir(s) / LEDGER_FILE, s.privacy_budget, s.privacy_delta,
+                         create=not s.privacy_ledger_required)
 
 
 def _normalize(x: F32, cfg: Any) -> F32:
@@ -153,11 +209,14 @@ def _normalize(x: F32, cfg: Any) -> F32:
     return out
 
 
-def _rng(cfg: Any, s: NodeSettings, server_round: int) -> np.random.Generator:
-    seed = int(cfg.get("seed", -1))
-    if seed < 0:  # fresh OS entropy: DP noise must not be predictable
+def _rng(s: NodeSettings, server_round: int, purpose: int = 0) -> np.random.Generator:
+    """DP noise and sampling: OS entropy. The server's ``seed`` never reaches this."""
+    seed = s.insecure_reproducible_noise_seed
+    if seed < 0:
         return np.random.default_rng()
-    return np.random.default_rng([seed, s.partition_id, server_round])
+    log.warning("INSECURE: DP noise seeded by node-config %s (benchmarks/tests only)",
+                INSECURE_SEED_KEY)
+    return np.random.default_rng([seed, s.partition_id, server_round, purpose])
 
 
 def _reject(msg: Message, code: int, reason: str) -> Message:
@@ -183,17 +242,25 @@ def _train(load: DataLoader, msg: Message, context: Context) -> Message:
         metrics.inc("fl.rejected_input")
         return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
     mode = str(cfg.get("dp", "sample"))
+    try:
+        s.policy.check_request(mode, float(cfg.get("target-epsilon", 0.0)),
+                               float(cfg.get("delta", s.privacy_delta)))
+    except PolicyViolation as exc:
+        metrics.inc("fl.declined_policy")
+        return _reject(msg, DECLINED_POLICY, str(exc))
+    except (ValueError, TypeError) as exc:
+        metrics.inc("fl.rejected_input")
+        return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
     mu = float(cfg.get("proximal-mu", 0.0))
     start = [p.copy() for p in model.params]
     anchor = start if mu else None
     server_round = int(cfg.get("server-round", 0))
-    rng = _rng(cfg, s, server_round)
+    rng = _rng(s, server_round)
     n = len(data.y_train)
     q = min(1.0, float(cfg.get("batch-size", 32)) / n)
     steps = int(cfg.get("local-steps", 20))
     reply: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": n, "dp-weight": 1, "q": q, "steps": steps}
-    loss_before = model.loss(x, data.y_train)
     if mode == "sample":
         delta = float(cfg["delta"])
         planned = int(cfg["num-rounds"]) * steps
@@ -201,14 +268,20 @@ def _train(load: DataLoader, msg: Message, context: Context) -> Message:
                                          planned)
         dp = DpSgdConfig(clip=float(cfg.get("clip", 1.0)), sigma=sigma, q=q, steps=steps,
                          lr=float(cfg.get("lr", 0.1)), momentum=float(cfg.get("momentum", 0.0)))
+        run_id = str(context.run_id)
         try:
+            s.policy.check_mechanism(q, sigma)
             ledger = _ledger(s)
-            run_id = str(context.run_id)
-            total = ledger.record(run_id, server_round, dp.event)
+            total = ledger.record(run_id, server_round, dp.event,
+                                  run_limit=s.privacy_max_run_epsilon)
+        except (PolicyViolation, RunBudgetExceeded) as exc:
+            metrics.inc("fl.declined_policy")
+            return _reject(msg, DECLINED_POLICY, str(exc))
         except PrivacyBudgetExceeded as exc:
             return _reject(msg, DECLINED_BUDGET, str(exc))
-        except EdgefleetError as exc:  # unreadable ledger: refuse, never reset the budget
-            return _reject(msg, DECLINED_BUDGET, str(exc))
+        except EdgefleetError as exc:  # missing, unreadable, rolled back: never a reset
+            metrics.inc("fl.declined_ledger")
+            return _reject(msg, DECLINED_LEDGER, str(exc))
         train_dp_sgd(model, x, data.y_train, dp, rng, anchor=anchor, mu=mu)
         reply.update(sigma=sigma, epsilon=ledger.run_spent(run_id, delta), **{
             "epsilon-total": total, "budget": ledger.budget})
@@ -216,7 +289,8 @@ def _train(load: DataLoader, msg: Message, context: Context) -> Message:
         cfg_plain = DpSgdConfig(q=q, steps=steps, lr=float(cfg.get("lr", 0.1)),
                                 momentum=float(cfg.get("momentum", 0.0)))
         _train_plain(model, x, data.y_train, cfg_plain, rng, anchor, mu)
-    reply["train-loss"] = float(loss_before)
+    # No training loss or other statistic of the training records is in the reply: it
+    # would be released exactly, next to the DP update, covered by no ε.
     metrics.inc("fl.rounds_trained")
     content = RecordDict({ARRAYS: ArrayRecord(to_arrays(model.params)),
                           METRICS: MetricRecord(reply)})
@@ -239,13 +313,17 @@ def _train_plain(model: Any, x: F32, y: I64, cfg: DpSgdConfig, rng: np.random.Ge
             p += v
 
 
-def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
+def _evaluate(load: DataLoader, msg: Message, context: Context, public_data: bool) -> Message:
     from edgefleet.device.runtime.mlp import MLP
 
     try:
         s = node_settings(dict(context.node_config))
-        data = load(s)
         cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
+        if not public_data and s.privacy_evaluation == "off":
+            default_metrics().inc("fl.declined_policy")
+            return _reject(msg, DECLINED_POLICY, "privacy policy: evaluation on this "
+                           "device's held-out records is off")
+        data = load(s)
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
         x = _normalize(data.x_test, cfg)
     except TooFewSamples as exc:
@@ -253,9 +331,54 @@ def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
     except (EdgefleetError, ValueError, KeyError) as exc:
         default_metrics().inc("fl.rejected_input")
         return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
-    m = MetricRecord({"num-examples": len(data.y_test), "dp-weight": 1,
-                      "eval-loss": model.loss(x, data.y_test),
-                      "eval-accuracy": model.accuracy(x, data.y_test)})
+    k = len(data.y_test)
+    if public_data:
+        m = MetricRecord({"num-examples": k, "dp-weight": 1,
+                          "eval-loss": model.loss(x, data.y_test),
+                          "eval-accuracy": model.accuracy(x, data.y_test)})
+        return Message(content=RecordDict({METRICS: m}), reply_to=msg)
+    return _evaluate_noised(s, model, x, data.y_test, msg, context)
+
+
+def _evaluate_noised(s: NodeSettings, model: Any, x: F32, y: I64, msg: Message,
+                     context: Context) -> Message:
+    """Accuracy and loss on held-out records through the Gaussian mechanism, accounted.
+
+    Released: the number correct and the sum of per-example cross-entropies clipped to
+    :data:`EVAL_LOSS_CLIP` (scaled by it), each with sensitivity 1 when one record is
+    added or removed: a 2-vector of L2 sensitivity √2, so each gets noise
+    N(0, (σ·√2)²) and the release is one Gaussian mechanism of multiplier σ, recorded
+    in the ledger as ``DpEvent(q=1, σ, 1)``. ``num-examples`` (the held-out count) is
+    treated as public, as the training count is.
+    """
+    from edgefleet.device.runtime.mlp import softmax
+
+    sigma = s.privacy_eval_noise_multiplier
+    cfg = msg.content.config_records[CONFIG]
+    server_round = int(str(cfg.get("server-round", 0)))
+    try:
+        _ledger(s).record(str(context.run_id), server_round, DpEvent(1.0, sigma, 1),
+                          run_limit=s.privacy_max_run_epsilon, kind="evaluate")
+    except RunBudgetExceeded as exc:
+        default_metrics().inc("fl.declined_policy")
+        return _reject(msg, DECLINED_POLICY, str(exc))
+    except PrivacyBudgetExceeded as exc:
+        return _reject(msg, DECLINED_BUDGET, str(exc))
+    except (LedgerError, EdgefleetError) as exc:
+        default_metrics().inc("fl.declined_ledger")
+        return _reject(msg, DECLINED_LEDGER, str(exc))
+    k = len(y)
+    probs = softmax(model.forward(x)).astype(np.float64)
+    per_example = -np.log(np.maximum(probs[np.arange(k), y], 1e-300))
+    correct = float(np.sum(np.argmax(probs, axis=1) == y))
+    loss_sum = float(np.sum(np.minimum(per_example, EVAL_LOSS_CLIP))) / EVAL_LOSS_CLIP
+    noise = _rng(s, server_round, purpose=1).normal(0.0, sigma * np.sqrt(2.0), size=2)
+    denom = max(k, 1)
+    m = MetricRecord({
+        "num-examples": k, "dp-weight": 1,
+        "eval-accuracy": float(np.clip((correct + noise[0]) / denom, 0.0, 1.0)),
+        "eval-loss": float(max(0.0, (loss_sum + noise[1]) * EVAL_LOSS_CLIP / denom)),
+        "eval-sigma": sigma})
     return Message(content=RecordDict({METRICS: m}), reply_to=msg)
 
 
@@ -269,8 +392,13 @@ def clipping_when_client_dp(msg: Message, ctxt: Context, call_next: ClientAppCal
     return call_next(msg, ctxt)
 
 
-def make_client_app(load: DataLoader = stored_samples, mods: Sequence[Mod] = ()) -> ClientApp:
-    """The ClientApp training and evaluating on what ``load`` returns for a node."""
+def make_client_app(load: DataLoader = stored_samples, mods: Sequence[Mod] = (), *,
+                    public_data: bool = False) -> ClientApp:
+    """The ClientApp training and evaluating on what ``load`` returns for a node.
+
+    ``public_data``: the loader returns public records (a simulation), so evaluation on
+    them is released exactly; otherwise the device's ``privacy-evaluation`` governs it.
+    """
     client = ClientApp(mods=[clipping_when_client_dp, *mods])
 
     @client.train()
@@ -279,7 +407,7 @@ def make_client_app(load: DataLoader = stored_samples, mods: Sequence[Mod] = ())
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _evaluate(load, msg, context)
+        return _evaluate(load, msg, context, public_data)
 
     return client
 

@@ -1,8 +1,9 @@
 """What the ServerApp and the device's ClientApp agree on: config keys, reply codes, arrays.
 
-Kept in one small module so the two sides cannot drift: a decline for privacy budget
-travels as a Flower ``Error`` with :data:`DECLINED_BUDGET`, which the server counts as
-a declined node rather than a failure.
+Kept in one small module so the two sides cannot drift: a device that refuses a round
+for privacy reasons replies with a Flower ``Error`` whose code says why
+(:data:`DECLINED_BUDGET`, :data:`DECLINED_POLICY`, :data:`DECLINED_LEDGER`); the server
+counts each as a declined node (by :data:`DECLINE_REASONS`), not a failure.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ __all__ = [
     "CONFIG",
     "DECLINED_BUDGET",
     "DECLINED_FEW_SAMPLES",
+    "DECLINED_LEDGER",
+    "DECLINED_POLICY",
+    "DECLINE_REASONS",
     "DP_MODES",
     "METRICS",
     "REJECTED_INPUT",
@@ -34,14 +38,25 @@ METRICS = "metrics"
 DECLINED_BUDGET = 4101
 #: ``Error.code`` of a device that refuses a malformed global model or task config.
 REJECTED_INPUT = 4102
-DECLINED_FEW_SAMPLES = 4103  #: fewer stored samples than the node's ``min-samples``
+#: ``Error.code`` of a device whose own privacy policy forbids what the server asked
+#: (DP off, client-level DP, ε, δ, sampling rate or noise outside the policy,
+#: evaluation on its held-out records).
+DECLINED_POLICY = 4103
+#: ``Error.code`` of a device whose privacy ledger is missing, unreadable or rolled back.
+DECLINED_LEDGER = 4104
+#: ``Error.code`` of a device with fewer stored samples than its ``min-samples``.
+DECLINED_FEW_SAMPLES = 4105
+
+#: Each decline code and the name the server counts it under.
+DECLINE_REASONS: dict[int, str] = {DECLINED_BUDGET: "budget", DECLINED_POLICY: "policy",
+                                   DECLINED_LEDGER: "ledger", DECLINED_FEW_SAMPLES: "few_samples"}
 
 DP_MODES = ("sample", "client", "off")
 
 
 def is_decline(code: int) -> bool:
     """True for replies the server counts as a declined node, not a failed one."""
-    return code in (DECLINED_BUDGET, DECLINED_FEW_SAMPLES)
+    return code in DECLINE_REASONS
 
 
 def to_arrays(params: Sequence[npt.NDArray[np.floating]]) -> list[npt.NDArray[np.float32]]:

@@ -4,8 +4,10 @@ A simulated device (the demo, tests, benchmarks, ``edgefleet train``'s embedded
 federation) holds partition ``partition-id`` of ``num-partitions`` Dirichlet shares of a
 built-in task's training split, unless node-config ``data`` names stored samples. The
 production ClientApp (``edgefleet.device.fl.client:app``) has no such fallback: a device
-trains only on what it stored. The share is cached in the node's state folder
-(:mod:`edgefleet.models.sim.share_cache`) because Flower starts a process per message.
+trains only on what it stored, and evaluates on its held-out records only as its privacy
+policy allows (off by default), while this app evaluates exactly. The share is cached
+in the node's state folder (:mod:`edgefleet.models.sim.share_cache`) because Flower
+starts a process per message.
 """
 
 from __future__ import annotations
@@ -80,4 +82,7 @@ def export_partition(task: str, index: int, count: int, out: Path) -> Path:
     return out
 
 
-app = make_client_app(builtin_share)
+#: Evaluation is released exactly: a simulated device's records are a share of a public
+#: task (or, with ``data``, an exported one), not anyone's private data. Training still
+#: follows the node's privacy policy like a deployed device's.
+app = make_client_app(builtin_share, public_data=True)

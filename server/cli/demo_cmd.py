@@ -70,11 +70,14 @@ def _pct(x: Any) -> str:
 
 
 def _print_report(r: dict[str, Any]) -> None:
-    t = Table("round", "accuracy", "ε", "nodes", title="federated training (DP)")
+    t = Table("round", "accuracy", "ε", "nodes", "declined (why)",
+              title="federated training (DP)")
     for row in r["rounds"]:
         eps = row["epsilon"]
+        why = row.get("declines") or {}
         t.add_row(str(row["round"]), f"{row['accuracy']:.4f}",
-                  "—" if eps is None else f"{eps:.3f}", str(row["nodes"]))
+                  "—" if eps is None else f"{eps:.3f}", str(row["nodes"]),
+                  ", ".join(f"{n} {k}" for k, n in sorted(why.items())) or "—")
     console.print(t)
     lat = r["latency_ms"]
     tel = r["telemetry"]

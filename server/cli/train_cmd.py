@@ -11,11 +11,27 @@ import typer
 
 from edgefleet.device.core.cli_support import console, print_json
 
-__all__ = ["train"]
+__all__ = ["describe_declines", "embedded_policy", "train"]
 
 
 def _sigterm_as_interrupt(_sig: int, _frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def embedded_policy(dp: str, epsilon: float) -> dict[str, Any]:
+    """Node config of the embedded simulated devices: a policy admitting this run."""
+    return {"privacy-min-mode": dp, "privacy-max-run-epsilon": max(5.0, epsilon),
+            "privacy-budget": max(10.0, epsilon)}
+
+
+_REASON_TEXT = {"budget": "privacy budget spent", "policy": "outside the device's privacy "
+                "policy", "ledger": "privacy ledger missing or rolled back"}
+
+
+def describe_declines(declines: dict[str, int]) -> str:
+    """``3 × outside the device's privacy policy, 1 × privacy budget spent``."""
+    return ", ".join(f"{n} × {_REASON_TEXT.get(why, why)}"
+                     for why, n in sorted(declines.items(), key=lambda kv: -kv[1]))
 
 
 def train(
@@ -71,7 +87,9 @@ def train(
                                              "before round 1; 0: start from random weights."),
     round_timeout: float = typer.Option(120.0, "--round-timeout", min=1.0,
                                         help="Seconds to wait for replies in a round."),
-    seed: int = typer.Option(-1, "--seed", help="Seed (-1: fresh entropy for the DP noise)."),
+    seed: int = typer.Option(-1, "--seed", help="Seed of the initial model and pretraining (-1: "
+                                                "0). Devices' DP noise never uses it: it "
+                                                "comes from each device's OS entropy."),
     out: Path = typer.Option(Path("out/digits-fl"), "--out", "-o", help="Model package folder."),
     fmt: str = typer.Option("all", "--format", help="Package formats: onnx, tflite or all."),
     work: Path | None = typer.Option(None, "--work-dir",
@@ -93,6 +111,11 @@ def train(
 
       edgefleet train --base digits-mlp --devices 2 --rounds 3   (the fleet home's SuperLink;
       the result is the next version of digits-mlp)
+
+    Each device decides its privacy (its policy, set at enrollment): a round it refuses
+    (budget spent, request outside its policy, ledger it cannot trust) is counted as
+    declined, by reason. The embedded simulated devices get a policy admitting the mode
+    and ε asked for here (they stand in for devices whose policy you set).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -105,7 +128,7 @@ def train(
         submit_run,
     )
     from edgefleet.server.fl.settings import run_settings
-    from edgefleet.server.fl.store import FlStore, RoundRow
+    from edgefleet.server.fl.store import FlStore, RoundRow, declines_by_reason
     from edgefleet.server.fleet.app_signing import fleet_key
     from edgefleet.server.fleet.home import default_root
     from edgefleet.server.fleet.superlink import SuperLinkConn
@@ -140,8 +163,9 @@ def train(
         def on_round(r: RoundRow) -> None:
             rows.append(r)
             eps = "" if r.epsilon is None else f"  ε={r.epsilon:.3f}"
+            dec = f"  declined {r.declined}" if r.declined else ""
             bar.update(tid, completed=r.round, description=(
-                f"accuracy {r.accuracy:.3f}  loss {r.loss:.3f}  nodes {r.nodes}{eps}"))
+                f"accuracy {r.accuracy:.3f}  loss {r.loss:.3f}  nodes {r.nodes}{dec}{eps}"))
 
         if superlink:
             conn = SuperLinkConn(superlink, work / "cli", root_certificates)
@@ -149,8 +173,8 @@ def train(
                 home or default_root()))
             run = follow_run(store, tag, conn, run_id, on_round)
         else:
-            with EmbeddedFederation(work / "embedded", devices=devices,
-                                    secure=not insecure) as fed:
+            with EmbeddedFederation(work / "embedded", devices=devices, secure=not insecure,
+                                    node_config=lambda _i: embedded_policy(dp, epsilon)) as fed:
                 bar.update(tid, description="submitting run")
                 run_id = submit_run(fed.conn, settings, work, signing_key=fed.app_key)
                 run = follow_run(store, tag, fed.conn, run_id, on_round)
@@ -160,10 +184,12 @@ def train(
     result = {
         "run": tag, "flower_run_id": run_id,
         "rounds": [{"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "nodes": r.nodes,
-                    "declined": r.declined, "failed": r.failed, "epsilon": r.epsilon}
+                    "declined": r.declined, "declines": r.declines or {}, "failed": r.failed,
+                    "epsilon": r.epsilon}
                    for r in store.rounds(tag) if r.round > 0],
         "final": {"accuracy": final.get("accuracy"), "epsilon": final.get("epsilon"),
                   "delta": final.get("delta")},
+        "declines": declines_by_reason(store.rounds(tag)),
         "devices": final.get("devices", []),
         "device_accuracy": final.get("device_accuracy"),
         "package": final.get("package"),
@@ -176,6 +202,8 @@ def train(
     eps_txt = "no DP" if f["epsilon"] is None else f"ε={f['epsilon']:.3f} at δ={f['delta']:g}"
     console.print(f"[green]Flower run {run_id} finished[/] (edgefleet tag {tag}): accuracy "
                   f"{f['accuracy']:.4f}, {eps_txt}; details: flwr log {run_id}")
+    if result["declines"]:
+        console.print(f"[yellow]declined by devices[/]: {describe_declines(result['declines'])}")
     spread = result["device_accuracy"]
     if spread:
         console.print(f"accuracy per device ({spread['devices']} devices): min {spread['min']:.4f}"

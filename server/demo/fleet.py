@@ -302,8 +302,11 @@ class Demo:
                                               "cloud_min_confidence": 0.9},
                                      "fl": {"runtime_port": free_port(), "node_config": {
                                          "task": self.opts.task, "partition-id": i,
-                                         "num-partitions": n, "privacy-budget": 50.0,
+                                         "num-partitions": n,
                                          **extra.get("node_config", {})},
+                                         # Each device's own policy admits the demo's run.
+                                         "privacy": {"budget": max(50.0, self.opts.epsilon),
+                                                     "max_run_epsilon": self.opts.epsilon},
                                          **extra["fl"]},
                                  })
             self._configs[name] = cfg
@@ -570,7 +573,8 @@ def build_report(demo: Demo) -> dict[str, Any]:
         return sum(int(b.get(key, 0)) for b in bodies) / inf if inf else 0.0
 
     rounds = [{"round": r["round"], "accuracy": r["accuracy"], "epsilon": r["epsilon"],
-               "nodes": r["nodes"]} for r in s.training.get("rounds", [])]
+               "nodes": r["nodes"], "declines": r.get("declines", {})}
+              for r in s.training.get("rounds", [])]
     return {
         "devices": len(s.devices),
         "rounds": rounds,

@@ -2,8 +2,10 @@
 
 Reads the FL store (``fl.db`` of ``edgefleet train``): for the newest runs, the spread
 of the devices' federated-evaluation accuracy in the last round (min, median, max, the
-worst device named), and for the newest run a PNG of that spread per round. A device
-the global model fails on shows up here even when the average looks fine.
+worst device named), how many rounds devices declined and why (privacy budget spent,
+a request outside the device's privacy policy, a ledger it cannot trust), and for the
+newest run a PNG of that spread per round. A device the global model fails on shows up
+here even when the average looks fine.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from edgefleet.server.fl.robust import device_spread
-from edgefleet.server.fl.store import FlStore
+from edgefleet.server.fl.store import FlStore, declines_by_reason
 
 __all__ = ["FL_PLOT", "fl_section"]
 
@@ -59,6 +61,8 @@ def fl_section(fl_db: Path, out: Path, limit: int = 10) -> str:
         cells += (["-"] * 5 if spread is None else [
             str(spread["devices"]), f"{spread['min']:.3f}", f"{spread['median']:.3f}",
             f"{spread['max']:.3f}", str(spread["worst"])])
+        declines = declines_by_reason(store.rounds(run.tag))
+        cells += [str(declines.get(why, 0)) for why in ("budget", "policy", "ledger")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         if evals and not plotted:
             _plot(evals, f"run {run.tag}: accuracy per device", out / FL_PLOT)
@@ -68,5 +72,6 @@ def fl_section(fl_db: Path, out: Path, limit: int = 10) -> str:
     img = (f'<img src="{FL_PLOT}" alt="accuracy per device, newest run">' if plotted else "")
     return ("<h2>Federated runs: accuracy per device (last round)</h2>"
             "<table><tr><th>run</th><th>status</th><th>strategy</th><th>round</th>"
-            "<th>devices</th><th>min</th><th>median</th><th>max</th><th>worst node</th></tr>"
+            "<th>devices</th><th>min</th><th>median</th><th>max</th><th>worst node</th>"
+            "<th>declined: budget</th><th>policy</th><th>ledger</th></tr>"
             + "".join(rows) + "</table>" + img)

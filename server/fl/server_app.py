@@ -24,10 +24,10 @@ from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from edgefleet.device.wire.federated import is_decline
+from edgefleet.device.wire.federated import DECLINE_REASONS, is_decline
 from edgefleet.server.fl.robust import bound_updates, device_spread
 from edgefleet.server.fl.settings import RunSettings, build_strategy, run_settings
-from edgefleet.server.fl.store import FlStore, RoundRow
+from edgefleet.server.fl.store import FlStore, RoundRow, declines_by_reason
 
 __all__ = ["FleetStrategy", "app"]
 
@@ -46,9 +46,10 @@ def _number(rec: MetricRecord, key: str, default: int | None = None) -> int | fl
 class FleetStrategy(Strategy):
     """Wraps a Flower strategy: declined nodes are set aside, each round's facts are kept.
 
-    A device over its privacy budget replies with a decline; passing it on would make
-    Flower's DP wrappers skip the whole round ("errors are not allowed"), so declines
-    never reach the inner strategy and are counted instead.
+    A device over its privacy budget, outside its privacy policy or with a ledger it
+    cannot trust replies with a decline; passing it on would make Flower's DP wrappers
+    skip the whole round ("errors are not allowed"), so declines never reach the inner
+    strategy and are counted instead, by reason (``budget``, ``policy``, ``ledger``).
     """
 
     def __init__(self, inner: Strategy, s: RunSettings) -> None:
@@ -83,11 +84,15 @@ class FleetStrategy(Strategy):
         """Drop declines, count failures, remember each device's ε, then aggregate."""
         ok: list[Message] = []
         declined = failed = 0
+        reasons: dict[str, int] = {}
         for msg in replies:
             if msg.has_error():
                 if is_decline(msg.error.code):
                     declined += 1
-                    log.info("node %d declined: %s", msg.metadata.src_node_id, msg.error.reason)
+                    why = DECLINE_REASONS[msg.error.code]
+                    reasons[why] = reasons.get(why, 0) + 1
+                    log.info("node %d declined (%s): %s", msg.metadata.src_node_id, why,
+                             msg.error.reason)
                 else:
                     failed += 1
                     log.warning("node %d failed: %s", msg.metadata.src_node_id, msg.error.reason)
@@ -104,7 +109,8 @@ class FleetStrategy(Strategy):
                 self.device_events.setdefault(node, []).append(
                     {k: float(_number(metrics, k)) for k in ("q", "sigma", "steps")})
         self.stats[server_round] = {
-            "nodes": len(ok), "declined": declined, "failed": failed + max(missing, 0),
+            "nodes": len(ok), "declined": declined, "declines": reasons,
+            "failed": failed + max(missing, 0),
             "bytes_up": int(sum(up) / len(up)) if up else None}
         if not ok:
             return None, None
@@ -190,6 +196,7 @@ def _run(grid: Grid, context: Context, s: RunSettings, store: FlStore) -> None:
         store.add_round(s.tag, RoundRow(
             round=server_round, accuracy=acc, loss=loss, nodes=st.get("nodes", 0),
             declined=st.get("declined", 0), failed=st.get("failed", 0),
+            declines=st.get("declines") if server_round else None,
             epsilon=strategy.epsilon() if server_round else (None if s.dp == "off" else 0.0),
             fed_accuracy=st.get("fed_accuracy"),
             seconds=now - clock["t"] if server_round else None,
@@ -228,6 +235,7 @@ def _run(grid: Grid, context: Context, s: RunSettings, store: FlStore) -> None:
     store.finish_run(s.tag, {
         "accuracy": rounds[-1].accuracy if rounds else None, "epsilon": eps,
         "delta": s.delta if s.dp != "off" else None, "package": package,
+        "declines": declines_by_reason(rounds),
         "devices": [{"node": n, "epsilon": strategy.device_eps.get(n),
                      "accuracy": last_eval[n][0] if n in last_eval else None,
                      "events": strategy.device_events[n]} for n in nodes],

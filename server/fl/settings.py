@@ -80,12 +80,16 @@ class RunSettings(StrictModel):
         return noise_for_epsilon(self.epsilon, self.delta, 1.0, self.num_rounds, "rdp")
 
     def train_config(self) -> dict[str, Any]:
-        """What each device needs to train (and account) a round."""
+        """What each device needs to train (and account) a round.
+
+        No seed: a device's DP noise and sampling come from its own OS entropy, whatever
+        the server sends (``seed`` only fixes the server's model initialization).
+        """
         cfg: dict[str, Any] = {
             "dp": self.dp, "target-epsilon": self.epsilon, "delta": self.delta,
             "num-rounds": self.num_rounds, "local-steps": self.local_steps,
             "batch-size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
-            "clip": self.clip, "seed": self.seed}
+            "clip": self.clip}
         return {**cfg, **self.eval_config()}
 
     def eval_config(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from edgefleet.device.core.sqlite import connect, migrate
 
-__all__ = ["MIGRATIONS", "FlStore", "RoundRow", "RunRow"]
+__all__ = ["MIGRATIONS", "FlStore", "RoundRow", "RunRow", "declines_by_reason"]
 
 #: Schema versions of the FL database (:mod:`edgefleet.device.core.sqlite`); version 1 is
 #: the schema it had before versions were recorded, hence ``IF NOT EXISTS``.
@@ -35,6 +35,9 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE IF NOT EXISTS fl_device_eval (
             tag TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, accuracy REAL,
             examples INTEGER, PRIMARY KEY (tag, round, node))""",
+    ],
+    [  # 2: declines by reason (budget, policy, ledger) per round, as JSON
+        "ALTER TABLE fl_rounds ADD COLUMN declines TEXT",
     ],
 ]
 
@@ -54,6 +57,8 @@ class RoundRow:
     seconds: float | None
     bytes_down: int | None
     bytes_up: int | None
+    #: ``declined`` split by reason: ``{"budget": n, "policy": n, "ledger": n}``.
+    declines: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,15 @@ class RunRow:
     params: dict[str, Any]
     final: dict[str, Any] | None
     error: str | None
+
+
+def declines_by_reason(rounds: list[RoundRow]) -> dict[str, int]:
+    """Every round's declines summed by reason (``budget``, ``policy``, ``ledger``)."""
+    out: dict[str, int] = {}
+    for r in rounds:
+        for why, n in (r.declines or {}).items():
+            out[why] = out.get(why, 0) + int(n)
+    return out
 
 
 def _now() -> str:
@@ -102,10 +116,13 @@ class FlStore:
     def add_round(self, tag: str, row: RoundRow) -> None:
         """Store one round's metrics."""
         with self._conn() as db:
-            db.execute("INSERT OR REPLACE INTO fl_rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.execute("INSERT OR REPLACE INTO fl_rounds (tag, round, accuracy, loss, nodes, "
+                       "declined, failed, epsilon, fed_accuracy, seconds, bytes_down, "
+                       "bytes_up, declines) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                        (tag, row.round, row.accuracy, row.loss, row.nodes, row.declined,
                         row.failed, row.epsilon, row.fed_accuracy, row.seconds, row.bytes_down,
-                        row.bytes_up))
+                        row.bytes_up,
+                        None if row.declines is None else json.dumps(row.declines)))
 
     def add_device_evals(self, tag: str, round_: int,
                          evals: dict[int, tuple[float, int]]) -> None:
@@ -152,6 +169,7 @@ class FlStore:
         """Every stored round of ``tag`` in order (round 0 is the initial model)."""
         with self._conn() as db:
             rows = db.execute("SELECT round, accuracy, loss, nodes, declined, failed, epsilon, "
-                              "fed_accuracy, seconds, bytes_down, bytes_up FROM fl_rounds "
-                              "WHERE tag = ? ORDER BY round", (tag,)).fetchall()
-        return [RoundRow(*r) for r in rows]
+                              "fed_accuracy, seconds, bytes_down, bytes_up, declines "
+                              "FROM fl_rounds WHERE tag = ? ORDER BY round", (tag,)).fetchall()
+        return [RoundRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                         json.loads(r[11]) if r[11] else None) for r in rows]

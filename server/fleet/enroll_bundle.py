@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.device.core.config import dump_toml
+from edgefleet.device.privacy.policy import PrivacyPolicy
 from edgefleet.server.fleet.home import FleetSettings
 
 __all__ = ["BUNDLE_FILES", "agent_template", "write_bundle"]
@@ -57,8 +58,11 @@ def agent_template(s: FleetSettings, name: str, group: str,
         if s.registry_ca:
             cfg["updates"]["ca_file"] = "registry-ca.pem"
     if s.superlink:
+        # The device's privacy policy, written out in full so the operator installing the
+        # device sees (and may tighten) what it will accept from any server.
         cfg["fl"] = {"enabled": True, "superlink": s.superlink, "insecure": False,
-                     "root_certificates": "superlink-ca.pem", "auth_private_key": "node.key"}
+                     "root_certificates": "superlink-ca.pem", "auth_private_key": "node.key",
+                     "privacy": PrivacyPolicy().model_dump()}
         if app_trust:
             cfg["fl"]["trusted_app_keys"] = "app-trust.yaml"
     return cfg

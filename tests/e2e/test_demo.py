@@ -43,6 +43,7 @@ def test_demo_report_and_store(tmp_path: Path) -> None:
     assert r["devices"] == 3
     assert [x["round"] for x in r["rounds"]] == [1, 2]
     assert all(x["epsilon"] and x["epsilon"] > 0 for x in r["rounds"])
+    assert all(x["declines"] == {} for x in r["rounds"])  # each device's policy admits it
     assert r["rounds"][-1]["accuracy"] > 0.8
     assert r["inferences"] > 100
     shares = r["local_share"] + r["fallback_share"] + r["degraded_share"]

@@ -22,6 +22,7 @@ def test_train_cli_client_dp_json(tmp_path: Path) -> None:
     out = json.loads(res.stdout)
     assert [r["round"] for r in out["rounds"]] == [1, 2]
     assert all(r["nodes"] == 3 for r in out["rounds"])
+    assert out["declines"] == {} and all(r["declines"] == {} for r in out["rounds"])
     assert 0 < out["final"]["epsilon"] <= 8.0
     assert out["final"]["delta"] == 1e-5
     assert out["rounds"][-1]["epsilon"] == pytest.approx(out["final"]["epsilon"])

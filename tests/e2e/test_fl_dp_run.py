@@ -64,6 +64,8 @@ def test_dp_run_on_five_authenticated_supernodes(tmp_path: Path) -> None:
     assert seen == [0, 1, 2, 3]
     assert [r.nodes for r in rounds[1:]] == [4, 4, 4]
     assert [r.declined for r in rounds[1:]] == [1, 1, 1]
+    assert [r.declines for r in rounds[1:]] == [{"budget": 1}] * 3
+    assert run.final is not None and run.final["declines"] == {"budget": 3}
     assert rounds[-1].accuracy is not None and rounds[0].accuracy is not None
     assert rounds[-1].accuracy > rounds[0].accuracy + 0.2
     eps = [r.epsilon for r in rounds[1:]]

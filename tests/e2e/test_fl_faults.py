@@ -31,7 +31,8 @@ def test_killed_node_round_completes_node_rejoins_and_link_restart_keeps_state(
     # The budget is not under test here: room for 8 rounds at ε=8 whatever the sampling,
     # so run 2 sees all three nodes however many run-1 rounds each one trained in.
     with EmbeddedFederation(tmp_path / "fed", devices=3, secure=True,
-                            node_config=lambda i: {"privacy-budget": 100.0}) as fed:
+                            node_config=lambda i: {"privacy-budget": 100.0,
+                                                   "privacy-max-run-epsilon": 8.0}) as fed:
         # The SuperLink frees a killed node's session only when its heartbeat expires
         # (Flower: 60 s); until then the same key cannot activate again and
         # flower-supernode exits. The agent restarts it with backoff (SupervisedProcess),
@@ -60,9 +61,9 @@ def test_killed_node_round_completes_node_rejoins_and_link_restart_keeps_state(
             assert rounds[1].nodes == 2  # completed with the others (min nodes 2)
             assert rounds[1].failed >= 1
             assert max(r.nodes for r in rounds[2:]) == 3, rounds  # node 2 rejoined, trained
-            ledger = json.loads((tmp_path / "fed" / "node-0" / "privacy-ledger.json")
+            ledger = json.loads((tmp_path / "fed" / "node-0" / "privacy-ledger.hwm")
                                 .read_text())
-            spent_before = ledger["epsilon_high_water"]
+            spent_before = ledger["epsilon"]
 
             # SuperLink restart: registered node keys and run history live in its database.
             fed.kill("superlink")
@@ -77,6 +78,8 @@ def test_killed_node_round_completes_node_rejoins_and_link_restart_keeps_state(
             assert {run_id, run2} <= ids  # the first run is still known after the restart
         finally:
             rejoin.stop()  # node 2 stays up through the second run, like a device would
+    mark = json.loads((tmp_path / "fed" / "node-0" / "privacy-ledger.hwm").read_text())
+    assert mark["epsilon"] > spent_before  # the budget only ever grows
     ledger = json.loads((tmp_path / "fed" / "node-0" / "privacy-ledger.json").read_text())
-    assert ledger["epsilon_high_water"] > spent_before  # the budget only ever grows
+    assert mark["entries"] == len(ledger["entries"])
     assert {e["run_id"] for e in ledger["entries"]} == {run_id, run2}

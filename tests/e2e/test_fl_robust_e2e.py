@@ -39,7 +39,8 @@ def test_trimmed_mean_survives_a_scaling_device_fedavg_does_not(
     final: dict[str, float] = {}
 
     def node(i: int) -> dict[str, object]:
-        cfg: dict[str, object] = {"alpha": 100.0}
+        cfg: dict[str, object] = {"alpha": 100.0, "privacy-min-mode": "off",
+                                  "insecure-reproducible-noise-seed": 0}
         if i == ATTACKER:
             cfg.update({"attack": "scale", "attack-factor": 50.0})
         return cfg

@@ -149,6 +149,42 @@ def test_install_tarball(home: FleetHome, tmp_path: Path) -> None:
         (state / "keys" / "mqtt.password").read_text().strip()
 
 
+def test_enrollment_writes_the_privacy_policy_and_creates_the_ledger(
+        home: FleetHome, tmp_path: Path) -> None:
+    from edgefleet.device.agent.settings import load_agent_config
+    from edgefleet.device.privacy.ledger import PrivacyLedger, hwm_path
+    from edgefleet.device.privacy.policy import PrivacyPolicy
+
+    b = enroll_device(home, "d1", out=tmp_path / "d1")
+    state = tmp_path / "state"
+    cfg = load_agent_config(install_bundle(b, state))
+    assert cfg.fl.privacy == PrivacyPolicy()  # written out in full, with the defaults
+    assert tomllib.loads((b / "agent.toml").read_text())["fl"]["privacy"]["min_mode"] == "sample"
+    ledger = cfg.fl_state_dir / "privacy-ledger.json"
+    assert ledger.exists() and hwm_path(ledger).exists()
+    PrivacyLedger(ledger, 10.0, create=False)  # what the SuperNode opens: exists, empty
+    from edgefleet.device.fl.client import node_settings
+
+    # The keys the agent passes to its SuperNode are the ClientApp's node config.
+    node = node_settings({**cfg.fl.privacy.node_config(), "privacy-ledger-required": True})
+    assert node.policy == cfg.fl.privacy and node.privacy_ledger_required
+    tighter = install_bundle(b, tmp_path / "s2", overrides={"fl": {"privacy": {
+        "max_run_epsilon": 1.0, "evaluation": "noised"}}})
+    assert load_agent_config(tighter).fl.privacy.max_run_epsilon == 1.0
+
+
+@pytest.mark.parametrize(("node_config", "why"), [
+    ({"insecure-reproducible-noise-seed": 1}, "insecure-reproducible-noise-seed"),
+    ({"privacy-budget": 1000.0}, r"\[fl.privacy\]"),
+])
+def test_enrolled_agent_refuses_insecure_noise_and_policy_outside_its_section(
+        home: FleetHome, tmp_path: Path, node_config: dict[str, object], why: str) -> None:
+    b = enroll_device(home, "d1", out=tmp_path / "d1")
+    with pytest.raises(ConfigError, match=why):
+        install_bundle(b, tmp_path / "state", overrides={"fl": {"node_config": node_config}})
+    assert not (tmp_path / "state").exists()
+
+
 def test_install_refuses_config_that_cannot_run(tmp_path: Path) -> None:
     bare = FleetHome.create(tmp_path / "h", broker_port=18831)  # no registry, no model
     b = enroll_device(bare, "d1", out=tmp_path / "b")

@@ -35,6 +35,7 @@ def test_declined_device_is_counted_and_the_round_goes_on(tmp_path: Path) -> Non
                    num_rounds=2)
     assert len(res.arrays) == 4
     assert st.stats[1]["nodes"] == 2 and st.stats[1]["declined"] == 1
+    assert st.stats[1]["declines"] == {"budget": 1}
     assert st.stats[2]["declined"] == 1
     assert 2.9 < (st.epsilon() or 0) <= 3.0
 

@@ -43,8 +43,12 @@ def run_inprocess(strategy: str = "fedavg", attack: str = "", factor: float = 10
                               "norm-bound": norm_bound, "db": f"{work}/fl.db", **(extra or {})})
 
             def node(i: int) -> dict[str, Any]:
+                # The operator's own simulated devices: a policy admitting the non-private
+                # runs under test, and reproducible sampling (a test-only node flag).
                 cfg: dict[str, Any] = {"partition-id": i, "num-partitions": DEVICES,
-                                       "alpha": alpha, "state-dir": f"{work}/n{i}"}
+                                       "alpha": alpha, "state-dir": f"{work}/n{i}",
+                                       "privacy-min-mode": "off",
+                                       "insecure-reproducible-noise-seed": max(seed, 0)}
                 if attack and i == ATTACKER:
                     cfg.update({"attack": attack, "attack-factor": factor})
                 return cfg
