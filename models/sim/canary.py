@@ -65,4 +65,4 @@ def canary_app(canaries: Canaries, target: int = 0) -> ClientApp:
         out.y_train = np.concatenate([data.y_train, canaries.y[keep]]).astype(np.int64)
         return out
 
-    return make_client_app(load)
+    return make_client_app(load, public_data=True)

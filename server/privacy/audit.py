@@ -131,9 +131,12 @@ def run_audit(task: str = "digits", dp: str = "sample", epsilon: float = 3.0,
             budget = max(10.0, 2.0 * epsilon)
 
             def node(i: int) -> dict[str, Any]:
+                # Simulated devices whose policy admits exactly what is being audited.
                 return {"task": task, "partition-id": i, "num-partitions": devices,
                         "state-dir": f"{work}/n{i}", "privacy-budget": budget,
-                        "privacy-delta": delta}
+                        "privacy-delta": delta, "privacy-min-mode": dp,
+                        "privacy-max-run-epsilon": budget,
+                        "privacy-min-noise-multiplier": 0.01}
 
             strategy = FleetStrategy(build_strategy(s), s)
             task_obj, norm, model = s.initial_model()

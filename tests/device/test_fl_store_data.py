@@ -34,8 +34,13 @@ def _store(tmp_path: Path, n: int, key: bytes | None = None) -> Path:
     return tmp_path / "samples.db"
 
 
+#: A device whose policy admits this test's non-private training and (noised) evaluation.
+POLICY = {"privacy-min-mode": "off", "privacy-evaluation": "noised"}
+
+
 def _reply(tmp_path: Path, node: dict[str, object], kind: str) -> Message:
-    grid = InProcessGrid(fl_client.app, 1, lambda i: {"state-dir": str(tmp_path), **node})
+    grid = InProcessGrid(fl_client.app, 1,
+                         lambda i: {"state-dir": str(tmp_path), **POLICY, **node})
     return next(iter(grid.send_and_receive([_msg(kind)])))
 
 
