@@ -55,7 +55,6 @@ _DEVICE_PATTERNS = (
     f"pattern write {TOPIC_ROOT}/score/request/%u",
     f"pattern read {TOPIC_ROOT}/score/response/%u",
     f"pattern read {_UPDATE}/assign/device/%u",
-    f"pattern read {_UPDATE}/assign/fleet",
     f"pattern write {_UPDATE}/state/%u",
     f"pattern write {_UPDATE}/event/%u",
 )
@@ -134,8 +133,11 @@ def render_acl(services: Iterable[str] = ("ingest",), admins: Iterable[str] = ()
         out += [f"user {_check_name(user)}"]
         out += [f"topic {access} {topic}" for access, topic in ROLE_RULES[role]] + [""]
     for device, group in sorted((groups or {}).items()):
+        # Fixed topics go in each device's block: a pattern without %u or %c makes
+        # mosquitto warn on every (re)load.
         out += [f"user {_check_name(device)}",
-                f"topic read {_UPDATE}/assign/group/{_check_name(group)}", ""]
+                f"topic read {_UPDATE}/assign/group/{_check_name(group)}",
+                f"topic read {_UPDATE}/assign/fleet", ""]
     out += ["# Every authenticated client (device id = username): only its own topics.",
             *_DEVICE_PATTERNS, ""]
     return "\n".join(out)

@@ -124,3 +124,12 @@ def test_publisher_with_password_through_acl(secured_broker: MosquittoBroker,
         finally:
             pub.stop()
         assert wait_until(lambda: (store.device("dev2") or {}).get("online") == 0, 5)
+
+
+def test_every_pattern_names_the_client_so_mosquitto_does_not_warn() -> None:
+    acl = render_acl(services=["ingest"], groups={"dev1": "g1", "dev2": "default"})
+    patterns = [line for line in acl.splitlines() if line.startswith("pattern ")]
+    assert patterns and all("%u" in p or "%c" in p for p in patterns), patterns
+    for device in ("dev1", "dev2"):  # the fleet-wide assignment is still readable
+        block = acl.split(f"user {device}\n", 1)[1].split("\n\n", 1)[0]
+        assert "topic read edgefleet/v1/update/assign/fleet" in block
