@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from edgefleet.device.core.cli_support import print_json, run_app, version_callback
+from edgefleet.device.core.cli_support import console, print_json, run_app, version_callback
 from edgefleet.device.core.errors import UsageError
 from edgefleet.device.wire.frames import PayloadType, encode_frame, encode_labels
 from edgefleet.models.sim.serial_faults import FaultInjector, Faults
@@ -143,6 +143,10 @@ def run(
     label_share: float = typer.Option(1.0, "--label-share", min=0.0, max=1.0,
                                       help="Share of the sample frames that get a label."),
     json_out: bool = typer.Option(False, "--json", help="Print a summary as JSON at the end."),
+    samples_out: Path | None = typer.Option(
+        None, "--samples-out", help="Instead of frames: write this sensor's labelled share "
+        "of the task (K of N, see --share) as FILE.npz for `edgefleet-agent data import`."),
+    share: str = typer.Option("0/1", "--share", help="With --samples-out: share K of N."),
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
@@ -157,7 +161,12 @@ def run(
       edgefleet-sensor-sim --task vibration --create-pty /tmp/sensor --shift speed=1.6
 
       edgefleet-sensor-sim --task digits --create-pty /tmp/sensor --label-every 10
+
+      edgefleet-sensor-sim --task digits --samples-out pilot.npz --share 1/2
     """
+    if samples_out is not None:
+        _write_share(task.value, share, samples_out, json_out)
+        return
     if (port is None) == (create_pty is None):
         raise UsageError("give exactly one of --port and --create-pty")
     moved = Shift.parse(shift, task.value)
@@ -217,6 +226,25 @@ def run(
         print_json(summary)
     else:
         typer.echo(f"sent {sent} frames ({damaged} damaged), {nbytes} bytes", err=True)
+
+
+def _write_share(task: str, share: str, out: Path, json_out: bool) -> None:
+    """A pilot's provisioned samples: the same Dirichlet share a simulated device holds."""
+    from edgefleet.models.sim.fl_app import export_partition
+
+    try:
+        k, n = (int(v) for v in share.split("/"))
+    except ValueError:
+        raise UsageError(f"--share must be K/N, not {share!r}") from None
+    if not 0 <= k < n:
+        raise UsageError(f"--share {share}: K must be in 0..N-1")
+    export_partition(task, k, n, out)
+    with np.load(out) as f:
+        rows = len(f["y"])
+    if json_out:
+        print_json({"samples": rows, "out": str(out), "share": share})
+    else:
+        console.print(f"wrote {rows} labelled samples (share {share} of {task}) to {out}")
 
 
 def main() -> None:

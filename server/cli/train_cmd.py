@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import uuid
 from pathlib import Path
@@ -142,7 +143,7 @@ def train(
     if embedded:
         superlink = None
     work = (work or (fh.fl_dir if fh is not None else Path(".edgefleet/fl"))).resolve()
-    parent = _base(base, registry, home, task) if base else None
+    parent = _base(base, registry, home, task, work) if base else None
     tag = uuid.uuid4().hex[:12]
     settings = run_settings({
         "tag": tag, "task": task, "num-rounds": rounds, "strategy": strategy,
@@ -151,6 +152,7 @@ def train(
         "dp": dp, "epsilon": epsilon, "delta": delta, "clip": clip, "update-clip": update_clip,
         "local-steps": local_steps, "batch-size": batch_size, "lr": lr, "seed": seed,
         "pretrain-epochs": pretrain_epochs, "round-timeout": round_timeout,
+        "initial-params": str(parent[2]) if parent else "",
         "db": str(work / "fl.db"), "out": str(out.resolve()), "formats": fmt})
     check_settings(settings)
     store = FlStore(work / "fl.db")
@@ -180,7 +182,7 @@ def train(
                 run = follow_run(store, tag, fed.conn, run_id, on_round)
     final = run.final or {}
     if parent is not None and final.get("package"):
-        final["package"] = _as_next_version(Path(final["package"]), parent)
+        final["package"] = _as_next_version(Path(final["package"]), parent[:2])
     result = {
         "run": tag, "flower_run_id": run_id,
         "rounds": [{"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "nodes": r.nodes,
@@ -213,8 +215,11 @@ def train(
                   + (f" (next version of {result['parent']})" if parent else ""))
 
 
-def _base(ref: str, registry: Path | None, home: Path | None, task: str) -> tuple[str, str]:
-    """``(name, version)`` of the registered model a run continues (newest if no version)."""
+def _base(ref: str, registry: Path | None, home: Path | None, task: str,
+          work: Path) -> tuple[str, str, Path]:
+    """``(name, version, params.npz)`` of the registered model a run continues (newest if
+    no version): its package is unpacked from the registry under ``work`` so the run
+    starts from its weights."""
     from edgefleet.device.core.errors import UsageError
     from edgefleet.server.cli.registry_cmd import open_registry
     from edgefleet.server.registry.repository import parse_ref
@@ -233,7 +238,17 @@ def _base(ref: str, registry: Path | None, home: Path | None, task: str) -> tupl
         reg.close()
     if rec.task != task:
         raise UsageError(f"--base {rec.name}@{rec.version} is a {rec.task} model, not {task}")
-    return rec.name, rec.version
+    from edgefleet.device.runtime.archive import extract_package
+    from edgefleet.device.runtime.mlp import PARAMS_FILE
+
+    dest = work / "base" / f"{rec.name}@{rec.version}"
+    if not (dest / PARAMS_FILE).exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        extract_package(reg.artifacts / rec.sha256, dest)
+    if not (dest / PARAMS_FILE).exists():
+        raise UsageError(f"--base {rec.name}@{rec.version} has no {PARAMS_FILE}: FL continues "
+                         "only models with their fp32 weights")
+    return rec.name, rec.version, dest / PARAMS_FILE
 
 
 def _next_version(version: str) -> str:

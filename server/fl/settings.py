@@ -7,6 +7,7 @@ One validated model (:class:`RunSettings`) is the single source for the ServerAp
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +48,8 @@ class RunSettings(StrictModel):
     seed: int = -1
     hidden: str = "64"
     pretrain_epochs: int = Field(0, ge=0)
+    initial_params: str = Field("", description="params.npz of the model this run continues "
+                                                "(its weights start the run; no pretraining)")
     db: str = "fl.db"
     out: str = ""
     formats: Literal["onnx", "tflite", "all"] = "onnx"
@@ -115,12 +118,28 @@ class RunSettings(StrictModel):
         task = get_task(self.task)
         split = task.split()
         norm = fit_normalization(split.x_calib)
+        if self.initial_params:
+            return task, norm, self._continued(task)
         model = MLP.init((task.n_features, *self.hidden_sizes(), task.n_classes),
                          seed=max(self.seed, 0))
         if self.pretrain_epochs:
             train_sgd(model, apply_normalization(split.x_calib, norm), split.y_calib,
                       TrainConfig(epochs=self.pretrain_epochs, seed=max(self.seed, 0)))
         return task, norm, model
+
+    def _continued(self, task: Any) -> Any:
+        """The parent model (``initial_params``), checked against the task's shapes."""
+        from edgefleet.device.runtime.mlp import MLP, load_params
+
+        try:
+            model = MLP.from_params(load_params(Path(self.initial_params)))
+        except (OSError, KeyError, ValueError) as exc:
+            raise UsageError(f"cannot start from {self.initial_params}: {exc}") from None
+        if (model.sizes[0], model.sizes[-1]) != (task.n_features, task.n_classes):
+            raise UsageError(f"{self.initial_params} is a {model.sizes} model, not one for "
+                             f"{task.name} ({task.n_features} features, {task.n_classes} "
+                             "classes)")
+        return model
 
     @staticmethod
     def normalized(x: npt.NDArray[np.floating], norm: Any) -> npt.NDArray[np.float32]:
