@@ -31,7 +31,9 @@ parameters and ε it accounted. No training loss or other statistic of the train
 records. Evaluation on the held-out records is governed by ``privacy-evaluation``:
 ``off`` (the default: declined) or ``noised`` (accuracy and loss released through the
 Gaussian mechanism and recorded in the ledger). Apps built with ``public_data=True``
-(the simulated devices, whose shares are cut from a public task) evaluate exactly.
+(the simulated devices, whose shares are cut from a public task) evaluate exactly, but
+only on those shares: samples a node stored (``sample-store``, ``data``) are private
+whatever app runs on them.
 
 Flower runs every message in a fresh process, so what a message would recompute is
 kept in the node's state folder (with the privacy ledger), e.g. the calibrated σ
@@ -319,7 +321,9 @@ def _evaluate(load: DataLoader, msg: Message, context: Context, public_data: boo
     try:
         s = node_settings(dict(context.node_config))
         cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
-        if not public_data and s.privacy_evaluation == "off":
+        # Samples a device stored are private whatever app runs on them.
+        public = public_data and not (s.data or s.sample_store)
+        if not public and s.privacy_evaluation == "off":
             default_metrics().inc("fl.declined_policy")
             return _reject(msg, DECLINED_POLICY, "privacy policy: evaluation on this "
                            "device's held-out records is off")
@@ -332,7 +336,7 @@ def _evaluate(load: DataLoader, msg: Message, context: Context, public_data: boo
         default_metrics().inc("fl.rejected_input")
         return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
     k = len(data.y_test)
-    if public_data:
+    if public:
         m = MetricRecord({"num-examples": k, "dp-weight": 1,
                           "eval-loss": model.loss(x, data.y_test),
                           "eval-accuracy": model.accuracy(x, data.y_test)})

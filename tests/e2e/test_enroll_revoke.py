@@ -83,8 +83,8 @@ def test_enroll_install_doctor_publish_then_revoke(tmp_path: Path,
             for d in (state, state / "keys"):
                 assert stat.S_IMODE(d.stat().st_mode) == 0o700
             keys = sorted(p.name for p in (state / "keys").iterdir())
-            assert keys == ["mqtt.password", "node.key", "root.json", "sample-store.key",
-                            "superlink-ca.pem"]
+            assert keys == ["app-trust.yaml", "mqtt.password", "node.key", "root.json",
+                            "sample-store.key", "superlink-ca.pem"]
             assert all(stat.S_IMODE((state / "keys" / k).stat().st_mode) == 0o600 for k in keys)
             assert stat.S_IMODE(cfg_path.stat().st_mode) == 0o600
             assert (state / "keys" / "mqtt.password").read_text().strip() not in \
