@@ -172,6 +172,9 @@ class Agent:
         self._start_fallback()
         if self.cfg.updates.enabled:
             self._start_updates()
+        # Ready to answer before the first input can arrive (API, serial): a request in
+        # the window would otherwise get "not started" from a working agent.
+        self._started = True
         if self.cfg.api.enabled:
             self.api = LocalApiServer(self.cfg.socket_path, self.predict_batch,
                                       self.metrics)
@@ -183,7 +186,6 @@ class Agent:
         if self.cfg.fl.enabled:
             self._start_fl()
         self.metrics.set("agent_started", time.time())
-        self._started = True
         if self.serving.active is None:
             self.metrics.set("agent_state", "waiting_for_update")
             log.warning("agent %s started without a model: waiting for an update",

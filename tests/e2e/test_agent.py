@@ -89,7 +89,7 @@ def test_agent_serves_reports_and_stops_cleanly(
         _wait(sock.exists, 60, "the local API socket")
         x = get_task("digits").split().x_test[:2].tolist()
         reply = request(sock, {"id": 7, "input": x})
-        assert reply["id"] == 7 and len(reply["predictions"]) == 2
+        assert reply["id"] == 7 and len(reply.get("predictions", [])) == 2, reply
         assert all(p["source"] in ("local", "degraded") for p in reply["predictions"])
         bad = request(sock, {"id": 8, "input": [float("nan")] * 64})
         # a NaN literal never reaches the model: the guarded JSON reader refuses it

@@ -71,9 +71,10 @@ def test_registry_ls_fl_next_version_and_tau_warning(tmp_path: Path,
     # an FL run's package becomes the next version of the model it started from
     fl = tmp_path / "fl-pkg"
     shutil.copytree(digits_package, fl)
-    parent = _base(base["name"], None, tmp_path / "h", "digits")
-    assert parent == (base["name"], base["version"])
-    _as_next_version(fl, parent)
+    name, version, params = _base(base["name"], None, tmp_path / "h", "digits", tmp_path / "w")
+    assert (name, version) == (base["name"], base["version"])
+    assert params.name == "params.npz" and params.is_file()  # the run starts from these
+    _as_next_version(fl, (name, version))
     m = read_manifest(fl)
     major, minor = (int(x) for x in base["version"].split(".")[:2])
     assert (m.name, m.version) == (base["name"], f"{major}.{minor + 1}.0")
