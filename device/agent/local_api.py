@@ -36,7 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.device.core.conn_guard import ConnectionGuard, ConnectionLimits
+from edgefleet.device.core.conn_guard import (
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedServerMixin,
+)
 from edgefleet.device.core.errors import ConfigError, EdgefleetError, InputError
 from edgefleet.device.core.guarded_json import JsonLimits, JsonRejected, loads_guarded
 from edgefleet.device.core.metrics import Metrics, default_metrics
@@ -164,7 +168,7 @@ def answer(line: bytes, predict: PredictFn, metrics: Metrics,
     return {"id": req_id, "predictions": preds}
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _Server(GuardedServerMixin, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     request_queue_size = 64
     label: LabelFn | None = None  # set by LocalApiServer.accept_labels
@@ -192,30 +196,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.rmdir(private)
         self.server_address = final
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        sock: socket.socket = request
-        if not self.guard.admit(sock):
-            with contextlib.suppress(OSError):
-                sock.settimeout(0)
-                sock.send(json.dumps(_error(None, "busy", "too many connections")).encode()
-                          + b"\n")
-            self.shutdown_request(sock)
-            return
-        threading.Thread(target=self.process_request_thread, args=(sock, client_address),
-                         daemon=True).start()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        fd = request.fileno()
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.guard.release(fd)  # before the close: the fd number may be reused
-            self.shutdown_request(request)
-
-    def service_actions(self) -> None:
-        self.guard.reap()
+    def busy_reply(self) -> bytes:
+        return json.dumps(_error(None, "busy", "too many connections")).encode() + b"\n"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("local API connection failed")

@@ -25,10 +25,11 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from edgefleet.device.core.metrics import Metrics
 
-__all__ = ["ConnectionGuard", "ConnectionLimits"]
+__all__ = ["ConnectionGuard", "ConnectionLimits", "GuardedServerMixin"]
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,41 @@ class ConnectionGuard:
             self._count("connections_timed_out")
         return reaped
 
+
+class GuardedServerMixin:
+    """A ``socketserver`` threading server whose connections pass a :class:`ConnectionGuard`:
+    over the cap a connection gets :meth:`busy_reply` (if any) and is closed; the guard's
+    deadlines are enforced between polls. Put it before ``ThreadingMixIn`` in the bases."""
+
+    guard: ConnectionGuard
+
+    def busy_reply(self) -> bytes | None:
+        """What a refused connection is told before it is closed (None: nothing)."""
+        return None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        sock: socket.socket = request
+        if not self.guard.admit(sock):
+            reply = self.busy_reply()
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(0)
+                    sock.send(reply)
+            self.shutdown_request(sock)  # type: ignore[attr-defined]
+            return
+        threading.Thread(target=self.process_request_thread, args=(sock, client_address),
+                         daemon=True).start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        fd = request.fileno()
+        try:
+            self.finish_request(request, client_address)  # type: ignore[attr-defined]
+        except Exception:
+            self.handle_error(request, client_address)  # type: ignore[attr-defined]
+        finally:
+            self.guard.release(fd)  # before the close: the fd number may be reused
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` between polls: cut off clients past a deadline."""
+        self.guard.reap()

@@ -22,7 +22,6 @@ of a model.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -34,7 +33,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from edgefleet.device.core.conn_guard import ConnectionGuard, ConnectionLimits
+from edgefleet.device.core.conn_guard import (
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedServerMixin,
+)
 
 __all__ = ["CHUNK_BYTES", "ConnectionLimits", "RegistryHandler", "RegistryServer",
            "server_tls_context"]
@@ -135,7 +138,7 @@ class RegistryHandler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
-class RegistryServer(ThreadingHTTPServer):
+class RegistryServer(GuardedServerMixin, ThreadingHTTPServer):
     """An HTTP(S) server for one registry home; ``start()`` runs it on a daemon thread.
 
     With ``tls`` (see :func:`server_tls_context`) every connection must speak TLS.
@@ -167,33 +170,9 @@ class RegistryServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"{'https' if self.tls else 'http'}://{host!s}:{port}"
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        sock: socket.socket = request
-        if not self.guard.admit(sock):
-            log.info("refusing %s: %d connections open", client_address,
-                     self.limits.max_connections)
-            if self.tls is None:
-                with contextlib.suppress(OSError):
-                    sock.settimeout(0)
-                    sock.send(_BUSY)
-            self.shutdown_request(sock)
-            return
-        threading.Thread(target=self.process_request_thread, args=(sock, client_address),
-                         daemon=True).start()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        fd = request.fileno()
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.guard.release(fd)  # before any close: the fd number may be reused
-            self.shutdown_request(request)
-
-    def service_actions(self) -> None:
-        """Called by ``serve_forever`` between polls: cut off clients past a deadline."""
-        self.guard.reap()
+    def busy_reply(self) -> bytes | None:
+        """503 to a plain-HTTP client over the cap (a TLS client gets a closed socket)."""
+        return _BUSY if self.tls is None else None
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls is None:
