@@ -246,6 +246,13 @@ class Agent:
         m = self.view.manifest
         return f"{m.name}@{m.version}"
 
+    def _answer_id(self, x: Any, a: Answer, frame: tuple[int, int] | None = None) -> str:
+        """Every answer's id; the input behind it is kept only when labels can name it
+        (a sample store is on): otherwise the inference path copies nothing."""
+        if self.intake is None:
+            return self.memory.new_id()
+        return self.memory.remember(x, self._seen_by(a), frame)
+
     def _seen_by(self, a: Answer) -> str:
         """``name@version`` of the device model that saw the input behind ``a``."""
         if a.source != "cloud":
@@ -485,7 +492,7 @@ class Agent:
         x = window_features(raw, self.metrics) if frame.payload_type == PayloadType.ACCEL_F32 \
             else raw
         a = self.answer(x, raw)
-        answer_id = self.memory.remember(x, self._seen_by(a), (frame.sensor_id, frame.seq))
+        answer_id = self._answer_id(x, a, (frame.sensor_id, frame.seq))
         self.last_answers.append({"seq": frame.seq, "sensor": frame.sensor_id,
                                   "id": answer_id, **answer_to_dict(a)})
         self._keep_cloud_label(x, a)
@@ -511,7 +518,7 @@ class Agent:
         out = []
         for row in batch:
             a = self.answer(row)
-            out.append({"id": self.memory.remember(row, self._seen_by(a)),
+            out.append({"id": self._answer_id(row, a),
                         **answer_to_dict(a)})
             self._keep_cloud_label(row, a)
         return out

@@ -246,20 +246,15 @@ class MqttLink:
         counted, never the end of the thread."""
         try:
             while not stop.is_set():
-                try:
-                    self.step(timeout)
-                except _FATAL:
-                    raise
-                except BaseException:
-                    log.exception("%s: network step failed", self.prefix)
-                    self.metrics.inc(f"{self.prefix}_loop_errors")
+                if not self.safe_step(timeout):
                     stop.wait(0.1)
         finally:
             self.close()
 
-    def safe_step(self, timeout: float = 0.05) -> None:
-        """:meth:`step` for owners with their own loop: a failure is logged and counted
-        (``<prefix>_loop_errors``) and the connection dropped, so the next step reconnects."""
+    def safe_step(self, timeout: float = 0.05) -> bool:
+        """:meth:`step` that never ends its loop: a failure is logged and counted
+        (``<prefix>_loop_errors``) and the connection dropped, so the next step reconnects.
+        False when the step failed."""
         try:
             self.step(timeout)
         except _FATAL:
@@ -269,6 +264,8 @@ class MqttLink:
             self.metrics.inc(f"{self.prefix}_loop_errors")
             if self.client is not None:
                 self._drop("step failed")
+            return False
+        return True
 
     def close(self) -> None:
         """Disconnect cleanly (the broker does not send the will)."""

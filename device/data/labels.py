@@ -65,6 +65,12 @@ class AnswerMemory:
         self._prefix = os.urandom(4).hex()
         self._n = 0
 
+    def new_id(self) -> str:
+        """An answer id with nothing kept behind it (an agent that stores no samples)."""
+        with self._lock:
+            self._n += 1
+            return f"{self._prefix}-{self._n}"
+
     def remember(self, x: Any, model: str, frame: tuple[int, int] | None = None) -> str:
         """Keep ``x``; returns the answer id to hand out with the answer."""
         arr = np.array(x, dtype=np.float32, copy=True)
