@@ -7,6 +7,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgefleet.device.core.guarded_json import (
     JsonLimits,
@@ -98,3 +100,24 @@ def test_timestamps_within_skew_only() -> None:
         assert info.value.reason == reason, ts
     with pytest.raises(JsonRejected):
         check_timestamp(now - 100, now, max_age_s=50)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=8),
+    max_leaves=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values, st.integers(1, 25), st.integers(1, 12))
+def test_skipping_the_walk_never_lets_a_limit_through(doc: object, digits: int,
+                                                       small: int) -> None:
+    """The byte-level shortcut skips the walk only where the walk could not refuse."""
+    from edgefleet.device.core.guarded_json import _fits_unwalked, _walk
+
+    raw = json.dumps(doc).encode()  # may hold NaN/Infinity: the parser refuses those
+    limits = JsonLimits(max_keys=small, max_list=small, max_string=small * 4,
+                        max_int_digits=digits)
+    if _fits_unwalked(raw, limits):
+        _walk(json.loads(raw), limits)  # must not raise

@@ -109,7 +109,9 @@ def test_two_agents_train_on_their_own_stores_and_an_empty_one_declines(
             rows_r = [r for r in evals if r[0] == rnd]
             # Each device evaluated on exactly its own store's held-out samples.
             assert sorted(r[3] for r in rows_r) == sorted(expected.values()), evals
-            assert rows_r[0][2] != rows_r[1][2]
+            # two different evaluations: their accuracies are released with σ = 20 noise
+            # (often clipped to 0 or 1 on a few dozen samples), their sizes are exact
+            assert rows_r[0][3] != rows_r[1][3] and all(0 <= r[2] <= 1 for r in rows_r)
         # The empty store declined with its own reason, and never spent privacy budget.
         log_c = (tmp_path / "dev-c" / "supernode.log").read_text()
         assert "few samples: 0 stored" in log_c or "no samples" in log_c, log_c[-2000:]
