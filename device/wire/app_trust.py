@@ -60,10 +60,11 @@ class AppSignature:
     @classmethod
     def decode(cls, value: object) -> AppSignature | None:
         """Parse a run-config value; ``None`` for anything that is not a record."""
-        if not isinstance(value, str):
+        if not isinstance(value, str) or len(value) > 512:  # a record is ~150 characters
             return None
         parts = value.split(".")
-        if (len(parts) != 3 or not _KEY_ID.match(parts[0]) or not parts[1].isdigit()
+        if (len(parts) != 3 or not _KEY_ID.match(parts[0]) or not parts[1].isascii()
+                or not parts[1].isdigit() or len(parts[1]) > 12
                 or not _B64URL.match(parts[2])):
             return None
         try:

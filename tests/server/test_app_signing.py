@@ -42,7 +42,11 @@ def test_flower_verifies_our_signature_and_only_with_our_key(tmp_path: Path) -> 
 def test_signature_record_round_trips_through_the_run_config(tmp_path: Path) -> None:
     sig = load_or_create(tmp_path / "k").sign(b"fab", 1700000000)
     assert AppSignature.decode(sig.encode()) == sig
-    for bad in ("", "x", "a.b.c", "id.12.!!!", 5, None, "a b.1.AAAA"):
+    key_id = sig.encode().split(".")[0]
+    # a hostile SuperLink's run config: never an exception, only "no record"
+    for bad in ("", "x", "a.b.c", "id.12.!!!", 5, None, "a b.1.AAAA",
+                f"{key_id}.{'9' * 5000}.AAAA", f"{key_id}.².AAAA",
+                f"{key_id}.1.{'A' * 100_000}"):
         assert AppSignature.decode(bad) is None
     assert json.loads(sig.verification()[sig.key_id])["signed_at"] == 1700000000
 
