@@ -55,7 +55,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgefleet.device.core.config import StrictModel, load_config
 from edgefleet.device.core.errors import ConfigError, EdgefleetError
@@ -138,6 +138,43 @@ class NodeSettings(StrictModel):
             name.removeprefix("privacy_"): getattr(self, name)
             for name in type(self).model_fields
             if name.startswith("privacy_") and name != "privacy_ledger_required"})
+
+
+class RoundRequest(BaseModel):
+    """What the server asks of one training round, validated before any of it is used:
+    finite numbers in range, or the round is rejected as malformed. (Whether the device
+    accepts what is asked is its privacy policy's decision, checked after this.)"""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True,
+                              alias_generator=lambda name: name.replace("_", "-"))
+
+    dp: str = "sample"
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    num_rounds: int | None = Field(None, ge=1, le=1_000_000)
+    local_steps: int = Field(20, ge=1, le=1_000_000)
+    batch_size: int = Field(32, ge=1)
+    clip: float = Field(1.0, gt=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    proximal_mu: float = Field(0.0, ge=0)
+    server_round: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _sample_dp_is_planned(self) -> RoundRequest:
+        if self.dp == "sample" and None in (self.target_epsilon, self.delta, self.num_rounds):
+            raise ValueError("sample-level DP needs target-epsilon, delta and num-rounds")
+        return self
+
+
+def round_request(cfg: dict[str, Any]) -> RoundRequest:
+    """The round config as a :class:`RoundRequest` (``ValueError`` naming the bad key)."""
+    try:
+        return RoundRequest.model_validate(cfg)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "config"
+        raise ValueError(f"round config {where}: {first.get('msg', 'invalid')}") from None
 
 
 class LocalData:
@@ -234,6 +271,7 @@ def _train(load: DataLoader, msg: Message, context: Context) -> Message:
         s = node_settings(dict(context.node_config))
         data = load(s)
         cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
+        req = round_request(cfg)
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
         x = _normalize(data.x_train, cfg)
         if len(data.y_train) == 0:
@@ -243,33 +281,33 @@ def _train(load: DataLoader, msg: Message, context: Context) -> Message:
     except (EdgefleetError, ValueError, KeyError) as exc:
         metrics.inc("fl.rejected_input")
         return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
-    mode = str(cfg.get("dp", "sample"))
+    mode = req.dp
     try:
-        s.policy.check_request(mode, float(cfg.get("target-epsilon", 0.0)),
-                               float(cfg.get("delta", s.privacy_delta)))
+        s.policy.check_request(mode, req.target_epsilon or 0.0,
+                               s.privacy_delta if req.delta is None else req.delta)
     except PolicyViolation as exc:
         metrics.inc("fl.declined_policy")
         return _reject(msg, DECLINED_POLICY, str(exc))
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # an unknown mode
         metrics.inc("fl.rejected_input")
         return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
-    mu = float(cfg.get("proximal-mu", 0.0))
+    mu = req.proximal_mu
     start = [p.copy() for p in model.params]
     anchor = start if mu else None
-    server_round = int(cfg.get("server-round", 0))
+    server_round = req.server_round
     rng = _rng(s, server_round)
     n = len(data.y_train)
-    q = min(1.0, float(cfg.get("batch-size", 32)) / n)
-    steps = int(cfg.get("local-steps", 20))
+    q = min(1.0, req.batch_size / n)
+    steps = req.local_steps
     reply: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": n, "dp-weight": 1, "q": q, "steps": steps}
     if mode == "sample":
-        delta = float(cfg["delta"])
-        planned = int(cfg["num-rounds"]) * steps
-        sigma = noise_for_epsilon_cached(state_dir(s), float(cfg["target-epsilon"]), delta, q,
-                                         planned)
-        dp = DpSgdConfig(clip=float(cfg.get("clip", 1.0)), sigma=sigma, q=q, steps=steps,
-                         lr=float(cfg.get("lr", 0.1)), momentum=float(cfg.get("momentum", 0.0)))
+        assert req.delta is not None and req.target_epsilon is not None and req.num_rounds
+        delta = req.delta
+        planned = req.num_rounds * steps
+        sigma = noise_for_epsilon_cached(state_dir(s), req.target_epsilon, delta, q, planned)
+        dp = DpSgdConfig(clip=req.clip, sigma=sigma, q=q, steps=steps, lr=req.lr,
+                         momentum=req.momentum)
         run_id = str(context.run_id)
         try:
             s.policy.check_mechanism(q, sigma)
@@ -288,8 +326,7 @@ def _train(load: DataLoader, msg: Message, context: Context) -> Message:
         reply.update(sigma=sigma, epsilon=ledger.run_spent(run_id, delta), **{
             "epsilon-total": total, "budget": ledger.budget})
     else:
-        cfg_plain = DpSgdConfig(q=q, steps=steps, lr=float(cfg.get("lr", 0.1)),
-                                momentum=float(cfg.get("momentum", 0.0)))
+        cfg_plain = DpSgdConfig(q=q, steps=steps, lr=req.lr, momentum=req.momentum)
         _train_plain(model, x, data.y_train, cfg_plain, rng, anchor, mu)
     # No training loss or other statistic of the training records is in the reply: it
     # would be released exactly, next to the DP update, covered by no ε.

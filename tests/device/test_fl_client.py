@@ -186,3 +186,21 @@ def test_the_simulated_app_evaluates_its_public_share_exactly(tmp_path: Path) ->
                   dst_node_id=1000, message_type="evaluate")
     a, b = (_ask(grid, msg).content.metric_records[METRICS]["eval-accuracy"] for _ in "ab")
     assert a == b
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("batch-size", float("nan")), ("batch-size", -5), ("local-steps", -1),
+    ("local-steps", "many"), ("clip", float("inf")), ("num-rounds", 0), ("lr", 0.0),
+    ("momentum", 1.5), ("server-round", -2), ("delta", 2.0),
+])
+def test_a_malformed_round_config_is_rejected_not_raised(tmp_path: Path, key: str,
+                                                         value: object) -> None:
+    """A hostile server's numbers are refused before any of them reaches training."""
+    from edgefleet.device.fl.client import round_request
+
+    cfg = {"dp": "sample", "target-epsilon": 3.0, "delta": 1e-5, "num-rounds": 2, key: value}
+    with pytest.raises(ValueError, match=key):
+        round_request(cfg)
+    ok = round_request({"dp": "sample", "target-epsilon": 3.0, "delta": 1e-5,
+                        "num-rounds": 2, "norm-mean": [0.0]})  # other keys are ignored
+    assert ok.local_steps == 20 and ok.batch_size == 32
