@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.device.agent import local_api
 from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.core.metrics import Histogram
 from edgefleet.device.core.process import ProcessGroup
@@ -140,24 +141,6 @@ def _agent_json(step: str, *args: str) -> Any:
         raise DemoError(f"{step}: `edgefleet-agent {' '.join(args)}` failed: "
                         f"{lines[-1] if lines else res.returncode}")
     return json.loads(res.stdout[res.stdout.index("{"):])
-
-
-def _api_call(sock: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """One request line to a device's local API (docs/device-data.md), one reply line."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        c.settimeout(timeout)
-        c.connect(str(sock))
-        c.sendall(json.dumps(payload).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = c.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    out: dict[str, Any] = json.loads(buf)
-    return out
 
 
 #: How each simulated device's field differs (device i uses entry i mod 5).
@@ -389,12 +372,12 @@ class Demo:
                 dtype = "<u1" if ptype == 1 else "<f4"
                 rows.append(np.frombuffer(data, dtype=dtype).astype(float).tolist())
                 truth.append(label)
-            answers = _api_call(self._api[name], {"id": "app", "input": rows})
+            answers = local_api.request(self._api[name], {"id": "app", "input": rows}, 30.0)
             if "predictions" not in answers:
                 raise DemoError(f"{name}: the local API did not answer: {answers}")
             labels = [{"answer": a["id"], "class": c}
                       for a, c in zip(answers["predictions"], truth, strict=True)]
-            got = _api_call(self._api[name], {"id": "truth", "label": labels})
+            got = local_api.request(self._api[name], {"id": "truth", "label": labels}, 30.0)
             if got.get("labels", {}).get("stored") != api_labels:
                 raise DemoError(f"{name}: labels through the local API were refused: {got}")
         _wait(lambda: all(self._data_stats(d)["total"] >= min_samples for d in local),

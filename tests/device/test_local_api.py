@@ -13,6 +13,7 @@ import pytest
 from edgefleet.device.agent.local_api import MAX_REQUEST_BYTES, LocalApiServer, request
 from edgefleet.device.core.errors import InputError
 from edgefleet.device.core.metrics import Metrics
+from tests.support.sockets import closed_within
 
 
 def _predict(batch: np.ndarray) -> list[dict[str, Any]]:
@@ -101,16 +102,6 @@ def _connect(path: Path) -> socket.socket:
     return s
 
 
-def _closed_within(s: socket.socket, seconds: float) -> bool:
-    s.settimeout(seconds)
-    try:
-        while s.recv(4096):
-            pass
-        return True
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def _wait(cond: Any, timeout: float = 10.0) -> bool:
@@ -132,7 +123,7 @@ def test_connection_cap_refuses_the_extra_one(tmp_path: Path) -> None:
         assert _wait(lambda: srv._server.guard.active == 3)
         extra = _connect(srv.path)
         assert b'"busy"' in extra.recv(4096)
-        assert _closed_within(extra, 5)
+        assert closed_within(extra, 5)
         extra.close()
         assert metrics.counter("api_connections_refused") == 1
         # the held ones still work, and once they go, new clients get in
@@ -156,7 +147,7 @@ def test_idle_and_slowloris_clients_are_cut_off(tmp_path: Path) -> None:
     srv, metrics = _bounded(tmp_path, idle_timeout_s=0.5, request_timeout_s=1.5)
     try:
         idle = _connect(srv.path)
-        assert _closed_within(idle, 30)
+        assert closed_within(idle, 30)
         idle.close()
         loris = _connect(srv.path)
         sent: list[int] = []

@@ -21,6 +21,7 @@ from edgefleet.server.registry.http import (
     RegistryHandler,
     RegistryServer,
 )
+from tests.support.sockets import closed_within
 from tests.support.telemetry import wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(90)]
@@ -57,16 +58,6 @@ def _open(srv: RegistryServer) -> socket.socket:
     return socket.create_connection((str(host), int(port)), timeout=10)
 
 
-def _closed_within(s: socket.socket, seconds: float) -> bool:
-    s.settimeout(seconds)
-    try:
-        while s.recv(4096):
-            pass
-        return True
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def test_connection_cap_refuses_the_extra_one_and_serves_again(home: tuple[Path, Path]) -> None:
@@ -101,7 +92,7 @@ def test_idle_clients_time_out(home: tuple[Path, Path]) -> None:
     try:
         quiet = [_open(srv) for _ in range(3)]
         for s in quiet:
-            assert _closed_within(s, 5), "an idle client kept its connection"
+            assert closed_within(s, 5), "an idle client kept its connection"
             s.close()
         assert wait_until(lambda: srv.guard.active == 0, 5)
     finally:
