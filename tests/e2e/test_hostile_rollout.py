@@ -12,21 +12,24 @@ forged events.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.device.wire.updates import event_topic, state_topic
-from tests.conftest import BIN, run_cli
-from tests.e2e.test_rollout_guard import FakeDevice, _guard, _passes, _status, _stop
+from tests.conftest import run_cli
+from tests.e2e.test_rollout_guard import (
+    FakeDevice,
+    _guard,
+    _passes,
+    _status,
+    _stop,
+    guard_bench,
+)
 from tests.support.hostile import RECURSION_DEPTH
-from tests.support.updates import make_registry, package_version, wait_for
+from tests.support.updates import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.fault, pytest.mark.timeout(300)]
 
@@ -49,23 +52,8 @@ def _last_rejected(tmp: Path, name: str) -> dict[str, int]:
 def test_guard_survives_hostile_devices_and_still_decides(tmp_path: Path,
                                                           digits_package: Path,
                                                           mosquitto: Any) -> None:
-    registry = tmp_path / "registry"
-    reg = make_registry(registry)
-    for v in ("1.0.0", "1.1.0", "1.2.0"):
-        reg.push(package_version(digits_package, tmp_path / "p" / v, v))
-    reg.close()
-    db = tmp_path / "fleet.db"
-    env = {"EDGEFLEET_REGISTRY": str(registry), "EDGEFLEET_DB": str(db),
-           "EDGEFLEET_BROKER": f"127.0.0.1:{mosquitto.port}", "EDGEFLEET_LOG": "INFO"}
-    ingest = subprocess.Popen([str(BIN / "edgefleet"), "ingest", "run", "--db", str(db),
-                               "--port", str(mosquitto.port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect("127.0.0.1", mosquitto.port)
-    client.loop_start()
-    guards: list[subprocess.Popen[bytes]] = []
-    try:
-        wait_for(db.exists, what="the ingest's store")
+    with guard_bench(tmp_path, digits_package, mosquitto) as (registry, reg, db, env, _ingest,
+                                                               client, guards):
         for device, payload, _ in HOSTILE_STATES:
             client.publish(state_topic(device), payload, qos=1, retain=True).wait_for_publish(10)
         bad, good = FakeDevice(client, "pi-bad", "b0b0b0b0"), FakeDevice(client, "pi-good",
@@ -116,15 +104,6 @@ def test_guard_survives_hostile_devices_and_still_decides(tmp_path: Path,
         assert last["checked"][0]["devices"]["pi-good"]["inferences"] == 100
         assert g3.poll() is None
         assert _stop(g3) == 0
-    finally:
-        for g in guards:
-            if g.poll() is None:
-                g.kill()
-                g.wait()
-        client.loop_stop()
-        client.disconnect()
-        ingest.send_signal(signal.SIGTERM)
-        ingest.wait(30)
     assert _status(registry, rid_good) == "running"
     stops = [e for e in reg.audit.entries() if e["action"] == "rollout.stopped"]
     assert [s["details"]["rollout"] for s in stops] == [rid_bad]

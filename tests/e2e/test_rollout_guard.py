@@ -11,12 +11,14 @@ restarts under them, and the healthy canary stays running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +99,12 @@ def _stop(p: subprocess.Popen[bytes]) -> int:
     return p.wait(30)
 
 
-def test_guard_stops_a_canary_after_the_cli_exited(tmp_path: Path, digits_package: Path,
-                                                   mosquitto: Any) -> None:
+@contextlib.contextmanager
+def guard_bench(tmp_path: Path, digits_package: Path, mosquitto: Any) -> Iterator[
+        tuple[Path, Any, Path, dict[str, str], subprocess.Popen[bytes], mqtt.Client,
+              list[subprocess.Popen[bytes]]]]:
+    """A registry with 1.0.0-1.2.0, a real ingest into a fleet store, an MQTT client for
+    fake devices, and the guard processes a test starts (all stopped on exit)."""
     registry = tmp_path / "registry"
     reg = make_registry(registry)
     for v in ("1.0.0", "1.1.0", "1.2.0"):
@@ -116,6 +122,22 @@ def test_guard_stops_a_canary_after_the_cli_exited(tmp_path: Path, digits_packag
     guards: list[subprocess.Popen[bytes]] = []
     try:
         wait_for(db.exists, what="the ingest's store")
+        yield registry, reg, db, env, ingest, client, guards
+    finally:
+        for g in guards:
+            if g.poll() is None:
+                g.kill()
+                g.wait()
+        client.loop_stop()
+        client.disconnect()
+        ingest.send_signal(signal.SIGTERM)
+        ingest.wait(30)
+
+
+def test_guard_stops_a_canary_after_the_cli_exited(tmp_path: Path, digits_package: Path,
+                                                   mosquitto: Any) -> None:
+    with guard_bench(tmp_path, digits_package, mosquitto) as (registry, reg, db, env, ingest,
+                                                               client, guards):
         bad, good = FakeDevice(client, "pi-bad", "b0b0b0b0"), FakeDevice(client, "pi-good",
                                                                          "c0c0c0c0")
         for dev in (bad, good):
@@ -175,15 +197,6 @@ def test_guard_stops_a_canary_after_the_cli_exited(tmp_path: Path, digits_packag
         assert once["checked"][0]["devices"]["pi-good"] == {
             "version": "1.1.0", "inferences": 100, "bad_rate": 0.02}
         assert _stop(g2) == 0 and _stop(g3) == 0
-    finally:
-        for g in guards:
-            if g.poll() is None:
-                g.kill()
-                g.wait()
-        client.loop_stop()
-        client.disconnect()
-        ingest.send_signal(signal.SIGTERM)
-        ingest.wait(30)
 
     # pi-bad is assigned 1.0.0 again; nothing reverted pi-good (the broker keeps no
     # retained messages across its restart, so its 1.1.0 may be gone, but nothing else).
