@@ -30,10 +30,10 @@ What leaves the device: the noised model, the number of local examples and the D
 parameters and ε it accounted. No training loss or other statistic of the training
 records. Evaluation on the held-out records is governed by ``privacy-evaluation``:
 ``off`` (the default: declined) or ``noised`` (accuracy and loss released through the
-Gaussian mechanism and recorded in the ledger). Apps built with ``public_data=True``
-(the simulated devices, whose shares are cut from a public task) evaluate exactly, but
-only on those shares: samples a node stored (``sample-store``, ``data``) are private
-whatever app runs on them.
+Gaussian mechanism and recorded in the ledger). Only records the loader marks public
+(:attr:`LocalData.public`: the simulated devices' shares of a public task) are evaluated
+exactly; samples a node stored (``sample-store``, ``data``) are private whatever app runs
+on them.
 
 Flower runs every message in a fresh process, so what a message would recompute is
 kept in the node's state folder (with the privacy ledger), e.g. the calibrated σ
@@ -178,19 +178,27 @@ def round_request(cfg: dict[str, Any]) -> RoundRequest:
 
 
 class LocalData:
-    """The device's normalized-later training share and its held-out evaluation share."""
+    """The device's normalized-later training share and its held-out evaluation share.
 
-    def __init__(self, x: F32, y: I64, seed: int = 0) -> None:
+    ``public``: the records are shares of a public task (a simulation), so evaluation on
+    them is released exactly; a device's own records are private (the default), and its
+    ``privacy-evaluation`` governs what evaluation releases.
+    """
+
+    def __init__(self, x: F32, y: I64, seed: int = 0, *, public: bool = False) -> None:
         order = np.random.default_rng(seed).permutation(len(y))
         k = round(len(y) * HOLDOUT)
         self.x_test, self.y_test = x[order[:k]], y[order[:k]]
         self.x_train, self.y_train = x[order[k:]], y[order[k:]]
+        self.public = public
 
     @classmethod
-    def from_split(cls, x_train: F32, y_train: I64, x_test: F32, y_test: I64) -> LocalData:
+    def from_split(cls, x_train: F32, y_train: I64, x_test: F32, y_test: I64, *,
+                   public: bool = False) -> LocalData:
         """Data already split (the sample store's split by sample id)."""
         data = cls.__new__(cls)
         data.x_train, data.y_train, data.x_test, data.y_test = x_train, y_train, x_test, y_test
+        data.public = public
         return data
 
 
@@ -352,19 +360,17 @@ def _train_plain(model: Any, x: F32, y: I64, cfg: DpSgdConfig, rng: np.random.Ge
             p += v
 
 
-def _evaluate(load: DataLoader, msg: Message, context: Context, public_data: bool) -> Message:
+def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
     from edgefleet.device.runtime.mlp import MLP
 
     try:
         s = node_settings(dict(context.node_config))
         cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
-        # Samples a device stored are private whatever app runs on them.
-        public = public_data and not (s.data or s.sample_store)
-        if not public and s.privacy_evaluation == "off":
+        data = load(s)
+        if not data.public and s.privacy_evaluation == "off":
             default_metrics().inc("fl.declined_policy")
             return _reject(msg, DECLINED_POLICY, "privacy policy: evaluation on this "
                            "device's held-out records is off")
-        data = load(s)
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
         x = _normalize(data.x_test, cfg)
     except TooFewSamples as exc:
@@ -373,7 +379,7 @@ def _evaluate(load: DataLoader, msg: Message, context: Context, public_data: boo
         default_metrics().inc("fl.rejected_input")
         return _reject(msg, REJECTED_INPUT, f"rejected: {exc}")
     k = len(data.y_test)
-    if public:
+    if data.public:
         m = MetricRecord({"num-examples": k, "dp-weight": 1,
                           "eval-loss": model.loss(x, data.y_test),
                           "eval-accuracy": model.accuracy(x, data.y_test)})
@@ -433,13 +439,9 @@ def clipping_when_client_dp(msg: Message, ctxt: Context, call_next: ClientAppCal
     return call_next(msg, ctxt)
 
 
-def make_client_app(load: DataLoader = stored_samples, mods: Sequence[Mod] = (), *,
-                    public_data: bool = False) -> ClientApp:
-    """The ClientApp training and evaluating on what ``load`` returns for a node.
-
-    ``public_data``: the loader returns public records (a simulation), so evaluation on
-    them is released exactly; otherwise the device's ``privacy-evaluation`` governs it.
-    """
+def make_client_app(load: DataLoader = stored_samples, mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp training and evaluating on what ``load`` returns for a node (whether
+    that is public or the device's own is :attr:`LocalData.public`)."""
     client = ClientApp(mods=[clipping_when_client_dp, *mods])
 
     @client.train()
@@ -448,7 +450,7 @@ def make_client_app(load: DataLoader = stored_samples, mods: Sequence[Mod] = (),
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _evaluate(load, msg, context, public_data)
+        return _evaluate(load, msg, context)
 
     return client
 

@@ -58,11 +58,10 @@ def canary_app(canaries: Canaries, target: int = 0) -> ClientApp:
         data = builtin_share(s)
         if s.partition_id != target:
             return data
-        out = LocalData.__new__(LocalData)
-        out.x_test, out.y_test = data.x_test, data.y_test
         keep = canaries.included
-        out.x_train = np.concatenate([data.x_train, canaries.x[keep]]).astype(np.float32)
-        out.y_train = np.concatenate([data.y_train, canaries.y[keep]]).astype(np.int64)
-        return out
+        return LocalData.from_split(
+            np.concatenate([data.x_train, canaries.x[keep]]).astype(np.float32),
+            np.concatenate([data.y_train, canaries.y[keep]]).astype(np.int64),
+            data.x_test, data.y_test, public=True)
 
-    return make_client_app(load, public_data=True)
+    return make_client_app(load)

@@ -55,7 +55,7 @@ def _builtin_share(key: str) -> LocalData:
         raise ConfigError(f"partition-id {s.partition_id} >= num-partitions {s.num_partitions}")
     cache_key = share_key(s.task, s.partition_id, s.num_partitions, s.alpha, s.partition_seed)
     x, y = cached_share(state_dir(s), cache_key, lambda: demo_share(s))
-    return LocalData(x, y, seed=s.partition_id)
+    return LocalData(x, y, seed=s.partition_id, public=True)
 
 
 def demo_share(s: NodeSettings) -> tuple[F32, I64]:
@@ -85,4 +85,4 @@ def export_partition(task: str, index: int, count: int, out: Path) -> Path:
 #: Evaluation is released exactly: a simulated device's records are a share of a public
 #: task (or, with ``data``, an exported one), not anyone's private data. Training still
 #: follows the node's privacy policy like a deployed device's.
-app = make_client_app(builtin_share, public_data=True)
+app = make_client_app(builtin_share)

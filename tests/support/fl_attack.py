@@ -76,4 +76,4 @@ def attack_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
     return reply
 
 
-app = make_client_app(builtin_share, mods=[attack_mod], public_data=True)
+app = make_client_app(builtin_share, mods=[attack_mod])
