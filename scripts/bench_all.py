@@ -17,6 +17,9 @@ def main() -> int:
 
     ``--assemble`` only rebuilds docs/benchmarks.md from the sections already written.
     """
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__, main.__doc__, sep="\n")
+        return 0
     failed = []
     scripts = [] if "--assemble" in sys.argv else sorted(HERE.glob("bench_*.py"))
     for script in scripts:
