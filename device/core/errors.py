@@ -20,7 +20,9 @@
     │       ├── TargetMismatch     downloaded bytes differ from the signed hash (tampered)
     │       ├── DownloadTruncated  fewer bytes than the signed length
     │       ├── DownloadTooLarge   more bytes than the signed length (endless data)
-    │       └── SlowRetrieval      the server sends too slowly (slow retrieval attack)
+    │       ├── SlowRetrieval      the server sends too slowly (slow retrieval attack)
+    │       └── DecryptFailed      an encrypted package does not authenticate (tampered,
+    │                              wrong key, moved from another package)
     └── InputError                 an inference input failed validation
 
 Errors carry the context a person needs (file, key, variant) as attributes and in
@@ -185,3 +187,9 @@ class SlowRetrieval(UpdateRejected):
     """The server sent too slowly (slow retrieval attack); the download was abandoned."""
 
     reason = "slow_retrieval"
+
+
+class DecryptFailed(UpdateRejected):
+    """An encrypted package whose header or chunks do not authenticate with the fleet key."""
+
+    reason = "decrypt_failed"

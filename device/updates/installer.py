@@ -8,6 +8,10 @@ health check (golden inputs, latency bound, error-free probe inferences) commits
 Every refusal is an :class:`UpdateRejected`/``PackageError``/``ModelRejected`` with an
 event and a counter, and the daemon keeps serving what it served.
 
+Encrypted packages (optional, :mod:`~edgefleet.device.runtime.envelope`): TUF verifies
+the ciphertext, then the slot store decrypts it straight into the staging slot. The
+device holds the fleet key from enrollment; ``require_encryption`` refuses plaintext.
+
 Power may fail anywhere; the steps named :data:`FAULT_STEPS` are where the power-loss
 test cuts the process. Only code in the same process can arm that (the test's launcher,
 ``tests/support/crash_at.py``, sets :data:`checkpoint_hook`): no configuration, argument
@@ -26,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgefleet.device.core.errors import (
+    DecryptFailed,
     EdgefleetError,
     ModelError,
     ModelRejected,
@@ -34,6 +39,7 @@ from edgefleet.device.core.errors import (
 )
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.inference.serving import ServingModel
+from edgefleet.device.runtime.envelope import FleetKey, is_encrypted
 from edgefleet.device.runtime.manifest import read_manifest
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.device.updates.sandbox import TrialLimits, trial_load
@@ -84,7 +90,8 @@ class Updater:
 
     def __init__(self, state_dir: Path, tuf: TufClient, serving: ServingModel, *,
                  variant: str | None = None, health: HealthPolicy | None = None,
-                 events: EventSink | None = None, metrics: Metrics | None = None) -> None:
+                 events: EventSink | None = None, metrics: Metrics | None = None,
+                 fleet_key: FleetKey | None = None, require_encryption: bool = False) -> None:
         self.state_dir = Path(state_dir)
         self.tuf = tuf
         self.serving = serving
@@ -96,6 +103,9 @@ class Updater:
         self.events: EventSink = events or _no_events
         self.downloads = self.state_dir / "downloads"
         self.downloads.mkdir(exist_ok=True)
+        #: Decrypts packages encrypted for the fleet (None: only plaintext ones install).
+        self.fleet_key = fleet_key
+        self.require_encryption = require_encryption
         serving.on_error_burst = self._error_burst
 
     # --- start-up --------------------------------------------------------------------
@@ -161,6 +171,7 @@ class Updater:
         if sha in self.slots.rejected():
             raise UpdateRejected("this archive already failed on this device",
                                  reason="previously_rejected", target=a.target)
+        self._check_encryption(custom.get("encryption"), a.target)
         slot = self._staged_slot(a, sha)
         try:
             trial_load(self.slots.path(slot), [self._variant(slot)], self.health.trial_limits)
@@ -187,11 +198,39 @@ class Updater:
         try:
             self.tuf.fetch(a.target, archive)
             fault("downloaded")
-            slot, _manifest = self.slots.stage(archive, a.model, a.version, a.target, sha,
-                                               fault=fault)
+            encrypted = is_encrypted(archive)
+            self._check_encryption({} if encrypted else None, a.target)
+            try:
+                slot, _manifest = self.slots.stage(
+                    archive, a.model, a.version, a.target, sha, fault=fault,
+                    key=self.fleet_key if encrypted else None)
+            except DecryptFailed:
+                self.slots.reject(sha, a.target, "decrypt_failed")
+                raise
         finally:
             archive.unlink(missing_ok=True)
         return slot
+
+    def _check_encryption(self, encryption: Any, target: str) -> None:
+        """Refuse early what this device cannot or may not install.
+
+        ``encryption`` is the signed target's ``custom.encryption`` (before downloading)
+        or ``{}`` for a file that turned out encrypted (after), None for plaintext.
+        """
+        if encryption is None:
+            if self.require_encryption:
+                raise UpdateRejected("this device accepts only encrypted packages "
+                                     "([updates] require_encryption)",
+                                     reason="encryption_required", target=target)
+            return
+        if self.fleet_key is None:
+            raise UpdateRejected("the package is encrypted and this device has no fleet key "
+                                 "([updates] fleet_key)", reason="no_fleet_key", target=target)
+        ids = encryption.get("key_ids") if isinstance(encryption, dict) else None
+        mine = self.fleet_key.public.key_id
+        if isinstance(ids, list) and mine not in ids:
+            raise UpdateRejected(f"encrypted for fleet key {', '.join(map(str, ids))}, this "
+                                 f"device holds {mine}", reason="wrong_fleet_key", target=target)
 
     def _activate(self, slot: str, a: Assignment, sha: str) -> str:
         self.slots.activate(slot)

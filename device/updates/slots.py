@@ -13,6 +13,10 @@ A new package is unpacked into a staging folder, verified, fsynced and renamed o
 returns a slot that verifies: an uncommitted probation is rolled back (RAUC-style: a
 model that never committed is not trusted), and a slot whose files no longer match is
 skipped for the other one.
+
+An encrypted package (:mod:`~edgefleet.device.runtime.envelope`) is decrypted as a
+stream straight into the staging folder, which lies inside ``slots/`` (0700) and
+becomes the slot: the plaintext exists nowhere else, and its files are 0600.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 from edgefleet.device.core.durable import atomic_write_json, fsync_dir, fsync_tree, read_json
 from edgefleet.device.core.errors import EdgefleetError, PackageError
 from edgefleet.device.runtime.archive import ArchiveLimits, extract_package
+from edgefleet.device.runtime.envelope import FleetKey, open_package
 from edgefleet.device.runtime.manifest import MANIFEST_NAME, Manifest, file_sha256, load_package
 from edgefleet.device.runtime.onnx_check import check_no_external_data
 
@@ -80,7 +85,8 @@ class SlotStore:
     def __init__(self, state_dir: Path, limits: ArchiveLimits | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.slots_dir = self.state_dir / "slots"
-        self.slots_dir.mkdir(parents=True, exist_ok=True)
+        self.slots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.slots_dir.chmod(0o700)  # decrypted models live here
         self.pointer_path = self.state_dir / "slots.json"
         self.rejected_path = self.state_dir / "rejected.json"
         self.limits = limits or ArchiveLimits()
@@ -125,17 +131,25 @@ class SlotStore:
                 shutil.rmtree(p, ignore_errors=True)
 
     def stage(self, archive: Path, name: str, version: str, target: str, sha256: str,
-              fault: Any = None) -> tuple[str, Manifest]:
+              fault: Any = None, key: FleetKey | None = None) -> tuple[str, Manifest]:
         """Unpack and verify ``archive`` into the inactive slot (the active one is untouched).
 
-        Returns the slot and the verified manifest; raises :class:`PackageError` when the
-        package fails its own checks or is not the model and version it was signed as.
+        With ``key`` the archive is an encrypted package for ``name@version``, decrypted
+        on the fly into the staging folder. Returns the slot and the verified manifest;
+        raises :class:`PackageError` when the package fails its own checks or is not the
+        model and version it was signed as, :class:`DecryptFailed` when it does not decrypt.
         """
         slot = self.inactive()
         staging = self.slots_dir / f".staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            extract_package(archive, staging, self.limits)
+            if key is None:
+                extract_package(archive, staging, self.limits)
+            else:
+                with archive.open("rb") as fh:
+                    reader = open_package(fh, key, name, version)
+                    extract_package(reader, staging, self.limits)
+                    reader.finish()
             manifest = verify_package_dir(staging)
             if (manifest.name, manifest.version) != (name, version):
                 raise PackageError(f"package is {manifest.name}@{manifest.version}, but it was "
