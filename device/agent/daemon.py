@@ -209,8 +209,12 @@ class Agent:
                 metadata_url=u.metadata_url, targets_url=u.targets_url or u.metadata_url,
                 ca_file=u.ca_file),
                 u.trusted_root.read_bytes())
+            from edgefleet.device.runtime.envelope import FleetKey
+
             self.updater = Updater(self.state_dir / "updates", tuf, self.serving,
-                                   variant=self.cfg.model.variant, metrics=self.metrics)
+                                   variant=self.cfg.model.variant, metrics=self.metrics,
+                                   fleet_key=FleetKey.load(u.fleet_key) if u.fleet_key else None,
+                                   require_encryption=u.require_encryption)
             if self.updater.start() is not None:
                 return
         if self.cfg.model.package is None:

@@ -90,12 +90,20 @@ class UpdatesSection(StrictModel):
     ca_file: Path | None = Field(
         default=None, description="PEM CA that signed the registry's HTTPS certificate "
                                   "(the fleet CA; default: the system's trust store).")
+    fleet_key: Path | None = Field(
+        default=None, description="The fleet's package-encryption key (0600, from the "
+                                  "enrollment bundle): decrypts encrypted model packages.")
+    require_encryption: bool = Field(
+        default=False, description="Refuse model packages that are not encrypted for the "
+                                   "fleet key (reason encryption_required).")
 
     @model_validator(mode="after")
     def _one_scheme(self) -> UpdatesSection:
         https = registry_is_https(self.metadata_url, self.targets_url)
         if self.ca_file is not None and not https:
             raise ValueError("ca_file is set but the registry URLs are not https://")
+        if self.require_encryption and self.fleet_key is None:
+            raise ValueError("require_encryption needs fleet_key (the key to decrypt with)")
         return self
 
 

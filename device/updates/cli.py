@@ -26,11 +26,17 @@ REPO = typer.Option(..., "--repo", help="Registry base URL, e.g. http://127.0.0.
 ROOT = typer.Option(..., "--root", help="The trusted root.json this device was provisioned with.")
 CA_FILE = typer.Option(None, "--ca-file", help="CA that signed the registry's HTTPS "
                                                "certificate (default: the system's CAs).")
+FLEET_KEY = typer.Option(None, "--fleet-key", help="The fleet's package-encryption key "
+                                                   "(decrypts encrypted packages).")
+REQUIRE_ENC = typer.Option(False, "--require-encryption",
+                           help="Refuse packages not encrypted for --fleet-key.")
 
 
 def _updater(state: Path, repo: str, root: Path, variant: str | None,
-             timeout: float, ca_file: Path | None = None) -> Updater:
+             timeout: float, ca_file: Path | None = None, fleet_key: Path | None = None,
+             require_encryption: bool = False) -> Updater:
     from edgefleet.device.inference.serving import ServingModel
+    from edgefleet.device.runtime.envelope import FleetKey
     from edgefleet.device.updates.installer import Updater
     from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
 
@@ -42,7 +48,11 @@ def _updater(state: Path, repo: str, root: Path, variant: str | None,
     cfg = TufClientConfig(f"{repo}/metadata/", f"{repo}/targets/", socket_timeout_s=timeout,
                           ca_file=ca_file)
     serving = ServingModel()
-    upd = Updater(state, TufClient(state, cfg, root_bytes), serving, variant=variant)
+    if require_encryption and fleet_key is None:
+        raise UsageError("--require-encryption needs --fleet-key")
+    upd = Updater(state, TufClient(state, cfg, root_bytes), serving, variant=variant,
+                  fleet_key=FleetKey.load(fleet_key) if fleet_key else None,
+                  require_encryption=require_encryption)
     upd.start()
     return upd
 
@@ -54,6 +64,8 @@ def once(
     repo: str = REPO,
     root: Path = ROOT,
     ca_file: Path | None = CA_FILE,
+    fleet_key: Path | None = FLEET_KEY,
+    require_encryption: bool = REQUIRE_ENC,
     variant: str | None = typer.Option(None, help="Variant to serve (default: the manifest's)."),
     timeout: float = typer.Option(30.0, help="Seconds of silence before a download is dropped."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -66,7 +78,7 @@ def once(
     from edgefleet.device.wire.updates import Assignment
 
     model, _, version = ref.partition("@")
-    upd = _updater(state, repo, root, variant, timeout, ca_file)
+    upd = _updater(state, repo, root, variant, timeout, ca_file, fleet_key, require_encryption)
     outcome = upd.apply(Assignment.from_dict({"model": model, "version": version}))
     _slot, info = upd.slots.active()
     if json_out:
@@ -112,6 +124,8 @@ def run(
     repo: str = REPO,
     root: Path = ROOT,
     ca_file: Path | None = CA_FILE,
+    fleet_key: Path | None = FLEET_KEY,
+    require_encryption: bool = REQUIRE_ENC,
     broker: str = typer.Option("127.0.0.1:1883", help="MQTT broker host:port."),
     group: list[str] = typer.Option([], help="Groups this device belongs to (repeatable)."),
     variant: str | None = typer.Option(None, help="Variant to serve (default: the manifest's)."),
@@ -125,7 +139,7 @@ def run(
     from edgefleet.device.updates.listener import UpdateAgent
 
     host, _, port = broker.rpartition(":")
-    upd = _updater(state, repo, root, variant, 30.0, ca_file)
+    upd = _updater(state, repo, root, variant, 30.0, ca_file, fleet_key, require_encryption)
     agent = UpdateAgent(device, upd, MqttConfig(host=host or "127.0.0.1", port=int(port)),
                         groups=tuple(group)).start()
     stop = threading.Event()

@@ -7,11 +7,14 @@ from pathlib import Path
 import typer
 
 from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.server.cli.fleet_key_cmd import app as fleet_key_app
 from edgefleet.server.cli.registry_cmd import HOME, PASSPHRASE_FILE, ROOT_KEY, open_registry
 
 __all__ = ["app"]
 
-app = typer.Typer(help="TUF signing keys (Ed25519): init, rotate, show.", no_args_is_help=True)
+app = typer.Typer(help="TUF signing keys (Ed25519): init, rotate, show; fleet-key: the "
+                       "package-encryption key.", no_args_is_help=True)
+app.add_typer(fleet_key_app, name="fleet-key")
 
 
 @app.command()

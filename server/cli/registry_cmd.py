@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.server.cli.home_opts import HOME_OPTION
 
 if TYPE_CHECKING:
     from edgefleet.server.registry.repository import Registry
@@ -63,6 +64,10 @@ def registered_tau(reg: Registry, sha256: str) -> float | None:
     import json
     import tarfile
 
+    from edgefleet.device.runtime.envelope import is_encrypted
+
+    if is_encrypted(reg.artifacts / sha256):
+        return None  # the registry cannot read it; the caller checks the record instead
     with tarfile.open(reg.artifacts / sha256) as tar:
         member = tar.extractfile("manifest.json")
         if member is None:
@@ -102,22 +107,47 @@ def push(
     package: Path = typer.Argument(..., help="Model package folder (with manifest.json)."),
     home: Path = HOME,
     passphrase_file: Path | None = PASSPHRASE_FILE,
+    encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt for the fleet key "
+                                 "(`keys fleet-key init`): the registry stores and serves "
+                                 "only ciphertext, TUF signs it."),
+    fleet_keys: Path | None = typer.Option(None, "--fleet-keys", help="Folder with fleet.pub "
+                                           "(and previous.pub) to encrypt for (default: the "
+                                           "fleet home's package-key/)."),
+    fleet: Path | None = HOME_OPTION,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Verify a package, store it by sha256 and sign it into the TUF targets metadata.
 
-    Example: edgefleet registry push out/digits --registry /srv/edgefleet/registry
+    With --encrypt (or `encrypt_models = true` in fleet.toml) the stored archive is
+    encrypted for the fleet's package key; devices decrypt it into their model slot.
+
+    Example: edgefleet registry push out/digits --registry /srv/edgefleet/registry --encrypt
     """
     from edgefleet.device.runtime.manifest import read_manifest
+    from edgefleet.server.fleet.home import find_home
+    from edgefleet.server.fleet.package_key import publish_keys
 
-    reg = open_registry(home, passphrase_file=passphrase_file)
-    rec = reg.push(package)
+    fh = find_home(fleet) if fleet_keys is None else None
+    if fh is not None and fh.settings.encrypt_models:
+        encrypt = True
+    recipients = None
+    if encrypt or fleet_keys is not None:
+        where = fleet_keys or (fh.root if fh is not None else None)
+        if where is None:
+            from edgefleet.device.core.errors import UsageError
+
+            raise UsageError("--encrypt needs a fleet home with a fleet key, or --fleet-keys")
+        recipients = publish_keys(where)
+    reg = open_registry(home, passphrase_file=passphrase_file, fleet=fleet)
+    rec = reg.push(package, encrypt_for=recipients)
     if read_manifest(package).fallback_threshold is None:
         warn_no_tau(f"{rec.name}@{rec.version}")
     if json_out:
         print_json(rec.as_dict())
     else:
-        console.print(f"pushed {rec.name}@{rec.version} sha256:{rec.sha256[:16]}… as {rec.target}")
+        enc = f" encrypted for {', '.join(rec.encrypted_for)}" if rec.encrypted else ""
+        console.print(f"pushed {rec.name}@{rec.version} sha256:{rec.sha256[:16]}… as "
+                      f"{rec.target}{enc}")
 
 
 @app.command("ls")

@@ -118,7 +118,7 @@ def rollout(
     reg = open_registry(home, fleet=fleet_home)
     try:
         rec = reg.get(model, version)
-        if rec is not None and registered_tau(reg, rec.sha256) is None:
+        if rec is not None and not rec.encrypted and registered_tau(reg, rec.sha256) is None:
             warn_no_tau(ref)
     finally:
         reg.close()

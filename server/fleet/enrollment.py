@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet.device.core.errors import UsageError
 from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
+from edgefleet.server.fleet import package_key
 from edgefleet.server.fleet.app_signing import fleet_key
 from edgefleet.server.fleet.broker_acl import RESERVED_NAMES, hash_password
 from edgefleet.server.fleet.devices import DeviceRow
@@ -98,8 +99,10 @@ def enroll_device(home: FleetHome, name: str, group: str = "default", *,
         try:
             if node_pub is not None and superlink is not None:
                 _register(home, row, superlink)
+            pkey = package_key.private_path(home.root)
             bundle = write_bundle(home.settings, name, group, password, stage, out,
-                                  fleet_key(home.root).trusted_entities())
+                                  fleet_key(home.root).trusted_entities(),
+                                  pkey if pkey.exists() else None)
         except BaseException:
             home.devices.delete(name)  # no half-enrolled device blocking the name
             raise

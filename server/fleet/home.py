@@ -8,6 +8,7 @@ Layout (all private: the folder is 0700, secrets 0600)::
     broker/passwd, broker/acl  generated for mosquitto from the two above
     nodes/<device>.pub    SuperNode public keys (the private key leaves only in the bundle)
     app-signing/app.key   signs every Flower app run on the fleet (app.pub: what devices trust)
+    package-key/          the package-encryption key (optional, server/fleet/package_key.py)
     bundles/<device>/     default output of ``edgefleet devices enroll``
     flwr/                 the ``flwr`` CLI's config for reaching the SuperLink
     registry/             the model registry (``[server] registry`` moves it)
@@ -111,6 +112,9 @@ class FleetSettings(StrictModel):
     registry_ca: Path | None = Field(
         default=None, description="CA of the registry's HTTPS certificate (usually the "
                                   "fleet CA of `edgefleet certs init`).")
+    encrypt_models: bool = Field(default=False, description=(
+        "Every `registry push` encrypts for the fleet key (`keys fleet-key init`), and "
+        "bundles tell devices to refuse unencrypted packages (require_encryption)."))
     server: ServerSettings = Field(default_factory=ServerSettings)
 
     @model_validator(mode="after")
