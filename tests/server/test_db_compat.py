@@ -95,5 +95,22 @@ def test_registry_db_keeps_model_and_rollout_versions_apart(tmp_path: Path) -> N
     reg.close()
     with closing(sqlite3.connect(home / "registry.db")) as db:
         assert schema_version(db, "registry_migrations") == len(repository.MIGRATIONS)
-        assert db.execute("SELECT COUNT(*) FROM registry_migrations").fetchone()[0] == 1
+        assert db.execute("SELECT COUNT(*) FROM registry_migrations").fetchone()[0] == len(
+            repository.MIGRATIONS)
         assert schema_version(db) == 0  # no generic table in a file with two owners
+
+
+def test_registry_db_of_version_1_reads_its_rows_as_unencrypted(tmp_path: Path) -> None:
+    home = tmp_path / "registry"
+    home.mkdir()
+    with closing(sqlite3.connect(home / "registry.db")) as db, db:
+        for stmt in repository.MIGRATIONS[0]:
+            db.execute(stmt)
+        db.execute("INSERT INTO model_versions VALUES ('m','1.0.0','digits','ab',1,'m/1.0.0.tar',"
+                   "'2024-01-01',0,'{}','{}',0)")
+    reg = repository.Registry(home)  # adopts the table, adds the encryption columns
+    try:
+        rec = reg.require("m", "1.0.0")
+        assert rec.content_sha256 == "ab" and rec.encrypted_for == () and not rec.encrypted
+    finally:
+        reg.close()
