@@ -238,6 +238,9 @@ def _base(ref: str, registry: Path | None, home: Path | None, task: str,
         reg.close()
     if rec.task != task:
         raise UsageError(f"--base {rec.name}@{rec.version} is a {rec.task} model, not {task}")
+    if rec.encrypted:
+        raise UsageError(f"--base {rec.name}@{rec.version} is stored encrypted: pass its "
+                         "package folder instead")
     from edgefleet.device.runtime.archive import extract_package
     from edgefleet.device.runtime.mlp import PARAMS_FILE
 
