@@ -8,6 +8,11 @@ from a tampered one) and gives up on slow servers; and the highest metadata vers
 ever seen, kept in our own fsynced state file, so wiping the TUF cache does not let an
 older, still-unexpired repository state back in.
 
+Those floors follow the TUF specification's fast-forward attack recovery (client
+workflow 5.3.11): a floor is only as good as the key that raised it, so when a newly
+trusted root rotates a role's keys (keyids or threshold changed), the floors that key
+raised are dropped, persisted before the refresh goes on; see :data:`RESETS`.
+
 Over ``https://`` the fetcher verifies the registry's certificate (TLS 1.2 or newer)
 against ``ca_file`` (the fleet CA) or, without one, the system's trust store; a
 certificate that does not verify becomes :class:`TlsRejected` with the URL and the
@@ -20,7 +25,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ from typing import Any
 import tuf
 import urllib3
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient._internal.proxy import ProxyEnvironment
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
@@ -50,11 +55,41 @@ from edgefleet.device.core.errors import (
     UpdateUnavailable,
 )
 
-__all__ = ["HighestSeen", "TufClient", "TufClientConfig", "client_tls_context"]
+__all__ = ["RESETS", "HighestSeen", "TufClient", "TufClientConfig", "client_tls_context",
+           "rotated_roles"]
 
 log = logging.getLogger(__name__)
 
 _ROLES = ("root", "timestamp", "snapshot", "targets")
+
+#: Which floors a key rotation resets. TUF spec 5.3.11 (fast-forward attack recovery):
+#: "If the timestamp and / or snapshot keys have been rotated, then delete the trusted
+#: timestamp and snapshot metadata files", so either rotation resets both. Targets has
+#: no such step: its version is pinned by the trusted snapshot's ``meta`` (5.5.5), which
+#: only a snapshot (or timestamp) rotation clears; our own targets floor is reset when
+#: the targets keys rotate (the floor an old key raised says nothing about a new key's
+#: versions). A targets fast-forward therefore needs the targets and snapshot keys
+#: rotated; ``edgefleet keys rotate targets --recover-fast-forward`` does both. Root's
+#: floor never resets (every root is signed by its predecessor).
+RESETS: dict[str, tuple[str, ...]] = {
+    "timestamp": ("timestamp", "snapshot"),
+    "snapshot": ("timestamp", "snapshot"),
+    "targets": ("targets",),
+}
+#: The metadata whose cached copy 5.3.11 deletes along with its floor.
+_CACHED_RESET = ("timestamp", "snapshot")
+
+
+def _role_keys(root: Root) -> dict[str, dict[str, Any]]:
+    """Each rotatable role's signing keys and threshold, as stored in our state file."""
+    return {role: {"keyids": sorted(root.roles[role].keyids),
+                   "threshold": int(root.roles[role].threshold)} for role in RESETS}
+
+
+def rotated_roles(before: dict[str, Any], after: Root) -> set[str]:
+    """Roles whose keyids or threshold differ between ``before`` and root ``after``."""
+    now = _role_keys(after)
+    return {role for role in RESETS if before.get(role) != now[role]}
 
 
 @dataclass(frozen=True)
@@ -161,6 +196,9 @@ class HighestSeen:
         #: Highest model version each signed target listing has offered (reported).
         self.models: dict[str, str] = (
             {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else {})
+        keys = raw.get("root_keys")
+        #: The role keys of the root the floors were raised under (None: not yet known).
+        self.root_keys: dict[str, Any] | None = keys if isinstance(keys, dict) else None
 
     def check(self, versions: dict[str, int]) -> None:
         """Raise :class:`RollbackRejected` if any role is below its floor."""
@@ -176,6 +214,12 @@ class HighestSeen:
             self.versions = merged
             self._save()
 
+    def adopt_root(self, root: Root, resets: Collection[str] = ()) -> None:
+        """Record ``root``'s role keys and drop the ``resets`` floors, in one atomic write."""
+        self.versions = {r: v for r, v in self.versions.items() if r not in resets}
+        self.root_keys = _role_keys(root)
+        self._save()
+
     def saw_model(self, model: str, version: str) -> None:
         """Remember ``model@version`` if it is the highest seen for that model."""
         def key(v: str) -> tuple[int, ...]:
@@ -187,7 +231,10 @@ class HighestSeen:
             self._save()
 
     def _save(self) -> None:
-        atomic_write_json(self.path, {**self.versions, "models": self.models})
+        state: dict[str, Any] = {**self.versions, "models": self.models}
+        if self.root_keys is not None:
+            state["root_keys"] = self.root_keys
+        atomic_write_json(self.path, state)
 
 
 def _translate(exc: Exception, *, target: str | None = None) -> UpdateRejected:
@@ -235,6 +282,45 @@ class TufClient:
                        target_base_url=self.config.targets_url, fetcher=self.fetcher,
                        config=cfg, bootstrap=self._bootstrap)
 
+    def _trusted_root(self) -> Root:
+        """The root ngclient trusts now (its cache), else the provisioned one."""
+        try:
+            data = (self.metadata_dir / "root.json").read_bytes()
+        except OSError:
+            data = self._bootstrap
+        root: Root = Metadata[Root].from_bytes(data).signed
+        return root
+
+    def _follow_rotation(self, *, drop_cached: bool) -> bool:
+        """Reset the floors of roles the trusted root rotated (TUF 5.3.11); True if any.
+
+        The keys the floors were raised under are in our state file, not read from the
+        cache before the refresh, so a power cut between ngclient persisting the new
+        root and us resetting the floors is caught on the next refresh. Order matters
+        for the same reason: with ``drop_cached`` (the refresh failed, perhaps on the
+        very metadata the rotation recovers from) the cached timestamp/snapshot are
+        deleted first; the floors and the new keys are written last, in one atomic write.
+        """
+        root = self._trusted_root()
+        before = self.highest.root_keys
+        if before is None:
+            self.highest.adopt_root(root)
+            return False
+        rotated = rotated_roles(before, root)
+        if not rotated:
+            return False
+        resets = {r for role in rotated for r in RESETS[role]}
+        if drop_cached:
+            for role in _CACHED_RESET:
+                if role in resets:
+                    (self.metadata_dir / f"{role}.json").unlink(missing_ok=True)
+            fsync_dir(self.metadata_dir)
+        self.highest.adopt_root(root, resets)
+        log.warning("root v%d rotated the %s keys: the %s floors are reset (TUF 5.3.11 "
+                    "fast-forward recovery)", root.version, ", ".join(sorted(rotated)),
+                    ", ".join(sorted(resets)))
+        return True
+
     def _trusted_versions(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for role in _ROLES:
@@ -252,8 +338,19 @@ class TufClient:
 
     def _refresh(self, target: str | None) -> tuple[Updater, TargetFile | None]:
         try:
+            if self.highest.root_keys is None:  # first refresh: the floors' root
+                self.highest.adopt_root(self._trusted_root())
             updater = self._updater()
-            updater.refresh()
+            failed: Exception | None = None
+            try:
+                updater.refresh()
+            except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
+                failed = exc  # maybe the metadata a new root's rotation recovers from
+            if self._follow_rotation(drop_cached=failed is not None) and failed is not None:
+                updater = self._updater()  # once more, without the dropped metadata
+                updater.refresh()
+            elif failed is not None:
+                raise failed
             versions = self._trusted_versions()
             self.highest.check(versions)
             self.highest.raise_to(versions)
