@@ -16,7 +16,10 @@ raised are dropped, persisted before the refresh goes on; see :data:`RESETS`.
 Over ``https://`` the fetcher verifies the registry's certificate (TLS 1.2 or newer)
 against ``ca_file`` (the fleet CA) or, without one, the system's trust store; a
 certificate that does not verify becomes :class:`TlsRejected` with the URL and the
-OpenSSL reason.
+OpenSSL reason. With ``client_cert``/``client_key`` (the device's enrollment
+certificate) it also proves who it is to a registry that requires mutual TLS; a
+registry that refuses it (no certificate, another CA's, revoked) becomes
+:class:`ClientCertRejected`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from edgefleet.device.core.durable import atomic_write_json, fsync_dir, read_json
 from edgefleet.device.core.errors import (
+    ClientCertRejected,
     ConfigError,
     DownloadTooLarge,
     DownloadTruncated,
@@ -108,21 +112,36 @@ class TufClientConfig:
     #: PEM CA bundle that must have signed the registry's HTTPS certificate (None: the
     #: system's trust store). Only used for ``https://`` URLs.
     ca_file: Path | None = None
+    #: The device's certificate (PEM) and key, shown to a registry requiring mutual TLS.
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
 
-def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Verify server certificates and host names, TLS 1.2 or newer, against ``ca_file``."""
+def client_tls_context(ca_file: Path | None, client_cert: Path | None = None,
+                       client_key: Path | None = None) -> ssl.SSLContext:
+    """Verify server certificates and host names, TLS 1.2 or newer, against ``ca_file``;
+    present ``client_cert`` (with ``client_key``) when the server asks for one."""
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the registry CA bundle: {exc}",
                           path=str(ca_file)) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_cert is not None:
+        try:
+            ctx.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the device's client certificate or key: {exc}",
+                              path=str(client_cert)) from None
     return ctx
 
 
 class _TlsFailure(tuf_exc.DownloadError):
     """The TLS handshake with the repository failed (certificate did not verify)."""
+
+
+class _ClientCertFailure(_TlsFailure):
+    """The repository ended the handshake with an alert: it refused our certificate."""
 
 
 def _tls_reason(exc: BaseException) -> ssl.SSLError | None:
@@ -132,7 +151,10 @@ def _tls_reason(exc: BaseException) -> ssl.SSLError | None:
         if seen is None or isinstance(seen, ssl.SSLError):
             return seen
         nxt = getattr(seen, "reason", None)
-        seen = nxt if isinstance(nxt, BaseException) else seen.__cause__ or seen.__context__
+        if not isinstance(nxt, BaseException):  # urllib3's SSLError(ssl.SSLError) on a read
+            nxt = seen.__cause__ or seen.__context__ or next(
+                (a for a in seen.args if isinstance(a, BaseException)), None)
+        seen = nxt
     return None
 
 
@@ -151,7 +173,8 @@ class _CountingFetcher(Urllib3Fetcher):
             raise RuntimeError("python-tuf's Urllib3Fetcher changed: cannot set the TLS CA")
         self._proxy_env = ProxyEnvironment(
             headers={"User-Agent": f"edgefleet python-tuf/{tuf.__version__}"},
-            ssl_context=client_tls_context(config.ca_file))
+            ssl_context=client_tls_context(config.ca_file, config.client_cert,
+                                           config.client_key))
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         self.received[url] = 0
@@ -162,6 +185,9 @@ class _CountingFetcher(Urllib3Fetcher):
             tls = _tls_reason(exc)
             if tls is not None:
                 why = getattr(tls, "verify_message", None) or tls.reason or str(tls)
+                if "ALERT" in str(tls.reason):  # the server's verdict on us, not ours on it
+                    raise _ClientCertFailure(f"{url}: the registry refused the TLS handshake "
+                                             f"({why})") from exc
                 raise _TlsFailure(f"{url}: TLS handshake failed: {why}") from exc
             # ngclient would say only "Failed to download"; keep urllib3's reason.
             raise tuf_exc.DownloadError(f"{url}: {getattr(exc, 'reason', None) or exc}") from exc
@@ -240,6 +266,11 @@ class HighestSeen:
 def _translate(exc: Exception, *, target: str | None = None) -> UpdateRejected:
     """Map a python-tuf exception to our error with a stable reason."""
     msg = str(exc) or type(exc).__name__
+    if isinstance(exc, _ClientCertFailure) or (
+            isinstance(exc, tuf_exc.DownloadHTTPError) and exc.status_code == 403):
+        return ClientCertRejected(f"{msg}: the registry requires this device's enrollment "
+                                  "certificate ([updates] client_cert/client_key); it has none, "
+                                  "one from another CA, or one revoked", target=target)
     if isinstance(exc, _TlsFailure):
         return TlsRejected(f"{msg} (is [updates] ca_file the CA that signed the registry's "
                            "certificate?)", target=target)
