@@ -90,12 +90,20 @@ class UpdatesSection(StrictModel):
     ca_file: Path | None = Field(
         default=None, description="PEM CA that signed the registry's HTTPS certificate "
                                   "(the fleet CA; default: the system's trust store).")
+    client_cert: Path | None = Field(
+        default=None, description="This device's client certificate (PEM, from its "
+                                  "enrollment bundle), for a registry that requires one.")
+    client_key: Path | None = Field(default=None, description="The key of client_cert.")
 
     @model_validator(mode="after")
     def _one_scheme(self) -> UpdatesSection:
         https = registry_is_https(self.metadata_url, self.targets_url)
         if self.ca_file is not None and not https:
             raise ValueError("ca_file is set but the registry URLs are not https://")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        if self.client_cert is not None and not https:
+            raise ValueError("client_cert is set but the registry URLs are not https://")
         return self
 
 

@@ -12,6 +12,8 @@ A folder (or a ``.tar.gz`` of it) whose files are all 0600::
     app-trust.yaml    Flower trusted entities: the only key whose Flower apps the
                       device's SuperNode runs (the fleet's app-signing key)
     registry-ca.pem   the CA of the registry's HTTPS certificate, when it uses TLS
+    registry-client.pem/.key  the device's client certificate and key, when the registry
+                      requires them (``[server] registry_client_auth``)
 
 ``edgefleet-agent enroll`` (device/agent/enroll.py) installs it and rewrites the names to
 absolute paths. The bundle holds secrets: move it to the device over a trusted channel
@@ -41,6 +43,8 @@ BUNDLE_FILES: dict[tuple[str, str], str] = {
     ("fl", "trusted_app_keys"): "app-trust.yaml",
     ("updates", "trusted_root"): "root.json",
     ("updates", "ca_file"): "registry-ca.pem",
+    ("updates", "client_cert"): "registry-client.pem",
+    ("updates", "client_key"): "registry-client.key",
 }
 
 
@@ -57,6 +61,9 @@ def agent_template(s: FleetSettings, name: str, group: str,
                           "targets_url": s.targets_url, "trusted_root": "root.json"}
         if s.registry_ca:
             cfg["updates"]["ca_file"] = "registry-ca.pem"
+        if s.server.registry_client_auth:
+            cfg["updates"]["client_cert"] = "registry-client.pem"
+            cfg["updates"]["client_key"] = "registry-client.key"
     if s.superlink:
         # The device's privacy policy, written out in full so the operator installing the
         # device sees (and may tighten) what it will accept from any server.

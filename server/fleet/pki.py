@@ -12,6 +12,7 @@ Private keys are mode 0600.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
@@ -23,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["CertPaths", "init_certs", "issue_client_cert", "issue_server_cert",
-           "make_node_key"]
+__all__ = ["CertPaths", "cert_fingerprint", "init_certs", "issue_client_cert",
+           "issue_server_cert", "make_node_key"]
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,11 @@ def init_certs(out: Path, hosts: list[str] | None = None, nodes: int = 0,
     for p in paths.node_keys:
         make_node_key(p)
     return paths
+
+
+def cert_fingerprint(der: bytes) -> str:
+    """The sha256 of a certificate's DER bytes, hex (what the registry's allow-list holds)."""
+    return hashlib.sha256(der).hexdigest()
 
 
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -29,7 +29,6 @@ of a model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ from edgefleet.device.core.conn_guard import (
     ConnectionLimits,
     GuardedServerMixin,
 )
+from edgefleet.server.fleet.pki import cert_fingerprint
 
 __all__ = ["CHUNK_BYTES", "ClientAllowList", "ConnectionLimits", "RegistryHandler",
            "RegistryServer", "cert_fingerprint", "server_tls_context"]
@@ -72,11 +72,6 @@ def server_tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> 
         ctx.load_verify_locations(cafile=str(client_ca))
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-def cert_fingerprint(der: bytes) -> str:
-    """The sha256 of a certificate's DER bytes, hex (what the allow-list holds)."""
-    return hashlib.sha256(der).hexdigest()
 
 
 class ClientAllowList:

@@ -16,13 +16,14 @@ import pytest
 from edgefleet.device.core import errors
 from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
 from edgefleet.device.wire.updates import Assignment
-from edgefleet.server.fleet.pki import CertPaths, init_certs, issue_client_cert, issue_server_cert
-from edgefleet.server.registry.http import (
-    ClientAllowList,
-    RegistryServer,
+from edgefleet.server.fleet.pki import (
+    CertPaths,
     cert_fingerprint,
-    server_tls_context,
+    init_certs,
+    issue_client_cert,
+    issue_server_cert,
 )
+from edgefleet.server.registry.http import ClientAllowList, RegistryServer, server_tls_context
 from edgefleet.server.registry.repository import Registry
 from tests.support.updates import make_device, make_registry, package_version
 
@@ -130,3 +131,59 @@ def test_allow_list_needs_client_certificates(bench: Bench) -> None:
     with pytest.raises(ValueError, match="client certificates"):
         RegistryServer(bench.reg.repo.metadata_dir, bench.reg.artifacts,
                        tls=server_tls_context(cert, key), clients=ClientAllowList(bench.allow))
+
+
+def test_enrollment_issues_the_certificate_and_revoke_stops_downloads(
+        tmp_path: Path, digits_package: Path) -> None:
+    """The fleet path: `devices enroll` puts a client certificate in the bundle and its
+    fingerprint on the registry's list; the installed agent config presents it; `devices
+    revoke` takes it off the list and the running registry refuses the next download."""
+    import tomllib
+
+    from edgefleet.device.agent.enroll import install_bundle
+    from edgefleet.device.agent.settings import AgentConfig
+    from edgefleet.server.fleet.enrollment import enroll_device, revoke_device
+    from edgefleet.server.fleet.home import FleetHome
+
+    ca = init_certs(tmp_path / "certs")
+    cert, key = issue_server_cert(ca.ca.parent, "registry", ["127.0.0.1"])
+    reg = make_registry(tmp_path / "registry")
+    reg.push(package_version(digits_package, tmp_path / "p" / "1.0.0", "1.0.0"))
+    home = FleetHome.create(
+        tmp_path / "home", trusted_root=reg.repo.metadata_dir / "1.root.json",
+        registry_ca=ca.ca, metadata_url="https://127.0.0.1:1/metadata/",
+        targets_url="https://127.0.0.1:1/targets/",
+        server={"certs": ca.ca.parent, "registry_client_auth": True})
+    srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts,
+                         tls=server_tls_context(cert, key, client_ca=ca.ca),
+                         clients=ClientAllowList(home.registry_clients_file)).start()
+    try:
+        bundle = enroll_device(home, "pi-01", out=tmp_path / "bundle")
+        agent = tomllib.loads((bundle / "agent.toml").read_text())["updates"]
+        assert (agent["client_cert"], agent["client_key"]) == ("registry-client.pem",
+                                                               "registry-client.key")
+        assert ((bundle / "registry-client.key").stat().st_mode & 0o777) == 0o600
+        cfg = AgentConfig.model_validate(tomllib.loads(
+            install_bundle(bundle, tmp_path / "state").read_text()))
+        u = cfg.updates
+        assert u.client_cert is not None and u.client_cert.is_file()
+        listed = home.registry_clients_file.read_text()
+        assert "pi-01" in listed
+
+        def client() -> TufClient:  # the agent's TufClient, as the daemon builds it
+            return TufClient(tmp_path / "state" / "tuf-state", TufClientConfig(
+                f"{srv.url}/metadata/", f"{srv.url}/targets/", ca_file=u.ca_file,
+                client_cert=u.client_cert, client_key=u.client_key),
+                reg.repo.root_bytes(1))
+
+        client().fetch("digits-mlp/1.0.0.tar", tmp_path / "ok.tar")
+        assert (tmp_path / "ok.tar").stat().st_size > 10_000
+
+        revoke_device(home, "pi-01")
+        assert "pi-01" not in home.registry_clients_file.read_text()
+        with pytest.raises(errors.ClientCertRejected, match="403"):
+            client().fetch("digits-mlp/1.0.0.tar", tmp_path / "revoked.tar")
+        assert not (tmp_path / "revoked.tar").exists()
+    finally:
+        srv.stop()
+        reg.close()
