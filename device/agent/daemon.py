@@ -207,7 +207,7 @@ class Agent:
             assert u.trusted_root is not None
             tuf = TufClient(self.state_dir, TufClientConfig(
                 metadata_url=u.metadata_url, targets_url=u.targets_url or u.metadata_url,
-                ca_file=u.ca_file),
+                ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key),
                 u.trusted_root.read_bytes())
             from edgefleet.device.runtime.envelope import FleetKey
 

@@ -55,7 +55,8 @@ def _keys(cfg: AgentConfig) -> tuple[bool, str]:
     wanted += [p for p in (m.ca_file, m.cert_file, m.key_file, m.password_file)
                if p is not None]
     if cfg.updates.enabled:
-        wanted += [p for p in (cfg.updates.trusted_root, cfg.updates.ca_file) if p]
+        wanted += [p for p in (cfg.updates.trusted_root, cfg.updates.ca_file,
+                               cfg.updates.client_cert, cfg.updates.client_key) if p]
     if cfg.fl.enabled:
         wanted += [p for p in (cfg.fl.root_certificates, cfg.fl.auth_private_key) if p]
     missing = [str(p) for p in wanted if not p.is_file()]
@@ -133,12 +134,16 @@ def _registry(cfg: AgentConfig) -> tuple[bool, str]:
     if not u.enabled:
         return True, "not configured (no updates)"
     url = u.metadata_url.rstrip("/") + "/timestamp.json"
-    ctx = _tls_context(u.ca_file) if url.startswith("https://") else None
+    from edgefleet.device.updates.tuf_client import client_tls_context
+
+    ctx = (client_tls_context(u.ca_file, u.client_cert, u.client_key)
+           if url.startswith("https://") else None)
     try:
         with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
             resp.read(1 << 16)
     except urllib.error.HTTPError as exc:
-        return False, f"{url}: HTTP {exc.code}"
+        hint = " (this device's certificate is not enrolled: revoked?)" if exc.code == 403 else ""
+        return False, f"{url}: HTTP {exc.code}{hint}"
     except urllib.error.URLError as exc:
         return False, f"{url}: {exc.reason}"
     return True, f"{url}: ok ({'TLS' if ctx else 'plain HTTP'})"

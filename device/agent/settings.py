@@ -96,6 +96,10 @@ class UpdatesSection(StrictModel):
     require_encryption: bool = Field(
         default=False, description="Refuse model packages that are not encrypted for the "
                                    "fleet key (reason encryption_required).")
+    client_cert: Path | None = Field(
+        default=None, description="This device's client certificate (PEM, from its "
+                                  "enrollment bundle), for a registry that requires one.")
+    client_key: Path | None = Field(default=None, description="The key of client_cert.")
 
     @model_validator(mode="after")
     def _one_scheme(self) -> UpdatesSection:
@@ -104,6 +108,10 @@ class UpdatesSection(StrictModel):
             raise ValueError("ca_file is set but the registry URLs are not https://")
         if self.require_encryption and self.fleet_key is None:
             raise ValueError("require_encryption needs fleet_key (the key to decrypt with)")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        if self.client_cert is not None and not https:
+            raise ValueError("client_cert is set but the registry URLs are not https://")
         return self
 
 

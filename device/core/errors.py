@@ -11,7 +11,8 @@
     │   ├── ModelRejected          a model failed its golden inputs or trial load
     │   └── UpdateRejected         a model update refused before activation (``reason``)
     │       ├── UpdateUnavailable  the repository could not be reached (retried later)
-    │       │   └── TlsRejected    its HTTPS certificate did not verify (wrong CA, MITM)
+    │       │   ├── TlsRejected    its HTTPS certificate did not verify (wrong CA, MITM)
+    │       │   └── ClientCertRejected it refused this device's client certificate (revoked)
     │       ├── TargetNotSigned    the assignment names a target TUF does not vouch for
     │       ├── SignatureRejected  metadata not signed by the trusted keys (unknown key)
     │       ├── RollbackRejected   metadata older than what the device has seen
@@ -145,6 +146,14 @@ class SignatureRejected(UpdateRejected):
     """Metadata lacks a threshold of signatures from the keys the device trusts."""
 
     reason = "bad_signature"
+
+
+class ClientCertRejected(UpdateUnavailable):
+    """The registry requires a client certificate and refused this device's (none, one
+    from another CA, or one no longer enrolled: revoked). Retried with backoff, since
+    re-enrollment heals it, and counted every time."""
+
+    reason = "client_cert"
 
 
 class RollbackRejected(UpdateRejected):

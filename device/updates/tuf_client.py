@@ -8,10 +8,18 @@ from a tampered one) and gives up on slow servers; and the highest metadata vers
 ever seen, kept in our own fsynced state file, so wiping the TUF cache does not let an
 older, still-unexpired repository state back in.
 
+Those floors follow the TUF specification's fast-forward attack recovery (client
+workflow 5.3.11): a floor is only as good as the key that raised it, so when a newly
+trusted root rotates a role's keys (keyids or threshold changed), the floors that key
+raised are dropped, persisted before the refresh goes on; see :data:`RESETS`.
+
 Over ``https://`` the fetcher verifies the registry's certificate (TLS 1.2 or newer)
 against ``ca_file`` (the fleet CA) or, without one, the system's trust store; a
 certificate that does not verify becomes :class:`TlsRejected` with the URL and the
-OpenSSL reason.
+OpenSSL reason. With ``client_cert``/``client_key`` (the device's enrollment
+certificate) it also proves who it is to a registry that requires mutual TLS; a
+registry that refuses it (no certificate, another CA's, revoked) becomes
+:class:`ClientCertRejected`.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +36,14 @@ from typing import Any
 import tuf
 import urllib3
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient._internal.proxy import ProxyEnvironment
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from edgefleet.device.core.durable import atomic_write_json, fsync_dir, read_json
 from edgefleet.device.core.errors import (
+    ClientCertRejected,
     ConfigError,
     DownloadTooLarge,
     DownloadTruncated,
@@ -50,11 +59,41 @@ from edgefleet.device.core.errors import (
     UpdateUnavailable,
 )
 
-__all__ = ["HighestSeen", "TufClient", "TufClientConfig", "client_tls_context"]
+__all__ = ["RESETS", "HighestSeen", "TufClient", "TufClientConfig", "client_tls_context",
+           "rotated_roles"]
 
 log = logging.getLogger(__name__)
 
 _ROLES = ("root", "timestamp", "snapshot", "targets")
+
+#: Which floors a key rotation resets. TUF spec 5.3.11 (fast-forward attack recovery):
+#: "If the timestamp and / or snapshot keys have been rotated, then delete the trusted
+#: timestamp and snapshot metadata files", so either rotation resets both. Targets has
+#: no such step: its version is pinned by the trusted snapshot's ``meta`` (5.5.5), which
+#: only a snapshot (or timestamp) rotation clears; our own targets floor is reset when
+#: the targets keys rotate (the floor an old key raised says nothing about a new key's
+#: versions). A targets fast-forward therefore needs the targets and snapshot keys
+#: rotated; ``edgefleet keys rotate targets --recover-fast-forward`` does both. Root's
+#: floor never resets (every root is signed by its predecessor).
+RESETS: dict[str, tuple[str, ...]] = {
+    "timestamp": ("timestamp", "snapshot"),
+    "snapshot": ("timestamp", "snapshot"),
+    "targets": ("targets",),
+}
+#: The metadata whose cached copy 5.3.11 deletes along with its floor.
+_CACHED_RESET = ("timestamp", "snapshot")
+
+
+def _role_keys(root: Root) -> dict[str, dict[str, Any]]:
+    """Each rotatable role's signing keys and threshold, as stored in our state file."""
+    return {role: {"keyids": sorted(root.roles[role].keyids),
+                   "threshold": int(root.roles[role].threshold)} for role in RESETS}
+
+
+def rotated_roles(before: dict[str, Any], after: Root) -> set[str]:
+    """Roles whose keyids or threshold differ between ``before`` and root ``after``."""
+    now = _role_keys(after)
+    return {role for role in RESETS if before.get(role) != now[role]}
 
 
 @dataclass(frozen=True)
@@ -73,21 +112,36 @@ class TufClientConfig:
     #: PEM CA bundle that must have signed the registry's HTTPS certificate (None: the
     #: system's trust store). Only used for ``https://`` URLs.
     ca_file: Path | None = None
+    #: The device's certificate (PEM) and key, shown to a registry requiring mutual TLS.
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
 
-def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Verify server certificates and host names, TLS 1.2 or newer, against ``ca_file``."""
+def client_tls_context(ca_file: Path | None, client_cert: Path | None = None,
+                       client_key: Path | None = None) -> ssl.SSLContext:
+    """Verify server certificates and host names, TLS 1.2 or newer, against ``ca_file``;
+    present ``client_cert`` (with ``client_key``) when the server asks for one."""
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the registry CA bundle: {exc}",
                           path=str(ca_file)) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_cert is not None:
+        try:
+            ctx.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the device's client certificate or key: {exc}",
+                              path=str(client_cert)) from None
     return ctx
 
 
 class _TlsFailure(tuf_exc.DownloadError):
     """The TLS handshake with the repository failed (certificate did not verify)."""
+
+
+class _ClientCertFailure(_TlsFailure):
+    """The repository ended the handshake with an alert: it refused our certificate."""
 
 
 def _tls_reason(exc: BaseException) -> ssl.SSLError | None:
@@ -97,7 +151,10 @@ def _tls_reason(exc: BaseException) -> ssl.SSLError | None:
         if seen is None or isinstance(seen, ssl.SSLError):
             return seen
         nxt = getattr(seen, "reason", None)
-        seen = nxt if isinstance(nxt, BaseException) else seen.__cause__ or seen.__context__
+        if not isinstance(nxt, BaseException):  # urllib3's SSLError(ssl.SSLError) on a read
+            nxt = seen.__cause__ or seen.__context__ or next(
+                (a for a in seen.args if isinstance(a, BaseException)), None)
+        seen = nxt
     return None
 
 
@@ -116,7 +173,8 @@ class _CountingFetcher(Urllib3Fetcher):
             raise RuntimeError("python-tuf's Urllib3Fetcher changed: cannot set the TLS CA")
         self._proxy_env = ProxyEnvironment(
             headers={"User-Agent": f"edgefleet python-tuf/{tuf.__version__}"},
-            ssl_context=client_tls_context(config.ca_file))
+            ssl_context=client_tls_context(config.ca_file, config.client_cert,
+                                           config.client_key))
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         self.received[url] = 0
@@ -127,6 +185,9 @@ class _CountingFetcher(Urllib3Fetcher):
             tls = _tls_reason(exc)
             if tls is not None:
                 why = getattr(tls, "verify_message", None) or tls.reason or str(tls)
+                if "ALERT" in str(tls.reason):  # the server's verdict on us, not ours on it
+                    raise _ClientCertFailure(f"{url}: the registry refused the TLS handshake "
+                                             f"({why})") from exc
                 raise _TlsFailure(f"{url}: TLS handshake failed: {why}") from exc
             # ngclient would say only "Failed to download"; keep urllib3's reason.
             raise tuf_exc.DownloadError(f"{url}: {getattr(exc, 'reason', None) or exc}") from exc
@@ -161,6 +222,9 @@ class HighestSeen:
         #: Highest model version each signed target listing has offered (reported).
         self.models: dict[str, str] = (
             {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else {})
+        keys = raw.get("root_keys")
+        #: The role keys of the root the floors were raised under (None: not yet known).
+        self.root_keys: dict[str, Any] | None = keys if isinstance(keys, dict) else None
 
     def check(self, versions: dict[str, int]) -> None:
         """Raise :class:`RollbackRejected` if any role is below its floor."""
@@ -176,6 +240,12 @@ class HighestSeen:
             self.versions = merged
             self._save()
 
+    def adopt_root(self, root: Root, resets: Collection[str] = ()) -> None:
+        """Record ``root``'s role keys and drop the ``resets`` floors, in one atomic write."""
+        self.versions = {r: v for r, v in self.versions.items() if r not in resets}
+        self.root_keys = _role_keys(root)
+        self._save()
+
     def saw_model(self, model: str, version: str) -> None:
         """Remember ``model@version`` if it is the highest seen for that model."""
         def key(v: str) -> tuple[int, ...]:
@@ -187,12 +257,20 @@ class HighestSeen:
             self._save()
 
     def _save(self) -> None:
-        atomic_write_json(self.path, {**self.versions, "models": self.models})
+        state: dict[str, Any] = {**self.versions, "models": self.models}
+        if self.root_keys is not None:
+            state["root_keys"] = self.root_keys
+        atomic_write_json(self.path, state)
 
 
 def _translate(exc: Exception, *, target: str | None = None) -> UpdateRejected:
     """Map a python-tuf exception to our error with a stable reason."""
     msg = str(exc) or type(exc).__name__
+    if isinstance(exc, _ClientCertFailure) or (
+            isinstance(exc, tuf_exc.DownloadHTTPError) and exc.status_code == 403):
+        return ClientCertRejected(f"{msg}: the registry requires this device's enrollment "
+                                  "certificate ([updates] client_cert/client_key); it has none, "
+                                  "one from another CA, or one revoked", target=target)
     if isinstance(exc, _TlsFailure):
         return TlsRejected(f"{msg} (is [updates] ca_file the CA that signed the registry's "
                            "certificate?)", target=target)
@@ -235,6 +313,45 @@ class TufClient:
                        target_base_url=self.config.targets_url, fetcher=self.fetcher,
                        config=cfg, bootstrap=self._bootstrap)
 
+    def _trusted_root(self) -> Root:
+        """The root ngclient trusts now (its cache), else the provisioned one."""
+        try:
+            data = (self.metadata_dir / "root.json").read_bytes()
+        except OSError:
+            data = self._bootstrap
+        root: Root = Metadata[Root].from_bytes(data).signed
+        return root
+
+    def _follow_rotation(self, *, drop_cached: bool) -> bool:
+        """Reset the floors of roles the trusted root rotated (TUF 5.3.11); True if any.
+
+        The keys the floors were raised under are in our state file, not read from the
+        cache before the refresh, so a power cut between ngclient persisting the new
+        root and us resetting the floors is caught on the next refresh. Order matters
+        for the same reason: with ``drop_cached`` (the refresh failed, perhaps on the
+        very metadata the rotation recovers from) the cached timestamp/snapshot are
+        deleted first; the floors and the new keys are written last, in one atomic write.
+        """
+        root = self._trusted_root()
+        before = self.highest.root_keys
+        if before is None:
+            self.highest.adopt_root(root)
+            return False
+        rotated = rotated_roles(before, root)
+        if not rotated:
+            return False
+        resets = {r for role in rotated for r in RESETS[role]}
+        if drop_cached:
+            for role in _CACHED_RESET:
+                if role in resets:
+                    (self.metadata_dir / f"{role}.json").unlink(missing_ok=True)
+            fsync_dir(self.metadata_dir)
+        self.highest.adopt_root(root, resets)
+        log.warning("root v%d rotated the %s keys: the %s floors are reset (TUF 5.3.11 "
+                    "fast-forward recovery)", root.version, ", ".join(sorted(rotated)),
+                    ", ".join(sorted(resets)))
+        return True
+
     def _trusted_versions(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for role in _ROLES:
@@ -252,8 +369,19 @@ class TufClient:
 
     def _refresh(self, target: str | None) -> tuple[Updater, TargetFile | None]:
         try:
+            if self.highest.root_keys is None:  # first refresh: the floors' root
+                self.highest.adopt_root(self._trusted_root())
             updater = self._updater()
-            updater.refresh()
+            failed: Exception | None = None
+            try:
+                updater.refresh()
+            except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
+                failed = exc  # maybe the metadata a new root's rotation recovers from
+            if self._follow_rotation(drop_cached=failed is not None) and failed is not None:
+                updater = self._updater()  # once more, without the dropped metadata
+                updater.refresh()
+            elif failed is not None:
+                raise failed
             versions = self._trusted_versions()
             self.highest.check(versions)
             self.highest.raise_to(versions)

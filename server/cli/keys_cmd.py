@@ -53,6 +53,12 @@ def rotate(
     home: Path = HOME,
     root_key: Path | None = ROOT_KEY,
     passphrase_file: Path | None = PASSPHRASE_FILE,
+    recover: bool = typer.Option(
+        False, "--recover-fast-forward",
+        help="After a fast-forward attack (someone with the role's key pushed a huge "
+             "version): also restart the role's metadata at version 1; targets also "
+             "rotates the snapshot key. Devices accept the lower versions because the "
+             "keys that signed the huge ones are gone (TUF 5.3.11)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Replace a role's key: a new root version (signed by old and new root key) names it.
@@ -61,15 +67,23 @@ def rotate(
     <role>.<keyid>.retired.pem so it can be destroyed deliberately.
 
     Example: edgefleet keys rotate timestamp
+    (after a fast-forward attack: edgefleet keys rotate snapshot --recover-fast-forward)
     """
     reg = open_registry(home, root_key, passphrase_file)
-    keyid = reg.repo.rotate(role)
+    keyids = reg.repo.recover_fast_forward(role) if recover else {role: reg.repo.rotate(role)}
     version = reg.repo.root().version
-    reg.audit.append("keys.rotate", role=role, keyid=keyid, root_version=version)
+    for name, keyid in keyids.items():
+        reg.audit.append("keys.rotate", role=name, keyid=keyid, root_version=version,
+                         recover_fast_forward=recover)
     if json_out:
-        print_json({"role": role, "keyid": keyid, "root_version": version})
-    else:
-        console.print(f"{role} key is now {keyid} (root v{version})")
+        print_json({"role": role, "keyid": keyids[role], "keyids": keyids,
+                    "root_version": version, "recover_fast_forward": recover})
+        return
+    for name, keyid in keyids.items():
+        console.print(f"{name} key is now {keyid} (root v{version})")
+    if recover:
+        console.print(f"{role} metadata restarted at version 1; devices recover on their "
+                      "next refresh")
 
 
 @app.command()

@@ -234,6 +234,13 @@ def serve(
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="Server certificate (PEM, "
                                          "chain) for HTTPS, e.g. from `edgefleet certs issue`."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="Private key of --tls-cert."),
+    client_ca: Path | None = typer.Option(
+        None, "--client-ca", help="Require client certificates issued by this CA (mutual "
+        "TLS; the fleet CA). Needs --clients."),
+    clients: Path | None = typer.Option(
+        None, "--clients", help="Allow-list of client certificate sha256 fingerprints, one "
+        "per line, re-read when it changes (the fleet home's registry-clients.txt, which "
+        "enroll and revoke rewrite)."),
     passphrase_file: Path | None = PASSPHRASE_FILE,
 ) -> None:
     """Serve TUF metadata and package archives over HTTP, or HTTPS, until interrupted.
@@ -243,6 +250,9 @@ def serve(
     HTTPS (--tls-cert/--tls-key, TLS 1.2+) also hides the models and which version each
     device fetches. Plain HTTP is meant for loopback and development.
 
+    With --client-ca and --clients only enrolled devices may download: each shows the
+    client certificate of its bundle, and a revoked device's is off the list at once.
+
     Example: edgefleet registry serve --host 0.0.0.0 --port 8470
     --tls-cert certs/registry.pem --tls-key certs/registry.key
     """
@@ -250,14 +260,22 @@ def serve(
 
     from edgefleet.device.core.cli_support import err_console
     from edgefleet.device.core.errors import ConfigError, UsageError
-    from edgefleet.server.registry.http import RegistryServer, server_tls_context
+    from edgefleet.server.registry.http import (
+        ClientAllowList,
+        RegistryServer,
+        server_tls_context,
+    )
 
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
+    if (client_ca is None) != (clients is None):
+        raise UsageError("--client-ca and --clients go together")
+    if client_ca is not None and tls_cert is None:
+        raise UsageError("--client-ca needs HTTPS (--tls-cert/--tls-key)")
     tls: ssl.SSLContext | None = None
     if tls_cert is not None and tls_key is not None:
         try:
-            tls = server_tls_context(tls_cert, tls_key)
+            tls = server_tls_context(tls_cert, tls_key, client_ca)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load the TLS certificate or key: {exc}",
                               path=str(tls_cert)) from None
@@ -267,7 +285,9 @@ def serve(
                           "(pass --tls-cert/--tls-key)")
     reg = open_registry(home, passphrase_file=passphrase_file)
     reg.repo.refresh_timestamp()
-    srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts, host, port, tls=tls).start()
+    allow = ClientAllowList(clients) if clients is not None else None
+    srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts, host, port, tls=tls,
+                         clients=allow).start()
     console.print(f"serving {home} at {srv.url} (metadata: {srv.url}/metadata/)")
     try:
         while True:

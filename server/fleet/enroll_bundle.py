@@ -14,6 +14,8 @@ A folder (or a ``.tar.gz`` of it) whose files are all 0600::
     registry-ca.pem   the CA of the registry's HTTPS certificate, when it uses TLS
     fleet.key         the fleet's package-encryption key, when it has one (decrypts
                       encrypted model packages; server/fleet/package_key.py)
+    registry-client.pem/.key  the device's client certificate and key, when the registry
+                      requires them (``[server] registry_client_auth``)
 
 ``edgefleet-agent enroll`` (device/agent/enroll.py) installs it and rewrites the names to
 absolute paths. The bundle holds secrets: move it to the device over a trusted channel
@@ -44,6 +46,8 @@ BUNDLE_FILES: dict[tuple[str, str], str] = {
     ("updates", "trusted_root"): "root.json",
     ("updates", "ca_file"): "registry-ca.pem",
     ("updates", "fleet_key"): "fleet.key",
+    ("updates", "client_cert"): "registry-client.pem",
+    ("updates", "client_key"): "registry-client.key",
 }
 
 
@@ -63,6 +67,9 @@ def agent_template(s: FleetSettings, name: str, group: str,
         if fleet_key:
             cfg["updates"]["fleet_key"] = "fleet.key"
             cfg["updates"]["require_encryption"] = s.encrypt_models
+        if s.server.registry_client_auth:
+            cfg["updates"]["client_cert"] = "registry-client.pem"
+            cfg["updates"]["client_key"] = "registry-client.key"
     if s.superlink:
         # The device's privacy policy, written out in full so the operator installing the
         # device sees (and may tighten) what it will accept from any server.

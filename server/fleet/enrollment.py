@@ -23,7 +23,7 @@ from edgefleet.server.fleet.broker_acl import RESERVED_NAMES, hash_password
 from edgefleet.server.fleet.devices import DeviceRow
 from edgefleet.server.fleet.enroll_bundle import write_bundle
 from edgefleet.server.fleet.home import SERVICE_ROLES, FleetHome, private_dir
-from edgefleet.server.fleet.pki import make_node_key
+from edgefleet.server.fleet.pki import issue_client_cert, make_node_key
 from edgefleet.server.fleet.superlink import CONN, FlRunError, SuperLinkConn
 
 if TYPE_CHECKING:
@@ -69,6 +69,20 @@ def _unregister(home: FleetHome, row: DeviceRow, conn: SuperLinkConn) -> None:
     home.devices.set_fl(row.name, "unregistered")
 
 
+def _registry_client_cert(home: FleetHome, name: str, stage: Path) -> None:
+    """The device's registry client certificate (fleet CA) into ``stage``; the server
+    keeps the public half in ``device-certs/`` for the registry's allow-list."""
+    if not home.settings.server.registry_client_auth:
+        return
+    certs = home.settings.server.certs
+    if certs is None or not (certs / "ca.key").is_file():
+        raise UsageError("[server] registry_client_auth needs the fleet CA ([server] certs "
+                         "with ca.pem and ca.key: `edgefleet certs init`)")
+    issue_client_cert(certs, name, stage / "registry-client.pem", stage / "registry-client.key")
+    dest = private_dir(home.device_certs_dir) / f"{name}.pem"
+    dest.write_bytes((stage / "registry-client.pem").read_bytes())
+
+
 def enroll_device(home: FleetHome, name: str, group: str = "default", *,
                   out: Path | None = None, superlink: SuperLinkConn | None = None,
                   broker: MosquittoBroker | None = None) -> Path:
@@ -100,12 +114,15 @@ def enroll_device(home: FleetHome, name: str, group: str = "default", *,
             if node_pub is not None and superlink is not None:
                 _register(home, row, superlink)
             pkey = package_key.private_path(home.root)
+            _registry_client_cert(home, name, stage)
             bundle = write_bundle(home.settings, name, group, password, stage, out,
                                   fleet_key(home.root).trusted_entities(),
                                   pkey if pkey.exists() else None)
         except BaseException:
             home.devices.delete(name)  # no half-enrolled device blocking the name
             raise
+        if home.settings.server.registry_client_auth:
+            home.registry_clients()
         home.broker_files()
         home.reload_broker(broker)
     log.info("enrolled %s (group %s): bundle %s", name, group, bundle)
@@ -114,11 +131,14 @@ def enroll_device(home: FleetHome, name: str, group: str = "default", *,
 
 def revoke_device(home: FleetHome, name: str, *, broker: MosquittoBroker | None = None,
                   superlink: SuperLinkConn | None = None) -> None:
-    """Cut a device off: broker account removed (and reloaded), SuperNode unregistered."""
+    """Cut a device off: broker account removed (and reloaded), SuperNode unregistered,
+    its certificate off the registry's allow-list (downloads stop at once)."""
     row = home.devices.get(name)
     if row is None:
         raise UsageError(f"unknown device {name!r} (see `edgefleet devices ls`)")
     home.devices.revoke(name)
+    if home.settings.server.registry_client_auth or home.registry_clients_file.exists():
+        home.registry_clients()  # its certificate leaves the registry's allow-list
     home.broker_files()
     home.reload_broker(broker)
     if row.fl_state == "pending" or (row.fl_state == "registered" and row.node_id is None):

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError, model_validator
 
 from edgefleet.device.core.config import StrictModel, dump_toml, load_config, registry_is_https
+from edgefleet.device.core.durable import atomic_write_bytes
 from edgefleet.device.core.errors import ConfigError, UsageError
 from edgefleet.server.fleet.broker_acl import (
     hash_password,
@@ -47,6 +48,7 @@ from edgefleet.server.fleet.broker_acl import (
     write_password_hashes,
 )
 from edgefleet.server.fleet.devices import DeviceTable
+from edgefleet.server.fleet.pki import cert_fingerprint
 from edgefleet.server.fleet.superlink import SuperLinkConn
 
 if TYPE_CHECKING:
@@ -81,6 +83,10 @@ class ServerSettings(StrictModel):
         "registry.pem/.key and broker.pem/.key (`edgefleet certs issue`)."))
     registry: Path | None = Field(default=None, description="Registry folder "
                                   "[default: <home>/registry].")
+    registry_client_auth: bool = Field(default=False, description=(
+        "The registry serves only enrolled devices: each presents the client certificate "
+        "its bundle holds (mutual TLS, fleet CA); revoking a device stops its downloads. "
+        "Needs https:// registry URLs and certs."))
     store: str | None = Field(default=None, description="Fleet store: SQLite path or "
                               "postgresql:// DSN [default: <home>/fleet.db].")
     scorer_package: Path | None = Field(default=None, description=(
@@ -126,6 +132,8 @@ class FleetSettings(StrictModel):
         https = registry_is_https(self.metadata_url, self.targets_url)
         if self.registry_ca is not None and not https:
             raise ValueError("registry_ca needs https:// registry URLs")
+        if self.server.registry_client_auth and not https:
+            raise ValueError("[server] registry_client_auth needs https:// registry URLs")
         return self
 
 
@@ -302,6 +310,35 @@ class FleetHome:
         if not path.exists():
             _write_secret(path, secrets.token_urlsafe(24) + "\n")
         return Credentials(role, path.read_text(encoding="utf-8").strip())
+
+    @property
+    def device_certs_dir(self) -> Path:
+        """Each device's registry client certificate (public), ``<name>.pem``."""
+        return self.root / "device-certs"
+
+    @property
+    def registry_clients_file(self) -> Path:
+        """The registry's allow-list: fingerprints of active devices' certificates."""
+        return self.root / "registry-clients.txt"
+
+    def registry_clients(self) -> Path:
+        """(Re)write the registry's allow-list from the active devices' certificates.
+
+        The running registry re-reads it on change, so enroll and revoke take effect on
+        the next connection. Written atomically: a reader never sees half a list.
+        """
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        lines = ["# edgefleet: devices whose certificate the registry serves (generated)"]
+        for row in self.devices.active():
+            pem = self.device_certs_dir / f"{row.name}.pem"
+            if pem.is_file():
+                der = x509.load_pem_x509_certificate(pem.read_bytes()).public_bytes(Encoding.DER)
+                lines.append(f"{cert_fingerprint(der)}  # {row.name}")
+        atomic_write_bytes(self.registry_clients_file, ("\n".join(lines) + "\n").encode(),
+                           0o644)
+        return self.registry_clients_file
 
     def broker_files(self) -> BrokerFiles:
         """(Re)write the password and ACL files from services and active devices."""

@@ -4,12 +4,15 @@ Generated at run time, never committed: a private CA, a SuperLink server certifi
 for the given host names/IPs, and one EC P-384 key pair per SuperNode in OpenSSH format
 (what ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register``
 read). :func:`issue_server_cert` signs more server certificates with the same CA (the
-model registry's HTTPS), so devices trust one fleet CA. Private keys are mode 0600.
+model registry's HTTPS), so devices trust one fleet CA; :func:`issue_client_cert` signs
+a device's client certificate (what it shows a registry that requires mutual TLS).
+Private keys are mode 0600.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
@@ -21,7 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["CertPaths", "init_certs", "issue_server_cert", "make_node_key"]
+__all__ = ["CertPaths", "cert_fingerprint", "init_certs", "issue_client_cert",
+           "issue_server_cert", "make_node_key"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,45 @@ def init_certs(out: Path, hosts: list[str] | None = None, nodes: int = 0,
     return paths
 
 
+def cert_fingerprint(der: bytes) -> str:
+    """The sha256 of a certificate's DER bytes, hex (what the registry's allow-list holds)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_pem, ca_key_pem = ca_dir / "ca.pem", ca_dir / "ca.key"
+    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_key_pem}: not an EC private key")
+    return ca, ca_key
+
+
+def issue_client_cert(ca_dir: Path, name: str, cert: Path, key: Path,
+                      days: int = 3650) -> bytes:
+    """Sign a TLS client certificate for device ``name`` (CN) with the fleet CA.
+
+    Written to ``cert`` (0644) and ``key`` (0600); returns the certificate's DER bytes
+    (the registry's allow-list holds their sha256). It never outlives the CA.
+    """
+    ca, ca_key = _load_ca(ca_dir)
+    now = dt.datetime.now(dt.UTC)
+    dev_key = ec.generate_private_key(ec.SECP384R1())
+    crt = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+           .issuer_name(ca.subject).public_key(dev_key.public_key())
+           .serial_number(x509.random_serial_number())
+           .not_valid_before(now - dt.timedelta(minutes=5))
+           .not_valid_after(min(now + dt.timedelta(days=days), ca.not_valid_after_utc))
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                          critical=False)
+           .sign(ca_key, hashes.SHA384()))
+    _write(key, _pem_key(dev_key), private=True)
+    _write(cert, crt.public_bytes(serialization.Encoding.PEM))
+    return crt.public_bytes(serialization.Encoding.DER)
+
+
 def issue_server_cert(ca_dir: Path, name: str, hosts: list[str],
                       days: int = 365) -> tuple[Path, Path]:
     """Sign ``<ca_dir>/<name>.pem`` (+ ``.key``) for ``hosts`` with the CA of ``init_certs``.
@@ -131,11 +174,7 @@ def issue_server_cert(ca_dir: Path, name: str, hosts: list[str],
         raise ValueError(f"bad certificate name {name!r}")
     if not hosts:
         raise ValueError("at least one host name or IP is needed")
-    ca_pem, ca_key_pem = ca_dir / "ca.pem", ca_dir / "ca.key"
-    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{ca_key_pem}: not an EC private key")
+    ca, ca_key = _load_ca(ca_dir)
     srv, srv_key = _server_cert(ca, ca_key, hosts, days)
     cert, key = ca_dir / f"{name}.pem", ca_dir / f"{name}.key"
     _write(key, _pem_key(srv_key), private=True)

@@ -178,6 +178,9 @@ def plan(home: FleetHome) -> list[Service]:
         if https:
             tls = _tls(home, "registry", "registry's HTTPS")
             argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            if srv.registry_client_auth:
+                argv += ["--client-ca", str(tls.ca), "--clients",
+                         str(home.registry_clients())]
         out.append(Service("registry", argv, "model registry (TUF, HTTP" +
                            ("S)" if https else ")"), port=port, host=probe, env=env))
     out.append(Service("ingest", _edgefleet("ingest", "run", "--home", root),

@@ -11,6 +11,13 @@ of the models and of which version each device fetches. The TLS handshake runs o
 connection's own thread (not in ``accept``), so a client that never finishes it cannot
 stall the others.
 
+Mutual TLS (optional, :func:`server_tls_context` with ``client_ca``) decides who may
+download at all: the handshake requires a client certificate issued by the fleet CA
+(``ssl.CERT_REQUIRED``), and :class:`ClientAllowList` then admits only the certificates
+of devices enrolled now. Revocation is their removal from that list, a file the fleet
+home rewrites on enroll and revoke and the server re-reads when it changes (no restart,
+no CRL to keep from expiring); a refused device gets ``403`` with the reason.
+
 Bounds (:class:`~edgefleet.device.core.conn_guard.ConnectionLimits`): at most
 ``max_connections`` clients at once (one more gets a 503 over plain HTTP, or is closed,
 and is counted in ``connections_refused``); a client silent for ``idle_timeout_s``, or
@@ -38,9 +45,10 @@ from edgefleet.device.core.conn_guard import (
     ConnectionLimits,
     GuardedServerMixin,
 )
+from edgefleet.server.fleet.pki import cert_fingerprint
 
-__all__ = ["CHUNK_BYTES", "ConnectionLimits", "RegistryHandler", "RegistryServer",
-           "server_tls_context"]
+__all__ = ["CHUNK_BYTES", "ClientAllowList", "ConnectionLimits", "RegistryHandler",
+           "RegistryServer", "cert_fingerprint", "server_tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +60,76 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length:
          b"Connection: close\r\n\r\n")
 
 
-def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A server context (TLS 1.2 or newer) for ``cert`` (PEM chain) and its ``key``."""
+def server_tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """A server context (TLS 1.2 or newer) for ``cert`` (PEM chain) and its ``key``.
+
+    With ``client_ca`` every client must present a certificate that CA issued.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        ctx.load_verify_locations(cafile=str(client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+class ClientAllowList:
+    """Fingerprints of the client certificates that may download, from a text file.
+
+    One hex sha256 per line, anything after it (``# device name``) ignored. The file is
+    re-read when its identity, size or mtime changes, so enrolling or revoking a device
+    takes effect on the next connection. A missing or unreadable file admits no one.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._allowed: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def allowed(self) -> frozenset[str]:
+        """The current fingerprints (re-read if the file changed)."""
+        try:
+            st = self.path.stat()
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp:
+                self._allowed = self._read() if stamp is not None else frozenset()
+                self._stamp = stamp
+            return self._allowed
+
+    def _read(self) -> frozenset[str]:
+        try:
+            lines = self.path.read_text(encoding="ascii", errors="replace").splitlines()
+        except OSError:
+            return frozenset()
+        fps = (line.split("#", 1)[0].strip().lower() for line in lines)
+        return frozenset(fp for fp in fps if re.fullmatch(r"[0-9a-f]{64}", fp))
+
+    def admits(self, der: bytes | None) -> bool:
+        """Whether the certificate ``der`` is on the list."""
+        return der is not None and cert_fingerprint(der) in self.allowed()
+
+
+def _linger(conn: ssl.SSLSocket) -> None:
+    """Let the TLS alert reach the client before the socket closes.
+
+    Under TLS 1.3 a client whose certificate is refused has already sent its request;
+    closing with that unread would reset the connection and the client would see a bare
+    EOF instead of the alert that says why (``certificate required``, ``unknown ca``).
+    So: half-close, and read what the client still sends, briefly and boundedly.
+    """
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(0.5)
+        for _ in range(16):
+            if not conn.recv(4096):
+                break
+    except OSError:
+        pass
 
 
 class RegistryHandler(BaseHTTPRequestHandler):
@@ -97,7 +169,29 @@ class RegistryHandler(BaseHTTPRequestHandler):
         """Open ``path`` for reading (unbuffered: each read is one chunk)."""
         return path.open("rb", buffering=0)
 
+    def admitted(self) -> bool:
+        """Whether this client may download (always, unless the server has an allow-list).
+
+        Checked per request, so a revocation also ends a kept-alive connection's use.
+        """
+        clients = self.server.clients
+        if clients is None:
+            return True
+        conn = self.connection
+        der = conn.getpeercert(binary_form=True) if isinstance(conn, ssl.SSLSocket) else None
+        if clients.admits(der):
+            return True
+        self.server.clients_refused += 1
+        log.warning("refused %s: client certificate not enrolled", self.address_string())
+        self.close_connection = True
+        self.send_error(HTTPStatus.FORBIDDEN, "client certificate not enrolled",
+                        "This device's certificate is not on the registry's list of enrolled "
+                        "devices (revoked, or enrolled in another fleet).")
+        return False
+
     def do_GET(self) -> None:
+        if not self.admitted():
+            return
         file = self.resolve(self.path)
         try:
             fh = self.open_file(file) if file is not None else None
@@ -141,7 +235,9 @@ class RegistryHandler(BaseHTTPRequestHandler):
 class RegistryServer(GuardedServerMixin, ThreadingHTTPServer):
     """An HTTP(S) server for one registry home; ``start()`` runs it on a daemon thread.
 
-    With ``tls`` (see :func:`server_tls_context`) every connection must speak TLS.
+    With ``tls`` (see :func:`server_tls_context`) every connection must speak TLS; with
+    ``clients`` as well (and a ``tls`` that requires client certificates), only clients
+    whose certificate is on that allow-list are served.
     ``limits`` bounds connections and their durations (see the module docstring).
     """
 
@@ -152,7 +248,10 @@ class RegistryServer(GuardedServerMixin, ThreadingHTTPServer):
     def __init__(self, metadata_dir: Path, artifacts_dir: Path, host: str = "127.0.0.1",
                  port: int = 0, handler: type[RegistryHandler] = RegistryHandler,
                  tls: ssl.SSLContext | None = None,
-                 limits: ConnectionLimits | None = None) -> None:
+                 limits: ConnectionLimits | None = None,
+                 clients: ClientAllowList | None = None) -> None:
+        if clients is not None and (tls is None or tls.verify_mode != ssl.CERT_REQUIRED):
+            raise ValueError("a client allow-list needs TLS that requires client certificates")
         super().__init__((host, port), handler)
         self.metadata_dir = metadata_dir
         self.artifacts_dir = artifacts_dir
@@ -162,6 +261,9 @@ class RegistryServer(GuardedServerMixin, ThreadingHTTPServer):
         self.guard = ConnectionGuard(self.limits)
         #: Connections dropped because their TLS handshake failed (wrong CA, plain HTTP).
         self.tls_handshake_failures = 0
+        self.clients = clients
+        #: Connections with a fleet certificate that is not (or no longer) enrolled.
+        self.clients_refused = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -186,6 +288,7 @@ class RegistryServer(GuardedServerMixin, ThreadingHTTPServer):
         except (ssl.SSLError, OSError) as exc:
             self.tls_handshake_failures += 1
             log.info("TLS handshake with %s failed: %s", client_address, exc)
+            _linger(conn)
             self.guard.release(fd)
             conn.close()
             return
