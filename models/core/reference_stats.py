@@ -3,6 +3,13 @@
 Devices measure drift (PSI, :mod:`edgefleet.device.inference.drift`) against these. Bin edges are
 deciles of the training data (equal-mass bins make PSI sensitive where the data is);
 features with fewer distinct values get fewer bins, a constant feature gets one.
+
+The confidences must be the packaged model's on data it was not fitted to (the caller's
+job: :func:`edgefleet.models.build.pipeline.package_model` uses the test split). They are
+binned at float32 precision, the device's: a sharp model answers many samples with a
+confidence that is exactly 1.0 in float32 but not in float64, and a bin edge at 1.0 then
+means something else on each side. Each histogram records how many samples it was
+measured on, which sets how much PSI its own sampling noise adds.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ def reference_stats(x_train: npt.ArrayLike, confidences: npt.ArrayLike | None = 
     out: dict[str, Any] = {"version": 1, "samples": int(x.shape[0]), "bins": bins,
                            "features": {"edges": edges, "probs": probs}}
     if confidences is not None:
-        c = np.asarray(confidences, dtype=np.float64)
+        c = np.asarray(confidences, dtype=np.float32).astype(np.float64)
         ce = quantile_edges(c, bins)
-        out["confidence"] = {"edges": ce,
+        out["confidence"] = {"edges": ce, "samples": int(c.shape[0]),
                              "probs": [round(float(p), 6) for p in histogram_probs(c, ce)]}
     return out

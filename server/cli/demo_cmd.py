@@ -65,6 +65,10 @@ def demo(
     _print_report(report)
 
 
+def _num(x: Any) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
 def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -96,11 +100,18 @@ def _print_report(r: dict[str, Any]) -> None:
         ev.add_row(e["event"], f"{e.get('model')}@{e.get('version')}",
                    ", ".join(e.get("devices") or []) or "fleet", str(e.get("status")))
     console.print(ev)
-    d = Table("device", "model", "inferences", "ε spent")
+    d = Table("device", "model", "inferences", "ε spent", "sensor shift", "input PSI",
+              "confidence PSI")
     for row in r["per_device"]:
+        drift = row.get("drift") or {}
         d.add_row(row["device"], row["model"], str(row["inferences"]),
-                  "—" if row["epsilon"] is None else f"{row['epsilon']:.3f}")
+                  "—" if row["epsilon"] is None else f"{row['epsilon']:.3f}",
+                  row.get("shift") or "none", _num(drift.get("input_psi")),
+                  _num(drift.get("confidence_psi")))
     console.print(d)
+    alerts = r.get("alerts") or {}
+    console.print("open alerts: " + (", ".join(f"{a['device']} {a['kind']}"
+                                               for a in alerts.get("open", [])) or "none"))
     if r.get("device_data"):
         dd = Table("device", "samples", "serial", "local API", "scorer", "held out",
                    "accuracy before", "after", title="each device's own data")

@@ -548,8 +548,13 @@ def build_report(demo: Demo) -> dict[str, Any]:
         seqs = st.query("SELECT device, boot, MAX(seq), COUNT(*) FROM messages "
                         "GROUP BY device, boot")
         dup = sum(int(d["duplicates"] or 0) for d in devices)
+        drift_of = {x["device"]: ((st.device(x["device"]) or {}).get("last_metrics") or {}
+                                  ).get("drift") for x in devices}
+        alerts = st.open_alerts()
+        drift_events = sorted({e["device"] for e in st.events(limit=10_000, prefix="alert.drift")})
     finally:
         st.close()
+    shifts = {name: demo.opts.shift(i) for i, name in enumerate(s.devices)}
     published = sum(int(r[2]) for r in seqs)
     stored = stats["distinct"]
     pending = _pending_spooled(s)
@@ -581,7 +586,10 @@ def build_report(demo: Demo) -> dict[str, Any]:
         "device_data": [{"device": k, **v} for k, v in sorted(s.device_data.items())],
         "per_device": [{"device": d["device"], "model": f"{d['model_name']}@"
                         f"{d['model_version']}", "inferences": d["n_inferences"],
-                        "epsilon": d["epsilon"]} for d in devices],
+                        "epsilon": d["epsilon"], "shift": shifts.get(d["device"], ""),
+                        "drift": drift_of.get(d["device"])} for d in devices],
+        # Open alerts at the end, and every device that raised a drift alert at any time.
+        "alerts": {"open": alerts, "drift_raised_by": drift_events},
         "timings_s": s.timings,
         "workdir": str(s.work),
         **({"arm": s.arm} if s.arm else {}),

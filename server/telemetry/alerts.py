@@ -8,19 +8,22 @@ that stays drifted does not write an event per report.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import Field
 
 from edgefleet.device.core.config import StrictModel
 from edgefleet.device.wire.telemetry import MetricsBody
 from edgefleet.server.telemetry.store import Store
 
-__all__ = ["AlertThresholds", "check_metrics", "check_silent"]
+__all__ = ["AlertThresholds", "DriftVerdict", "check_metrics", "check_silent", "drift_verdict"]
 
 
 class AlertThresholds(StrictModel):
     """When to raise an alert."""
 
-    #: PSI above this (mean over input features, or on confidences) is drift.
+    #: PSI above this (mean over input features, or on confidences) is drift, provided it
+    #: is also above the PSI that sampling noise alone reaches at the report's window.
     drift_psi: float = Field(default=0.25, gt=0)
     fallback_rate: float = Field(default=0.3, ge=0, le=1)
     degraded_rate: float = Field(default=0.1, ge=0, le=1)
@@ -39,17 +42,47 @@ def _set(store: Store, device: str, kind: str, firing: bool, ts: float, message:
         store.add_event(ts, device, f"resolved.{kind}", "info", f"{kind} back to normal", data)
 
 
+@dataclass(frozen=True)
+class DriftVerdict:
+    """Whether one drift report is drift, and the score that says so."""
+
+    firing: bool
+    #: The score judged: the one over its bar if any, else the highest.
+    score: str
+    psi: float
+    #: max(threshold, the score's noise level at the report's window).
+    bar: float
+
+
+def drift_verdict(drift: dict[str, float | int | None] | None,
+                  threshold: float) -> DriftVerdict | None:
+    """Drift when a PSI (``input_psi`` or ``confidence_psi``) is above the threshold *and*
+    above what sampling noise alone reaches at the report's window (``*_noise``, see
+    :mod:`edgefleet.device.inference.drift`; an agent that does not send it is judged on
+    the threshold alone). None when the report has no score yet."""
+    judged: list[DriftVerdict] = []
+    for key in ("input_psi", "confidence_psi"):
+        value = (drift or {}).get(key)
+        if value is None:
+            continue
+        noise = (drift or {}).get(f"{key}_noise")
+        bar = max(threshold, float(noise) if noise is not None else 0.0)
+        judged.append(DriftVerdict(float(value) > bar, key, float(value), bar))
+    if not judged:
+        return None
+    return max(judged, key=lambda v: (v.firing, v.psi))
+
+
 def check_metrics(store: Store, device: str, body: MetricsBody, ts: float,
                   th: AlertThresholds) -> None:
     """Raise or resolve the drift and rate alerts for one device's latest report."""
     drift = body.drift or {}
-    psi_in = drift.get("input_psi")
-    psi_conf = drift.get("confidence_psi")
-    worst = max((float(v) for v in (psi_in, psi_conf) if v is not None), default=None)
-    if worst is not None:
-        _set(store, device, "drift", worst > th.drift_psi, ts,
-             f"drift PSI {worst:.3f} > {th.drift_psi}",
-             {"input_psi": psi_in, "confidence_psi": psi_conf})
+    verdict = drift_verdict(drift, th.drift_psi)
+    if verdict is not None:
+        _set(store, device, "drift", verdict.firing, ts,
+             f"drift: {verdict.score.replace('_', ' ')} {verdict.psi:.3f} > {verdict.bar:.3g}",
+             {k: drift.get(k) for k in ("input_psi", "confidence_psi", "input_psi_noise",
+                                        "confidence_psi_noise", "window")})
     # The agent reports training state "unavailable" once its SuperNode exhausted its
     # restart budget: that device silently left federated learning otherwise.
     _set(store, device, "fl_unavailable", body.training.get("state") == "unavailable", ts,

@@ -64,6 +64,15 @@ def test_demo_report_and_store(tmp_path: Path) -> None:
         assert d["by_source"]["api"] == 40 and d["held_out"] > 0
         assert 0 <= d["accuracy_before"] <= 1 and 0 <= d["accuracy_after"] <= 1
     assert len({d["held_out"] for d in data.values()} | {d["samples"] for d in data.values()}) > 1
+    # Drift alerts only where the sensor is shifted (issue 18 item 5: every device used to
+    # alert on confidence PSI ~0.47 from a degenerate reference). dev-01 sees the training
+    # field; dev-02's "intensity=0.8,noise=1" is far off it (input PSI ~0.8).
+    shift = {d["device"]: d["shift"] for d in r["per_device"]}
+    assert shift["dev-01"] == "" and shift["dev-02"] and shift["dev-03"]
+    raised = r["alerts"]["drift_raised_by"]
+    assert "dev-01" not in raised and "dev-02" in raised, r["alerts"]
+    assert all(shift[d] for d in raised)
+    assert "dev-01" not in {a["device"] for a in r["alerts"]["open"] if a["kind"] == "drift"}
     fl_model = Path(r["models"]["federated"]).name
     assert fl_model and all(d["model"].startswith("digits-fl@") for d in r["per_device"])
     st = Store(work / "fleet.db")

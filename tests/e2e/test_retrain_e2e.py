@@ -32,11 +32,35 @@ SHIFT = "intensity=0.5,noise=1"
 
 
 def _drifted(demo: Demo) -> int:
+    return len(_drifted_devices(demo))
+
+
+def _drifted_devices(demo: Demo) -> set[str]:
     st = demo._store()
     try:
-        return sum(1 for a in st.open_alerts() if a["kind"] == "drift")
+        return {a["device"] for a in st.open_alerts() if a["kind"] == "drift"}
     finally:
         st.close()
+
+
+def _drift_raised(demo: Demo) -> set[str]:
+    """Devices that raised a drift alert at any time."""
+    st = demo._store()
+    try:
+        return {e["device"] for e in st.events(limit=10_000, prefix="alert.drift")}
+    finally:
+        st.close()
+
+
+def _scored_windows(demo: Demo) -> list[int]:
+    """Each device's drift window in its last report (0 before any input score)."""
+    st = demo._store()
+    try:
+        rows = [st.device(d) for d in demo.s.devices]
+    finally:
+        st.close()
+    drifts = [((r or {}).get("last_metrics") or {}).get("drift") or {} for r in rows]
+    return [int(d["window"]) if d.get("input_psi") is not None else 0 for d in drifts]
 
 
 def _with_shifted_samples(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -81,9 +105,13 @@ def test_shift_drift_retrain_canary_promote(tmp_path: Path,
         demo.build_models()
         demo.start_services()
         demo.start_devices()
-        assert _drifted(demo) == 0  # the field the bootstrap model was trained on
+        # The field the bootstrap model was trained on: every device scores whole windows
+        # (from 100 samples up to the full 500, a report a second) and none ever alerts.
+        _wait(lambda: min(_scored_windows(demo)) >= 300, 120, "drift scores on every device")
+        assert _drift_raised(demo) == set()
         _shift_simulators(demo)
-        _wait(lambda: _drifted(demo) >= 2, 120, "drift alerts from the shifted devices")
+        _wait(lambda: _drifted(demo) == 3, 120, "drift alerts from the shifted devices")
+        assert _drifted_devices(demo) == set(demo.s.devices)
         w = demo.s.work
         cfg = w / "retrain.toml"
         cfg.write_text("[retrain]\nkinds = [\"drift\"]\nmin_share = 0.5\n"

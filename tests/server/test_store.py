@@ -84,3 +84,20 @@ def test_reopen_keeps_schema_and_refuses_newer(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(EdgefleetError, match="newer than this edgefleet"):
         open_store(path)
+
+
+def test_drift_verdict_needs_the_threshold_and_the_noise_level() -> None:
+    from edgefleet.server.telemetry.alerts import drift_verdict
+
+    assert drift_verdict(None, 0.25) is None
+    assert drift_verdict({"window": 20, "input_psi": None}, 0.25) is None
+    # An older agent sends no noise level: the threshold alone decides.
+    v = drift_verdict({"input_psi": 0.3, "confidence_psi": 0.1}, 0.25)
+    assert v is not None and v.firing and v.score == "input_psi" and v.bar == 0.25
+    # A short window: 0.3 is within what noise reaches there.
+    v = drift_verdict({"input_psi": 0.3, "input_psi_noise": 0.4, "confidence_psi": 0.1,
+                       "confidence_psi_noise": 0.5}, 0.25)
+    assert v is not None and not v.firing and v.psi == 0.3
+    v = drift_verdict({"input_psi": 0.1, "input_psi_noise": 0.05, "confidence_psi": 0.6,
+                       "confidence_psi_noise": 0.5}, 0.25)
+    assert v is not None and v.firing and v.score == "confidence_psi" and v.bar == 0.5
