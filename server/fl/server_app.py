@@ -26,7 +26,12 @@ from flwr.serverapp.strategy import Strategy
 
 from edgefleet.device.wire.federated import DECLINE_REASONS, is_decline
 from edgefleet.server.fl.robust import bound_updates, device_spread
-from edgefleet.server.fl.settings import RunSettings, build_strategy, run_settings
+from edgefleet.server.fl.settings import (
+    RunSettings,
+    build_strategy,
+    public_parts,
+    run_settings,
+)
 from edgefleet.server.fl.store import FlStore, RoundRow, declines_by_reason
 
 __all__ = ["FleetStrategy", "app"]
@@ -178,6 +183,18 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
+def _temperature(model: Any, s: RunSettings, norm: Any) -> float:
+    """The package's temperature, fitted on the part of the public split that no
+    pretraining saw (see :func:`~edgefleet.server.fl.settings.public_parts`)."""
+    from edgefleet.models.core.calibration import fit_temperature
+    from edgefleet.models.core.tasks import get_task
+
+    split = get_task(s.task).split()
+    _, hold = public_parts(split.y_calib)
+    return fit_temperature(model.forward(s.normalized(split.x_calib[hold], norm)),
+                           split.y_calib[hold])
+
+
 def _run(grid: Grid, context: Context, s: RunSettings, store: FlStore) -> None:
     from edgefleet.device.runtime.mlp import MLP
     from edgefleet.models.build.pipeline import package_model
@@ -231,7 +248,8 @@ def _run(grid: Grid, context: Context, s: RunSettings, store: FlStore) -> None:
     package = None
     if s.out:
         package = str(package_model(task, final_model, norm, Path(s.out), formats=s.formats,
-                                    name=f"{task.name}-fl", lineage=lineage).path)
+                                    name=f"{task.name}-fl", lineage=lineage,
+                                    temperature=_temperature(final_model, s, norm)).path)
     store.finish_run(s.tag, {
         "accuracy": rounds[-1].accuracy if rounds else None, "epsilon": eps,
         "delta": s.delta if s.dp != "off" else None, "package": package,
