@@ -39,11 +39,12 @@ def run(
                                     help="Broker port (use --broker)."),
     username: str | None = typer.Option(None, "--username", help="Broker user (the ACL's "
                                         "service user)."),
-    shared: bool = typer.Option(False, "--shared/--exclusive",
-                                help="--shared: several ingests split the load through a "
-                                     "shared subscription (mosquitto 2.0 loses messages across "
-                                     "a broker restart then); default --exclusive: one ingest, "
-                                     "a persistent subscription that survives restarts."),
+    worker: str | None = typer.Option(
+        None, "--worker", metavar="I/K",
+        help="Run as worker I of K (0-based): K ingest processes split the fleet by a hash "
+             "of the device id, each with its own persistent session that survives broker "
+             "restarts. Run all K (any order, any machine); a stopped worker's devices are "
+             "queued by the broker until it is back. Default: 0/1, one ingest for all."),
     duration: float = typer.Option(0.0, "--duration", min=0,
                                    help="Stop after this many seconds (0: until SIGTERM)."),
     json_out: bool = typer.Option(False, "--json", help="On exit, print counts as JSON."),
@@ -71,8 +72,8 @@ def run(
         if val is not None:
             mqtt[key] = val
     over: dict[str, Any] = {"ingest": {"mqtt": mqtt}}
-    if shared:
-        over["ingest"]["shared"] = True
+    if worker is not None:
+        over["ingest"]["worker"], over["ingest"]["workers"] = _parse_worker(worker)
     cfg = load_config(_File, config, over).ingest
     store = open_store(store_target(db, home, must_exist=False))
     svc = IngestService(store, cfg)
@@ -86,10 +87,11 @@ def run(
         threading.Timer(duration, svc.stop).start()
     if not json_out:
         console.print(f"ingesting from {cfg.mqtt.host}:{cfg.mqtt.port} into "
-                      f"{store.target} ({'shared' if cfg.shared else 'exclusive'} "
-                      "subscription); Ctrl-C to stop")
+                      f"{store.target} (worker {cfg.worker} of {cfg.workers}, session "
+                      f"{cfg.session_id}); Ctrl-C to stop")
     svc.run()
     counts = {"stored": svc.stored, "duplicates": svc.duplicates, "rejected": svc.rejected,
+              "skipped": svc.skipped, "worker": cfg.worker, "workers": cfg.workers,
               "rejects": store.rejects(),
               "counters": {k: v for k, v in default_metrics().snapshot()["counters"].items()
                            if k.startswith("ingest_")}}
@@ -98,3 +100,16 @@ def run(
         print_json(counts)
     else:
         console.print(f"stopped: {svc.stored} stored, {svc.duplicates} duplicates dropped")
+
+
+def _parse_worker(value: str) -> tuple[int, int]:
+    """``I/K`` → ``(I, K)``; the config's validator checks the range."""
+    from edgefleet.device.core.errors import UsageError
+
+    i, sep, k = value.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return int(i), int(k)
+    except ValueError:
+        raise UsageError(f"--worker must be I/K, e.g. 0/4, not {value!r}") from None

@@ -66,6 +66,9 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
+#: PostgreSQL advisory lock key held while migrating (any constant; "edgeflt" in ASCII).
+_MIGRATION_LOCK = 0x65646765666C74
+
 #: Rows the quarantine keeps (the oldest go first); bytes of each payload kept.
 QUARANTINE_ROWS = 10_000
 QUARANTINE_PREFIX = 256
@@ -166,6 +169,10 @@ class Store:
     def migrate(self) -> int:
         """Apply the migrations this database has not seen; returns the schema version."""
         with self.transaction():
+            if self.dialect == "postgresql":
+                # K ingest workers open one fresh store at once: one migrates, the others
+                # wait here and then find it done (SQLite's BEGIN IMMEDIATE does this).
+                self.query("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
             return apply_migrations(self.execute, lambda sql: self.query(sql)[0][0],
                                     "schema_migrations", MIGRATIONS, "the fleet store has schema")
 
