@@ -36,6 +36,10 @@ def loadgen(
                                               "per 300 devices, at least one per core)."),
     window: int = typer.Option(20, "--window", min=1,
                                help="Messages each device keeps in flight."),
+    connect_timeout: float = typer.Option(30.0, "--connect-timeout", min=0.1,
+                                          help="Every device must connect within this "
+                                               "many seconds, or the run stops (and says "
+                                               "why: e.g. a broker not yet reloaded)."),
     settle: float = typer.Option(60.0, "--settle", min=0,
                                  help="Seconds to wait for the store to catch up."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -93,7 +97,7 @@ def loadgen(
         host = "127.0.0.1"
     n_msgs = per_device or max(1, round(rate * duration / devices))
     cfg = LoadConfig(host=host, port=port, messages=n_msgs, rate=rate, window=window,
-                     ca_file=broker_ca or s.broker_ca)
+                     ca_file=broker_ca or s.broker_ca, connect_timeout=connect_timeout)
     procs = processes or max(-(-devices // MAX_DEVICES_PER_PROCESS),
                              min(os.cpu_count() or 1, devices))
     columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
