@@ -113,3 +113,56 @@ def _parse_worker(value: str) -> tuple[int, int]:
         return int(i), int(k)
     except ValueError:
         raise UsageError(f"--worker must be I/K, e.g. 0/4, not {value!r}") from None
+
+
+@app.command()
+def forget(
+    worker: str = typer.Option(..., "--worker", metavar="I/K",
+                               help="The retired worker whose session to delete."),
+    home: Path | None = HOME_OPTION,
+    broker: str | None = BROKER_OPTION,
+    password_file: Path | None = PASSWORD_FILE_OPTION,
+    broker_ca: Path | None = BROKER_CA_OPTION,
+    config: list[Path] = typer.Option([], "--config", "-c",
+                                      help="TOML file(s) with an [ingest] table "
+                                           "(its client_id)."),
+    username: str | None = typer.Option(None, "--username", help="Broker user."),
+) -> None:
+    """Delete a retired ingest worker's session at the broker, and the queue it holds.
+
+    After changing the number of workers (docs/operations.md), the old K's sessions keep
+    queueing every message until their expiry (7 days, up to the broker's queue bound).
+    Run this for each old worker once the new ones store everything: it connects with a
+    clean start under that worker's client id, which discards the session.
+
+    Example: edgefleet ingest forget --home /srv/edgefleet/fleet --worker 1/2
+    """
+    import time
+
+    from edgefleet.device.core.config import StrictModel, load_config
+    from edgefleet.device.core.errors import EdgefleetError
+    from edgefleet.device.core.metrics import Metrics
+    from edgefleet.device.core.mqtt_link import MqttLink
+    from edgefleet.server.cli.home_opts import mqtt_for
+    from edgefleet.server.telemetry.ingest import IngestConfig
+
+    class _File(StrictModel):
+        ingest: IngestConfig = IngestConfig()
+
+    base = mqtt_for("ingest", home, broker=broker, username=username,
+                    password_file=password_file, broker_ca=broker_ca)
+    i, k = _parse_worker(worker)
+    over = {"ingest": {"mqtt": base.model_dump(exclude_unset=True, exclude_none=True),
+                       "worker": i, "workers": k}}
+    cfg = load_config(_File, config, over).ingest
+    link = MqttLink(cfg.mqtt, cfg.session_id, prefix="ingest_forget", metrics=Metrics(),
+                    clean_start=True, session_expiry=0)
+    end = time.monotonic() + cfg.mqtt.connect_timeout
+    while not link.connected and time.monotonic() < end:
+        link.safe_step(0.05)
+    ok = link.connected
+    link.close()
+    if not ok:
+        raise EdgefleetError(f"could not connect to {cfg.mqtt.host}:{cfg.mqtt.port} as "
+                             f"{cfg.session_id}")
+    console.print(f"session {cfg.session_id} deleted at {cfg.mqtt.host}:{cfg.mqtt.port}")

@@ -166,3 +166,31 @@ def test_ingest_config_file_with_workers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="shared subscriptions were removed"):
         load_config(_File, [f])
     assert json.dumps(cfg.model_dump(mode="json"))
+
+
+def test_forget_deletes_a_retired_workers_session_and_queue(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    broker = MosquittoBroker(tmp_path / "b", BrokerConfig(extra=as_root_extra())).start()
+    try:
+        store = open_store(tmp_path / "fleet.db")
+        dev = next(f"d{i}" for i in range(100) if partition_of(f"d{i}", 2) == 1)
+        with running_ingest(store, broker.port, workers=2, worker=1):
+            pass  # the session 1of2 exists now, subscribed
+        pub = raw_client(broker.port)
+        pub.publish(topic_for(dev, "event"), _envelope(dev, 1), qos=1).wait_for_publish(5)
+        res = run_cli("ingest", "forget", "--worker", "1/2",
+                      "--broker", f"127.0.0.1:{broker.port}")
+        assert res.returncode == 0, res.stderr
+        assert "edgefleet-ingest-1of2 deleted" in res.stdout
+        pub.publish(topic_for(dev, "event"), _envelope(dev, 2), qos=1).wait_for_publish(5)
+        with running_ingest(store, broker.port, workers=2, worker=1) as w1:
+            pub.publish(topic_for(dev, "event"), _envelope(dev, 3), qos=1).wait_for_publish(5)
+            assert wait_until(lambda: w1.stored >= 1, 10)
+            time.sleep(0.5)
+        # seq 1 was queued in the deleted session, seq 2 found no session: only 3 stored
+        assert [m["seq"] for m in store.messages(device=dev)] == [3]
+        pub.disconnect()
+        pub.loop_stop()
+    finally:
+        broker.kill()
