@@ -22,10 +22,12 @@ One message never hurts the others: each is validated on its own as it arrives (
 guarded JSON reader's limits, the device id from the topic, the clock skew) before it
 joins a batch; a refused one is acknowledged, counted by reason
 (``ingest_rejected_<reason>`` and the store's ``rejects``) and kept in the bounded
-``quarantine`` table with its device, topic, reason and first bytes. In the store each
-message is written inside its own savepoint: one whose writes fail anyway is rolled back
-alone and quarantined (``store_error``), never the batch. Only a database outage
-(``OperationalError``) fails the batch, which is then redelivered.
+``quarantine`` table with its device, topic, reason and first bytes. A batch is first
+written all at once (one pipelined insert on PostgreSQL); if that fails for any reason
+but an outage, it is written again message by message, each inside its own savepoint,
+so one whose writes fail anyway is rolled back alone and quarantined (``store_error``),
+never the batch. Only a database outage (``OperationalError``) fails the batch, which
+is then redelivered.
 """
 
 from __future__ import annotations
@@ -212,6 +214,50 @@ class IngestService:
 
     # -- writing ----------------------------------------------------------------------------
     def _write(self, batch: _Batch, now: float) -> tuple[int, int]:
+        """The batch in one transaction: all rows at once; if anything but an outage
+        fails, again message by message, each in its own savepoint (slower, isolating)."""
+        try:
+            return self._write_fast(batch, now)
+        except Exception as exc:
+            if _is_outage(exc):
+                raise
+            log.info("batch write failed (%s); writing message by message", exc)
+            self.metrics.inc("ingest_batch_isolated")
+            return self._write_isolated(batch, now)
+
+    def _write_fast(self, batch: _Batch, now: float) -> tuple[int, int]:
+        per_device: dict[str, list[int]] = {}
+        latest: dict[str, tuple[float, MetricsBody]] = {}
+        envs = [acc for _g, _m, _q, acc in batch.items if acc.envelope is not None]
+        with self.store.transaction() as st:
+            fresh = st.insert_messages([
+                (e.device, e.boot, e.seq, e.kind, e.ts, now, acc.text)
+                for acc in envs for e in (acc.envelope,) if e is not None])
+            for acc, is_new in zip(envs, fresh, strict=True):
+                self._account(st, acc, is_new, per_device, latest)
+            for _g, _m, _q, acc in batch.items:
+                if acc.status is not None:
+                    s = acc.status
+                    st.set_status(s.device, s.state == "online", s.ts, s.boot)
+            st.touch_devices([(d, now, n, k) for d, (n, k) in per_device.items()])
+            newest = list(latest.items())
+            changed = st.update_metrics_many([(d, ts, _registry_fields(b),
+                                               b.model_dump(mode="json"))
+                                              for d, (ts, b) in newest])
+            for (device, (_ts, body)), yes in zip(newest, changed, strict=True):
+                if yes:
+                    check_metrics(st, device, body, now, self.cfg.alerts)
+            self._write_refused(st, batch)
+        return _sums(per_device)
+
+    def _write_refused(self, st: Store, batch: _Batch) -> None:
+        if batch.rejects:  # in one order, so concurrent workers never deadlock
+            st.count_rejects(dict(sorted(batch.rejects.items())))
+        for r in batch.refused:
+            st.quarantine(r.received, r.device, r.topic, r.reason, r.detail, r.payload,
+                          keep=self.cfg.quarantine_rows)
+
+    def _write_isolated(self, batch: _Batch, now: float) -> tuple[int, int]:
         new = dup = 0
         per_device: dict[str, list[int]] = {}
         latest: dict[str, tuple[float, MetricsBody]] = {}
@@ -248,15 +294,12 @@ class IngestService:
                         raise
                     log.exception("updating the registry row of %s failed", device)
                     self.metrics.inc("ingest_registry_errors")
-            if batch.rejects:  # in one order, so concurrent workers never deadlock
-                st.count_rejects(dict(sorted(batch.rejects.items())))
-            for r in batch.refused:
-                st.quarantine(r.received, r.device, r.topic, r.reason, r.detail, r.payload,
-                              keep=self.cfg.quarantine_rows)
+            self._write_refused(st, batch)
         return new, dup
 
-    @staticmethod
-    def _write_one(st: Store, acc: Accepted, now: float, per_device: dict[str, list[int]],
+    @classmethod
+    def _write_one(cls, st: Store, acc: Accepted, now: float,
+                   per_device: dict[str, list[int]],
                    latest: dict[str, tuple[float, MetricsBody]]) -> tuple[int, int]:
         """One accepted message's writes: (new, duplicate)."""
         if acc.status is not None:
@@ -265,10 +308,20 @@ class IngestService:
             return 0, 0
         env = acc.envelope
         assert env is not None
-        if not st.insert_message(env.device, env.boot, env.seq, env.kind, env.ts, now,
-                                 acc.text):
+        is_new = st.insert_message(env.device, env.boot, env.seq, env.kind, env.ts, now,
+                                   acc.text)
+        cls._account(st, acc, is_new, per_device, latest)
+        return (1, 0) if is_new else (0, 1)
+
+    @staticmethod
+    def _account(st: Store, acc: Accepted, is_new: bool, per_device: dict[str, list[int]],
+                 latest: dict[str, tuple[float, MetricsBody]]) -> None:
+        """After a message's insert: count it; keep the newest metrics; store its event."""
+        env = acc.envelope
+        assert env is not None
+        if not is_new:
             per_device.setdefault(env.device, [0, 0])[1] += 1
-            return 0, 1
+            return
         if acc.metrics is not None:
             prev = latest.get(env.device)
             if prev is None or env.ts >= prev[0]:
@@ -278,7 +331,6 @@ class IngestService:
             st.add_event(env.ts, env.device, f"device.{kind}", "info",
                          str(env.body.get("message", kind))[:500], env.body)
         per_device.setdefault(env.device, [0, 0])[0] += 1
-        return 1, 0
 
     def flush(self) -> None:
         """Commit the current batch, then PUBACK its messages (never before the commit)."""
@@ -330,6 +382,11 @@ class IngestService:
     def stop(self) -> None:
         """Ask :meth:`run` to flush and return."""
         self._stop.set()
+
+
+def _sums(per_device: dict[str, list[int]]) -> tuple[int, int]:
+    """(new, duplicate) over all devices."""
+    return (sum(n for n, _ in per_device.values()), sum(d for _, d in per_device.values()))
 
 
 def _device_of(topic: str) -> str | None:
