@@ -13,7 +13,6 @@ still in the spool.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
@@ -29,6 +28,7 @@ from edgefleet.device.wire.telemetry import (
     SCHEMA_VERSION,
     Envelope,
     Status,
+    encode,
     topic_for,
 )
 
@@ -38,10 +38,6 @@ __all__ = ["MessageKind", "TelemetryPublisher"]
 MessageKind = Literal["metrics", "event"]
 
 log = logging.getLogger(__name__)
-
-
-def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode()
 
 
 class TelemetryPublisher:
@@ -67,7 +63,7 @@ class TelemetryPublisher:
                          state="offline", ts=time.time())
         self.link = MqttLink(
             mqtt, device_id, prefix="telemetry", metrics=self.metrics,
-            will=Will(topic_for(device_id, "status"), _dumps(offline.model_dump())),
+            will=Will(topic_for(device_id, "status"), encode(offline)),
             on_connected=self._connected, on_publish=self._published,
         )
 
@@ -82,7 +78,7 @@ class TelemetryPublisher:
             seq = self._seq
             env = Envelope(v=SCHEMA_VERSION, device=self.device_id, boot=self.boot_id,
                            seq=seq, ts=time.time(), kind=kind, body=body)
-            payload = _dumps(env.model_dump())
+            payload = encode(env)
             if len(payload) > MAX_PAYLOAD_BYTES:
                 self.metrics.inc("telemetry_oversized_dropped")
                 raise UsageError(f"telemetry message of {len(payload)} bytes is above the "
@@ -96,7 +92,7 @@ class TelemetryPublisher:
     def _connected(self, client: Any) -> None:
         online = Status(v=SCHEMA_VERSION, device=self.device_id, boot=self.boot_id,
                         state="online", ts=time.time())
-        client.publish(topic_for(self.device_id, "status"), _dumps(online.model_dump()),
+        client.publish(topic_for(self.device_id, "status"), encode(online),
                        qos=1, retain=True)
 
     def _published(self, _client: Any, _ud: Any, mid: int, rc: Any, _props: Any) -> None:
@@ -178,7 +174,7 @@ class TelemetryPublisher:
             offline = Status(v=SCHEMA_VERSION, device=self.device_id, boot=self.boot_id,
                              state="offline", ts=time.time())
             info = client.publish(topic_for(self.device_id, "status"),
-                                  _dumps(offline.model_dump()), qos=1, retain=True)
+                                  encode(offline), qos=1, retain=True)
             end = time.monotonic() + 1.0
             while not info.is_published() and time.monotonic() < end and self.link.connected:
                 self.link.step(0.02)

@@ -8,6 +8,7 @@ does not know a version rejects the message with the reason ``unknown_schema``.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -22,6 +23,7 @@ __all__ = [
     "MetricsBody",
     "SamplesBody",
     "Status",
+    "encode",
     "parse_topic",
     "topic_for",
 ]
@@ -54,6 +56,11 @@ HEADLINE = {
 def topic_for(device: str, kind: Kind) -> str:
     """``edgefleet/v1/<device>/<kind>``."""
     return f"{TOPIC_ROOT}/{device}/{kind}"
+
+
+def encode(message: Envelope | Status) -> bytes:
+    """The payload bytes of a message: compact JSON, what every producer sends."""
+    return json.dumps(message.model_dump(), separators=(",", ":"), default=str).encode()
 
 
 def parse_topic(topic: str) -> tuple[str, str] | None:

@@ -35,6 +35,7 @@ def _register() -> None:
         fleet_cmd,
         ingest_cmd,
         keys_cmd,
+        loadgen_cmd,
         models_cmd,
         predict_cmd,
         privacy_cmd,
@@ -60,6 +61,7 @@ def _register() -> None:
     commands: dict[str, Callable[..., Any]] = {
         "demo": demo_cmd.demo, "train": train_cmd.train, "predict": predict_cmd.predict,
         "explain": explain_cmd.explain, "alerts": fleet_cmd.alerts, "report": fleet_cmd.report,
+        "loadgen": loadgen_cmd.loadgen,
     }
     for name, fn in commands.items():
         app.command(name)(fn)

@@ -1,12 +1,19 @@
 """``edgefleet ingest run``: MQTT telemetry into the fleet store, exactly once.
 
-The service joins the shared subscription ``$share/<group>/edgefleet/v1/+/+`` (several
-ingest processes split the load; see :attr:`IngestConfig.shared` for the broker-restart
-caveat) with a persistent session (fixed client id,
-``clean_start=False``, a session expiry), so the broker queues messages while it is
-restarting. Acknowledgements are manual: a message is PUBACKed only after the
-transaction that stored it has committed, so a crash of the ingest loses nothing; the
-broker then redelivers, and ``UNIQUE (device, boot, seq)`` drops the duplicate.
+The service subscribes to ``edgefleet/v1/+/+`` with a persistent session (fixed client
+id, ``clean_start=False``, a session expiry), so the broker queues messages while the
+ingest or the broker is restarting. Acknowledgements are manual: a message is PUBACKed
+only after the transaction that stored it has committed, so a crash of the ingest loses
+nothing; the broker then redelivers, and ``UNIQUE (device, boot, seq)`` drops the
+duplicate.
+
+Scale-out: ``workers = K`` ingest processes (``worker = 0 .. K-1``) each keep their own
+persistent session on the same ordinary subscription and store only the devices of
+their partition (:func:`partition_of`, a hash of the device id); the others' messages
+are acknowledged unread. Not a ``$share`` group: mosquitto 2.0 never writes shared
+subscriptions to its persistence file (``persist__subs_save`` walks only ordinary
+subscriptions), so after a broker restart a shared group has no subscription until its
+members re-subscribe, and what devices publish in between is dropped (docs/telemetry.md).
 
 Messages are written in batches (up to ``batch_size`` or ``batch_interval`` seconds) in
 one transaction; registry rows and alerts are updated once per device per batch.
@@ -15,10 +22,12 @@ One message never hurts the others: each is validated on its own as it arrives (
 guarded JSON reader's limits, the device id from the topic, the clock skew) before it
 joins a batch; a refused one is acknowledged, counted by reason
 (``ingest_rejected_<reason>`` and the store's ``rejects``) and kept in the bounded
-``quarantine`` table with its device, topic, reason and first bytes. In the store each
-message is written inside its own savepoint: one whose writes fail anyway is rolled back
-alone and quarantined (``store_error``), never the batch. Only a database outage
-(``OperationalError``) fails the batch, which is then redelivered.
+``quarantine`` table with its device, topic, reason and first bytes. A batch is first
+written all at once (one pipelined insert on PostgreSQL); if that fails for any reason
+but an outage, it is written again message by message, each inside its own savepoint,
+so one whose writes fail anyway is rolled back alone and quarantined (``store_error``),
+never the batch. Only a database outage (``OperationalError``) fails the batch, which
+is then redelivered.
 """
 
 from __future__ import annotations
@@ -27,10 +36,11 @@ import logging
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgefleet.device.core.config import StrictModel
 from edgefleet.device.core.metrics import Metrics, default_metrics
@@ -40,7 +50,10 @@ from edgefleet.server.telemetry.alerts import AlertThresholds, check_metrics, ch
 from edgefleet.server.telemetry.store import QUARANTINE_ROWS, Store
 from edgefleet.server.telemetry.validate import Accepted, Rejected, validate_message
 
-__all__ = ["IngestConfig", "IngestService"]
+__all__ = ["MAX_WORKERS", "IngestConfig", "IngestService", "partition_of"]
+
+#: Upper bound of ``workers`` (each worker receives every message, see IngestConfig).
+MAX_WORKERS = 64
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +62,16 @@ class IngestConfig(StrictModel):
     """Settings of ``edgefleet ingest run`` (the ``[ingest]`` table of its TOML)."""
 
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    #: The persistent session's client id (worker ``i > 0`` of ``K``: ``<id>-<i>of<K>``).
     client_id: str = "edgefleet-ingest"
-    group: str = "ingest"
-    #: Default: one ingest with an ordinary persistent subscription, which the broker
-    #: restores after a restart and queues for while the ingest is away: nothing is lost.
-    #: ``shared = true`` joins ``$share/<group>/...`` so several ingest processes split the
-    #: load, but mosquitto 2.0 does not restore shared subscriptions from its persistence
-    #: file: messages published after a broker restart and before the ingest re-subscribes
-    #: are lost. Choose it only for throughput, with a broker that keeps them.
+    #: How many ingest processes share the fleet, and which one this is. Each keeps its
+    #: own persistent session on the ordinary subscription, so the broker keeps it across
+    #: restarts and queues for a worker that is down; each stores the devices whose
+    #: :func:`partition_of` is its index and acknowledges the rest unread (the broker
+    #: sends every message to every worker: a cheap skip here, K copies at the broker).
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    worker: int = Field(default=0, ge=0)
+    #: Removed: ``$share`` groups lose messages across a broker restart on mosquitto 2.0.
     shared: bool = False
     session_expiry: int = Field(default=7 * 24 * 3600, ge=0)
     batch_size: int = Field(default=500, ge=1)
@@ -72,6 +87,34 @@ class IngestConfig(StrictModel):
     alerts: AlertThresholds = Field(default_factory=AlertThresholds)
     #: How often silent devices are looked for.
     silent_check_every: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_partition(self) -> IngestConfig:
+        if self.shared:
+            raise ValueError("shared subscriptions were removed: mosquitto 2.0 does not "
+                             "restore them after a restart and drops what arrives before "
+                             "the ingest re-subscribes; run K workers (workers = K, "
+                             "worker = 0..K-1) instead")
+        if self.worker >= self.workers:
+            raise ValueError(f"worker must be 0..{self.workers - 1} (workers = {self.workers})")
+        return self
+
+    @property
+    def session_id(self) -> str:
+        """The client id of this worker's persistent session. Worker 0 of 1 keeps the
+        historical id; with K workers the id names K, so changing K starts fresh
+        sessions next to the old ones (docs/operations.md: changing the number of
+        workers) instead of re-reading an old queue under a new partition."""
+        if self.workers == 1:
+            return self.client_id
+        return f"{self.client_id}-{self.worker}of{self.workers}"
+
+
+def partition_of(device: str, workers: int) -> int:
+    """The ingest worker that stores ``device``'s messages: CRC-32 of the id modulo K.
+
+    Stable across processes, machines and Python versions (unlike ``hash()``)."""
+    return zlib.crc32(device.encode("utf-8", "surrogateescape")) % workers
 
 
 @dataclass(frozen=True)
@@ -110,18 +153,37 @@ class IngestService:
         self.stored = 0
         self.duplicates = 0
         self.rejected = 0
+        #: Messages of other workers' partitions, acknowledged unread.
+        self.skipped = 0
         self.link = MqttLink(
-            self.cfg.mqtt, self.cfg.client_id, prefix="ingest", metrics=self.metrics,
+            self.cfg.mqtt, self.cfg.session_id, prefix="ingest", metrics=self.metrics,
             clean_start=False, session_expiry=self.cfg.session_expiry, manual_ack=True,
             on_connected=self._subscribe, on_message=self._on_message,
         )
 
     def _subscribe(self, client: Any) -> None:
-        topic = f"{TOPIC_ROOT}/+/+"
-        client.subscribe(f"$share/{self.cfg.group}/{topic}" if self.cfg.shared else topic, qos=1)
+        client.subscribe(f"{TOPIC_ROOT}/+/+", qos=1)
 
-    def _on_message(self, _client: Any, _ud: Any, msg: Any) -> None:
+    def _mine(self, msg: Any) -> bool:
+        """Whether this worker stores the message; one without a readable device part
+        goes to worker 0, which refuses and quarantines it once."""
+        if self.cfg.workers == 1:
+            return True
+        try:
+            device = _device_of(str(msg.topic))
+        except Exception:  # not UTF-8: worker 0 refuses it
+            device = None
+        owner = 0 if device is None else partition_of(device, self.cfg.workers)
+        return owner == self.cfg.worker
+
+    def _on_message(self, client: Any, _ud: Any, msg: Any) -> None:
         """Validate one message alone; a refused one is queued for its ack and quarantine."""
+        if not self._mine(msg):
+            # Another worker's device: it gets the same message on its own session.
+            self.skipped += 1
+            if msg.qos:
+                client.ack(int(msg.mid), int(msg.qos))
+            return
         b = self._batch
         if not len(b):
             b.started = time.monotonic()
@@ -152,6 +214,50 @@ class IngestService:
 
     # -- writing ----------------------------------------------------------------------------
     def _write(self, batch: _Batch, now: float) -> tuple[int, int]:
+        """The batch in one transaction: all rows at once; if anything but an outage
+        fails, again message by message, each in its own savepoint (slower, isolating)."""
+        try:
+            return self._write_fast(batch, now)
+        except Exception as exc:
+            if _is_outage(exc):
+                raise
+            log.info("batch write failed (%s); writing message by message", exc)
+            self.metrics.inc("ingest_batch_isolated")
+            return self._write_isolated(batch, now)
+
+    def _write_fast(self, batch: _Batch, now: float) -> tuple[int, int]:
+        per_device: dict[str, list[int]] = {}
+        latest: dict[str, tuple[float, MetricsBody]] = {}
+        envs = [acc for _g, _m, _q, acc in batch.items if acc.envelope is not None]
+        with self.store.transaction() as st:
+            fresh = st.insert_messages([
+                (e.device, e.boot, e.seq, e.kind, e.ts, now, acc.text)
+                for acc in envs for e in (acc.envelope,) if e is not None])
+            for acc, is_new in zip(envs, fresh, strict=True):
+                self._account(st, acc, is_new, per_device, latest)
+            for _g, _m, _q, acc in batch.items:
+                if acc.status is not None:
+                    s = acc.status
+                    st.set_status(s.device, s.state == "online", s.ts, s.boot)
+            st.touch_devices([(d, now, n, k) for d, (n, k) in per_device.items()])
+            newest = list(latest.items())
+            changed = st.update_metrics_many([(d, ts, _registry_fields(b),
+                                               b.model_dump(mode="json"))
+                                              for d, (ts, b) in newest])
+            for (device, (_ts, body)), yes in zip(newest, changed, strict=True):
+                if yes:
+                    check_metrics(st, device, body, now, self.cfg.alerts)
+            self._write_refused(st, batch)
+        return _sums(per_device)
+
+    def _write_refused(self, st: Store, batch: _Batch) -> None:
+        if batch.rejects:  # in one order, so concurrent workers never deadlock
+            st.count_rejects(dict(sorted(batch.rejects.items())))
+        for r in batch.refused:
+            st.quarantine(r.received, r.device, r.topic, r.reason, r.detail, r.payload,
+                          keep=self.cfg.quarantine_rows)
+
+    def _write_isolated(self, batch: _Batch, now: float) -> tuple[int, int]:
         new = dup = 0
         per_device: dict[str, list[int]] = {}
         latest: dict[str, tuple[float, MetricsBody]] = {}
@@ -188,15 +294,12 @@ class IngestService:
                         raise
                     log.exception("updating the registry row of %s failed", device)
                     self.metrics.inc("ingest_registry_errors")
-            if batch.rejects:
-                st.count_rejects(batch.rejects)
-            for r in batch.refused:
-                st.quarantine(r.received, r.device, r.topic, r.reason, r.detail, r.payload,
-                              keep=self.cfg.quarantine_rows)
+            self._write_refused(st, batch)
         return new, dup
 
-    @staticmethod
-    def _write_one(st: Store, acc: Accepted, now: float, per_device: dict[str, list[int]],
+    @classmethod
+    def _write_one(cls, st: Store, acc: Accepted, now: float,
+                   per_device: dict[str, list[int]],
                    latest: dict[str, tuple[float, MetricsBody]]) -> tuple[int, int]:
         """One accepted message's writes: (new, duplicate)."""
         if acc.status is not None:
@@ -205,10 +308,20 @@ class IngestService:
             return 0, 0
         env = acc.envelope
         assert env is not None
-        if not st.insert_message(env.device, env.boot, env.seq, env.kind, env.ts, now,
-                                 acc.text):
+        is_new = st.insert_message(env.device, env.boot, env.seq, env.kind, env.ts, now,
+                                   acc.text)
+        cls._account(st, acc, is_new, per_device, latest)
+        return (1, 0) if is_new else (0, 1)
+
+    @staticmethod
+    def _account(st: Store, acc: Accepted, is_new: bool, per_device: dict[str, list[int]],
+                 latest: dict[str, tuple[float, MetricsBody]]) -> None:
+        """After a message's insert: count it; keep the newest metrics; store its event."""
+        env = acc.envelope
+        assert env is not None
+        if not is_new:
             per_device.setdefault(env.device, [0, 0])[1] += 1
-            return 0, 1
+            return
         if acc.metrics is not None:
             prev = latest.get(env.device)
             if prev is None or env.ts >= prev[0]:
@@ -218,7 +331,6 @@ class IngestService:
             st.add_event(env.ts, env.device, f"device.{kind}", "info",
                          str(env.body.get("message", kind))[:500], env.body)
         per_device.setdefault(env.device, [0, 0])[0] += 1
-        return 1, 0
 
     def flush(self) -> None:
         """Commit the current batch, then PUBACK its messages (never before the commit)."""
@@ -245,7 +357,7 @@ class IngestService:
                        or time.monotonic() - b.started >= self.cfg.batch_interval):
             self.flush()
         now = time.time()
-        if now - self._last_silent_check >= self.cfg.silent_check_every:
+        if self.cfg.worker == 0 and now - self._last_silent_check >= self.cfg.silent_check_every:
             self._last_silent_check = now
             with self.store.transaction() as st:
                 check_silent(st, now, self.cfg.alerts)
@@ -270,6 +382,11 @@ class IngestService:
     def stop(self) -> None:
         """Ask :meth:`run` to flush and return."""
         self._stop.set()
+
+
+def _sums(per_device: dict[str, list[int]]) -> tuple[int, int]:
+    """(new, duplicate) over all devices."""
+    return (sum(n for n, _ in per_device.values()), sum(d for _, d in per_device.values()))
 
 
 def _device_of(topic: str) -> str | None:

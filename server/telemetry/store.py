@@ -66,6 +66,15 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
+#: Create a device's registry row if needed; bump last seen and its message counts.
+_TOUCH = ("INSERT INTO devices (device, last_seen, messages, duplicates) VALUES (?, ?, ?, ?) "
+          "ON CONFLICT (device) DO UPDATE SET last_seen = excluded.last_seen, "
+          "messages = devices.messages + excluded.messages, "
+          "duplicates = devices.duplicates + excluded.duplicates")
+
+#: PostgreSQL advisory lock key held while migrating (any constant; "edgeflt" in ASCII).
+_MIGRATION_LOCK = 0x65646765666C74
+
 #: Rows the quarantine keeps (the oldest go first); bytes of each payload kept.
 QUARANTINE_ROWS = 10_000
 QUARANTINE_PREFIX = 256
@@ -166,6 +175,10 @@ class Store:
     def migrate(self) -> int:
         """Apply the migrations this database has not seen; returns the schema version."""
         with self.transaction():
+            if self.dialect == "postgresql":
+                # K ingest workers open one fresh store at once: one migrates, the others
+                # wait here and then find it done (SQLite's BEGIN IMMEDIATE does this).
+                self.query("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
             return apply_migrations(self.execute, lambda sql: self.query(sql)[0][0],
                                     "schema_migrations", MIGRATIONS, "the fleet store has schema")
 
@@ -183,12 +196,66 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, boot, seq) DO NOTHING",
             (device, boot, seq, kind, ts, received, payload)) == 1
 
+    def insert_messages(self, rows: Sequence[tuple[str, str, int, str, float, float, str]]
+                        ) -> list[bool]:
+        """:meth:`insert_message` for many ``(device, boot, seq, kind, ts, received,
+        payload)`` rows; which were new. On PostgreSQL one pipelined round trip, not one
+        per row (what a remote database's latency would otherwise multiply)."""
+        if self.dialect != "postgresql":
+            return [self.insert_message(*r) for r in rows]
+        if not rows:
+            return []
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.executemany(self._sql(
+                "INSERT INTO messages (device, boot, seq, kind, ts, received, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, boot, seq) DO NOTHING "
+                "RETURNING 1"), rows, returning=True)
+            new = []
+            while True:
+                new.append(cur.fetchone() is not None)
+                if not cur.nextset():
+                    break
+            return new
+
+    def _many(self, sql: str, rows: Sequence[Sequence[Any]], *, returning: bool) -> list[bool]:
+        """One statement over many parameter rows (PostgreSQL: pipelined, one round
+        trip); with ``returning``, whether each row's statement returned a row."""
+        if self.dialect != "postgresql" or not rows:  # SQLite: in-process, no round trips
+            return [self.execute(sql, r) == 1 for r in rows]
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.executemany(self._sql(sql), rows, returning=returning)
+            if not returning:
+                return [True] * len(rows)
+            out = []
+            while True:
+                out.append(cur.fetchone() is not None)
+                if not cur.nextset():
+                    break
+            return out
+
+    def touch_devices(self, rows: Sequence[tuple[str, float, int, int]]) -> None:
+        """:meth:`touch_device` for many ``(device, seen, new, dup)`` rows at once."""
+        self._many(_TOUCH, rows, returning=False)
+
+    def update_metrics_many(self, rows: Sequence[tuple[str, float, dict[str, Any],
+                                                       dict[str, Any]]]) -> list[bool]:
+        """:meth:`update_metrics` for many ``(device, ts, fields, body)``; which changed.
+        The rows must share one set of field names."""
+        if not rows:
+            return []
+        cols = ", ".join(f"{k} = ?" for k in rows[0][2])
+        sql = (f"UPDATE devices SET {cols}, metrics_ts = ?, last_metrics = ? "
+               "WHERE device = ? AND (metrics_ts IS NULL OR metrics_ts <= ?)")
+        params = [(*f.values(), ts, json.dumps(b), d, ts) for d, ts, f, b in rows]
+        if self.dialect == "postgresql":
+            return self._many(sql + " RETURNING 1", params, returning=True)
+        return self._many(sql, params, returning=True)
+
     def touch_device(self, device: str, seen: float, new: int, dup: int) -> None:
         """Create the registry row if needed; bump last seen and message counts."""
-        self.execute("INSERT INTO devices (device) VALUES (?) ON CONFLICT (device) DO NOTHING",
-                     (device,))
-        self.execute("UPDATE devices SET last_seen = ?, messages = messages + ?, "
-                     "duplicates = duplicates + ? WHERE device = ?", (seen, new, dup, device))
+        self.execute(_TOUCH, (device, seen, new, dup))
 
     def set_status(self, device: str, online: bool, ts: float, boot: str) -> None:
         """Online/offline from the status topic."""

@@ -93,6 +93,7 @@ def test_a_message_failing_in_the_store_is_rolled_back_alone(  # type: ignore[no
     q = store.quarantined(device="evil", limit=100)
     assert len(q) == 20 and {r["reason"] for r in q} == {"store_error"}
     assert m.counter("ingest_loop_errors") == 0
+    assert m.counter("ingest_batch_isolated") >= 1  # the all-at-once write fell back
     assert store.device("evil") is None or store.device("evil")["messages"] == 0  # type: ignore[index]
 
 

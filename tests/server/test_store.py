@@ -101,3 +101,26 @@ def test_drift_verdict_needs_the_threshold_and_the_noise_level() -> None:
     v = drift_verdict({"input_psi": 0.1, "input_psi_noise": 0.05, "confidence_psi": 0.6,
                        "confidence_psi_noise": 0.5}, 0.25)
     assert v is not None and v.firing and v.score == "confidence_psi" and v.bar == 0.5
+
+
+def test_batched_writes_match_the_single_ones(store: Store) -> None:
+    """What the ingest's all-at-once path uses (pipelined on PostgreSQL)."""
+    rows = [("b1", "ab" * 8, 1, "metrics", 1.0, 2.0, "{}"),
+            ("b1", "ab" * 8, 2, "metrics", 1.0, 2.0, "{}"),
+            ("b1", "ab" * 8, 1, "metrics", 1.0, 2.0, "{}"),  # a redelivery in the batch
+            ("b2", "cd" * 8, 1, "event", 1.0, 2.0, "{}")]
+    with store.transaction() as st:
+        assert st.insert_messages(rows) == [True, True, False, True]
+        st.touch_devices([("b1", 5.0, 2, 1), ("b2", 5.0, 1, 0)])
+        st.touch_devices([("b1", 6.0, 0, 1)])
+        fields = {"n_inferences": 7}
+        assert st.update_metrics_many([("b1", 10.0, fields, {"x": 1}),
+                                       ("b2", 10.0, fields, {"x": 2})]) == [True, True]
+        # an older report never overwrites a newer one
+        assert st.update_metrics_many([("b1", 9.0, {"n_inferences": 1}, {})]) == [False]
+    assert st.insert_messages([]) == []
+    b1 = store.device("b1")
+    assert b1 is not None
+    assert (b1["messages"], b1["duplicates"], b1["last_seen"]) == (2, 2, 6.0)
+    assert (b1["n_inferences"], b1["last_metrics"]) == (7, {"x": 1})
+    assert store.message_stats() == {"rows": 3, "distinct": 3}
