@@ -13,6 +13,12 @@ names it) and gives virtual device *i* the node config a SuperNode of device *i*
 get: its own state folder (privacy ledger, σ and share caches) under ``root``, its
 privacy policy, and its data share. The wrapper is built here, by the operator who runs
 the simulation; a server's run config never reaches a device's node config.
+
+Ray is started here (:func:`start_ray`) rather than by Flower, for one reason: Flower's
+``flwr.simulation.ray_transport.utils`` imports TensorFlow whenever it is installed (to
+offer GPU memory growth), which costs each ClientApp actor about 600 MB and 8 s here.
+The ClientApp is device code, which never uses TensorFlow, so every Ray worker hides it
+(:func:`hide_tensorflow`, a worker setup hook); Flower then uses the running Ray.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from collections.abc import Callable, Mapping
+import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -32,7 +40,8 @@ from flwr.serverapp import Grid, ServerApp
 from edgefleet.device.core.errors import MissingExtraError, UsageError
 from edgefleet.server.fl.settings import RunSettings
 
-__all__ = ["VirtualDevices", "VirtualNodes", "backend_config", "node_dir", "run_simulation"]
+__all__ = ["VirtualDevices", "VirtualNodes", "hide_tensorflow", "node_dir", "ray_init_args",
+           "run_simulation", "start_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -117,29 +126,55 @@ def server_app(settings: RunSettings) -> ServerApp:
     return app
 
 
-def backend_config(num_cpus: int = 0, address: str = "",
-                   object_store_mb: int = 0) -> dict[str, Any]:
-    """Ray backend settings: one CPU per actor; ``num_cpus`` caps a local Ray (0: all
-    cores); ``address`` joins a running cluster (``ray start --head``) instead, whose
-    size is then the cluster's, not ours."""
-    init: dict[str, Any] = {}
+def hide_tensorflow() -> None:
+    """Ray worker setup hook: ``import tensorflow`` fails in this process (see the module
+    docstring); the ClientApp never imports it."""
+    sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]
+
+
+def ray_init_args(num_cpus: int = 0, address: str = "") -> dict[str, Any]:
+    """``ray.init`` arguments: ``num_cpus`` caps a local Ray (0: all cores); ``address``
+    joins a running cluster (``ray start --head``) instead, whose size is then the
+    cluster's, not ours."""
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address:
         if num_cpus:
             raise UsageError("--ray-cpus sizes a local Ray; a cluster's size is set by "
                              "its `ray start` commands")
         init["address"] = address
-    else:
-        if num_cpus:
-            init["num_cpus"] = num_cpus
-        if object_store_mb:
-            init["object_store_memory"] = object_store_mb * 1024 * 1024
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init}
+    elif num_cpus:
+        init["num_cpus"] = num_cpus
+    return init
+
+
+def start_ray(num_cpus: int = 0, address: str = "") -> None:
+    """Start (or join) Ray with TensorFlow hidden from its workers; Flower's backend then
+    finds it running. Workers get this process's ``sys.path``, as Flower would give them."""
+    import ray
+
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": path},
+                          "worker_process_setup_hook": f"{__name__}.hide_tensorflow"},
+             **ray_init_args(num_cpus, address))
+
+
+def _import_flower_simulation() -> Any:
+    """``flwr.simulation``, imported without loading TensorFlow into this process (unless
+    something here already did, e.g. a TFLite export)."""
+    hidden = "tensorflow" not in sys.modules
+    if hidden:
+        sys.modules["tensorflow"] = None  # type: ignore[assignment]
+    try:
+        import flwr.simulation
+    finally:
+        if hidden:
+            del sys.modules["tensorflow"]
+    return flwr.simulation
 
 
 def run_simulation(settings: RunSettings, devices: int, nodes: VirtualNodes, *,
-                   num_cpus: int = 0, address: str = "", object_store_mb: int = 0,
-                   app_ref: str = SIMULATED_CLIENTAPP,
-                   on_start: Callable[[], None] | None = None) -> None:
+                   num_cpus: int = 0, address: str = "",
+                   app_ref: str = SIMULATED_CLIENTAPP) -> None:
     """Run ``settings`` over ``devices`` virtual devices; rounds land in ``settings.db``.
 
     Blocks until the ServerApp returns; a ServerApp error is raised (and recorded as the
@@ -147,12 +182,17 @@ def run_simulation(settings: RunSettings, devices: int, nodes: VirtualNodes, *,
     """
     if importlib.util.find_spec("ray") is None:  # Flower would exit the process instead
         raise MissingExtraError("--simulate", "simulation", "ray")
-    from flwr.simulation import run_simulation as flower_run_simulation
-
     if settings.min_nodes > devices:
         raise UsageError(f"--min-nodes {settings.min_nodes} exceeds --simulate {devices}")
-    if on_start is not None:
-        on_start()
-    flower_run_simulation(server_app=server_app(settings),
-                          client_app=VirtualDevices(nodes, app_ref), num_supernodes=devices,
-                          backend_config=backend_config(num_cpus, address, object_store_mb))
+    flower = _import_flower_simulation()
+    start_ray(num_cpus, address)
+    # One CPU per ClientApp actor: a local Ray with num_cpus=2 runs two devices at a time.
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    try:
+        flower.run_simulation(server_app=server_app(settings),
+                              client_app=VirtualDevices(nodes, app_ref),
+                              num_supernodes=devices, backend_config=backend)
+    finally:  # Flower shuts Ray down when its backend started; not when it failed earlier
+        import ray
+
+        ray.shutdown()
