@@ -189,10 +189,15 @@ def main() -> None:
     if args.one:
         one(args.one, args.n, args.sample, args.rounds, args.ray_cpus, args.work)
         return
-    results = [measure(engine, int(n), args) for n in args.sizes.split(",")
-               for engine in ENGINES]
-    (Path(tempfile.gettempdir()) / "fl-simulation-results.json").write_text(
-        json.dumps(results, indent=1))
+    results: list[dict[str, Any]] = []
+    for n in args.sizes.split(","):
+        for engine in ENGINES:
+            results.append(measure(engine, int(n), args))
+            write(results, args)  # what is measured so far survives a later failure
+
+
+def write(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """docs/bench/fl-simulation.md from the rows measured so far."""
     table = md_table(["devices", "engine", "sampled per round", "round 1, s",
                       "later rounds, s (mean)", "whole run, s", "peak RSS, MB",
                       "peak PSS, MB", "processes", "accuracy", "load avg before / after"],
