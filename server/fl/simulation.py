@@ -38,6 +38,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from edgefleet.device.core.errors import MissingExtraError, UsageError
+from edgefleet.server.fl.runner import SIMULATED_CLIENTAPP
 from edgefleet.server.fl.settings import RunSettings
 
 __all__ = ["VirtualDevices", "VirtualNodes", "hide_tensorflow", "node_dir", "ray_init_args",
@@ -45,8 +46,6 @@ __all__ = ["VirtualDevices", "VirtualNodes", "hide_tensorflow", "node_dir", "ray
 
 log = logging.getLogger(__name__)
 
-#: The simulated devices' ClientApp (a share of a built-in task per device).
-SIMULATED_CLIENTAPP = "edgefleet.models.sim.fl_app:app"
 #: Distinct data shares when not told: a built-in task's training split (digits: 1,222
 #: records) cut into more shares leaves most of them empty.
 DEFAULT_SHARES = 100
