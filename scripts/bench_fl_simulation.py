@@ -155,7 +155,7 @@ def measure(engine: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     if child.returncode:
         raise SystemExit(f"{engine} N={n} failed ({child.returncode}); see {work}/child.log")
     res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    res.update(engine=engine, n=n, peak_rss_mb=peak["rss"] / 1024,
+    res.update(engine=engine, n=n, sample=args.sample, peak_rss_mb=peak["rss"] / 1024,
                peak_pss_mb=peak["pss"] / 1024, procs=peak["procs"],
                pss_by_process_mb=peak["by_process"], load_before=load_before,
                load_after=os.getloadavg()[0])
@@ -185,15 +185,54 @@ def main() -> None:
     p.add_argument("--one", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--rows", type=Path, help="re-render the section from the JSON rows a "
+                   "run printed (one per line), without measuring")
     args = p.parse_args()
     if args.one:
         one(args.one, args.n, args.sample, args.rounds, args.ray_cpus, args.work)
+        return
+    if args.rows:
+        rows = [json.loads(line) for line in args.rows.read_text().splitlines()
+                if line.startswith("{")]
+        write([{"sample": args.sample, **r} for r in rows], args)
         return
     results: list[dict[str, Any]] = []
     for n in args.sizes.split(","):
         for engine in ENGINES:
             results.append(measure(engine, int(n), args))
             write(results, args)  # what is measured so far survives a later failure
+
+
+def _later(r: dict[str, Any]) -> float:
+    """Mean seconds of the rounds after the first (no start-up, no first calibration)."""
+    later = [x["seconds"] for x in r["rounds"] if x["round"] > 1]
+    return sum(later) / len(later) if later else float("nan")
+
+
+def _analysis(results: list[dict[str, Any]]) -> str:
+    """What the rows say, computed from them: per-message cost, memory per device."""
+    by = {(r["engine"], r["n"]): r for r in results}
+    sizes = sorted({r["n"] for r in results})
+    lines = []
+    for n in sizes:
+        sim, inp = by.get(("simulation", n)), by.get(("in-process", n))
+        if sim and inp:
+            msgs = 2 * min(n, sim["sample"])  # a train and an evaluate message per device
+            lines.append(f"* N={n:,}: later rounds {_later(sim) / _later(inp):.1f}x the "
+                         f"in-process grid's; {1000 * _later(sim) / msgs:.0f} ms per "
+                         f"message on the simulation runtime, "
+                         f"{1000 * _later(inp) / msgs:.0f} ms in process.")
+    sims = [by[("simulation", n)] for n in sizes if ("simulation", n) in by]
+    if len(sims) > 1 and sims[-1]["n"] > sims[0]["n"]:
+        per = ((sims[-1]["peak_pss_mb"] - sims[0]["peak_pss_mb"]) * 1024
+               / (sims[-1]["n"] - sims[0]["n"]))
+        lines.append(f"* Simulation memory grows by about {per:.0f} kB of PSS per extra "
+                     f"virtual device ({sims[0]['n']:,} → {sims[-1]['n']:,}); the rest is "
+                     "fixed: at the peak, " + ", ".join(
+                         f"{k} {v} MB" for k, v in sorted(
+                             sims[-1]["pss_by_process_mb"].items(), key=lambda kv: -kv[1]))
+                     + " (PSS, summed per process name).")
+    return "\n".join(lines)
 
 
 def write(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -217,6 +256,8 @@ start-up and each sampled device's first σ calibration; memory is the peak over
 whole process tree.
 
 {table}
+
+{_analysis(results)}
 """
     print(write_section("fl-simulation", "Federated rounds at fleet size: Flower simulation "
                         "vs the in-process grid", body))

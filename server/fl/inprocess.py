@@ -3,10 +3,10 @@
 Fleet-size runs use Flower's simulation runtime (:mod:`edgefleet.server.fl.simulation`,
 Ray). This small :class:`InProcessGrid` stays for what needs no Ray: unit tests, the
 privacy audit (it reads a device's reply in process) and benchmarks that run many
-configurations side by side. It starts in well under a second, where Ray takes 10-40 s and
-about ten times the memory (docs/bench/fl-simulation.md). The messages, mods, strategy
-and accounting are the real ones; only transport, parallelism and process isolation
-are missing.
+configurations side by side. It starts in well under a second, where Ray takes 25-35 s
+and six to seven times the memory (docs/bench/fl-simulation.md). The messages, mods,
+strategy and accounting are the real ones; only transport, parallelism and process
+isolation are missing.
 """
 
 from __future__ import annotations
