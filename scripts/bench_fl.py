@@ -5,9 +5,9 @@ what each honest DP lever of the privacy guide buys at ε=3 (public pretraining,
 and larger local steps, learning rate, clip norm, devices per round), then ε=1/3/8
 with the best configuration. The
 federated runs use the real ServerApp strategy (FleetStrategy over Flower's FedAvg)
-and the real ClientApp (DP-SGD, ledger, mods) driven in-process by InProcessGrid,
-because Flower 1.41's simulation engine needs Ray. Writes docs/bench/fl.md and
-docs/fl_accuracy.png.
+and the real ClientApp (DP-SGD, ledger, mods) driven in-process by InProcessGrid (no
+Ray start-up per configuration; fleet-size runs: scripts/bench_fl_simulation.py).
+Writes docs/bench/fl.md and docs/fl_accuracy.png.
 """
 
 from __future__ import annotations

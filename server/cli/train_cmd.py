@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,20 @@ def train(
     epsilon: float = typer.Option(3.0, "--epsilon", min=0.001, help="Target ε for this run."),
     delta: float = typer.Option(1e-5, "--delta", min=1e-12, max=0.1, help="δ of the guarantee."),
     devices: int = typer.Option(5, "--devices", min=1, help="SuperNodes (embedded) or expected."),
+    simulate: int = typer.Option(0, "--simulate", min=0, metavar="N",
+                                 help="Run N virtual devices on Flower's simulation runtime "
+                                      "(Ray) instead of SuperNode processes; sample per "
+                                      "round with --fraction / --min-nodes."),
+    ray_address: str = typer.Option("", "--ray-address", envvar="RAY_ADDRESS",
+                                    help="--simulate on a running Ray cluster (`ray start "
+                                         "--head`'s address, e.g. 10.0.0.5:6379) instead of "
+                                         "a local Ray."),
+    ray_cpus: int = typer.Option(0, "--ray-cpus", min=0,
+                                 help="--simulate: CPUs of the local Ray, one ClientApp per "
+                                      "CPU (0: all cores)."),
+    data_shares: int = typer.Option(0, "--data-shares", min=0,
+                                    help="--simulate: distinct Dirichlet shares of the task; "
+                                         "device i holds share i mod S (0: N, at most 100)."),
     superlink: str | None = typer.Option(
         None, "--superlink", help="host:port of a running SuperLink (default: the fleet "
         "home's; without a home, an embedded SuperLink and --devices SuperNodes)."),
@@ -113,6 +128,9 @@ def train(
       edgefleet train --base digits-mlp --devices 2 --rounds 3   (the fleet home's SuperLink;
       the result is the next version of digits-mlp)
 
+      edgefleet train --simulate 1000 --fraction 0.1 --rounds 3   (1,000 virtual devices on
+      Flower's simulation runtime, 100 per round; add --ray-address for a Ray cluster)
+
     Each device decides its privacy (its policy, set at enrollment): a round it refuses
     (budget spent, request outside its policy, ledger it cannot trust) is counted as
     declined, by reason. The embedded simulated devices get a policy admitting the mode
@@ -129,15 +147,23 @@ def train(
         submit_run,
     )
     from edgefleet.server.fl.settings import run_settings
+    from edgefleet.server.fl.simulation import DEFAULT_SHARES
     from edgefleet.server.fl.store import FlStore, RoundRow, declines_by_reason
     from edgefleet.server.fleet.app_signing import fleet_key
     from edgefleet.server.fleet.home import default_root
-    from edgefleet.server.fleet.superlink import SuperLinkConn
+    from edgefleet.server.fleet.superlink import FlRunError, SuperLinkConn
 
     if dp not in ("sample", "client", "off"):
         raise UsageError(f"--dp must be sample, client or off, not {dp!r}")
+    if simulate and (superlink or embedded):
+        raise UsageError("--simulate runs its own virtual devices: drop --superlink/--embedded")
+    if simulate:
+        devices = simulate
+        # A run at fleet size samples: the default minimum is the sample, not the fleet.
+        min_nodes = min_nodes or max(1, int(simulate * fraction))
     fh = fleet_home(home)
-    if superlink is None and not embedded and fh is not None and fh.settings.superlink:
+    if (superlink is None and not embedded and not simulate and fh is not None
+            and fh.settings.superlink):
         superlink = fh.settings.superlink_control or fh.settings.superlink
         root_certificates = root_certificates or fh.settings.superlink_ca
     if embedded:
@@ -169,7 +195,14 @@ def train(
             bar.update(tid, completed=r.round, description=(
                 f"accuracy {r.accuracy:.3f}  loss {r.loss:.3f}  nodes {r.nodes}{dec}{eps}"))
 
-        if superlink:
+        if simulate:
+            run_id = _simulate(settings, simulate, work, dp, epsilon, task, store, on_round,
+                               ray_address=ray_address, ray_cpus=ray_cpus,
+                               shares=data_shares or min(simulate, DEFAULT_SHARES))
+            run = store.run(tag)
+            if run is None or run.status != "finished":
+                raise FlRunError(f"run {tag} did not finish: {run.error if run else 'no record'}")
+        elif superlink:
             conn = SuperLinkConn(superlink, work / "cli", root_certificates)
             run_id = submit_run(conn, settings, work, signing_key=fleet_key(
                 home or default_root()))
@@ -203,7 +236,8 @@ def train(
     f = result["final"]
     eps_txt = "no DP" if f["epsilon"] is None else f"ε={f['epsilon']:.3f} at δ={f['delta']:g}"
     console.print(f"[green]Flower run {run_id} finished[/] (edgefleet tag {tag}): accuracy "
-                  f"{f['accuracy']:.4f}, {eps_txt}; details: flwr log {run_id}")
+                  f"{f['accuracy']:.4f}, {eps_txt}"
+                  + ("; simulated" if simulate else f"; details: flwr log {run_id}"))
     if result["declines"]:
         console.print(f"[yellow]declined by devices[/]: {describe_declines(result['declines'])}")
     spread = result["device_accuracy"]
@@ -213,6 +247,44 @@ def train(
                       f"{spread['worst']}")
     console.print(f"model package → {result['package']}"
                   + (f" (next version of {result['parent']})" if parent else ""))
+
+
+def _simulate(settings: Any, devices: int, work: Path, dp: str, epsilon: float, task: str,
+              store: Any, on_round: Callable[[Any], None], *, ray_address: str, ray_cpus: int,
+              shares: int) -> str:
+    """Run ``settings`` on Flower's simulation runtime, reporting rounds as they land.
+
+    Virtual device *i* keeps its ledger in ``<work>/simulation/node-<i>`` across runs, as
+    a device keeps its own: a fresh ``--work-dir`` is a fresh fleet.
+    """
+    import threading
+
+    from edgefleet.server.fl.simulation import VirtualNodes, run_simulation
+
+    nodes = VirtualNodes(root=str(work / "simulation"), shares=shares, task=task,
+                         common=embedded_policy(dp, epsilon))
+    done = threading.Event()
+
+    def follow() -> None:
+        seen = 0
+        while True:
+            stop = done.wait(0.5)
+            for row in store.rounds(settings.tag):
+                if row.round > seen:
+                    seen = row.round
+                    on_round(row)
+            if stop:
+                return
+
+    poller = threading.Thread(target=follow, name="rounds", daemon=True)
+    poller.start()
+    try:
+        run_simulation(settings, devices, nodes, num_cpus=ray_cpus, address=ray_address)
+    finally:
+        done.set()
+        poller.join()
+    run = store.run(settings.tag)
+    return str(run.flower_run_id) if run is not None else ""
 
 
 def _base(ref: str, registry: Path | None, home: Path | None, task: str,
