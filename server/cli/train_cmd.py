@@ -209,7 +209,8 @@ def train(
             run = follow_run(store, tag, conn, run_id, on_round)
         else:
             with EmbeddedFederation(work / "embedded", devices=devices, secure=not insecure,
-                                    node_config=lambda _i: embedded_policy(dp, epsilon)) as fed:
+                                    node_config=lambda _i: {
+                                        **embedded_policy(dp, epsilon), "task": task}) as fed:
                 bar.update(tid, description="submitting run")
                 run_id = submit_run(fed.conn, settings, work, signing_key=fed.app_key)
                 run = follow_run(store, tag, fed.conn, run_id, on_round)
