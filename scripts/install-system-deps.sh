@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages edgefleet's tests and demo need, only when missing.
 #   install-system-deps.sh python   just what a venv needs
-#   install-system-deps.sh all      also mosquitto, socat, qemu-user-static, debootstrap
+#   install-system-deps.sh all      also mosquitto, socat, qemu-user-static, debootstrap,
+#                                   postgresql, prometheus
 set -euo pipefail
 want=()
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -14,6 +15,8 @@ if [[ "${1:-all}" == all ]]; then
   command -v debootstrap >/dev/null 2>&1 || [[ -x /usr/sbin/debootstrap ]] || want+=(debootstrap)
   # the fleet store's PostgreSQL tests start a throwaway cluster with initdb/pg_ctl
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
+  # the metrics e2e test scrapes the services with a real Prometheus server
+  command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
 fi
 if ((${#want[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
