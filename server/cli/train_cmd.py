@@ -106,7 +106,8 @@ def train(
     seed: int = typer.Option(-1, "--seed", help="Seed of the initial model and pretraining (-1: "
                                                 "0). Devices' DP noise never uses it: it "
                                                 "comes from each device's OS entropy."),
-    out: Path = typer.Option(Path("out/digits-fl"), "--out", "-o", help="Model package folder."),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help="Model package folder [default: out/<task>-fl]."),
     fmt: str = typer.Option("all", "--format", help="Package formats: onnx, tflite or all."),
     work: Path | None = typer.Option(None, "--work-dir",
                                      help="Certificates, logs, node state and the run "
@@ -179,7 +180,8 @@ def train(
         "local-steps": local_steps, "batch-size": batch_size, "lr": lr, "seed": seed,
         "pretrain-epochs": pretrain_epochs, "round-timeout": round_timeout,
         "initial-params": str(parent[2]) if parent else "",
-        "db": str(work / "fl.db"), "out": str(out.resolve()), "formats": fmt})
+        "db": str(work / "fl.db"), "out": str((out or Path("out") / f"{task}-fl").resolve()),
+        "formats": fmt})
     check_settings(settings)
     store = FlStore(work / "fl.db")
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
