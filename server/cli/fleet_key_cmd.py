@@ -21,6 +21,15 @@ def _root(home: Path | None) -> Path:
     return FleetHome(home).root
 
 
+def _audit(home: Path | None, action: str, **details: str) -> None:
+    """Key changes land in the registry's audit log, next to the TUF key rotations."""
+    from edgefleet.server.fleet.audit import AuditLog
+    from edgefleet.server.fleet.home import FleetHome
+
+    AuditLog(FleetHome(home).registry_path / "audit.jsonl").append(
+        f"keys.fleet_key.{action}", **details)
+
+
 @app.command()
 def init(home: Path | None = HOME_OPTION,
          json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
@@ -34,6 +43,7 @@ def init(home: Path | None = HOME_OPTION,
 
     root = _root(home)
     key = create(root)
+    _audit(home, "init", key_id=key.public.key_id)
     out = {"key_id": key.public.key_id, "private": str(private_path(root)),
            "public": str(private_path(root).with_name("fleet.pub"))}
     if json_out:
@@ -55,6 +65,7 @@ def rotate(home: Path | None = HOME_OPTION,
 
     root = _root(home)
     old, new = do_rotate(root)
+    _audit(home, "rotate", old=old.key_id, new=new.public.key_id)
     if json_out:
         print_json({"old": old.key_id, "new": new.public.key_id})
     else:
@@ -75,6 +86,7 @@ def finish_rotation(home: Path | None = HOME_OPTION) -> None:
     if prev is None:
         console.print("no rotation in progress")
         return
+    _audit(home, "finish_rotation", retired=prev.key_id)
     console.print(f"new packages are no longer encrypted for {prev.key_id}")
 
 

@@ -59,3 +59,23 @@ def test_bundle_carries_the_key_only_when_the_fleet_has_one(tmp_path: Path) -> N
     assert _mode(installed) == 0o600 and FleetKey.load(installed).public == key.public
     assert cfg["updates"]["require_encryption"] is True  # encrypt_models in fleet.toml
     assert _mode(home.root / "bundles" / "pi-02" / "fleet.key") == 0o600
+
+
+def test_key_commands_land_in_the_audit_log(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.server.cli import app
+    from edgefleet.server.fleet.audit import AuditLog
+
+    home = _home(tmp_path)
+    runner = CliRunner()
+    for args in (["init"], ["rotate"], ["finish-rotation"]):
+        res = runner.invoke(app, ["keys", "fleet-key", *args, "--home", str(home.root)])
+        assert res.exit_code == 0, res.output
+    log = AuditLog(home.registry_path / "audit.jsonl")
+    entries = log.entries()
+    assert [e["action"] for e in entries] == [
+        "keys.fleet_key.init", "keys.fleet_key.rotate", "keys.fleet_key.finish_rotation"]
+    assert entries[1]["details"]["old"] == entries[0]["details"]["key_id"]
+    assert entries[2]["details"]["retired"] == entries[0]["details"]["key_id"]
+    assert log.verify().entries == 3
