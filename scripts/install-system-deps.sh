@@ -2,7 +2,7 @@
 # Install the Debian packages edgefleet's tests and demo need, only when missing.
 #   install-system-deps.sh python   just what a venv needs
 #   install-system-deps.sh all      also mosquitto, socat, qemu-user-static, debootstrap,
-#                                   postgresql, prometheus
+#                                   postgresql, prometheus, chromium, chromium-driver
 set -euo pipefail
 want=()
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -17,6 +17,9 @@ if [[ "${1:-all}" == all ]]; then
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
   # the metrics e2e test scrapes the services with a real Prometheus server
   command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
+  # the dashboard's browser tests drive headless Chromium through selenium
+  command -v chromium >/dev/null 2>&1 || want+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || want+=(chromium-driver)
 fi
 if ((${#want[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
