@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # each is imported where its part starts (optional dependenci
     from edgefleet.device.agent.samples import RevocationWatch
     from edgefleet.device.data.store import SampleStore
     from edgefleet.device.input.serial_reader import SerialReader
+    from edgefleet.device.telemetry.log_ring import LogRing
     from edgefleet.device.telemetry.publisher import TelemetryPublisher
     from edgefleet.device.telemetry.reporter import TelemetryReporter
     from edgefleet.device.updates.installer import Updater
@@ -160,10 +161,13 @@ class Agent:
         self.intake: LabelIntake | None = None
         self.memory = AnswerMemory(cfg.data.remember_answers)
         self.revocation: RevocationWatch | None = None
+        self.log_ring: LogRing | None = None
 
     # -- start-up ---------------------------------------------------------------------
     def start(self) -> Agent:
         """Start every enabled part; a part that fails to start is logged and counted."""
+        if self.cfg.logs.enabled:
+            self._start_logs()
         self._start_model()
         if self.cfg.data.enabled:
             self._start_data()
@@ -197,6 +201,27 @@ class Agent:
             self.metrics.set("agent_state", "serving")
         log.info("agent %s started", self.cfg.device_id)
         return self
+
+    def _start_logs(self) -> None:
+        """The ring first, so the start-up of every other part is in it."""
+        from edgefleet.device.telemetry.log_ring import LogRing
+        from edgefleet.device.telemetry.log_server import LogServer
+
+        lc = self.cfg.logs
+        ring = self.log_ring = LogRing(lc.max_records, lc.max_bytes).install()
+        self._parts.append(lambda: logging.getLogger().removeHandler(ring))
+        server = LogServer(self.cfg.device_id, self.log_ring, self.cfg.mqtt,
+                           metrics=self.metrics, rate=lc.rate, burst=lc.burst,
+                           max_follows=lc.max_follows, secrets=self._known_secrets)
+        self._parts.append(server.start().stop)
+
+    def _known_secrets(self) -> list[str]:
+        """Literal secrets redacted from every log line that leaves the device."""
+        try:
+            pw = self.cfg.mqtt.secret()
+        except EdgefleetError:
+            return []
+        return [pw] if pw else []
 
     def _start_model(self) -> None:
         if self.cfg.updates.enabled:

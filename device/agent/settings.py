@@ -31,6 +31,7 @@ __all__ = [
     "DataSection",
     "FlSection",
     "InputSection",
+    "LogsSection",
     "ModelSection",
     "TelemetrySection",
     "UpdatesSection",
@@ -189,6 +190,20 @@ class DataSection(StrictModel):
                                  "refuses the credentials it accepted before.")
 
 
+class LogsSection(StrictModel):
+    """Remote logs (``edgefleet devices logs``, docs/operations.md "Device logs"): the recent
+    records kept in memory, redacted, and how often the operator may ask for them."""
+
+    enabled: bool = True
+    max_records: int = Field(default=2000, ge=10, le=100_000,
+                             description="Records kept in memory; oldest dropped.")
+    max_bytes: int = Field(default=1 << 20, ge=4096, le=64 << 20,
+                           description="Bytes of records kept in memory; oldest dropped.")
+    rate: float = Field(default=1.0, gt=0, le=100, description="Requests a second.")
+    burst: int = Field(default=3, ge=1, le=100, description="Requests at once.")
+    max_follows: int = Field(default=2, ge=1, le=16, description="Follows at once.")
+
+
 class AgentConfig(StrictModel):
     """The whole ``agent.toml``."""
 
@@ -205,6 +220,7 @@ class AgentConfig(StrictModel):
     updates: UpdatesSection = Field(default_factory=UpdatesSection)
     fl: FlSection = Field(default_factory=FlSection)
     data: DataSection = Field(default_factory=DataSection)
+    logs: LogsSection = Field(default_factory=LogsSection)
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> AgentConfig:

@@ -1,4 +1,4 @@
-"""``edgefleet devices enroll|ls|revoke|sync`` and ``edgefleet fleet init``: who may join.
+"""``edgefleet devices enroll|ls|revoke|sync|logs`` and ``edgefleet fleet init``: who may join.
 
 Every command takes ``--home`` (default ``$EDGEFLEET_HOME``, else
 ``~/.local/share/edgefleet``), the fleet home that ``fleet init`` creates.
@@ -7,6 +7,7 @@ Every command takes ``--home`` (default ``$EDGEFLEET_HOME``, else
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +257,96 @@ def sync(home: Path | None = _home_option(),
         print_json({"synced": done})
         return
     console.print(f"synced {len(done)} device(s): {', '.join(done) or '-'}")
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: Control characters a device's log line may not send to the operator's terminal.
+_PRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def parse_since(value: str) -> float:
+    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` as seconds (positive)."""
+    from edgefleet.device.core.errors import UsageError
+
+    v = value.strip().lower()
+    scale = _UNITS.get(v[-1:])
+    try:
+        n = float(v[:-1] if scale is not None else v) * (scale or 1.0)
+    except ValueError:
+        raise UsageError(f"--since {value!r}: expected a duration such as 30s, 10m, 2h, 1d") \
+            from None
+    if not 0 < n < float("inf"):
+        raise UsageError(f"--since {value!r}: must be positive")
+    return n
+
+
+@app.command()
+def logs(
+    device: str = typer.Argument(..., help="Device name."),
+    since: str | None = typer.Option(None, "--since", help="Only lines of the last 30s, "
+                                     "10m, 2h, 1d (the device's clock)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines "
+                                "until interrupted."),
+    lines: int = typer.Option(200, "--lines", "-n", min=1, help="At most this many recent "
+                              "lines (the device keeps about 2,000)."),
+    level: str = typer.Option("DEBUG", "--level", help="Lowest level: DEBUG, INFO, WARNING, "
+                              "ERROR, CRITICAL."),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.5,
+                                  help="Seconds to wait for the device's answer."),
+    home: Path | None = _home_option(),
+    broker: str | None = typer.Option(None, "--broker", envvar="EDGEFLEET_BROKER",
+                                      help="MQTT broker HOST:PORT (default: the fleet home's "
+                                           "loopback listener, operator account)."),
+    username: str | None = typer.Option(None, "--username", help="Broker user "
+                                        "[default: operator]."),
+    password_file: Path | None = typer.Option(None, "--password-file",
+                                              help="File holding that user's password."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """Fetch a device's recent log lines over MQTT (redacted on the device).
+
+    Only the fleet's operator account may ask; the device answers in bounded chunks and
+    at most about once a second. Example: edgefleet devices logs pi-07 --since 10m -f
+    """
+    import json
+    import sys
+
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.device.wire.logs import LEVELS, MAX_LINES, LogLine
+    from edgefleet.server.cli.home_opts import mqtt_for
+    from edgefleet.server.fleet.device_logs import LogClient
+
+    level = level.upper()
+    if level not in LEVELS:
+        raise UsageError(f"--level {level!r}: one of {', '.join(LEVELS)}")
+    if lines > MAX_LINES:
+        raise UsageError(f"--lines {lines}: at most {MAX_LINES}")
+    since_s = parse_since(since) if since else None
+    cfg = mqtt_for("operator", home, broker=broker, username=username,
+                   password_file=password_file)
+
+    def show(ln: LogLine) -> None:
+        if json_out:
+            sys.stdout.write(json.dumps(ln.as_dict()) + "\n")
+        else:
+            stamp = dt.datetime.fromtimestamp(ln.ts).strftime("%Y-%m-%d %H:%M:%S")
+            # Not through rich (device text is not markup), and no terminal control codes.
+            text = _PRINTABLE.sub("?", f"{ln.logger}: {ln.msg}")
+            sys.stdout.write(f"{stamp} {ln.level:<8} {text}\n")
+        sys.stdout.flush()
+
+    with LogClient(cfg, device) as client:
+        if follow:
+            try:
+                for ln in client.follow(lines=lines, since_s=since_s, level=level,
+                                        timeout=timeout):
+                    show(ln)
+            except KeyboardInterrupt:
+                return
+        else:
+            for ln in client.fetch(lines=lines, since_s=since_s, level=level,
+                                   timeout=timeout):
+                show(ln)
+    if client.rejected:
+        sys.stderr.write("refused responses: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(client.rejected.items())) + "\n")

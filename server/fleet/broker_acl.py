@@ -29,22 +29,25 @@ __all__ = ["RESERVED_NAMES", "ROLE_RULES", "hash_password", "render_acl", "verif
 
 PBKDF2_ITERATIONS = 1000
 _UPDATE = f"{TOPIC_ROOT}/update"
+_LOGS = f"{TOPIC_ROOT}/logs"
 
 #: What each service role may do (docs/operations.md "Broker accounts"): the ingest reads
 #: device telemetry, a scorer answers score requests on the devices' response topics and
-#: announces itself, the operator (rollout) publishes assignments and watches outcomes.
+#: announces itself, the operator (rollout, ``devices logs``) publishes assignments and
+#: watches outcomes, asks devices for their logs and reads the answers.
 ROLE_RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "ingest": (("read", f"{TOPIC_ROOT}/+/+"),),
     "scorer": (("read", f"{TOPIC_ROOT}/score/request/+"),
                ("write", f"{TOPIC_ROOT}/score/response/+"),
                ("readwrite", f"{TOPIC_ROOT}/scorer/#")),
     "operator": (("readwrite", f"{_UPDATE}/assign/#"), ("read", f"{_UPDATE}/state/+"),
-                 ("read", f"{_UPDATE}/event/+")),
+                 ("read", f"{_UPDATE}/event/+"), ("write", f"{_LOGS}/request/+"),
+                 ("read", f"{_LOGS}/response/+")),
 }
 
 #: Names a device may not take: the first level under ``edgefleet/v1/`` that services use
 #: (a device called ``score`` would otherwise own ``edgefleet/v1/score/...`` topics).
-RESERVED_NAMES = frozenset({"score", "scorer", "update", "cmd"})
+RESERVED_NAMES = frozenset({"score", "scorer", "update", "cmd", "logs"})
 
 #: Rules every authenticated user gets, on its own user name (``%u``).
 _DEVICE_PATTERNS = (
@@ -57,6 +60,8 @@ _DEVICE_PATTERNS = (
     f"pattern read {_UPDATE}/assign/device/%u",
     f"pattern write {_UPDATE}/state/%u",
     f"pattern write {_UPDATE}/event/%u",
+    f"pattern read {_LOGS}/request/%u",
+    f"pattern write {_LOGS}/response/%u",
 )
 _SALT_BYTES = 12
 

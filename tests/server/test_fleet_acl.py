@@ -115,6 +115,34 @@ def test_update_assignments_and_states(fleet: tuple[FleetHome, MosquittoBroker,
             c.close()
 
 
+def test_log_requests_only_from_the_operator_answers_only_from_the_device(
+        fleet: tuple[FleetHome, MosquittoBroker, dict[str, str]]) -> None:
+    _home, broker, pw = fleet
+    port = broker.port
+    root = "edgefleet/v1/logs"
+    op = Inbox(port, "operator", pw["operator"], f"{root}/response/+")
+    dev1 = Inbox(port, "dev1", pw["dev1"], f"{root}/request/dev1")
+    dev2 = Inbox(port, "dev2", pw["dev2"], f"{root}/request/+", f"{root}/response/+", "#")
+    others = [Inbox(port, role, pw[role], f"{root}/#") for role in ("ingest", "scorer")]
+    try:
+        op.publish(f"{root}/request/dev1", b"op-asks")
+        dev2.publish(f"{root}/request/dev1", b"dev2-asks")  # a device may not ask
+        for role, c in zip(("ingest", "scorer"), others, strict=True):
+            c.publish(f"{root}/request/dev1", role.encode())  # nor may other services
+        assert wait_until(lambda: len(dev1.messages) >= 1, 5)
+        dev1.publish(f"{root}/response/dev1", b"dev1-answers")
+        dev1.publish(f"{root}/response/dev2", b"forged")  # nor answer for another
+        assert wait_until(lambda: len(op.messages) >= 1, 5)
+        _settle()
+        assert dev1.messages == [(f"{root}/request/dev1", b"op-asks")]
+        assert op.messages == [(f"{root}/response/dev1", b"dev1-answers")]
+        assert dev2.topics() == []  # neither dev1's requests nor its logs
+        assert all(c.topics() == [] for c in others)
+    finally:
+        for c in (op, dev1, dev2, *others):
+            c.close()
+
+
 def test_revoke_cuts_the_device_off(tmp_path: Path,
                                     fleet: tuple[FleetHome, MosquittoBroker, dict[str, str]]
                                     ) -> None:
