@@ -122,8 +122,10 @@ def render(fams: Iterable[Family]) -> str:
     """The text exposition format (version 0.0.4) of ``fams``."""
     lines: list[str] = []
     for fam in fams:
-        lines.append(f"# HELP {fam.name} {fam.help}")
-        lines.append(f"# TYPE {fam.name} {fam.kind}")
+        # Version 0.0.4 names a counter's family by its sample, ``..._total``.
+        head = fam.name + "_total" if fam.kind == "counter" else fam.name
+        lines.append(f"# HELP {head} {fam.help}")
+        lines.append(f"# TYPE {head} {fam.kind}")
         for suffix, labels, value in fam.samples:
             lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
             lines.append(f"{fam.name}{suffix}{{{lab}}} {_float(value)}" if lab
