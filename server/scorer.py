@@ -88,6 +88,8 @@ class ScorerConfig(StrictModel):
 
 #: Refused requests kept for inspection (the oldest go first).
 QUARANTINE_SIZE = 1000
+#: Bounds (s) of ``scorer_request_seconds``: devices' deadlines are tens of ms.
+REQUEST_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
 @dataclass
@@ -205,6 +207,9 @@ class Scorer:
             self.metrics.inc("scorer_reply_dropped")
             return
         self.metrics.inc("scorer_replies_ok" if reply.ok else f"scorer_errors_{reply.error}")
+        # Arrival to reply sent: queueing, batching and the model, what a device waits for.
+        self.metrics.observe("scorer_request_seconds", time.monotonic() - job.received,
+                             REQUEST_BUCKETS_S)
 
     # -- batching worker ----------------------------------------------------------------
     def _next_batch(self, timeout: float) -> list[_Job]:

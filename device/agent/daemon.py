@@ -38,6 +38,7 @@ from edgefleet.device.agent.settings import AgentConfig
 from edgefleet.device.core.errors import EdgefleetError, InputError
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.process import SupervisedProcess
+from edgefleet.device.core.prom_text import write_textfile
 from edgefleet.device.data.labels import AnswerMemory, LabelIntake, LabelRefused
 from edgefleet.device.inference.cascade import Answer, HybridPredictor
 from edgefleet.device.inference.drift import DriftMonitor
@@ -564,14 +565,30 @@ class Agent:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
+        next_textfile = 0.0
         while not self.stop_event.wait(1.0):
             if self.revocation is not None:
                 try:
                     self.revocation.check()
                 except Exception:
                     log.exception("revocation check failed")
+            if time.monotonic() >= next_textfile:
+                next_textfile = time.monotonic() + self.cfg.metrics.interval_s
+                self.write_metrics_textfile()
         self.stop()
+        self.write_metrics_textfile()
         return 0
+
+    def write_metrics_textfile(self) -> None:
+        """The counters as ``[metrics] textfile`` (if set); a failure is counted only."""
+        path = self.cfg.metrics.textfile
+        if path is None:
+            return
+        try:
+            write_textfile(path, self.metrics)
+        except OSError as exc:
+            self.metrics.inc("metrics_textfile_errors")
+            log.warning("cannot write the metrics textfile %s: %s", path, exc)
 
     def stop(self, drain_s: float = 3.0) -> None:
         """Stop taking input, finish in-flight work, flush telemetry, stop the children."""

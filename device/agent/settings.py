@@ -204,6 +204,16 @@ class LogsSection(StrictModel):
     max_follows: int = Field(default=2, ge=1, le=16, description="Follows at once.")
 
 
+class MetricsSection(StrictModel):
+    """The agent's counters for Prometheus, as a node-exporter textfile: no listening
+    port and no metrics library on the device (docs/operations.md)."""
+
+    textfile: Path | None = Field(default=None, description=(
+        "Write the counters here in Prometheus' text format, atomically, every interval_s "
+        "(node-exporter's textfile collector reads *.prom in its folder). Default: off."))
+    interval_s: float = Field(default=15.0, ge=1.0, le=3600.0)
+
+
 class AgentConfig(StrictModel):
     """The whole ``agent.toml``."""
 
@@ -221,6 +231,7 @@ class AgentConfig(StrictModel):
     fl: FlSection = Field(default_factory=FlSection)
     data: DataSection = Field(default_factory=DataSection)
     logs: LogsSection = Field(default_factory=LogsSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> AgentConfig:

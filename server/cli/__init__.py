@@ -36,6 +36,7 @@ def _register() -> None:
         ingest_cmd,
         keys_cmd,
         loadgen_cmd,
+        metrics_cmd,
         models_cmd,
         predict_cmd,
         privacy_cmd,
@@ -54,7 +55,7 @@ def _register() -> None:
         "devices": devices_cmd.app, "keys": keys_cmd.app, "registry": registry_cmd.app,
         "audit": audit_cmd.app, "retrain": retrain_cmd.retrain_app,
         "approvals": retrain_cmd.approvals_app, "privacy": privacy_cmd.app,
-        "server": server_cmd.app,
+        "server": server_cmd.app, "metrics": metrics_cmd.app,
     }
     for name, group in groups.items():
         app.add_typer(group, name=name)

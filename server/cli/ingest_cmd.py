@@ -17,6 +17,11 @@ from edgefleet.server.cli.home_opts import (
     HOME_OPTION,
     PASSWORD_FILE_OPTION,
 )
+from edgefleet.server.cli.metrics_cmd import (
+    METRICS_HOST_OPTION,
+    METRICS_PORT_OPTION,
+    start_metrics,
+)
 
 __all__ = ["app"]
 
@@ -48,6 +53,8 @@ def run(
     duration: float = typer.Option(0.0, "--duration", min=0,
                                    help="Stop after this many seconds (0: until SIGTERM)."),
     json_out: bool = typer.Option(False, "--json", help="On exit, print counts as JSON."),
+    metrics_port: int | None = METRICS_PORT_OPTION,
+    metrics_host: str = METRICS_HOST_OPTION,
 ) -> None:
     """Subscribe to edgefleet/v1/+/+ and store every message exactly once.
 
@@ -77,6 +84,7 @@ def run(
     cfg = load_config(_File, config, over).ingest
     store = open_store(store_target(db, home, must_exist=False))
     svc = IngestService(store, cfg)
+    endpoint = start_metrics(metrics_port, metrics_host, svc.metrics, quiet=json_out)
 
     def _stop(*_: object) -> None:
         svc.stop()
@@ -96,6 +104,8 @@ def run(
               "counters": {k: v for k, v in default_metrics().snapshot()["counters"].items()
                            if k.startswith("ingest_")}}
     store.close()
+    if endpoint is not None:
+        endpoint.close()
     if json_out:
         print_json(counts)
     else:

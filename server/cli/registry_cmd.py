@@ -12,6 +12,11 @@ from rich.table import Table
 
 from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.server.cli.home_opts import HOME_OPTION
+from edgefleet.server.cli.metrics_cmd import (
+    METRICS_HOST_OPTION,
+    METRICS_PORT_OPTION,
+    start_metrics,
+)
 
 if TYPE_CHECKING:
     from edgefleet.server.registry.repository import Registry
@@ -242,6 +247,8 @@ def serve(
         "per line, re-read when it changes (the fleet home's registry-clients.txt, which "
         "enroll and revoke rewrite)."),
     passphrase_file: Path | None = PASSPHRASE_FILE,
+    metrics_port: int | None = METRICS_PORT_OPTION,
+    metrics_host: str = METRICS_HOST_OPTION,
 ) -> None:
     """Serve TUF metadata and package archives over HTTP, or HTTPS, until interrupted.
 
@@ -289,6 +296,7 @@ def serve(
     srv = RegistryServer(reg.repo.metadata_dir, reg.artifacts, host, port, tls=tls,
                          clients=allow).start()
     console.print(f"serving {home} at {srv.url} (metadata: {srv.url}/metadata/)")
+    start_metrics(metrics_port, metrics_host, srv.metrics)
     try:
         while True:
             time.sleep(refresh)

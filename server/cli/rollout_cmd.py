@@ -22,6 +22,11 @@ from typer.core import TyperGroup
 from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.device.core.errors import UsageError
 from edgefleet.server.cli.home_opts import HOME_OPTION
+from edgefleet.server.cli.metrics_cmd import (
+    METRICS_HOST_OPTION,
+    METRICS_PORT_OPTION,
+    start_metrics,
+)
 from edgefleet.server.cli.registry_cmd import HOME, open_registry
 
 if TYPE_CHECKING:
@@ -199,6 +204,8 @@ def guard(
     broker: str | None = BROKER,
     json_out: bool = typer.Option(False, "--json", help="With --once: one JSON object; "
                                   "else one JSON line per pass."),
+    metrics_port: int | None = METRICS_PORT_OPTION,
+    metrics_host: str = METRICS_HOST_OPTION,
 ) -> None:
     """Stop every running canary that turns unhealthy, also when no --watch is running.
 
@@ -251,10 +258,13 @@ def guard(
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _stop)
+        endpoint = start_metrics(metrics_port, metrics_host, g.metrics, quiet=json_out)
         if not json_out:
             console.print(f"guarding the running canaries of {reg.home} every "
                           f"{interval:g} s; Ctrl-C to stop")
         g.run(report)
+        if endpoint is not None:
+            endpoint.close()
     finally:
         g.close()
         if store is not None:

@@ -15,6 +15,11 @@ from edgefleet.server.cli.home_opts import (
     USERNAME_OPTION,
 )
 from edgefleet.server.cli.home_opts import parse_broker as _parse_broker
+from edgefleet.server.cli.metrics_cmd import (
+    METRICS_HOST_OPTION,
+    METRICS_PORT_OPTION,
+    start_metrics,
+)
 
 __all__ = ["app", "parse_broker"]
 
@@ -52,6 +57,8 @@ def run(
     duration: float = typer.Option(0.0, "--duration", min=0.0,
                                    help="Stop after this many seconds (0: until SIGTERM)."),
     json_out: bool = typer.Option(False, "--json", help="On exit, print the counters as JSON."),
+    metrics_port: int | None = METRICS_PORT_OPTION,
+    metrics_host: str = METRICS_HOST_OPTION,
 ) -> None:
     """Serve a cloud model package to devices through the broker until stopped.
 
@@ -92,7 +99,10 @@ def run(
         threading.Timer(duration, stop.set).start()
     if not json_out:
         console.print(f"scorer {scorer_id}: {scorer.model} on {host}:{port} (group {group})")
+    endpoint = start_metrics(metrics_port, metrics_host, metrics, quiet=json_out)
     scorer.run(stop)
+    if endpoint is not None:
+        endpoint.close()
     counters = metrics.snapshot()["counters"]
     if json_out:
         print_json({"scorer": scorer_id, "model": scorer.model, "counters": counters})

@@ -21,7 +21,7 @@ import pwd
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,7 +29,11 @@ from edgefleet.device.core.errors import ConfigError
 from edgefleet.server.fleet.broker import find_mosquitto, limit_lines
 from edgefleet.server.fleet.home import FleetHome, private_dir
 
-__all__ = ["Service", "TlsFiles", "plan", "systemd_units", "write_mosquitto_conf"]
+__all__ = ["METRICS_OFFSETS", "Service", "TlsFiles", "plan", "systemd_units",
+           "write_mosquitto_conf"]
+
+#: With ``[server] metrics_port = P``: each service's /metrics at P + offset (loopback).
+METRICS_OFFSETS = {"metrics": 0, "ingest": 1, "scorer": 2, "registry": 3, "rollout-guard": 4}
 
 #: Our venv's programs (``edgefleet``, ``flower-superlink``).
 BIN = Path(sys.executable).parent
@@ -193,7 +197,21 @@ def plan(home: FleetHome) -> list[Service]:
         out.append(Service("rollout-guard", _edgefleet(
             "rollout", "guard", "--home", root, "--interval", f"{srv.guard_interval:g}"),
             "stops unhealthy canaries", env=env, needs_broker=True))
+    if srv.metrics_port is not None:
+        out = [_with_metrics(svc, srv.metrics_port) for svc in out]
+        out.append(Service("metrics", _edgefleet("metrics", "serve", "--home", root,
+                                                 "--port", str(srv.metrics_port)),
+                           "Prometheus fleet gauges from the fleet store",
+                           port=srv.metrics_port, env=env))
     return out
+
+
+def _with_metrics(svc: Service, base: int) -> Service:
+    """``svc`` serving its /metrics on loopback at ``base`` + its offset, if it has one."""
+    off = METRICS_OFFSETS.get(svc.name)
+    if off is None or svc.name == "metrics":
+        return svc
+    return replace(svc, argv=[*svc.argv, "--metrics-port", str(base + off)])
 
 
 def _unit_name(svc: Service) -> str:

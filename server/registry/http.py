@@ -35,6 +35,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +46,8 @@ from edgefleet.device.core.conn_guard import (
     ConnectionLimits,
     GuardedServerMixin,
 )
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.core.prom_text import labelled
 from edgefleet.server.fleet.pki import cert_fingerprint
 
 __all__ = ["CHUNK_BYTES", "ClientAllowList", "ConnectionLimits", "RegistryHandler",
@@ -52,6 +55,8 @@ __all__ = ["CHUNK_BYTES", "ClientAllowList", "ConnectionLimits", "RegistryHandle
 
 log = logging.getLogger(__name__)
 
+#: Bounds (s) of ``registry_request_seconds``: metadata in ms, packages up to minutes.
+REQUEST_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)
 _METADATA_NAME = re.compile(r"^(?:\d+\.)?(root|targets|snapshot|timestamp)\.json$")
 _TARGET_NAME = re.compile(r"^(?:[A-Za-z0-9._-]+/)*([0-9a-f]{64})\.[A-Za-z0-9._-]+$")
 #: Files are sent in pieces of this size (memory per download, whatever the file size).
@@ -189,7 +194,29 @@ class RegistryHandler(BaseHTTPRequestHandler):
                         "devices (revoked, or enrolled in another fleet).")
         return False
 
+    def file_kind(self) -> str:
+        """What the request asks for, as the label of its metrics: ``metadata`` (TUF
+        role files), ``target`` (package archives) or ``other`` (a 404)."""
+        path = self.path.split("?", 1)[0]
+        return ("metadata" if path.startswith("/metadata/")
+                else "target" if path.startswith("/targets/") else "other")
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._code = int(code)
+        super().send_response(code, message)
+
     def do_GET(self) -> None:
+        t0 = time.perf_counter()
+        self._code = 0
+        try:
+            self._get()
+        finally:
+            kind, m = self.file_kind(), self.server.metrics
+            m.inc(labelled("registry_requests", kind=kind, code=str(self._code)))
+            m.observe(labelled("registry_request_seconds", kind=kind),
+                      time.perf_counter() - t0, REQUEST_BUCKETS_S)
+
+    def _get(self) -> None:
         if not self.admitted():
             return
         file = self.resolve(self.path)
@@ -249,7 +276,8 @@ class RegistryServer(GuardedServerMixin, ThreadingHTTPServer):
                  port: int = 0, handler: type[RegistryHandler] = RegistryHandler,
                  tls: ssl.SSLContext | None = None,
                  limits: ConnectionLimits | None = None,
-                 clients: ClientAllowList | None = None) -> None:
+                 clients: ClientAllowList | None = None,
+                 metrics: Metrics | None = None) -> None:
         if clients is not None and (tls is None or tls.verify_mode != ssl.CERT_REQUIRED):
             raise ValueError("a client allow-list needs TLS that requires client certificates")
         super().__init__((host, port), handler)
@@ -265,6 +293,8 @@ class RegistryServer(GuardedServerMixin, ThreadingHTTPServer):
         #: Connections with a fleet certificate that is not (or no longer) enrolled.
         self.clients_refused = 0
         self._thread: threading.Thread | None = None
+        #: Requests by file kind and status, and their durations (``/metrics``).
+        self.metrics = metrics if metrics is not None else Metrics()
 
     @property
     def url(self) -> str:

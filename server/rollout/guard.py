@@ -18,11 +18,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edgefleet.device.core.errors import EdgefleetError
+from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.core.retry import Backoff
 from edgefleet.server.rollout.controller import RolloutController
 from edgefleet.server.rollout.health import CombinedHealth, MetricsStore, StoreHealthSource
@@ -36,6 +38,9 @@ from edgefleet.server.rollout.records import (
 __all__ = ["GUARD_ACTOR", "BrokerView", "GuardPass", "RolloutGuard"]
 
 log = logging.getLogger(__name__)
+
+#: Bounds (s) of ``guard_pass_seconds``: one pass reads the broker view and the ledger.
+PASS_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 #: The audit-log actor of a guard's stops (``details.automatic`` is true as for ``--watch``).
 GUARD_ACTOR = "rollout-guard"
@@ -76,7 +81,8 @@ class RolloutGuard:
 
     def __init__(self, registry: RolloutRegistry, open_view: Callable[[], BrokerView], *,
                  store: MetricsStore | None = None, interval: float = 10.0, settle: float = 1.0,
-                 min_inferences: int = 20, backoff: Backoff | None = None) -> None:
+                 min_inferences: int = 20, backoff: Backoff | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.registry = registry
         self.open_view = open_view
         self.store = store
@@ -84,6 +90,8 @@ class RolloutGuard:
         self.settle = settle
         self.min_inferences = min_inferences
         self.backoff = backoff or Backoff(base=1.0, cap=60.0)
+        #: Passes, failures, canaries stopped, pass durations (``/metrics``).
+        self.metrics = metrics if metrics is not None else Metrics()
         self.passes = 0
         self.failures = 0
         self._view: BrokerView | None = None
@@ -134,16 +142,23 @@ class RolloutGuard:
     def run(self, on_pass: Callable[[GuardPass], None] | None = None) -> None:
         """Pass after pass until :meth:`stop`; broker and database trouble is waited out."""
         while not self._stop.is_set():
+            t0 = time.perf_counter()
             try:
                 result = self.run_pass()
             except (EdgefleetError, OSError, sqlite3.Error) as exc:
                 self.failures += 1
+                self.metrics.inc("guard_pass_failures")
                 self._close_view()
                 delay = self.backoff.next_delay()
                 log.warning("guard pass failed (%s); retrying in %.1f s", exc, delay)
                 self._stop.wait(delay)
                 continue
             self.backoff.reset()
+            m = self.metrics
+            m.inc("guard_passes")
+            m.inc("guard_canaries_stopped", len(result.stopped))
+            m.set("guard_canaries_running", sum(c["status"] == "running" for c in result.checked))
+            m.observe("guard_pass_seconds", time.perf_counter() - t0, PASS_BUCKETS_S)
             if on_pass is not None:
                 on_pass(result)
             self._stop.wait(self.interval)

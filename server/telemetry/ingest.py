@@ -50,10 +50,13 @@ from edgefleet.server.telemetry.alerts import AlertThresholds, check_metrics, ch
 from edgefleet.server.telemetry.store import QUARANTINE_ROWS, Store
 from edgefleet.server.telemetry.validate import Accepted, Rejected, validate_message
 
-__all__ = ["MAX_WORKERS", "IngestConfig", "IngestService", "partition_of"]
+__all__ = ["COMMIT_BUCKETS_S", "MAX_WORKERS", "IngestConfig", "IngestService", "partition_of"]
 
 #: Upper bound of ``workers`` (each worker receives every message, see IngestConfig).
 MAX_WORKERS = 64
+
+#: Bounds (s) of ``ingest_batch_commit_seconds``: one batch's transaction, 1 ms to 10 s.
+COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +340,10 @@ class IngestService:
         batch, self._batch = self._batch, _Batch()
         if not len(batch):
             return
+        t0 = time.perf_counter()
         new, dup = self._write(batch, time.time())
+        self.metrics.observe("ingest_batch_commit_seconds", time.perf_counter() - t0,
+                             COMMIT_BUCKETS_S)
         self.stored += new
         self.duplicates += dup
         self.metrics.inc("ingest_stored", new)

@@ -1,0 +1,1 @@
+"""Prometheus metrics of the fleet's services (``/metrics``) and of the fleet itself."""
