@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 #: ``agent.toml`` (section, key) pairs that may name a file of the bundle.
 _FILE_KEYS = (("mqtt", "password_file"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
               ("mqtt", "key_file"), ("fl", "root_certificates"), ("fl", "auth_private_key"),
-              ("updates", "trusted_root"), ("updates", "ca_file"), ("fl", "trusted_app_keys"))
+              ("updates", "trusted_root"), ("updates", "ca_file"), ("fl", "trusted_app_keys"),
+              ("updates", "director_key"))
 _MAX_MEMBER_BYTES = 1 << 20
 
 

@@ -90,6 +90,9 @@ class UpdatesSection(StrictModel):
     ca_file: Path | None = Field(
         default=None, description="PEM CA that signed the registry's HTTPS certificate "
                                   "(the fleet CA; default: the system's trust store).")
+    director_key: Path | None = Field(
+        default=None, description="The director's public key pinned at enrollment: "
+                                  "only assignments it signed for this device are followed.")
 
     @model_validator(mode="after")
     def _one_scheme(self) -> UpdatesSection:

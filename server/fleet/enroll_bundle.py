@@ -12,6 +12,8 @@ A folder (or a ``.tar.gz`` of it) whose files are all 0600::
     app-trust.yaml    Flower trusted entities: the only key whose Flower apps the
                       device's SuperNode runs (the fleet's app-signing key)
     registry-ca.pem   the CA of the registry's HTTPS certificate, when it uses TLS
+    director.pub      the director's public key: the only key whose assignments the
+                      device acts on (it follows signed rotations from here)
 
 ``edgefleet-agent enroll`` (device/agent/enroll.py) installs it and rewrites the names to
 absolute paths. The bundle holds secrets: move it to the device over a trusted channel
@@ -41,11 +43,12 @@ BUNDLE_FILES: dict[tuple[str, str], str] = {
     ("fl", "trusted_app_keys"): "app-trust.yaml",
     ("updates", "trusted_root"): "root.json",
     ("updates", "ca_file"): "registry-ca.pem",
+    ("updates", "director_key"): "director.pub",
 }
 
 
 def agent_template(s: FleetSettings, name: str, group: str,
-                   app_trust: bool = False) -> dict[str, Any]:
+                   app_trust: bool = False, director: bool = False) -> dict[str, Any]:
     """The ``agent.toml`` of a device, with bundle file names for paths."""
     mqtt: dict[str, Any] = {"host": s.broker_host, "port": s.broker_port, "username": name,
                             "password_file": "mqtt.password"}
@@ -57,6 +60,8 @@ def agent_template(s: FleetSettings, name: str, group: str,
                           "targets_url": s.targets_url, "trusted_root": "root.json"}
         if s.registry_ca:
             cfg["updates"]["ca_file"] = "registry-ca.pem"
+        if director:
+            cfg["updates"]["director_key"] = "director.pub"
     if s.superlink:
         # The device's privacy policy, written out in full so the operator installing the
         # device sees (and may tighten) what it will accept from any server.
@@ -75,22 +80,27 @@ def _copy_private(src: Path, dst: Path) -> None:
 
 
 def write_bundle(s: FleetSettings, name: str, group: str, password: str, stage: Path,
-                 out: Path, app_trust: str | None = None) -> Path:
+                 out: Path, app_trust: str | None = None,
+                 director_pub: Path | None = None) -> Path:
     """Fill ``stage`` (which may hold ``node.key``) and move it to ``out``.
 
-    ``app_trust`` is the trusted-entities YAML of the fleet's app-signing key.
+    ``app_trust`` is the trusted-entities YAML of the fleet's app-signing key;
+    ``director_pub`` the director's public key file (with updates enabled).
 
     ``out`` ending in ``.tar.gz``/``.tgz`` gets an archive (0600), else a 0700 folder.
     """
     trust = app_trust is not None and bool(s.superlink)
-    (stage / "agent.toml").write_text(dump_toml(agent_template(s, name, group, trust)))
+    director = director_pub is not None and bool(s.metadata_url)
+    (stage / "agent.toml").write_text(dump_toml(agent_template(s, name, group, trust,
+                                                               director)))
     if trust:
         assert app_trust is not None
         (stage / "app-trust.yaml").write_text(app_trust)
     (stage / "mqtt.password").write_text(password + "\n")
     (stage / "node.pub").unlink(missing_ok=True)  # public; the server keeps it
     for src, dst in ((s.broker_ca, "broker-ca.pem"), (s.superlink_ca, "superlink-ca.pem"),
-                     (s.trusted_root, "root.json"), (s.registry_ca, "registry-ca.pem")):
+                     (s.trusted_root, "root.json"), (s.registry_ca, "registry-ca.pem"),
+                     (director_pub if director else None, "director.pub")):
         if src is not None:
             _copy_private(src, stage / dst)
     for f in stage.iterdir():

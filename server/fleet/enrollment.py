@@ -20,6 +20,7 @@ from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
 from edgefleet.server.fleet.app_signing import fleet_key
 from edgefleet.server.fleet.broker_acl import RESERVED_NAMES, hash_password
 from edgefleet.server.fleet.devices import DeviceRow
+from edgefleet.server.fleet.director_key import public_file
 from edgefleet.server.fleet.enroll_bundle import write_bundle
 from edgefleet.server.fleet.home import SERVICE_ROLES, FleetHome, private_dir
 from edgefleet.server.fleet.pki import make_node_key
@@ -98,8 +99,10 @@ def enroll_device(home: FleetHome, name: str, group: str = "default", *,
         try:
             if node_pub is not None and superlink is not None:
                 _register(home, row, superlink)
+            director = public_file(home.registry_path / "keys")
             bundle = write_bundle(home.settings, name, group, password, stage, out,
-                                  fleet_key(home.root).trusted_entities())
+                                  fleet_key(home.root).trusted_entities(),
+                                  director if director.is_file() else None)
         except BaseException:
             home.devices.delete(name)  # no half-enrolled device blocking the name
             raise

@@ -159,6 +159,24 @@ class FleetView:
         with self._lock:
             return {d: s.get("version") for d, s in self.states.items()}
 
+    def assign_seq(self, device: str) -> int | None:
+        """The last director seq the device's state reports (None: no state or no seq)."""
+        with self._lock:
+            seq = self.states.get(device, {}).get("assign_seq")
+        return seq if type(seq) is int and 0 <= seq < 2**53 else None
+
+    def members(self, group: str) -> list[str]:
+        """Devices whose state lists ``group``."""
+        with self._lock:
+            return sorted(d for d, s in self.states.items()
+                          if isinstance(s.get("groups"), list) and group in s["groups"])
+
+    def models(self) -> dict[str, str | None]:
+        """Known devices and the model each runs (None: none yet)."""
+        with self._lock:
+            return {d: s["model"] if isinstance(s.get("model"), str) else None
+                    for d, s in self.states.items()}
+
     def health(self, device: str, since: float = 0.0,
                rollout: str | None = None) -> HealthRates | None:
         """Rates from the device's last state message, and its rollback/refusal events.
