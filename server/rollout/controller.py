@@ -43,6 +43,7 @@ from edgefleet.device.wire.updates import (
     device_topic,
     group_topic,
     target_path,
+    version_key,
 )
 from edgefleet.server.fleet import director_key
 from edgefleet.server.rollout.director import Director
@@ -102,12 +103,27 @@ class RolloutController:
         return self.registry.require(model, version).sha256
 
     def _assign(self, device: str, model: str, version: str, rollout: str, *,
-                shadow: bool = False, rollback: bool = False) -> None:
-        """Sign ``model@version`` for ``device`` and publish it on the device's topic."""
+                shadow: bool = False, rollback: bool = False) -> bool:
+        """Sign ``model@version`` for ``device`` and publish it on the device's topic.
+
+        The assignment says ``rollback`` when asked to, and also when ``version`` is below
+        what the device reports as the highest it has seen or the director last gave it
+        (a promotion after a failed canary); True when it says so (the audit entry lists
+        those devices).
+        """
         view = self._directory()
-        a = Assignment(model, version, shadow, rollout, rollback, self._sha(model, version))
+        before = [v for v in (view.highest(device, model) if view else None,
+                              self._last_version(device, model)) if v]
+        down = any(version_key(version) < version_key(v) for v in before)
+        a = Assignment(model, version, shadow, rollout, rollback or down,
+                       self._sha(model, version))
         payload = self.director.sign(device, a, view.assign_seq(device) if view else None)
         self.publisher.publish(device_topic(device), payload)
+        return a.rollback
+
+    def _last_version(self, device: str, model: str) -> str | None:
+        last = self.director.assigned(device)
+        return last.version if last is not None and last.model == model else None
 
     def _clear(self, device: str) -> None:
         self.director.clear(device)
@@ -229,12 +245,11 @@ class RolloutController:
             targets = self._known(list(fleet))
             self.publisher.publish(FLEET_TOPIC, b"")  # no unsigned message lingers there
             r.status = "promoted"
-        for d in targets:
-            self._assign(d, model, version, rid, shadow=shadow)
+        downgraded = [d for d in targets if self._assign(d, model, version, rid, shadow=shadow)]
         self._save(r)
         self.registry.audit.append("rollout.start", actor=actor, rollout=rid, model=model,
                                    version=version, mode=mode, devices=chosen, group=group,
-                                   shadow=shadow, threshold=threshold)
+                                   shadow=shadow, threshold=threshold, rollback=downgraded)
         return r
 
     def check(self, r: Rollout, *, actor: str | None = None) -> Rollout:
@@ -336,14 +351,15 @@ class RolloutController:
         if not self._claim(r.id, ("running",), "promoted", baseline=json.dumps(baseline)):
             raise UsageError(f"rollout {r.id} of {model} is {self.get(r.id).status} now")
         # Every device the view knows, and every device an earlier rollout assigned.
-        for d in self._known([d for past in self.rollouts(model) for d in past.devices]):
-            self._assign(d, model, r.version, r.id)
+        downgraded = [d for d in self._known([d for past in self.rollouts(model)
+                                              for d in past.devices])
+                      if self._assign(d, model, r.version, r.id)]
         self.publisher.publish(FLEET_TOPIC, b"")
         if r.mode == "group" and r.group:
             self.publisher.publish(group_topic(r.group), b"")
         r = self.get(r.id)
         self.registry.audit.append("rollout.promote", actor=actor, rollout=r.id, model=model,
-                                   version=r.version)
+                                   version=r.version, rollback=downgraded)
         return r
 
     def rollback(self, model: str, *, actor: str | None = None) -> Rollout:

@@ -125,6 +125,9 @@ class FleetDirectory(Protocol):
     def models(self) -> dict[str, str | None]:
         """Known devices and the model each runs (None: none yet)."""
 
+    def highest(self, device: str, model: str) -> str | None:
+        """The highest version of ``model`` the device reports having seen."""
+
 
 class _Version(Protocol):
     @property
