@@ -46,6 +46,7 @@ from edgefleet.device.wire.updates import (
     version_key,
 )
 from edgefleet.server.fleet import director_key
+from edgefleet.server.fleet.keys import KeyRing
 from edgefleet.server.rollout.director import Director
 from edgefleet.server.rollout.health import RolloutLedger
 from edgefleet.server.rollout.records import (
@@ -76,6 +77,7 @@ class RolloutController:
         self._db = connect(registry.home)
         self.ledger = RolloutLedger(self._db)
         self._director = director
+        self._own_director = director is None
         #: The rates each device of a rollout showed at its last check (``guard --json``).
         self.observed: dict[str, dict[str, HealthRates]] = {}
 
@@ -86,10 +88,20 @@ class RolloutController:
     # --- the director ------------------------------------------------------------------
     @property
     def director(self) -> Director:
-        """The director signing this controller's assignments (its key loaded on first use)."""
-        if self._director is None:
-            self._director = Director(director_key.load(self.registry.keys), self._db)
+        """The director signing this controller's assignments: its key is loaded on first
+        use and again after ``keys rotate director`` (a long-running guard never signs
+        with a retired key)."""
+        ring = self.registry.keys
+        if self._director is None or (self._own_director and self._director.key.keyid
+                                      != self._current_keyid(ring)):
+            self._director = Director(director_key.load(ring), self._db)
         return self._director
+
+    @staticmethod
+    def _current_keyid(ring: KeyRing) -> str | None:
+        pub = director_key.public_file(ring.keys_dir)
+        return (director_key.director_key_id(director_key.read_public(pub))
+                if pub.is_file() else None)
 
     def _directory(self) -> FleetDirectory | None:
         return self.publisher if isinstance(self.publisher, FleetDirectory) else None
