@@ -100,6 +100,10 @@ def enroll_device(home: FleetHome, name: str, group: str = "default", *,
             if node_pub is not None and superlink is not None:
                 _register(home, row, superlink)
             director = public_file(home.registry_path / "keys")
+            if home.settings.metadata_url and not director.is_file():
+                log.warning("%s: no director key at %s; %s will follow unsigned assignments "
+                            "(set [server] registry, or run `edgefleet fleet init --update`)",
+                            name, director, name)
             bundle = write_bundle(home.settings, name, group, password, stage, out,
                                   fleet_key(home.root).trusted_entities(),
                                   director if director.is_file() else None)
