@@ -435,8 +435,14 @@ class Agent:
         from edgefleet.device.updates.listener import UpdateAgent
 
         assert self.updater is not None  # made by _start_model when updates are enabled
+        director = None
+        if self.cfg.updates.director_key is not None:
+            from edgefleet.device.updates.director import DirectorTrust, load_public_key
+
+            director = DirectorTrust(self.updater.state_dir, self.cfg.device_id,
+                                     load_public_key(self.cfg.updates.director_key))
         agent = UpdateAgent(self.cfg.device_id, self.updater, self.cfg.mqtt,
-                            groups=(self.cfg.group,), metrics=self.metrics)
+                            groups=(self.cfg.group,), metrics=self.metrics, director=director)
         self._parts.append(agent.start().stop)
 
     def _start_input(self) -> None:

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 _FILE_KEYS = (("mqtt", "password_file"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
               ("mqtt", "key_file"), ("fl", "root_certificates"), ("fl", "auth_private_key"),
               ("updates", "trusted_root"), ("updates", "ca_file"), ("updates", "client_cert"),
-              ("updates", "client_key"), ("fl", "trusted_app_keys"), ("updates", "fleet_key"))
+              ("updates", "client_key"), ("fl", "trusted_app_keys"), ("updates", "fleet_key"),
+              ("updates", "director_key"))
 _MAX_MEMBER_BYTES = 1 << 20
 
 

@@ -101,6 +101,9 @@ class UpdatesSection(StrictModel):
         default=None, description="This device's client certificate (PEM, from its "
                                   "enrollment bundle), for a registry that requires one.")
     client_key: Path | None = Field(default=None, description="The key of client_cert.")
+    director_key: Path | None = Field(
+        default=None, description="The director's public key pinned at enrollment: "
+                                  "only assignments it signed for this device are followed.")
 
     @model_validator(mode="after")
     def _one_scheme(self) -> UpdatesSection:

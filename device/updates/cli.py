@@ -129,19 +129,26 @@ def run(
     broker: str = typer.Option("127.0.0.1:1883", help="MQTT broker host:port."),
     group: list[str] = typer.Option([], help="Groups this device belongs to (repeatable)."),
     variant: str | None = typer.Option(None, help="Variant to serve (default: the manifest's)."),
+    director_key: Path | None = typer.Option(
+        None, "--director-key", help="The director's public key (director.pub): follow only "
+                                     "assignments it signed for this device."),
 ) -> None:
     """Follow retained rollout assignments until SIGTERM.
 
     Example: edgefleet-agent update run --device pi-07 --group lab --state ./st
     --repo http://127.0.0.1:8470 --root root.json --broker 127.0.0.1:1883
+    --director-key director.pub
     """
     from edgefleet.device.core.mqtt_link import MqttConfig
+    from edgefleet.device.updates.director import DirectorTrust, load_public_key
     from edgefleet.device.updates.listener import UpdateAgent
 
     host, _, port = broker.rpartition(":")
     upd = _updater(state, repo, root, variant, 30.0, ca_file, fleet_key, require_encryption)
+    director = (DirectorTrust(state, device, load_public_key(director_key))
+                if director_key is not None else None)
     agent = UpdateAgent(device, upd, MqttConfig(host=host or "127.0.0.1", port=int(port)),
-                        groups=tuple(group)).start()
+                        groups=tuple(group), director=director).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):

@@ -45,7 +45,7 @@ from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.device.updates.sandbox import TrialLimits, trial_load
 from edgefleet.device.updates.slots import SlotStore
 from edgefleet.device.updates.tuf_client import TufClient
-from edgefleet.device.wire.updates import Assignment
+from edgefleet.device.wire.updates import Assignment, version_key
 
 __all__ = ["FAULT_STEPS", "EventSink", "HealthPolicy", "Updater"]
 
@@ -167,6 +167,10 @@ class Updater:
         if (custom.get("model"), custom.get("version")) != (a.model, a.version):
             raise UpdateRejected("signed target is another model or version",
                                  reason="assignment_mismatch", target=a.target)
+        if a.sha256 is not None and a.sha256 != sha:
+            raise UpdateRejected(f"the director names sha256 {a.sha256[:12]}..., TUF signs "
+                                 f"{sha[:12]}...", reason="hash_mismatch", target=a.target)
+        self._check_downgrade(a)
         self.tuf.highest.saw_model(a.model, a.version)
         if sha in self.slots.rejected():
             raise UpdateRejected("this archive already failed on this device",
@@ -184,6 +188,20 @@ class Updater:
             self.event("shadow_started", target=a.target, rollout=a.rollout)
             return "shadow"
         return self._activate(slot, a, sha)
+
+    def _check_downgrade(self, a: Assignment) -> None:
+        """A version below the highest seen only when the (signed) assignment says rollback."""
+        highest = self.tuf.highest.models.get(a.model)
+        if highest is None or version_key(a.version) >= version_key(highest):
+            return
+        if not a.rollback:
+            raise UpdateRejected(f"{a.version} is below {highest}, the highest this device "
+                                 "has seen, and the assignment is not a signed rollback",
+                                 reason="downgrade_refused", target=a.target)
+        log.warning("downgrade of %s from %s to %s (rollout %s)", a.model, highest, a.version,
+                    a.rollout)
+        self.event("downgrade_accepted", target=a.target, version=a.version,
+                   from_version=highest, rollout=a.rollout)
 
     def _variant(self, slot: str) -> str:
         return self.variant or read_manifest(self.slots.path(slot)).default_variant

@@ -11,6 +11,14 @@ JSON reader (through :func:`~edgefleet.device.wire.updates.decode_assignment`) a
 from the topics this device subscribed to; a refused one is counted and reported, and a
 handler that fails anyway is counted (``update_message_errors``) without ending the
 MQTT thread, whose loop survives any failing step.
+
+With a director key pinned (:class:`~edgefleet.device.updates.director.DirectorTrust`) the
+device listens to its own assignment topic only: group and fleet messages cannot carry
+a per-device signature and sequence number. Every message there must be a v2 assignment
+the director signed for this device; anything else is refused with its reason
+(``unsigned_assignment``, ``bad_signature``, ``wrong_device``, ``expired``, ``replayed``),
+counted (``update_assignment_refused_<reason>``) and reported (event
+``assignment_refused``), and the device keeps serving what it serves.
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ from edgefleet.device.core.errors import UpdateRejected, UpdateUnavailable
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
 from edgefleet.device.core.retry import Backoff
+from edgefleet.device.updates.director import DirectorTrust
 from edgefleet.device.updates.installer import Updater
 from edgefleet.device.wire.updates import (
     FLEET_TOPIC,
     MAX_ASSIGNMENT_BYTES,
     Assignment,
     decode_assignment,
+    decode_signed_assignment,
     device_topic,
     encode_event,
     encode_state,
@@ -49,8 +59,10 @@ class UpdateAgent:
 
     def __init__(self, device_id: str, updater: Updater, mqtt: MqttConfig, *,
                  groups: tuple[str, ...] = (), metrics: Metrics | None = None,
-                 state_interval: float = 2.0, backoff: Backoff | None = None) -> None:
+                 state_interval: float = 2.0, backoff: Backoff | None = None,
+                 director: DirectorTrust | None = None) -> None:
         self.device_id = device_id
+        self.director = director
         self.groups = groups
         self.updater = updater
         self.metrics = metrics if metrics is not None else default_metrics()
@@ -68,6 +80,8 @@ class UpdateAgent:
 
     # --- MQTT side (link thread) -----------------------------------------------------
     def _topics(self) -> list[str]:
+        if self.director is not None:
+            return [device_topic(self.device_id)]
         return [device_topic(self.device_id), *(group_topic(g) for g in self.groups),
                 FLEET_TOPIC]
 
@@ -92,13 +106,26 @@ class UpdateAgent:
             log.warning("assignment on %s is %d bytes: ignored", msg.topic, len(msg.payload))
             return
         try:
-            assignment = decode_assignment(msg.payload)
+            assignment = self._read(bytes(msg.payload))
         except UpdateRejected as exc:
-            self.metrics.inc("update_assignment_invalid")
-            self._event("assignment_invalid", topic=msg.topic, error=str(exc))
+            if exc.reason in ("bad_assignment", "too_large"):
+                self.metrics.inc("update_assignment_invalid")
+                self._event("assignment_invalid", topic=msg.topic, error=str(exc))
+                return
+            log.warning("assignment on %s refused (%s): %s", msg.topic, exc.reason, exc)
+            self.metrics.inc(f"update_assignment_refused_{exc.reason}")
+            self._event("assignment_refused", topic=msg.topic, reason=exc.reason,
+                        target=getattr(exc, "target", None), error=str(exc))
             return
         self._sources[msg.topic] = assignment
         self._wanted.put(self.effective())
+
+    def _read(self, payload: bytes) -> Assignment | None:
+        """The assignment of one message (None: cleared); raises the refusal."""
+        if self.director is None:
+            return decode_assignment(payload)
+        signed = decode_signed_assignment(payload)
+        return self.director.accept(signed) if signed is not None else None
 
     def effective(self) -> Assignment | None:
         """The most specific assignment received so far."""
@@ -127,6 +154,9 @@ class UpdateAgent:
             "highest_seen": {**self.updater.tuf.highest.versions,
                              "models": self.updater.tuf.highest.models},
             "last": self.last_outcome,
+            # What the director signs the next assignment above (and with which key).
+            "assign_seq": self.director.seq if self.director else None,
+            "director_key": self.director.keyid if self.director else None,
         }
 
     def _queue_state(self) -> None:

@@ -1,4 +1,4 @@
-"""``edgefleet keys``: create and rotate the registry's TUF signing keys."""
+"""``edgefleet keys``: create and rotate the registry's TUF signing keys and the director key."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from pathlib import Path
 import typer
 
 from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.device.core.errors import UsageError
 from edgefleet.server.cli.fleet_key_cmd import app as fleet_key_app
 from edgefleet.server.cli.registry_cmd import HOME, PASSPHRASE_FILE, ROOT_KEY, open_registry
 
 __all__ = ["app"]
 
-app = typer.Typer(help="TUF signing keys (Ed25519): init, rotate, show; fleet-key: the "
-                       "package-encryption key.", no_args_is_help=True)
+app = typer.Typer(help="TUF signing keys and the director key (Ed25519): init, rotate, show; "
+                       "fleet-key: the package-encryption key.", no_args_is_help=True)
 app.add_typer(fleet_key_app, name="fleet-key")
 
 
@@ -26,17 +27,23 @@ def init(
 ) -> None:
     """Create one key per role (files mode 0600) and sign root v1 and the first metadata.
 
+    Also creates the director key, which signs each device's assignment (devices pin it
+    at enrollment; it is not a TUF role).
+
     Keep the root key offline with --root-key on removable media; only keys init and
     keys rotate need it. Set EDGEFLEET_KEY_PASSPHRASE (or --passphrase-file) to encrypt.
 
     Example: edgefleet keys init --registry /srv/registry --root-key /media/usb/root.pem
     """
-    from edgefleet.server.fleet.keys import ROLES
+    from edgefleet.server.fleet import director_key
+    from edgefleet.server.fleet.keys import DIRECTOR, ROLES
 
     reg = open_registry(home, root_key, passphrase_file, create=True)
     signers = {role: reg.keys.generate(role) for role in ROLES}
     reg.init_repo()
+    director_key.ensure(reg.keys)
     keys = {r: s.public_key.keyid for r, s in signers.items()}
+    keys[DIRECTOR] = director_key.load(reg.keys).keyid
     out = {"registry": str(reg.home), "root": str(reg.repo.metadata_dir / "1.root.json"),
            "keys": keys, "encrypted": reg.keys.passphrase is not None}
     if json_out:
@@ -49,7 +56,7 @@ def init(
 
 @app.command()
 def rotate(
-    role: str = typer.Argument(..., help="root, targets, snapshot or timestamp."),
+    role: str = typer.Argument(..., help="root, targets, snapshot, timestamp or director."),
     home: Path = HOME,
     root_key: Path | None = ROOT_KEY,
     passphrase_file: Path | None = PASSPHRASE_FILE,
@@ -66,10 +73,28 @@ def rotate(
     Devices follow on their next refresh; the old key file is kept as
     <role>.<keyid>.retired.pem so it can be destroyed deliberately.
 
+    The director key is not in root: its rotation is a link (the new key signed by the
+    old) that every assignment signed from now on carries; devices follow it on their
+    next assignment (docs/updates.md).
+
     Example: edgefleet keys rotate timestamp
     (after a fast-forward attack: edgefleet keys rotate snapshot --recover-fast-forward)
     """
+    from edgefleet.server.fleet import director_key
+
     reg = open_registry(home, root_key, passphrase_file)
+    if role == director_key.DIRECTOR:
+        if recover:
+            raise UsageError("--recover-fast-forward is for TUF roles; the director key is "
+                             "not in root")
+        new = director_key.rotate(reg.keys)
+        reg.audit.append("keys.rotate", role=role, keyid=new.keyid, chain=len(new.chain))
+        if json_out:
+            print_json({"role": role, "keyid": new.keyid, "chain": len(new.chain)})
+        else:
+            console.print(f"director key is now {new.keyid} ({len(new.chain)} rotations); "
+                          "devices move to it with their next assignment")
+        return
     keyids = reg.repo.recover_fast_forward(role) if recover else {role: reg.repo.rotate(role)}
     version = reg.repo.root().version
     for name, keyid in keyids.items():
@@ -95,15 +120,22 @@ def show(
 
     Example: edgefleet keys show --json
     """
+    from edgefleet.server.fleet import director_key
+
     reg = open_registry(home)
     root = reg.repo.root()
+    pub = director_key.public_file(reg.keys.keys_dir)
+    director = (director_key.director_key_id(director_key.read_public(pub))
+                if pub.is_file() else None)
     out = {"root_version": root.version, "expires": root.expires.isoformat(),
            "roles": {name: {"keyids": role.keyids, "threshold": role.threshold}
                      for name, role in root.roles.items()},
-           "timestamp_expires": reg.repo.timestamp().expires.isoformat()}
+           "timestamp_expires": reg.repo.timestamp().expires.isoformat(),
+           "director": director}
     if json_out:
         print_json(out)
         return
     for name, role in root.roles.items():
         console.print(f"{name:9} threshold {role.threshold}  {', '.join(role.keyids)}")
+    console.print(f"director  {director or 'none (run keys init on a new registry)'}")
     console.print(f"root v{out['root_version']} expires {out['expires']}")

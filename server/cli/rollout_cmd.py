@@ -84,6 +84,9 @@ def _controller(home: Path | None, broker: str | None,
 
     reg = open_registry(home, fleet=fleet)
     view = _view(broker, fleet)
+    # Assignments are signed per device: wait for the retained states that say who is in
+    # the fleet (and the seq each device took) before anything is signed.
+    view.fleet(1.0)
     return RolloutController(reg, view, view), view
 
 
@@ -129,7 +132,7 @@ def rollout(
         reg.close()
     ctl, view = _controller(home, broker, fleet_home)
     try:
-        r = ctl.start(model, version, fleet=view.fleet(1.0),
+        r = ctl.start(model, version, fleet=view.fleet(0.0),
                       canary_pct=_percent(canary) if canary else None,
                       devices=[d for d in (devices or "").split(",") if d] or None,
                       group=group, everyone=fleet, shadow=shadow, threshold=threshold)

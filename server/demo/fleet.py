@@ -219,7 +219,7 @@ class Demo:
             superlink=f"127.0.0.1:{self.fed.port}", superlink_ca=self.fed.certs.ca,
             metadata_url=f"{self.s.registry_url}/metadata/",
             targets_url=f"{self.s.registry_url}/targets/",
-            trusted_root=Path(keys["root"]))
+            trusted_root=Path(keys["root"]), server={"registry": reg})
         files = self.home.broker_files()
         self.s.broker = MosquittoBroker(w / "broker", BrokerConfig(
             port=self.home.settings.broker_port, allow_anonymous=False,

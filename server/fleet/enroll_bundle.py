@@ -16,6 +16,8 @@ A folder (or a ``.tar.gz`` of it) whose files are all 0600::
                       encrypted model packages; server/fleet/package_key.py)
     registry-client.pem/.key  the device's client certificate and key, when the registry
                       requires them (``[server] registry_client_auth``)
+    director.pub      the director's public key: the only key whose assignments the
+                      device acts on (it follows signed rotations from here)
 
 ``edgefleet-agent enroll`` (device/agent/enroll.py) installs it and rewrites the names to
 absolute paths. The bundle holds secrets: move it to the device over a trusted channel
@@ -48,11 +50,13 @@ BUNDLE_FILES: dict[tuple[str, str], str] = {
     ("updates", "fleet_key"): "fleet.key",
     ("updates", "client_cert"): "registry-client.pem",
     ("updates", "client_key"): "registry-client.key",
+    ("updates", "director_key"): "director.pub",
 }
 
 
 def agent_template(s: FleetSettings, name: str, group: str,
-                   app_trust: bool = False, fleet_key: bool = False) -> dict[str, Any]:
+                   app_trust: bool = False, fleet_key: bool = False,
+                   director: bool = False) -> dict[str, Any]:
     """The ``agent.toml`` of a device, with bundle file names for paths."""
     mqtt: dict[str, Any] = {"host": s.broker_host, "port": s.broker_port, "username": name,
                             "password_file": "mqtt.password"}
@@ -70,6 +74,8 @@ def agent_template(s: FleetSettings, name: str, group: str,
         if s.server.registry_client_auth:
             cfg["updates"]["client_cert"] = "registry-client.pem"
             cfg["updates"]["client_key"] = "registry-client.key"
+        if director:
+            cfg["updates"]["director_key"] = "director.pub"
     if s.superlink:
         # The device's privacy policy, written out in full so the operator installing the
         # device sees (and may tighten) what it will accept from any server.
@@ -88,18 +94,21 @@ def _copy_private(src: Path, dst: Path) -> None:
 
 
 def write_bundle(s: FleetSettings, name: str, group: str, password: str, stage: Path,
-                 out: Path, app_trust: str | None = None, fleet_key: Path | None = None) -> Path:
+                 out: Path, app_trust: str | None = None, fleet_key: Path | None = None,
+                 director_pub: Path | None = None) -> Path:
     """Fill ``stage`` (which may hold ``node.key``) and move it to ``out``.
 
     ``app_trust`` is the trusted-entities YAML of the fleet's app-signing key;
-    ``fleet_key`` the fleet's package-encryption key file (devices get the private key).
+    ``fleet_key`` the fleet's package-encryption key file (devices get the private key);
+    ``director_pub`` the director's public key file (with updates enabled).
 
     ``out`` ending in ``.tar.gz``/``.tgz`` gets an archive (0600), else a 0700 folder.
     """
     trust = app_trust is not None and bool(s.superlink)
     with_key = fleet_key is not None and bool(s.metadata_url)
+    director = director_pub is not None and bool(s.metadata_url)
     (stage / "agent.toml").write_text(dump_toml(agent_template(s, name, group, trust,
-                                                               with_key)))
+                                                               with_key, director)))
     if trust:
         assert app_trust is not None
         (stage / "app-trust.yaml").write_text(app_trust)
@@ -107,7 +116,8 @@ def write_bundle(s: FleetSettings, name: str, group: str, password: str, stage: 
     (stage / "node.pub").unlink(missing_ok=True)  # public; the server keeps it
     for src, dst in ((s.broker_ca, "broker-ca.pem"), (s.superlink_ca, "superlink-ca.pem"),
                      (s.trusted_root, "root.json"), (s.registry_ca, "registry-ca.pem"),
-                     (fleet_key if with_key else None, "fleet.key")):
+                     (fleet_key if with_key else None, "fleet.key"),
+                     (director_pub if director else None, "director.pub")):
         if src is not None:
             _copy_private(src, stage / dst)
     for f in stage.iterdir():

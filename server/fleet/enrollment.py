@@ -21,6 +21,7 @@ from edgefleet.server.fleet import package_key
 from edgefleet.server.fleet.app_signing import fleet_key
 from edgefleet.server.fleet.broker_acl import RESERVED_NAMES, hash_password
 from edgefleet.server.fleet.devices import DeviceRow
+from edgefleet.server.fleet.director_key import public_file
 from edgefleet.server.fleet.enroll_bundle import write_bundle
 from edgefleet.server.fleet.home import SERVICE_ROLES, FleetHome, private_dir
 from edgefleet.server.fleet.pki import issue_client_cert, make_node_key
@@ -115,9 +116,15 @@ def enroll_device(home: FleetHome, name: str, group: str = "default", *,
                 _register(home, row, superlink)
             pkey = package_key.private_path(home.root)
             _registry_client_cert(home, name, stage)
+            director = public_file(home.registry_path / "keys")
+            if home.settings.metadata_url and not director.is_file():
+                log.warning("%s: no director key at %s; %s will follow unsigned assignments "
+                            "(set [server] registry, or run `edgefleet fleet init --update`)",
+                            name, director, name)
             bundle = write_bundle(home.settings, name, group, password, stage, out,
                                   fleet_key(home.root).trusted_entities(),
-                                  pkey if pkey.exists() else None)
+                                  pkey if pkey.exists() else None,
+                                  director if director.is_file() else None)
         except BaseException:
             home.devices.delete(name)  # no half-enrolled device blocking the name
             raise

@@ -261,7 +261,21 @@ class FleetHome:
         from edgefleet.server.fleet.app_signing import fleet_key
 
         fleet_key(root)  # the Flower-app signing key devices will trust
+        home.ensure_director_key()
         return home
+
+    def ensure_director_key(self) -> None:
+        """Give a registry made before directors its director key (``keys init`` makes one
+        for a new registry; enrollment bundles carry its public half)."""
+        keys_dir = self.registry_path / "keys"
+        if not keys_dir.is_dir():
+            return
+        from edgefleet.server.fleet import director_key
+        from edgefleet.server.fleet.keys import KeyRing
+
+        secret = os.environ.get("EDGEFLEET_KEY_PASSPHRASE", "").encode()
+        if director_key.ensure(KeyRing(keys_dir, passphrase=secret or None)):
+            log.info("created the director key in %s", keys_dir)
 
     @property
     def broker_dir(self) -> Path:

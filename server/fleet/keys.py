@@ -5,6 +5,10 @@
 ``targets`` signs what a model package is, ``snapshot`` and ``timestamp`` sign which
 metadata is current and must be online for ``registry serve`` to keep timestamps
 fresh. A passphrase (``EDGEFLEET_KEY_PASSPHRASE`` or a file) encrypts the PEMs.
+
+The ring also holds the director key (``director.pem``, :data:`DIRECTOR`), which is not a
+TUF role: root.json does not name it, and it signs per-device assignments
+(:mod:`edgefleet.server.fleet.director_key`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from securesystemslib.signer import CryptoSigner
 from edgefleet.device.core.durable import fsync_dir
 from edgefleet.device.core.errors import ConfigError, EdgefleetError
 
-__all__ = ["ROLES", "KeyRing"]
+__all__ = ["DIRECTOR", "ROLES", "KeyRing"]
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
+#: The director's key: in this ring, outside TUF.
+DIRECTOR = "director"
 
 
 class KeyRing:
@@ -34,8 +40,8 @@ class KeyRing:
 
     def path(self, role: str) -> Path:
         """Where the private key of ``role`` lives."""
-        if role not in ROLES:
-            raise ConfigError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
+        if role not in (*ROLES, DIRECTOR):
+            raise ConfigError(f"unknown role {role!r} (one of {', '.join(ROLES)}, {DIRECTOR})")
         if role == "root" and self.root_key is not None:
             return self.root_key
         return self.keys_dir / f"{role}.pem"

@@ -33,7 +33,7 @@ from edgefleet.device.runtime.archive import pack_package
 from edgefleet.device.runtime.envelope import SUITE_NAME, FleetPublicKey, encrypt_package
 from edgefleet.device.runtime.manifest import file_sha256, load_package, safe_member
 from edgefleet.device.runtime.onnx_check import check_no_external_data
-from edgefleet.device.wire.updates import target_path
+from edgefleet.device.wire.updates import target_path, version_key
 from edgefleet.server.fleet.audit import AuditLog
 from edgefleet.server.fleet.keys import KeyRing
 from edgefleet.server.registry.tuf_repo import Expiry, TufRepo
@@ -57,11 +57,6 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE model_versions ADD COLUMN encrypted_for TEXT NOT NULL DEFAULT ''",
     ],
 ]
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """Numeric ordering of dotted versions (``1.10.0`` > ``1.9.0``)."""
-    return tuple(int(p) for p in version.split("."))
 
 
 @dataclass(frozen=True)

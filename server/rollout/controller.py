@@ -18,6 +18,13 @@ remember per (rollout, device) lives in ``rollouts.db``
 agrees with the first. Stopping claims the row (``running`` -> ``stopping`` ->
 ``stopped``) with conditional updates, so two guards never stop a canary twice, and a stop
 interrupted between the claim and the re-assignments is finished by the next check.
+
+Every assignment goes through the director (:mod:`edgefleet.server.rollout.director`):
+one signed message per device on that device's topic, whatever the mode (a group or the
+fleet is the set of devices the fleet view knows). Group and fleet topics carry nothing
+any more; they are cleared so no stale unsigned message lingers there. A stop or
+rollback returns devices to a lower version, so those assignments say ``rollback``
+(devices refuse a downgrade without it), and the audit entry names who asked.
 """
 
 from __future__ import annotations
@@ -36,9 +43,14 @@ from edgefleet.device.wire.updates import (
     device_topic,
     group_topic,
     target_path,
+    version_key,
 )
+from edgefleet.server.fleet import director_key
+from edgefleet.server.fleet.keys import KeyRing
+from edgefleet.server.rollout.director import Director
 from edgefleet.server.rollout.health import RolloutLedger
 from edgefleet.server.rollout.records import (
+    FleetDirectory,
     HealthRates,
     HealthSource,
     Publisher,
@@ -52,27 +64,110 @@ __all__ = ["RolloutController"]
 log = logging.getLogger(__name__)
 
 
-def _assignment(model: str, version: str, rollout: str, shadow: bool = False) -> bytes:
-    return Assignment(model, version, shadow, rollout).encode()
-
-
 class RolloutController:
     """Starts, watches, promotes and rolls back rollouts of registered model versions."""
 
     def __init__(self, registry: RolloutRegistry, publisher: Publisher,
-                 health: HealthSource | None = None, *, min_inferences: int = 20) -> None:
+                 health: HealthSource | None = None, *, min_inferences: int = 20,
+                 director: Director | None = None) -> None:
         self.registry = registry
         self.publisher = publisher
         self.health = health
         self.min_inferences = min_inferences
         self._db = connect(registry.home)
         self.ledger = RolloutLedger(self._db)
+        self._director = director
+        self._own_director = director is None
         #: The rates each device of a rollout showed at its last check (``guard --json``).
         self.observed: dict[str, dict[str, HealthRates]] = {}
 
     def close(self) -> None:
         """Close the database connection."""
         self._db.close()
+
+    # --- the director ------------------------------------------------------------------
+    @property
+    def director(self) -> Director:
+        """The director signing this controller's assignments: its key is loaded on first
+        use and again after ``keys rotate director`` (a long-running guard never signs
+        with a retired key)."""
+        ring = self.registry.keys
+        if self._director is None or (self._own_director and self._director.key.keyid
+                                      != self._current_keyid(ring)):
+            self._director = Director(director_key.load(ring), self._db)
+        return self._director
+
+    @staticmethod
+    def _current_keyid(ring: KeyRing) -> str | None:
+        pub = director_key.public_file(ring.keys_dir)
+        return (director_key.director_key_id(director_key.read_public(pub))
+                if pub.is_file() else None)
+
+    def _directory(self) -> FleetDirectory | None:
+        return self.publisher if isinstance(self.publisher, FleetDirectory) else None
+
+    def _known(self, also: list[str] | None = None) -> list[str]:
+        """Every device the fleet view knows, plus ``also``."""
+        view = self._directory()
+        return sorted(set(view.fleet(0.0) if view else ()) | set(also or ()))
+
+    def _sha(self, model: str, version: str) -> str:
+        return self.registry.require(model, version).sha256
+
+    def _assign(self, device: str, model: str, version: str, rollout: str, *,
+                shadow: bool = False, rollback: bool = False) -> bool:
+        """Sign ``model@version`` for ``device`` and publish it on the device's topic.
+
+        The assignment says ``rollback`` when asked to, and also when ``version`` is below
+        what the device reports as the highest it has seen or the director last gave it
+        (a promotion after a failed canary); True when it says so (the audit entry lists
+        those devices).
+        """
+        view = self._directory()
+        before = [v for v in (view.highest(device, model) if view else None,
+                              self._last_version(device, model)) if v]
+        down = any(version_key(version) < version_key(v) for v in before)
+        a = Assignment(model, version, shadow, rollout, rollback or down,
+                       self._sha(model, version))
+        payload = self.director.sign(device, a, view.assign_seq(device) if view else None)
+        self.publisher.publish(device_topic(device), payload)
+        return a.rollback
+
+    def _last_version(self, device: str, model: str) -> str | None:
+        last = self.director.assigned(device)
+        return last.version if last is not None and last.model == model else None
+
+    def _clear(self, device: str) -> None:
+        self.director.clear(device)
+        self.publisher.publish(device_topic(device), b"")
+
+    def maintain(self) -> list[str]:
+        """What the guard does each pass besides checks; returns the devices signed for.
+
+        Assignments that would expire soon are re-signed, and a device the view knows that
+        was never assigned anything gets the fleet-wide version of the newest fleet-wide
+        rollout (what a retained fleet message used to give a device that joined later).
+        Nothing happens without a director key (a registry made before directors).
+        """
+        if not self.registry.keys.exists(director_key.DIRECTOR):
+            return []
+        view = self._directory()
+        done = self.director.refresh(self.publisher.publish,
+                                     view.assign_seq if view else lambda _d: None)
+        if view is None:
+            return done
+        wide = next((r for r in sorted(self.rollouts(), key=lambda r: -r.updated)
+                     if r.status in ("promoted", "rolled_back")), None)
+        version = (None if wide is None else wide.version if wide.status == "promoted"
+                   else wide.baseline.get("fleet"))
+        if wide is None or not version:
+            return done
+        for d, state_model in view.models().items():
+            if state_model in (None, wide.model) and not self.director.known(d):
+                self._assign(d, wide.model, version, wide.id,
+                             rollback=wide.status == "rolled_back")
+                done.append(d)
+        return done
 
     # --- storage ---------------------------------------------------------------------
     def _save(self, r: Rollout) -> None:
@@ -149,22 +244,24 @@ class RolloutController:
             chosen = sorted(order[:n])
         elif group is not None:
             mode = "group"
+            view = self._directory()
+            chosen = view.members(group) if view else []
+            if not chosen:
+                raise UsageError(f"no device of group {group!r} has reported its update state")
         elif everyone:
             mode = "fleet"
         r = Rollout(rid, model, version, mode, chosen, {d: fleet.get(d) for d in chosen},
                     group, shadow, threshold, "running")
-        payload = _assignment(model, version, rid, shadow)
-        if mode == "group" and group:
-            self.publisher.publish(group_topic(group), payload)
-        elif mode == "fleet":
-            self.publisher.publish(FLEET_TOPIC, payload)
+        targets = chosen
+        if mode == "fleet":
+            targets = self._known(list(fleet))
+            self.publisher.publish(FLEET_TOPIC, b"")  # no unsigned message lingers there
             r.status = "promoted"
-        for d in chosen:
-            self.publisher.publish(device_topic(d), payload)
+        downgraded = [d for d in targets if self._assign(d, model, version, rid, shadow=shadow)]
         self._save(r)
         self.registry.audit.append("rollout.start", actor=actor, rollout=rid, model=model,
                                    version=version, mode=mode, devices=chosen, group=group,
-                                   shadow=shadow, threshold=threshold)
+                                   shadow=shadow, threshold=threshold, rollback=downgraded)
         return r
 
     def check(self, r: Rollout, *, actor: str | None = None) -> Rollout:
@@ -240,15 +337,17 @@ class RolloutController:
             r, reason = current, current.reason or reason
         for d in r.devices:
             base = r.baseline.get(d)
-            self.publisher.publish(device_topic(d),
-                                   _assignment(r.model, base, r.id) if base else b"")
+            if base:
+                self._assign(d, r.model, base, r.id, rollback=True)
+            else:
+                self._clear(d)
         if r.mode == "group" and r.group:
             self.publisher.publish(group_topic(r.group), b"")
         if self._claim(r.id, ("stopping",), "stopped"):
             self.registry.audit.append("rollout.stopped",
                                        actor=actor or ("auto" if automatic else None),
                                        rollout=r.id, model=r.model, version=r.version,
-                                       reason=reason, automatic=automatic)
+                                       reason=reason, automatic=automatic, rollback=True)
             log.warning("rollout %s of %s@%s stopped: %s", r.id, r.model, r.version, reason)
         return self.get(r.id)
 
@@ -263,15 +362,16 @@ class RolloutController:
         # as a whole, never half of each.
         if not self._claim(r.id, ("running",), "promoted", baseline=json.dumps(baseline)):
             raise UsageError(f"rollout {r.id} of {model} is {self.get(r.id).status} now")
-        self.publisher.publish(FLEET_TOPIC, _assignment(model, r.version, r.id))
-        # Device-specific assignments of earlier canaries would override the fleet one.
-        for d in sorted({d for past in self.rollouts(model) for d in past.devices}):
-            self.publisher.publish(device_topic(d), b"")
+        # Every device the view knows, and every device an earlier rollout assigned.
+        downgraded = [d for d in self._known([d for past in self.rollouts(model)
+                                              for d in past.devices])
+                      if self._assign(d, model, r.version, r.id)]
+        self.publisher.publish(FLEET_TOPIC, b"")
         if r.mode == "group" and r.group:
             self.publisher.publish(group_topic(r.group), b"")
         r = self.get(r.id)
         self.registry.audit.append("rollout.promote", actor=actor, rollout=r.id, model=model,
-                                   version=r.version)
+                                   version=r.version, rollback=downgraded)
         return r
 
     def rollback(self, model: str, *, actor: str | None = None) -> Rollout:
@@ -280,7 +380,7 @@ class RolloutController:
         if running is not None:
             r = self.stop(running, "rolled back by the operator", actor=actor)
             self.registry.audit.append("rollout.rollback", actor=actor, rollout=r.id,
-                                       model=model, version=r.version)
+                                       model=model, version=r.version, rollback=True)
             return r
         r2 = self.latest(model, ("promoted",))
         if r2 is None:
@@ -288,9 +388,10 @@ class RolloutController:
         before = r2.baseline.get("fleet")
         if not before:
             raise UsageError(f"{model}@{r2.version} has no earlier fleet version to return to")
-        self.publisher.publish(FLEET_TOPIC, _assignment(model, before, r2.id))
+        for d in self._known([d for past in self.rollouts(model) for d in past.devices]):
+            self._assign(d, model, before, r2.id, rollback=True)
         r2.status, r2.reason = "rolled_back", f"fleet returned to {before}"
         self._save(r2)
         self.registry.audit.append("rollout.rollback", actor=actor, rollout=r2.id, model=model,
-                                   version=r2.version, to_version=before)
+                                   version=r2.version, to_version=before, rollback=True)
         return r2

@@ -19,6 +19,7 @@ opens a new view) after starting a new thread.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from edgefleet.server.rollout.records import HealthRates, json_number, json_obje
 __all__ = ["FleetView"]
 
 _PREFIX = "rollout_view"
+_VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,2}$")
 #: Refused messages kept for inspection, and events kept for health (oldest go first).
 QUARANTINE_SIZE = 1000
 EVENTS_KEPT = 10_000
@@ -158,6 +160,31 @@ class FleetView:
         time.sleep(settle_s)
         with self._lock:
             return {d: s.get("version") for d, s in self.states.items()}
+
+    def assign_seq(self, device: str) -> int | None:
+        """The last director seq the device's state reports (None: no state or no seq)."""
+        with self._lock:
+            seq = self.states.get(device, {}).get("assign_seq")
+        return seq if type(seq) is int and 0 <= seq < 2**53 else None
+
+    def members(self, group: str) -> list[str]:
+        """Devices whose state lists ``group``."""
+        with self._lock:
+            return sorted(d for d, s in self.states.items()
+                          if isinstance(s.get("groups"), list) and group in s["groups"])
+
+    def models(self) -> dict[str, str | None]:
+        """Known devices and the model each runs (None: none yet)."""
+        with self._lock:
+            return {d: s["model"] if isinstance(s.get("model"), str) else None
+                    for d, s in self.states.items()}
+
+    def highest(self, device: str, model: str) -> str | None:
+        """The highest version of ``model`` the device's state reports having seen."""
+        with self._lock:
+            seen = json_object(json_object(self.states.get(device, {}).get("highest_seen"))
+                               .get("models")).get(model)
+        return seen if isinstance(seen, str) and _VERSION_RE.match(seen) else None
 
     def health(self, device: str, since: float = 0.0,
                rollout: str | None = None) -> HealthRates | None:

@@ -66,10 +66,13 @@ class GuardPass:
     stopped: list[str] = field(default_factory=list)
     #: Device messages the broker view refused since it connected, by reason.
     rejected: dict[str, int] = field(default_factory=dict)
+    #: Devices the director signed for outside a check (re-signed, or newly seen).
+    signed: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``--json``."""
-        return {"checked": self.checked, "stopped": self.stopped, "rejected": self.rejected}
+        return {"checked": self.checked, "stopped": self.stopped, "rejected": self.rejected,
+                "signed": self.signed}
 
 
 class RolloutGuard:
@@ -128,6 +131,7 @@ class RolloutGuard:
             out.checked.append(self._summary(ctl, r))
             if r.status == "stopped":  # it was running or stopping when the pass began
                 out.stopped.append(r.id)
+        out.signed = ctl.maintain()
         self.passes += 1
         return out
 

@@ -7,10 +7,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-__all__ = ["Counts", "HealthRates", "HealthSource", "Publisher", "Rollout", "RolloutRegistry",
-           "json_number", "json_object"]
+if TYPE_CHECKING:
+    from edgefleet.server.fleet.keys import KeyRing
+
+__all__ = ["Counts", "FleetDirectory", "HealthRates", "HealthSource", "Publisher", "Rollout",
+           "RolloutRegistry", "json_number", "json_object"]
 
 
 def json_object(value: Any) -> dict[str, Any]:
@@ -106,9 +109,32 @@ class Publisher(Protocol):
         """Publish with QoS 1."""
 
 
+@runtime_checkable
+class FleetDirectory(Protocol):
+    """Who is in the fleet (from their update states), for per-device assignments."""
+
+    def fleet(self, settle_s: float = 1.0) -> dict[str, str | None]:
+        """Known devices and the version each runs."""
+
+    def assign_seq(self, device: str) -> int | None:
+        """The last director seq ``device`` reports having taken (None: unknown)."""
+
+    def members(self, group: str) -> list[str]:
+        """Known devices of ``group``."""
+
+    def models(self) -> dict[str, str | None]:
+        """Known devices and the model each runs (None: none yet)."""
+
+    def highest(self, device: str, model: str) -> str | None:
+        """The highest version of ``model`` the device reports having seen."""
+
+
 class _Version(Protocol):
     @property
     def yanked(self) -> bool: ...
+
+    @property
+    def sha256(self) -> str: ...
 
 
 class _Audit(Protocol):
@@ -124,5 +150,8 @@ class RolloutRegistry(Protocol):
 
     @property
     def audit(self) -> _Audit: ...
+
+    @property
+    def keys(self) -> KeyRing: ...
 
     def require(self, name: str, version: str) -> _Version: ...

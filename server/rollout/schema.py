@@ -40,6 +40,11 @@ MIGRATIONS: list[list[str]] = [
             recorded REAL, on_candidate REAL, PRIMARY KEY (rollout, device))""",
         "CREATE INDEX rollouts_status ON rollouts (status)",
     ],
+    [  # 3: the director's last signed assignment per device (seq floor, re-signing)
+        """CREATE TABLE director_assignments (
+            device TEXT PRIMARY KEY, seq INTEGER NOT NULL, assignment TEXT,
+            expires INTEGER NOT NULL, signed REAL NOT NULL)""",
+    ],
 ]
 
 

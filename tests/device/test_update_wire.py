@@ -41,7 +41,7 @@ def test_malformed_assignments_are_refused(payload: bytes, match: str) -> None:
 
 
 def test_oversized_assignment_is_refused_before_parsing() -> None:
-    big = b'{"model": "m", "version": "1.0.0", "pad": "' + b"x" * 5000 + b'"}'
+    big = b'{"model": "m", "version": "1.0.0", "pad": "' + b"x" * wire.MAX_ASSIGNMENT_BYTES + b'"}'
     with pytest.raises(UpdateRejected) as exc:
         wire.decode_assignment(big)
     assert exc.value.reason == "too_large"

@@ -66,6 +66,8 @@ def test_canary_stop_promote_and_shadow(tmp_path: Path, digits_package: Path,
     t = threading.Thread(target=traffic, daemon=True)
     t.start()
     try:
+        # Assignments are signed per device: the fleet is who the view has heard from.
+        wait_for(lambda: len(fleet_view.fleet(0.0)) == N_DEVICES, what="device states")
         ctl.start("digits-mlp", "1.0.0", fleet={}, everyone=True)
         wait_for(lambda: set(versions().values()) == {"1.0.0"}, what="fleet on 1.0.0")
         wait_for(lambda: len(fleet_view.fleet(0.0)) == N_DEVICES

@@ -17,10 +17,16 @@ from tests.support.updates import make_registry, package_version
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
+def _signed_part(payload: bytes) -> Any:
+    """The signed part of a director-signed assignment (what it assigns), else the JSON."""
+    body = json.loads(payload)
+    return body["signed"] if isinstance(body, dict) and body.get("v") == 2 else body
+
+
 def _retained(port: int, pattern: str, settle: float = 1.0) -> dict[str, Any]:
     got: dict[str, Any] = {}
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.on_message = lambda _c, _u, m: got.__setitem__(m.topic, json.loads(m.payload)
+    c.on_message = lambda _c, _u, m: got.__setitem__(m.topic, _signed_part(m.payload)
                                                      if m.payload else None)
     c.connect("127.0.0.1", port)
     c.subscribe(pattern, qos=1)
@@ -46,11 +52,15 @@ def test_rollout_promote_rollback_cli(tmp_path: Path, digits_package: Path,
     seen = _retained(mosquitto.port, "edgefleet/v1/update/assign/#")
     assert {t.rsplit("/", 1)[-1]: v["version"] for t, v in seen.items()} == {"d1": "1.0.0",
                                                                               "d2": "1.0.0"}
+    assert {v["device"] for v in seen.values()} == {"d1", "d2"}  # signed for each device
     res = run_cli("promote", "digits-mlp", "--json", env=env)
     assert res.returncode == 0, res.stderr
     seen = _retained(mosquitto.port, "edgefleet/v1/update/assign/#")
-    assert seen == {"edgefleet/v1/update/assign/fleet": {
-        "model": "digits-mlp", "version": "1.0.0", "rollout": r["id"], "shadow": False}}
+    # No fleet-wide message: one signed assignment per device the controller knows.
+    assert sorted(seen) == ["edgefleet/v1/update/assign/device/d1",
+                            "edgefleet/v1/update/assign/device/d2"]
+    assert {(v["version"], v["rollout"], v["seq"]) for v in seen.values()} == {
+        ("1.0.0", r["id"], 2)}
 
     res = run_cli("rollback", "digits-mlp", env=env)
     assert res.returncode == 64 and "no earlier fleet version" in res.stderr

@@ -17,6 +17,7 @@ from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
 from edgefleet.device.updates.installer import HealthPolicy, Updater
 from edgefleet.device.updates.tuf_client import TufClient, TufClientConfig
 from edgefleet.device.wire.updates import Assignment
+from edgefleet.server.fleet import director_key
 from edgefleet.server.fleet.keys import ROLES, KeyRing
 from edgefleet.server.registry.http import RegistryHandler, RegistryServer
 from edgefleet.server.registry.repository import Registry
@@ -24,10 +25,12 @@ from edgefleet.server.registry.tuf_repo import Expiry
 
 
 def make_registry(home: Path, expiry: Expiry | None = None) -> Registry:
-    """A registry with fresh keys and an initialized TUF repository."""
+    """A registry with fresh keys (the TUF roles' and the director's) and an initialized
+    TUF repository."""
     keys = KeyRing(home / "keys")
     for role in ROLES:
         keys.generate(role)
+    director_key.ensure(keys)
     reg = Registry(home, keys, expiry)
     reg.init_repo()
     return reg
@@ -185,14 +188,20 @@ def assign(version: str, model: str = "digits-mlp", shadow: bool = False) -> Ass
 
 
 def start_agent(device_id: str, state: Path, reg: Registry, url: str, broker_port: int,
-                groups: tuple[str, ...] = ()) -> tuple[Any, Device]:
-    """A device following rollouts over MQTT (in this process, on its own threads)."""
+                groups: tuple[str, ...] = (), director: bool = True) -> tuple[Any, Device]:
+    """A device following rollouts over MQTT (in this process, on its own threads), pinned
+    to the registry's director key as enrollment would pin it (``director=False``: a
+    device enrolled before directors, which follows unsigned assignments)."""
     from edgefleet.device.core.mqtt_link import MqttConfig
+    from edgefleet.device.updates.director import DirectorTrust, load_public_key
     from edgefleet.device.updates.listener import UpdateAgent
 
     dev = make_device(state, reg, url)
+    trust = (DirectorTrust(state, device_id,
+                           load_public_key(director_key.public_file(reg.keys.keys_dir)))
+             if director else None)
     agent = UpdateAgent(device_id, dev.updater, MqttConfig(port=broker_port), groups=groups,
-                        metrics=dev.metrics, state_interval=0.3)
+                        metrics=dev.metrics, state_interval=0.3, director=trust)
     return agent.start(), dev
 
 
