@@ -141,7 +141,7 @@ def serve(
     has_registry = (reg / "registry.db").is_file()
     groups = {d.name: d.group for d in fh.devices.active()} if fh is not None else {}
     src = Sources(
-        store=open_store(store_target(db, home)), registry=reg if has_registry else None,
+        store=open_store(store_target(db, home)), registry=reg,
         open_registry=(lambda: open_registry(reg)) if has_registry else None,
         controller=(lambda: _controller(reg, broker, home)) if has_registry else None,
         fl_db=fl_db or (fh.fl_dir / "fl.db" if fh is not None else None),

@@ -138,8 +138,8 @@ def fleet_page(rows: list[dict[str, Any]], matched: int, *, status: str, group: 
             f'<td data-label="degraded">{_live(d, "degraded_rate", _num(r["degraded_rate"], True), "pct")}</td>'  # noqa: E501
             f'<td data-label="p95 ms">{_live(d, "p95", _num(r["latency"].get("p95")))}</td>'
             f'<td data-label="drift PSI">{_live(d, "drift", _num(r["drift"]))}</td>'
-            f'<td data-label="ε / budget">{_live(d, "epsilon", _num(r["epsilon"]))} / '
-            f'{_num(r["epsilon_budget"])}</td>'
+            f'<td data-label="ε / budget"><span>{_live(d, "epsilon", _num(r["epsilon"]))} / '
+            f'{_num(r["epsilon_budget"])}</span></td>'
             f'<td data-label="last seen">{_live(d, "last_seen", e(_when(r["last_seen"])), "time")}</td></tr>')  # noqa: E501
     more = (f"<p>showing {len(rows)} of {matched} devices; narrow the filter</p>"
             if matched > len(rows) else "")
