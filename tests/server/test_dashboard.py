@@ -261,3 +261,63 @@ def test_cli_ack_is_the_same_action(fleet: Fleet, tmp_path: Path) -> None:
     assert AuditLog(fleet.registry / "audit.jsonl").entries()[-1]["action"] == "alert.ack"
     res = run_cli("alerts", "--db", str(tmp_path / "fleet.db"), "--ack", "pi-01")
     assert res.returncode != 0 and "DEVICE:KIND" in res.stderr + res.stdout
+
+
+def test_rollouts_page_and_rollback_through_the_broker(tmp_path: Path, mosquitto: object
+                                                       ) -> None:
+    """Roll back from the dashboard: the controller the `rollback` command uses, on a real
+    broker; the rollout stops and the audit log names the dashboard user."""
+    from edgefleet.server.cli.registry_cmd import open_registry
+    from edgefleet.server.rollout.controller import RolloutController
+    from edgefleet.server.rollout.fleet_view import FleetView
+    from edgefleet.server.rollout.records import Rollout
+    from tests.support.updates import make_registry
+
+    f = Fleet(tmp_path)
+    reg_home = f.registry
+    make_registry(reg_home).close()
+    port = mosquitto.port  # type: ignore[attr-defined]
+
+    def controller() -> tuple[RolloutController, FleetView]:
+        view = FleetView("127.0.0.1", port)
+        return RolloutController(open_registry(reg_home), view), view
+
+    ctl, view = controller()
+    ctl._save(Rollout("r0ll0ut00001", "digits-mlp", "1.1.0", "canary", ["pi-01"],
+                      {"pi-01": "1.0.0"}, None, False, 0.2, "running"))
+    ctl.close()
+    view.close()
+    f.cfg.sources.open_registry = lambda: open_registry(reg_home)
+    f.cfg.sources.controller = controller
+    try:
+        f.login()
+        page = f.client.get("/rollouts").text
+        assert "digits-mlp@1.1.0" in page and "0/1 canary devices" in page
+        assert "Promote" in page and "Roll back" in page
+        r = f.client.post("/rollouts/digits-mlp/rollback", data={"csrf": f.csrf("/rollouts")})
+        assert r.status_code == 303, r.text
+        ctl, view = controller()
+        assert ctl.get("r0ll0ut00001").status == "stopped"
+        ctl.close()
+        view.close()
+        actions = [(e["action"], e["actor"]) for e in
+                   AuditLog(reg_home / "audit.jsonl").entries()][-2:]
+        assert actions == [("rollout.stopped", "dashboard:alice"),
+                           ("rollout.rollback", "dashboard:alice")]
+        page = f.client.get("/rollouts").text
+        assert "rolled back by the operator" in page and "rollout.rollback" in page
+        bad = f.client.post("/rollouts/%3Cx%3E/promote", data={"csrf": f.csrf("/rollouts")})
+        assert bad.status_code == 400 and bad.headers["x-refused-reason"] == "bad_name"
+        none = f.client.post("/rollouts/digits-mlp/promote", data={"csrf": f.csrf("/rollouts")})
+        assert none.status_code == 409 and "no running rollout" in none.text
+    finally:
+        f.store.close()
+
+
+def test_plots_are_the_static_reports(fleet: Fleet) -> None:
+    fleet.login()
+    index = fleet.client.get("/report/")
+    assert index.status_code == 200 and "edgefleet fleet report" in index.text
+    png = fleet.client.get("/report/latency.png")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    assert (fleet.state / "report" / "index.html").is_file()
