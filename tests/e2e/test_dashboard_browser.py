@@ -183,3 +183,57 @@ def test_dashboard_in_a_browser(browser: Any, dashboard: dict[str, Any]) -> None
     _wait(browser, lambda b: "/login" in b.current_url)
     browser.get(url + "/")
     assert "/login" in browser.current_url
+
+
+def test_dashboard_over_tls_sets_a_secure_cookie(tmp_path: Path) -> None:
+    """`--tls-cert/--tls-key`: HTTPS only, and the session cookie is Secure."""
+    import http.client
+    import ssl
+    import urllib.parse
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    open_store(tmp_path / "fleet.db").close()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    state = tmp_path / "dash"
+    assert run_cli("dashboard", "user", "add", "alice", "--password-file", str(pw),
+                   "--state", str(state)).returncode == 0
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "edgefleet"), "dashboard", "serve", "--port", str(port),
+                             "--db", str(tmp_path / "fleet.db"), "--state", str(state),
+                             "--registry", str(tmp_path / "reg"),
+                             "--tls-cert", str(tmp_path / "both.pem"),
+                             "--tls-key", str(tmp_path / "key.pem")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+
+    def post_login() -> http.client.HTTPResponse | None:
+        try:
+            c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+            body = urllib.parse.urlencode({"user": "alice", "password": PASSWORD})
+            c.request("POST", "/login", body,
+                      {"Content-Type": "application/x-www-form-urlencoded"})
+            return c.getresponse()
+        except OSError:
+            return None
+    try:
+        assert wait_until(lambda: post_login() is not None, 60, every=0.3)
+        r = post_login()
+        assert r is not None and r.status == 303
+        cookie = r.getheader("set-cookie") or ""
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            plain.request("GET", "/healthz")
+            assert plain.getresponse().status != 200
+        except (OSError, http.client.HTTPException):
+            pass  # a TLS server drops a plain-HTTP request
+    finally:
+        proc.terminate()
+        proc.wait(20)

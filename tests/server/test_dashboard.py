@@ -321,3 +321,15 @@ def test_plots_are_the_static_reports(fleet: Fleet) -> None:
     png = fleet.client.get("/report/latency.png")
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
     assert (fleet.state / "report" / "index.html").is_file()
+
+
+def test_serve_refuses_without_users_or_half_tls(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    open_store(tmp_path / "fleet.db").close()
+    base = ("dashboard", "serve", "--db", str(tmp_path / "fleet.db"), "--state",
+            str(tmp_path / "dash"), "--registry", str(tmp_path / "reg"))
+    res = run_cli(*base)
+    assert res.returncode != 0 and "dashboard user add" in res.stdout + res.stderr
+    res = run_cli(*base, "--tls-cert", str(tmp_path / "c.pem"))
+    assert res.returncode != 0 and "--tls-key" in res.stdout + res.stderr
