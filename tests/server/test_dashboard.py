@@ -333,3 +333,23 @@ def test_serve_refuses_without_users_or_half_tls(tmp_path: Path) -> None:
     assert res.returncode != 0 and "dashboard user add" in res.stdout + res.stderr
     res = run_cli(*base, "--tls-cert", str(tmp_path / "c.pem"))
     assert res.returncode != 0 and "--tls-key" in res.stdout + res.stderr
+
+
+def test_federated_page_shows_rounds_spread_and_declines(tmp_path: Path) -> None:
+    from edgefleet.server.fl.store import FlStore, RoundRow
+
+    f = Fleet(tmp_path)
+    fl = FlStore(tmp_path / "fl.db")
+    fl.start_run("run-<b>1</b>", "42", {"strategy": "fedavg"})
+    fl.add_round("run-<b>1</b>", RoundRow(1, 0.81, 0.5, 3, 1, 0, 0.7, 0.8, 2.0, 10, 10,
+                                           {"budget": 1}))
+    fl.add_device_evals("run-<b>1</b>", 1, {11: (0.9, 50), 22: (0.6, 40)})
+    f.cfg.sources.fl_db = tmp_path / "fl.db"
+    try:
+        f.login()
+        page = f.client.get("/fl").text
+        assert "run-&lt;b&gt;1&lt;/b&gt;" in page and "<b>1</b>" not in page
+        assert "0.810" in page and "0.700" in page and "budget 1" in page
+        assert "min 0.600" in page and "max 0.900" in page and "worst node 22" in page
+    finally:
+        f.store.close()
