@@ -29,6 +29,7 @@ def _register() -> None:
     from edgefleet.server.cli import (
         audit_cmd,
         certs_cmd,
+        dashboard_cmd,
         demo_cmd,
         devices_cmd,
         explain_cmd,
@@ -55,7 +56,7 @@ def _register() -> None:
         "devices": devices_cmd.app, "keys": keys_cmd.app, "registry": registry_cmd.app,
         "audit": audit_cmd.app, "retrain": retrain_cmd.retrain_app,
         "approvals": retrain_cmd.approvals_app, "privacy": privacy_cmd.app,
-        "server": server_cmd.app, "metrics": metrics_cmd.app,
+        "server": server_cmd.app, "metrics": metrics_cmd.app, "dashboard": dashboard_cmd.app,
     }
     for name, group in groups.items():
         app.add_typer(group, name=name)

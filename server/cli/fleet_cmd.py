@@ -15,6 +15,7 @@ import typer
 from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.device.core.errors import UsageError
 from edgefleet.server.cli.home_opts import HOME_OPTION
+from edgefleet.server.telemetry.rows import device_row
 
 __all__ = ["alerts", "app", "db_option", "report"]
 
@@ -40,21 +41,6 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
-
-
-def _rate(n: int, total: int) -> float | None:
-    return round(n / total, 4) if total else None
-
-
-def _row(d: dict[str, Any]) -> dict[str, Any]:
-    drift = [v for v in (d["drift_input"], d["drift_confidence"]) if v is not None]
-    return {"device": d["device"], "online": bool(d["online"]), "last_seen": d["last_seen"],
-            "model_version": d["model_version"], "model_name": d["model_name"],
-            "inferences": d["n_inferences"],
-            "fallback_rate": _rate(d["n_fallback"], d["n_inferences"]),
-            "degraded_rate": _rate(d["n_degraded"], d["n_inferences"]),
-            "drift": max(drift) if drift else None, "epsilon": d["epsilon"],
-            "messages": d["messages"], "spool_dropped": d["spool_dropped"]}
 
 
 def _seen(r: dict[str, Any]) -> str:
@@ -96,7 +82,7 @@ def ls(db: str | None = db_option(), home: Path | None = HOME_OPTION,
     """
     from rich.table import Table
 
-    rows = [_row(d) for d in _store(db, home).devices()]
+    rows = [device_row(d) for d in _store(db, home).devices()]
     if json_out:
         print_json({"devices": rows})
         return
@@ -129,9 +115,9 @@ def show(device: str = typer.Argument(..., help="Device id."), db: str | None = 
         raise UsageError(f"unknown device {device!r} (see `edgefleet fleet ls`)")
     events = store.events(device=device, limit=20)
     if json_out:
-        print_json({"device": {**_row(d), **d}, "events": events})
+        print_json({"device": {**device_row(d), **d}, "events": events})
         return
-    r = _row(d)
+    r = device_row(d)
     console.print(f"[bold]{device}[/]  {'[green]online[/]' if r['online'] else '[red]offline[/]'}"
                   f"  last seen {_when(r['last_seen'])}  model {r['model_name'] or '-'} "
                   f"{r['model_version'] or ''}")
@@ -154,14 +140,33 @@ def show(device: str = typer.Argument(..., help="Device id."), db: str | None = 
 
 def alerts(db: str | None = db_option(), home: Path | None = HOME_OPTION,
            limit: int = typer.Option(50, "--limit", min=1, help="How many recent events."),
-           json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+           json_out: bool = typer.Option(False, "--json", help="One JSON object."),
+           ack: str | None = typer.Option(None, "--ack", metavar="DEVICE:KIND",
+                                          help="Acknowledge an open alert (audit-logged)."),
+           registry: Path | None = typer.Option(
+               None, "--registry", envvar="EDGEFLEET_REGISTRY",
+               help="Registry folder whose audit log records --ack (default: the fleet "
+                    "home's).")
+           ) -> None:
     """Open alerts (drift, fallback/degraded rate, silent devices) and recent alert events.
 
-    Example: edgefleet alerts --json
+    Examples: edgefleet alerts --json;  edgefleet alerts --ack pi-07:drift
     """
     from rich.table import Table
 
     store = _store(db, home)
+    if ack is not None:
+        import getpass
+
+        from edgefleet.server.cli.home_opts import registry_path
+        from edgefleet.server.fleet.audit import AuditLog
+        from edgefleet.server.telemetry.alerts import acknowledge
+
+        device, sep, kind = ack.rpartition(":")
+        if not sep or not device or not kind:
+            raise UsageError(f"--ack {ack!r}: expected DEVICE:KIND")
+        acknowledge(store, AuditLog(registry_path(registry, home) / "audit.jsonl"), device, kind,
+                    getpass.getuser())
     open_ = store.open_alerts()
     events = [e for e in store.events(limit=limit * 4)
               if e["kind"].startswith(("alert.", "resolved."))][:limit]

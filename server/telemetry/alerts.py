@@ -8,15 +8,19 @@ that stays drifted does not write an event per report.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pydantic import Field
 
 from edgefleet.device.core.config import StrictModel
+from edgefleet.device.core.errors import UsageError
 from edgefleet.device.wire.telemetry import MetricsBody
 from edgefleet.server.telemetry.store import Store
 
-__all__ = ["AlertThresholds", "DriftVerdict", "check_metrics", "check_silent", "drift_verdict"]
+__all__ = ["AlertThresholds", "DriftVerdict", "acknowledge", "acknowledged", "check_metrics",
+           "check_silent", "drift_verdict"]
 
 
 class AlertThresholds(StrictModel):
@@ -105,3 +109,35 @@ def check_silent(store: Store, now: float, th: AlertThresholds) -> None:
         quiet = now - float(seen)
         _set(store, dev["device"], "silent", quiet > th.silent_after, now,
              f"no telemetry for {quiet:.0f} s", {"last_seen": seen})
+
+
+class _Audit(Protocol):
+    def append(self, action: str, *, actor: str | None = None,
+               **details: Any) -> dict[str, Any]: ...
+
+
+def acknowledge(store: Store, audit: _Audit, device: str, kind: str, actor: str,
+                note: str = "") -> dict[str, Any]:
+    """Record that ``actor`` has seen an open alert (an ``ack.<kind>`` event and an audit
+    entry); the alert stays open until its condition ends. Unknown alerts are refused."""
+    opened = next((a for a in store.open_alerts()
+                   if a["device"] == device and a["kind"] == kind), None)
+    if opened is None:
+        raise UsageError(f"no open {kind!r} alert on {device!r} (see `edgefleet alerts`)")
+    now = time.time()
+    store.add_event(now, device, f"ack.{kind}", "info", f"{kind} acknowledged by {actor}",
+                    {"actor": actor, "since": opened["since"], "note": note[:500]})
+    audit.append("alert.ack", actor=actor, device=device, kind=kind, since=opened["since"],
+                  note=note[:500])
+    return {**opened, "acknowledged_by": actor, "acknowledged": now}
+
+
+def acknowledged(store: Store, limit: int = 2000) -> dict[tuple[str, str], str]:
+    """``{(device, kind): actor}`` of open alerts acknowledged since they were raised."""
+    open_ = {(a["device"], a["kind"]): a["since"] for a in store.open_alerts()}
+    out: dict[tuple[str, str], str] = {}
+    for e in store.events(prefix="ack.", limit=limit):
+        key = (e["device"], e["kind"].removeprefix("ack."))
+        if key in open_ and key not in out and e["ts"] >= open_[key]:
+            out[key] = str(e["data"].get("actor", "?"))
+    return out

@@ -1,0 +1,159 @@
+"""``edgefleet dashboard serve`` and ``edgefleet dashboard user add|ls|rm``: the live web UI.
+
+The dashboard reads the same stores the other commands read, resolved by the same
+options (``--home``, ``--db``, ``--registry``, ``--broker``); its actions call what
+``alerts --ack``, ``approvals approve|deny``, ``promote`` and ``rollback`` call.
+See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.device.core.errors import UsageError
+from edgefleet.server.cli.fleet_cmd import db_option
+from edgefleet.server.cli.home_opts import HOME_OPTION
+from edgefleet.server.cli.registry_cmd import HOME as REGISTRY_OPTION
+from edgefleet.server.cli.rollout_cmd import BROKER
+
+__all__ = ["app"]
+
+app = typer.Typer(help="The live web dashboard (docs/operations.md).", no_args_is_help=True)
+user_app = typer.Typer(help="Who may sign in to the dashboard.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+STATE_OPTION = typer.Option(None, "--state", help="Dashboard users, session secret and plot "
+                                                  "cache (default: <fleet home>/dashboard).")
+
+
+def _state(state: Path | None, home: Path | None) -> Path:
+    if state is not None:
+        return state
+    from edgefleet.server.cli.home_opts import fleet_home
+    from edgefleet.server.fleet.home import default_root
+
+    fh = fleet_home(home)
+    return (fh.root if fh is not None else default_root()) / "dashboard"
+
+
+def _read_password(password_file: Path | None) -> str:
+    if password_file is not None:
+        text = sys.stdin.read() if str(password_file) == "-" else password_file.read_text()
+        return text.rstrip("\n")
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+@user_app.command("add")
+def user_add(name: str = typer.Argument(..., help="User name."),
+             password_file: Path | None = typer.Option(
+                 None, "--password-file", help="File holding the password ('-': stdin); "
+                                               "default: ask twice."),
+             replace: bool = typer.Option(False, "--replace", help="Set a new password."),
+             state: Path | None = STATE_OPTION, home: Path | None = HOME_OPTION) -> None:
+    """Add a dashboard user; the password is stored as a salted PBKDF2 hash (0600 file).
+
+    Example: edgefleet dashboard user add alice
+    """
+    from edgefleet.server.dashboard.auth import Users
+
+    Users(_state(state, home)).add(name, _read_password(password_file), replace=replace)
+    console.print(f"[green]added[/] dashboard user {name}")
+
+
+@user_app.command("ls")
+def user_ls(state: Path | None = STATE_OPTION, home: Path | None = HOME_OPTION,
+            json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """List the dashboard users."""
+    from edgefleet.server.dashboard.auth import Users
+
+    names = Users(_state(state, home)).names()
+    if json_out:
+        print_json({"users": names})
+        return
+    console.print("\n".join(names) or "no dashboard users (edgefleet dashboard user add NAME)")
+
+
+@user_app.command("rm")
+def user_rm(name: str = typer.Argument(..., help="User name."),
+            state: Path | None = STATE_OPTION, home: Path | None = HOME_OPTION) -> None:
+    """Remove a dashboard user (their sessions stop working at once)."""
+    from edgefleet.server.dashboard.auth import Users
+
+    if not Users(_state(state, home)).remove(name):
+        raise UsageError(f"no dashboard user {name!r}")
+    console.print(f"removed dashboard user {name}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by "
+                                                          "default; put a TLS proxy in front "
+                                                          "or pass --tls-cert to expose it)."),
+    port: int = typer.Option(8600, "--port", min=1, max=65535, help="TCP port."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="Serve HTTPS with this "
+                                                                  "certificate (PEM)."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="Its private key (PEM)."),
+    db: str | None = db_option(),
+    registry: Path | None = REGISTRY_OPTION,
+    fl_db: Path | None = typer.Option(None, "--fl-db", help="FL store (default: <fleet "
+                                                           "home>/fl/fl.db)."),
+    broker: str | None = BROKER,
+    epsilon_budget: float = typer.Option(10.0, "--epsilon-budget", min=0.0,
+                                         help="ε budget shown beside a device's ε when its "
+                                              "report does not carry one."),
+    interval: float = typer.Option(2.0, "--interval", min=0.2, max=60.0,
+                                   help="Seconds between live updates."),
+    state: Path | None = STATE_OPTION,
+    home: Path | None = HOME_OPTION,
+) -> None:
+    """Serve the live dashboard until Ctrl-C / SIGTERM.
+
+    Examples:
+
+      edgefleet dashboard user add alice
+
+      edgefleet dashboard serve                       (http://127.0.0.1:8600)
+
+      edgefleet dashboard serve --host 0.0.0.0 --tls-cert dash.pem --tls-key dash.key
+    """
+    import uvicorn
+
+    from edgefleet.server.cli.home_opts import fleet_home, registry_path, store_target
+    from edgefleet.server.cli.registry_cmd import open_registry
+    from edgefleet.server.cli.rollout_cmd import _controller
+    from edgefleet.server.dashboard.app import DashboardConfig, create_app
+    from edgefleet.server.dashboard.auth import Users, load_secret
+    from edgefleet.server.dashboard.views import Sources
+    from edgefleet.server.telemetry.store import open_store
+
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    st = _state(state, home)
+    if not Users(st).names():
+        raise UsageError(f"no dashboard users in {st} (run `edgefleet dashboard user add "
+                         "NAME` first)")
+    fh = fleet_home(home)
+    reg = registry_path(registry, home)
+    has_registry = (reg / "registry.db").is_file()
+    groups = {d.name: d.group for d in fh.devices.active()} if fh is not None else {}
+    src = Sources(
+        store=open_store(store_target(db, home)), registry=reg,
+        open_registry=(lambda: open_registry(reg)) if has_registry else None,
+        controller=(lambda: _controller(reg, broker, home)) if has_registry else None,
+        fl_db=fl_db or (fh.fl_dir / "fl.db" if fh is not None else None),
+        groups=groups, epsilon_budget=epsilon_budget)
+    cfg = DashboardConfig(sources=src, state=st, secret=load_secret(st),
+                          tls=tls_cert is not None, interval=interval)
+    scheme = "https" if tls_cert else "http"
+    console.print(f"dashboard on {scheme}://{host}:{port}/ (Ctrl-C to stop)")
+    try:
+        uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning",
+                    ssl_certfile=str(tls_cert) if tls_cert else None,
+                    ssl_keyfile=str(tls_key) if tls_key else None,
+                    timeout_graceful_shutdown=2)
+    finally:
+        src.store.close()

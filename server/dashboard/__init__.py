@@ -1,0 +1,1 @@
+"""``edgefleet dashboard``: the operator's live web view of the fleet (docs/operations.md)."""

@@ -1,0 +1,355 @@
+"""The dashboard app through Starlette's TestClient: sign-in, sessions, CSRF, escaping,
+bounds, actions that land in the stores and the audit log, the live stream."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from edgefleet.device.core.metrics import Metrics
+from edgefleet.server.dashboard.app import COOKIE, MAX_FORM, DashboardConfig, create_app
+from edgefleet.server.dashboard.auth import LoginLimiter, SessionSigner, Users, load_secret
+from edgefleet.server.dashboard.views import Sources
+from edgefleet.server.fleet.audit import AuditLog
+from edgefleet.server.retrain.policy import Approvals
+from edgefleet.server.telemetry.store import Store, open_store
+from tests.support.dashboard import HOSTILE, seed_fleet
+
+PASSWORD = "correct horse battery"
+
+
+class Fleet:
+    def __init__(self, tmp: Path, *, tls: bool = False) -> None:
+        self.store: Store = open_store(tmp / "fleet.db")
+        self.registry = tmp / "registry"
+        self.request_id = seed_fleet(self.store, self.registry)
+        self.state = tmp / "dash"
+        Users(self.state).add("alice", PASSWORD)
+        self.metrics = Metrics()
+        src = Sources(store=self.store, registry=self.registry, groups={"pi-01": "lab"})
+        self.cfg = DashboardConfig(sources=src, state=self.state,
+                                   secret=load_secret(self.state), tls=tls,
+                                   interval=0.05, stream_seconds=0.2)
+        base = "https://testserver" if tls else "http://testserver"
+        self.client = TestClient(create_app(self.cfg, self.metrics), base_url=base,
+                                 follow_redirects=False)
+
+    def login(self, password: str = PASSWORD, user: str = "alice") -> object:
+        return self.client.post("/login", data={"user": user, "password": password,
+                                                "next": "/alerts"})
+
+    def csrf(self, path: str = "/alerts") -> str:
+        m = re.search(r'name="csrf" value="([0-9a-f]+)"', self.client.get(path).text)
+        assert m, "no CSRF token on the page"
+        return m.group(1)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    yield f
+    f.store.close()
+
+
+def test_pages_need_a_session(fleet: Fleet) -> None:
+    for path in ("/", "/devices/pi-01", "/rollouts", "/fl", "/alerts", "/report/"):
+        r = fleet.client.get(path)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
+    assert fleet.client.get("/events").status_code == 401
+    assert fleet.client.get("/login").status_code == 200
+
+
+def test_wrong_password_refused_right_one_signs_in(fleet: Fleet) -> None:
+    r = fleet.login("not the password")
+    assert r.status_code == 401 and r.headers["x-refused-reason"] == "bad_login"
+    assert COOKIE not in r.cookies
+    assert fleet.login(user="mallory").status_code == 401
+    assert fleet.metrics.counter("dashboard_refused_bad_login") == 2
+    r = fleet.login()
+    assert r.status_code == 303 and r.headers["location"] == "/alerts"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Secure" not in cookie
+    assert fleet.client.get("/").status_code == 200
+
+
+def test_cookie_is_secure_over_tls(tmp_path: Path) -> None:
+    f = Fleet(tmp_path, tls=True)
+    try:
+        cookie = f.login().headers["set-cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie
+    finally:
+        f.store.close()
+
+
+def test_open_redirect_after_login_refused(fleet: Fleet) -> None:
+    r = fleet.client.post("/login", data={"user": "alice", "password": PASSWORD,
+                                          "next": "//evil.example/x"})
+    assert r.headers["location"] == "/"
+
+
+def test_login_rate_limited_per_client(fleet: Fleet) -> None:
+    for _ in range(5):
+        assert fleet.login("wrong password!").status_code == 401
+    r = fleet.login()  # even the right password waits now
+    assert r.status_code == 429 and r.headers["x-refused-reason"] == "rate_limited"
+    assert fleet.metrics.counter("dashboard_refused_rate_limited") == 1
+
+
+def test_limiter_window_and_bound() -> None:
+    lim = LoginLimiter(attempts=2, window=10, clients=3)
+    lim.failed("a", 0.0)
+    lim.failed("a", 1.0)
+    assert lim.blocked("a", 5.0) and not lim.blocked("a", 11.5)
+    for c in "bcde":
+        lim.failed(c, 2.0)
+    assert len(lim._fails) == 3
+
+
+def test_forged_expired_and_removed_sessions_refused(fleet: Fleet) -> None:
+    signer = SessionSigner(load_secret(fleet.state))
+    assert signer.verify(signer.issue("alice")) is not None
+    assert signer.verify(signer.issue("alice", now=0)) is None  # expired
+    other = SessionSigner(b"x" * 32).issue("alice")
+    assert signer.verify(other) is None
+    fleet.client.cookies.set(COOKIE, other)
+    assert fleet.client.get("/").status_code == 303
+    fleet.client.cookies.set(COOKIE, signer.issue("alice"))
+    assert fleet.client.get("/").status_code == 200
+    Users(fleet.state).remove("alice")
+    assert fleet.client.get("/").status_code == 303
+
+
+def test_users_store_hashes_owner_only(fleet: Fleet) -> None:
+    path = fleet.state / "users.json"
+    assert PASSWORD not in path.read_text() and "$7$" in path.read_text()
+    assert path.stat().st_mode & 0o077 == 0
+    assert (fleet.state / "secret").stat().st_mode & 0o077 == 0
+    assert Users(fleet.state).check("alice", PASSWORD)
+    assert not Users(fleet.state).check("alice", PASSWORD + "x")
+    with pytest.raises(Exception, match="password"):
+        Users(fleet.state).add("bob", "short")
+    with pytest.raises(Exception, match="valid user"):
+        Users(fleet.state).add("<b>", PASSWORD)
+
+
+def test_hostile_names_render_as_text(fleet: Fleet) -> None:
+    fleet.login()
+    for path in ("/", "/alerts"):
+        page = fleet.client.get(path).text
+        assert HOSTILE not in page
+        assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in page
+    # no page link for a name no device id can have
+    assert 'href="/devices/%3Cscript' not in fleet.client.get("/").text
+    csp = fleet.client.get("/").headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+def test_pages_show_the_fleet(fleet: Fleet) -> None:
+    fleet.login()
+    page = fleet.client.get("/").text
+    assert "pi-01" in page and "pi-02" in page and 'name="viewport"' in page
+    assert fleet.client.get("/?status=offline").text.count('data-row="') == 1
+    assert fleet.client.get("/?group=lab").text.count('data-row="') == 1
+    assert fleet.client.get("/?q=pi-0").text.count('data-row="') == 2
+    dev = fleet.client.get("/devices/pi-01").text
+    assert "History" in dev and 'id="logs"' in dev and "drift" in dev
+    assert fleet.client.get("/fl").status_code == 200
+    assert "no registry" in fleet.client.get("/rollouts").text
+    assert fleet.request_id in fleet.client.get("/alerts").text
+
+
+def test_query_and_names_checked(fleet: Fleet) -> None:
+    fleet.login()
+    cases = [("/?status=<x>", "bad_query", 400), ("/?q=" + "a" * 65, "bad_query", 400),
+             ("/?group=nosuch", "bad_query", 400), ("/devices/%3Cb%3E", "bad_name", 400),
+             ("/devices/nosuch", "unknown_device", 404), ("/report/../secret", "", 404),
+             ("/static/app.py", "unknown_file", 404)]
+    for path, reason, status in cases:
+        r = fleet.client.get(path)
+        assert r.status_code == status, path
+        if reason:
+            assert r.headers["x-refused-reason"] == reason, path
+
+
+def test_actions_need_csrf(fleet: Fleet) -> None:
+    fleet.login()
+    for data in ({"device": "pi-01", "kind": "drift"},
+                 {"device": "pi-01", "kind": "drift", "csrf": "0" * 64}):
+        r = fleet.client.post("/alerts/ack", data=data)
+        assert r.status_code == 403 and r.headers["x-refused-reason"] == "bad_csrf"
+    assert fleet.metrics.counter("dashboard_refused_bad_csrf") == 2
+    assert not fleet.store.events(prefix="ack.")
+    fleet.client.cookies.clear()
+    r = fleet.client.post("/alerts/ack", data={"device": "pi-01", "kind": "drift"})
+    assert r.status_code == 401
+
+
+def test_acknowledge_alert_lands_in_store_and_audit(fleet: Fleet) -> None:
+    fleet.login()
+    r = fleet.client.post("/alerts/ack", data={"csrf": fleet.csrf(), "device": "pi-01",
+                                               "kind": "drift"})
+    assert r.status_code == 303, r.text
+    [ev] = fleet.store.events(prefix="ack.")
+    assert ev["device"] == "pi-01" and ev["data"]["actor"] == "dashboard:alice"
+    entries = AuditLog(fleet.registry / "audit.jsonl").entries()
+    assert entries[-1]["action"] == "alert.ack" and entries[-1]["actor"] == "dashboard:alice"
+    AuditLog(fleet.registry / "audit.jsonl").verify()
+    assert "acknowledged by dashboard:alice" in fleet.client.get("/alerts").text
+    r = fleet.client.post("/alerts/ack", data={"csrf": fleet.csrf(), "device": "pi-02",
+                                               "kind": "drift"})
+    assert r.status_code == 409 and r.headers["x-refused-reason"] == "action_failed"
+
+
+def test_approve_and_deny_go_through_decide(fleet: Fleet) -> None:
+    fleet.login()
+    bad = fleet.client.post("/approvals", data={"csrf": fleet.csrf(), "request": "nosuch!",
+                                                "decision": "approve"})
+    assert bad.status_code == 400 and bad.headers["x-refused-reason"] == "bad_name"
+    r = fleet.client.post("/approvals", data={"csrf": fleet.csrf(),
+                                              "request": fleet.request_id,
+                                              "decision": "approve"})
+    assert r.status_code == 303
+    approvals = Approvals(fleet.registry / "retrain.db")
+    [row] = approvals.rows()
+    approvals.db.close()
+    assert row["status"] == "approved" and row["actor"] == "dashboard:alice"
+    last = AuditLog(fleet.registry / "audit.jsonl").entries()[-1]
+    assert last["action"] == "retrain.approved" and last["actor"] == "dashboard:alice"
+    again = fleet.client.post("/approvals", data={"csrf": fleet.csrf(),
+                                                  "request": fleet.request_id,
+                                                  "decision": "deny"})
+    assert again.status_code == 409 and "already approved" in again.text
+
+
+def test_form_bounds(fleet: Fleet) -> None:
+    fleet.login()
+    csrf = fleet.csrf()
+    r = fleet.client.post("/alerts/ack", content=b"csrf=" + b"a" * (MAX_FORM + 1),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and r.headers["x-refused-reason"] == "form_too_large"
+    r = fleet.client.post("/alerts/ack", content=f"csrf={csrf}&device=a&device=b&kind=drift",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.headers["x-refused-reason"] == "bad_form"
+    r = fleet.client.post("/alerts/ack", content=b"csrf=\xff\xfe",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400
+    r = fleet.client.post("/approvals", data={"csrf": csrf, "request": fleet.request_id,
+                                              "decision": "maybe"})
+    assert r.status_code == 400
+
+
+def test_event_stream_carries_live_numbers(fleet: Fleet) -> None:
+    fleet.login()
+    with fleet.client.stream("GET", "/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())
+    assert "event: fleet" in text and '"pi-01"' in text and '"inferences":300' in text
+
+
+def test_cli_ack_is_the_same_action(fleet: Fleet, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    res = run_cli("alerts", "--db", str(tmp_path / "fleet.db"), "--json", "--ack",
+                  "pi-01:drift", "--registry", str(fleet.registry))
+    assert res.returncode == 0, res.stderr
+    [ev] = fleet.store.events(prefix="ack.")
+    assert ev["device"] == "pi-01"
+    assert AuditLog(fleet.registry / "audit.jsonl").entries()[-1]["action"] == "alert.ack"
+    res = run_cli("alerts", "--db", str(tmp_path / "fleet.db"), "--ack", "pi-01")
+    assert res.returncode != 0 and "DEVICE:KIND" in res.stderr + res.stdout
+
+
+def test_rollouts_page_and_rollback_through_the_broker(tmp_path: Path, mosquitto: object
+                                                       ) -> None:
+    """Roll back from the dashboard: the controller the `rollback` command uses, on a real
+    broker; the rollout stops and the audit log names the dashboard user."""
+    from edgefleet.server.cli.registry_cmd import open_registry
+    from edgefleet.server.rollout.controller import RolloutController
+    from edgefleet.server.rollout.fleet_view import FleetView
+    from edgefleet.server.rollout.records import Rollout
+    from tests.support.updates import make_registry
+
+    f = Fleet(tmp_path)
+    reg_home = f.registry
+    make_registry(reg_home).close()
+    port = mosquitto.port  # type: ignore[attr-defined]
+
+    def controller() -> tuple[RolloutController, FleetView]:
+        view = FleetView("127.0.0.1", port)
+        return RolloutController(open_registry(reg_home), view), view
+
+    ctl, view = controller()
+    ctl._save(Rollout("r0ll0ut00001", "digits-mlp", "1.1.0", "canary", ["pi-01"],
+                      {"pi-01": "1.0.0"}, None, False, 0.2, "running"))
+    ctl.close()
+    view.close()
+    f.cfg.sources.open_registry = lambda: open_registry(reg_home)
+    f.cfg.sources.controller = controller
+    try:
+        f.login()
+        page = f.client.get("/rollouts").text
+        assert "digits-mlp@1.1.0" in page and "0/1 canary devices" in page
+        assert "Promote" in page and "Roll back" in page
+        r = f.client.post("/rollouts/digits-mlp/rollback", data={"csrf": f.csrf("/rollouts")})
+        assert r.status_code == 303, r.text
+        ctl, view = controller()
+        assert ctl.get("r0ll0ut00001").status == "stopped"
+        ctl.close()
+        view.close()
+        actions = [(e["action"], e["actor"]) for e in
+                   AuditLog(reg_home / "audit.jsonl").entries()][-2:]
+        assert actions == [("rollout.stopped", "dashboard:alice"),
+                           ("rollout.rollback", "dashboard:alice")]
+        page = f.client.get("/rollouts").text
+        assert "rolled back by the operator" in page and "rollout.rollback" in page
+        bad = f.client.post("/rollouts/%3Cx%3E/promote", data={"csrf": f.csrf("/rollouts")})
+        assert bad.status_code == 400 and bad.headers["x-refused-reason"] == "bad_name"
+        none = f.client.post("/rollouts/digits-mlp/promote", data={"csrf": f.csrf("/rollouts")})
+        assert none.status_code == 409 and "no running rollout" in none.text
+    finally:
+        f.store.close()
+
+
+def test_plots_are_the_static_reports(fleet: Fleet) -> None:
+    fleet.login()
+    index = fleet.client.get("/report/")
+    assert index.status_code == 200 and "edgefleet fleet report" in index.text
+    png = fleet.client.get("/report/latency.png")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    assert (fleet.state / "report" / "index.html").is_file()
+
+
+def test_serve_refuses_without_users_or_half_tls(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    open_store(tmp_path / "fleet.db").close()
+    base = ("dashboard", "serve", "--db", str(tmp_path / "fleet.db"), "--state",
+            str(tmp_path / "dash"), "--registry", str(tmp_path / "reg"))
+    res = run_cli(*base)
+    assert res.returncode != 0 and "dashboard user add" in res.stdout + res.stderr
+    res = run_cli(*base, "--tls-cert", str(tmp_path / "c.pem"))
+    assert res.returncode != 0 and "--tls-key" in res.stdout + res.stderr
+
+
+def test_federated_page_shows_rounds_spread_and_declines(tmp_path: Path) -> None:
+    from edgefleet.server.fl.store import FlStore, RoundRow
+
+    f = Fleet(tmp_path)
+    fl = FlStore(tmp_path / "fl.db")
+    fl.start_run("run-<b>1</b>", "42", {"strategy": "fedavg"})
+    fl.add_round("run-<b>1</b>", RoundRow(1, 0.81, 0.5, 3, 1, 0, 0.7, 0.8, 2.0, 10, 10,
+                                           {"budget": 1}))
+    fl.add_device_evals("run-<b>1</b>", 1, {11: (0.9, 50), 22: (0.6, 40)})
+    f.cfg.sources.fl_db = tmp_path / "fl.db"
+    try:
+        f.login()
+        page = f.client.get("/fl").text
+        assert "run-&lt;b&gt;1&lt;/b&gt;" in page and "<b>1</b>" not in page
+        assert "0.810" in page and "0.700" in page and "budget 1" in page
+        assert "min 0.600" in page and "max 0.900" in page and "worst node 22" in page
+    finally:
+        f.store.close()
