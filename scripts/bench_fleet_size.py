@@ -420,6 +420,10 @@ metrics at one a minute ({sq['rows']:,} rows of real ~1 KB envelopes), and
 
 {md_table(["", "SQLite", "PostgreSQL (fsync off)"], rows_c)}
 
+`fleet ls` as a table spends its time drawing 10,000 rows with rich (the same query as
+`--json`): use `--json` or a filter at that size. PostgreSQL's sizes are the whole
+database (`pg_database_size`, catalogs included), so its "in use" is not measured apart.
+
 Projected to 10,000 devices × 1 week kept raw, linearly from the rows above: SQLite
 {per_row['sqlite'] * week / 2**30:,.0f} GB, PostgreSQL
 {per_row['postgresql'] * week / 2**30:,.0f} GB; at this insert rate loading a week would
