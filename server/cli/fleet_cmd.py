@@ -1,4 +1,5 @@
-"""``edgefleet fleet ls|show``, ``edgefleet alerts``, ``edgefleet report``: read the fleet store.
+"""``edgefleet fleet ls|show|prune``, ``edgefleet alerts``, ``edgefleet report``: the fleet
+store (``prune`` rolls old telemetry up into hourly rows).
 
 Every command takes ``--db`` (a SQLite path or a ``postgresql://`` DSN; default
 ``$EDGEFLEET_DB``, else the fleet home's store, ``<home>/fleet.db``) and ``--home``.
@@ -136,6 +137,35 @@ def show(device: str = typer.Argument(..., help="Device id."), db: str | None = 
                                             if v is not None))
     for e in events:
         console.print(f"  {_when(e['ts'])}  {e['kind']:24s} {e['message']}")
+
+
+@app.command()
+def prune(db: str | None = db_option(), home: Path | None = HOME_OPTION,
+          keep_raw: str = typer.Option("7d", "--keep-raw",
+                                       help="Keep raw messages this long (e.g. 7d, 48h)."),
+          keep_hourly: str = typer.Option("90d", "--keep-hourly",
+                                          help="Keep the hourly roll-up this long."),
+          batch: int = typer.Option(5_000, "--batch", min=1,
+                                    help="Messages per transaction (the ingest waits at "
+                                         "most one batch)."),
+          json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """Roll raw telemetry older than --keep-raw up into hourly rows per device, delete it,
+    and delete hourly rows older than --keep-hourly. Safe to run while the ingest runs,
+    to interrupt, and to run again (from cron or a systemd timer).
+
+    Example: edgefleet fleet prune --keep-raw 7d --keep-hourly 90d
+    """
+    from edgefleet.server.telemetry.retention import parse_age
+    from edgefleet.server.telemetry.retention import prune as run_prune
+
+    raw, hourly = parse_age(keep_raw), parse_age(keep_hourly)
+    result = run_prune(_store(db, home), keep_raw=raw, keep_hourly=hourly, batch=batch)
+    if json_out:
+        print_json(result.as_dict())
+        return
+    console.print(f"rolled up and deleted {result.rolled_up} raw messages in "
+                  f"{result.batches} batches; deleted {result.hourly_deleted} hourly rows; "
+                  f"{result.hourly_rows} hourly rows kept")
 
 
 def alerts(db: str | None = db_option(), home: Path | None = HOME_OPTION,

@@ -26,22 +26,30 @@ PLOTS = (
 
 
 def series(store: Store, limit: int = 20_000) -> dict[str, dict[str, list[Any]]]:
-    """Per device: ``ts`` and each plotted quantity, oldest first."""
+    """Per device: ``ts`` and each plotted quantity, oldest first: the newest ``limit``
+    raw metrics messages, and before them up to ``limit`` hourly means of the history
+    that ``edgefleet fleet prune`` rolled up."""
     out: dict[str, dict[str, list[Any]]] = {}
+
+    def add(device: str, ts: float, lat: Any, conf: Any, fallback: Any, n: Any,
+            drift: Any) -> None:
+        s = out.setdefault(device, {k: [] for k in
+                                    ("ts", "latency_p95", "confidence_p50",
+                                     "fallback_share", "drift_input")})
+        s["ts"].append(dt.datetime.fromtimestamp(ts))
+        s["latency_p95"].append(lat)
+        s["confidence_p50"].append(conf)
+        s["fallback_share"].append((fallback or 0) / n if n else None)
+        s["drift_input"].append(drift)
+
+    for h in store.hourly(kind="metrics", limit=limit):
+        add(h["device"], h["hour"] + 1800.0, h["latency_p95"], h["confidence_p50"],
+            h["fallback"], h["inferences"], h["drift_input"])
     for m in store.messages(kind="metrics", limit=limit, newest=True):
         body = json.loads(m["payload"]).get("body", {})
-        lat = body.get("latency_ms") or {}
-        conf = body.get("confidence") or {}
-        drift = body.get("drift") or {}
-        n = body.get("inferences") or 0
-        s = out.setdefault(m["device"], {k: [] for k in
-                                         ("ts", "latency_p95", "confidence_p50",
-                                          "fallback_share", "drift_input")})
-        s["ts"].append(dt.datetime.fromtimestamp(m["ts"]))
-        s["latency_p95"].append(lat.get("p95"))
-        s["confidence_p50"].append(conf.get("p50"))
-        s["fallback_share"].append((body.get("fallback") or 0) / n if n else None)
-        s["drift_input"].append(drift.get("input_psi"))
+        add(m["device"], m["ts"], (body.get("latency_ms") or {}).get("p95"),
+            (body.get("confidence") or {}).get("p50"), body.get("fallback"),
+            body.get("inferences") or 0, (body.get("drift") or {}).get("input_psi"))
     for s in out.values():
         order = sorted(range(len(s["ts"])), key=lambda i: s["ts"][i])
         for k in s:

@@ -64,6 +64,17 @@ MIGRATIONS: list[list[str]] = [
             prefix TEXT NOT NULL)""",
         "CREATE INDEX quarantine_device ON quarantine (device)",
     ],
+    [  # 3: old telemetry rolled up per device and hour (server/telemetry/retention.py)
+        """CREATE TABLE messages_hourly (
+            device TEXT NOT NULL, hour DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL,
+            n BIGINT NOT NULL, inferences BIGINT NOT NULL, fallback BIGINT NOT NULL,
+            degraded BIGINT NOT NULL,
+            latency_p95_sum DOUBLE PRECISION NOT NULL, latency_p95_n BIGINT NOT NULL,
+            confidence_p50_sum DOUBLE PRECISION NOT NULL, confidence_p50_n BIGINT NOT NULL,
+            drift_input_sum DOUBLE PRECISION NOT NULL, drift_input_n BIGINT NOT NULL,
+            PRIMARY KEY (device, hour, kind))""",
+        "CREATE INDEX messages_hourly_hour ON messages_hourly (hour)",
+    ],
 ]
 
 #: Create a device's registry row if needed; bump last seen and its message counts.
@@ -235,6 +246,10 @@ class Store:
                     break
             return out
 
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement over many parameter rows (one round trip on PostgreSQL)."""
+        self._many(sql, rows, returning=False)
+
     def touch_devices(self, rows: Sequence[tuple[str, float, int, int]]) -> None:
         """:meth:`touch_device` for many ``(device, seen, new, dup)`` rows at once."""
         self._many(_TOUCH, rows, returning=False)
@@ -394,6 +409,23 @@ class Store:
                           (*params, limit))
         keys = ("id", "received", "device", "topic", "reason", "detail", "size", "prefix")
         return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def hourly(self, *, kind: str = "metrics", limit: int = 20_000) -> list[dict[str, Any]]:
+        """The newest ``limit`` rolled-up hours of ``kind`` (oldest first), each with its
+        message count, summed counters and the mean of each plotted quantity."""
+        rows = self.query(
+            "SELECT device, hour, n, inferences, fallback, degraded, latency_p95_sum, "
+            "latency_p95_n, confidence_p50_sum, confidence_p50_n, drift_input_sum, "
+            "drift_input_n FROM messages_hourly WHERE kind = ? ORDER BY hour DESC LIMIT ?",
+            (kind, limit))
+
+        def mean(total: float, n: int) -> float | None:
+            return float(total) / n if n else None
+
+        return [{"device": r[0], "hour": float(r[1]), "n": int(r[2]),
+                 "inferences": int(r[3]), "fallback": int(r[4]), "degraded": int(r[5]),
+                 "latency_p95": mean(r[6], r[7]), "confidence_p50": mean(r[8], r[9]),
+                 "drift_input": mean(r[10], r[11])} for r in reversed(rows)]
 
     def rejects(self) -> dict[str, int]:
         """Rejected messages by reason."""
