@@ -93,11 +93,13 @@ def test_operator_fetches_follows_and_devices_cannot(tmp_path: Path,
         # --level and --since filter on the device.
         warn = _lines(_cli("dev1", "--level", "WARNING", *op))
         assert warn and all(m["level"] in ("WARNING", "ERROR", "CRITICAL") for m in warn)
-        time.sleep(12.0)  # "hello" is older than --since below, "fresh line" is not
+        # "hello" is older than --since below, "fresh line" is not, with 12 s for the CLI to
+        # start and ask on a loaded machine
+        time.sleep(20.0)
         _say(say, "fresh line")
         assert wait_until(lambda: not say.exists(), 10)
         time.sleep(0.3)
-        recent = [m["msg"] for m in _lines(_cli("dev1", "--since", "8s", *op))]
+        recent = [m["msg"] for m in _lines(_cli("dev1", "--since", "12s", *op))]
         assert "fresh line" in recent and "hello from dev1" not in recent
 
         # Follow: a line logged after the command started is streamed.
