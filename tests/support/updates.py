@@ -182,9 +182,10 @@ class Traffic:
         self._t.join()
 
 
-def assign(version: str, model: str = "digits-mlp", shadow: bool = False) -> Assignment:
-    """An assignment of ``model@version``."""
-    return Assignment(model, version, shadow=shadow)
+def assign(version: str, model: str = "digits-mlp", shadow: bool = False,
+           rollback: bool = False) -> Assignment:
+    """An assignment of ``model@version`` (``rollback``: one below the highest seen)."""
+    return Assignment(model, version, shadow=shadow, rollback=rollback)
 
 
 def start_agent(device_id: str, state: Path, reg: Registry, url: str, broker_port: int,
