@@ -353,3 +353,139 @@ def test_federated_page_shows_rounds_spread_and_declines(tmp_path: Path) -> None
         assert "min 0.600" in page and "max 0.900" in page and "worst node 22" in page
     finally:
         f.store.close()
+
+
+class FakeLogs:
+    """``devices logs``' client as the dashboard uses it: what was asked, what to answer."""
+
+    def __init__(self, lines: list[object] | None = None, error: Exception | None = None
+                 ) -> None:
+        self.lines, self.error = lines or [], error
+        self.asked: list[tuple[str, dict[str, object]]] = []
+
+    def __call__(self, device: str) -> FakeLogs:
+        self.device = device
+        return self
+
+    def __enter__(self) -> FakeLogs:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def fetch(self, **kw: object) -> list[object]:
+        self.asked.append((self.device, kw))
+        if self.error is not None:
+            raise self.error
+        return self.lines
+
+
+def test_device_logs_on_demand_escaped_and_bounded(fleet: Fleet) -> None:
+    from edgefleet.device.wire.logs import LogLine
+
+    hostile = LogLine(1.7e9, "WARNING", "app.<i>x</i>",
+                      f"{HOSTILE} \x1b[2Jcleared\x07 [REDACTED]")
+    fake = FakeLogs([LogLine(1.7e9, "INFO", "edgefleet.agent", "agent pi-01 started"), hostile])
+    fleet.cfg.sources.logs = fake
+    fleet.login()
+    dev = fleet.client.get("/devices/pi-01").text  # the device page asks nothing itself
+    assert 'action="/devices/pi-01/logs"' in dev and "Fetch recent logs" in dev
+    assert fake.asked == []
+    r = fleet.client.get("/devices/pi-01/logs?lines=50&level=INFO")
+    assert r.status_code == 200, r.text
+    assert fake.asked == [("pi-01", {"lines": 50, "level": "INFO",
+                                     "timeout": fleet.cfg.logs_timeout})]
+    assert "agent pi-01 started" in r.text and "[REDACTED]" in r.text
+    assert HOSTILE not in r.text and "&lt;script&gt;window.pwned=1&lt;/script&gt;" in r.text
+    assert "app.&lt;i&gt;x&lt;/i&gt;" in r.text
+    assert "\x1b" not in r.text and "\x07" not in r.text and "?[2Jcleared?" in r.text
+    assert fleet.metrics.counter("dashboard_logs_fetched") == 1
+    assert fleet.metrics.counter("dashboard_log_lines") == 2
+    # Bounds: line counts and levels from the form's lists only, device names checked.
+    for path, reason, status in (("/devices/pi-01/logs?lines=100000", "bad_query", 400),
+                                 ("/devices/pi-01/logs?level=TRACE", "bad_query", 400),
+                                 ("/devices/%3Cb%3E/logs", "bad_name", 400),
+                                 ("/devices/nosuch/logs", "unknown_device", 404)):
+        r = fleet.client.get(path)
+        assert (r.status_code, r.headers["x-refused-reason"]) == (status, reason), path
+    assert len(fake.asked) == 1
+    fleet.client.cookies.clear()
+    assert fleet.client.get("/devices/pi-01/logs").status_code == 303
+
+
+def test_device_logs_silent_or_refusing_device_says_why(fleet: Fleet) -> None:
+    from edgefleet.server.fleet.device_logs import DeviceLogsError
+
+    fleet.login()
+    fleet.cfg.sources.logs = FakeLogs(error=DeviceLogsError(
+        "pi-01 did not answer within 5 s (offline, or logs disabled)", reason="timeout"))
+    r = fleet.client.get("/devices/pi-01/logs")
+    assert r.status_code == 504 and r.headers["x-refused-reason"] == "timeout"
+    assert 'id="logs-error"' in r.text and "did not answer within 5 s" in r.text
+    assert fleet.metrics.counter("dashboard_logs_failed_timeout") == 1
+    # A device's own reason is device text: shown escaped, counted under one name.
+    fleet.cfg.sources.logs = FakeLogs(error=DeviceLogsError(
+        f"pi-01 refused: {HOSTILE}", reason="<b>weird</b>"))
+    r = fleet.client.get("/devices/pi-01/logs")
+    assert r.status_code == 502 and r.headers["x-refused-reason"] == "device_refused"
+    assert HOSTILE not in r.text
+    assert fleet.metrics.counter("dashboard_logs_failed_device_refused") == 1
+    # No operator account: said so, nothing asked.
+    fleet.cfg.sources.logs = None
+    r = fleet.client.get("/devices/pi-01/logs")
+    assert r.status_code == 503 and r.headers["x-refused-reason"] == "logs_unavailable"
+    assert "--home" in r.text
+
+
+def test_device_logs_fetches_at_once_are_bounded(tmp_path: Path) -> None:
+    import threading
+
+    from edgefleet.device.wire.logs import LogLine
+
+    gate, entered = threading.Event(), threading.Event()
+
+    class Slow(FakeLogs):
+        def fetch(self, **kw: object) -> list[object]:
+            entered.set()
+            gate.wait(10)
+            return [LogLine(1.7e9, "INFO", "x", "slow line")]
+
+    f = Fleet(tmp_path)
+    f.cfg.max_log_fetches = 1
+    f.client = TestClient(create_app(f.cfg, f.metrics), follow_redirects=False)
+    f.cfg.sources.logs = Slow()
+    try:
+        f.login()
+        first: dict[str, object] = {}
+        t = threading.Thread(target=lambda: first.update(
+            r=f.client.get("/devices/pi-01/logs")))
+        t.start()
+        assert entered.wait(10)
+        busy = f.client.get("/devices/pi-02/logs")
+        assert busy.status_code == 503 and busy.headers["x-refused-reason"] == "logs_busy"
+        assert f.metrics.counter("dashboard_refused_logs_busy") == 1
+        gate.set()
+        t.join(10)
+        assert "slow line" in first["r"].text  # type: ignore[attr-defined]
+        assert f.client.get("/devices/pi-02/logs").status_code == 200  # freed again
+    finally:
+        gate.set()
+        f.store.close()
+
+
+def test_app_metrics_cover_pages_streams_and_refusals(fleet: Fleet) -> None:
+    """What `dashboard serve --metrics-port` exports: the app's own Metrics."""
+    from edgefleet.device.core.prom_text import families, render
+
+    fleet.login()
+    fleet.client.get("/")
+    fleet.client.get("/?status=<x>")
+    with fleet.client.stream("GET", "/events") as r:
+        "".join(r.iter_text())
+    snap = fleet.metrics.snapshot()
+    assert snap["histograms"]["dashboard_page_ms"]["count"] == 2
+    assert snap["gauges"]["dashboard_streams_open"] == 0
+    text = render(families(snap))
+    assert "edgefleet_dashboard_logins_total 1" in text
+    assert "edgefleet_dashboard_refused_bad_query_total 1" in text
+    assert "edgefleet_dashboard_page_seconds_count 2" in text
