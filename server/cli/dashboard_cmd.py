@@ -17,6 +17,7 @@ from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.device.core.errors import UsageError
 from edgefleet.server.cli.fleet_cmd import db_option
 from edgefleet.server.cli.home_opts import HOME_OPTION
+from edgefleet.server.cli.metrics_cmd import METRICS_HOST_OPTION, METRICS_PORT_OPTION, start_metrics
 from edgefleet.server.cli.registry_cmd import HOME as REGISTRY_OPTION
 from edgefleet.server.cli.rollout_cmd import BROKER
 
@@ -107,6 +108,11 @@ def serve(
                                               "report does not carry one."),
     interval: float = typer.Option(2.0, "--interval", min=0.2, max=60.0,
                                    help="Seconds between live updates."),
+    logs_timeout: float = typer.Option(5.0, "--logs-timeout", min=0.5, max=30.0,
+                                       help="Seconds a device page waits for the device's "
+                                            "logs."),
+    metrics_port: int | None = METRICS_PORT_OPTION,
+    metrics_host: str = METRICS_HOST_OPTION,
     state: Path | None = STATE_OPTION,
     home: Path | None = HOME_OPTION,
 ) -> None:
@@ -122,12 +128,14 @@ def serve(
     """
     import uvicorn
 
-    from edgefleet.server.cli.home_opts import fleet_home, registry_path, store_target
+    from edgefleet.device.core.metrics import Metrics
+    from edgefleet.server.cli.home_opts import fleet_home, mqtt_for, registry_path, store_target
     from edgefleet.server.cli.registry_cmd import open_registry
     from edgefleet.server.cli.rollout_cmd import _controller
     from edgefleet.server.dashboard.app import DashboardConfig, create_app
     from edgefleet.server.dashboard.auth import Users, load_secret
     from edgefleet.server.dashboard.views import Sources
+    from edgefleet.server.fleet.device_logs import LogClient
     from edgefleet.server.telemetry.store import open_store
 
     if (tls_cert is None) != (tls_key is None):
@@ -140,20 +148,29 @@ def serve(
     reg = registry_path(registry, home)
     has_registry = (reg / "registry.db").is_file()
     groups = {d.name: d.group for d in fh.devices.active()} if fh is not None else {}
+    metrics = Metrics()
+    # Device logs: `devices logs`' client on the operator account (home, or --broker and
+    # $EDGEFLEET_MQTT_USERNAME / _PASSWORD); without either there is no account to ask with.
+    operator = mqtt_for("operator", home, broker=broker) if fh is not None or broker else None
     src = Sources(
         store=open_store(store_target(db, home)), registry=reg,
         open_registry=(lambda: open_registry(reg)) if has_registry else None,
         controller=(lambda: _controller(reg, broker, home)) if has_registry else None,
         fl_db=fl_db or (fh.fl_dir / "fl.db" if fh is not None else None),
-        groups=groups, epsilon_budget=epsilon_budget)
+        groups=groups, epsilon_budget=epsilon_budget,
+        logs=(lambda dev: LogClient(operator, dev, metrics=metrics)) if operator else None)
     cfg = DashboardConfig(sources=src, state=st, secret=load_secret(st),
-                          tls=tls_cert is not None, interval=interval)
+                          tls=tls_cert is not None, interval=interval,
+                          logs_timeout=logs_timeout)
+    endpoint = start_metrics(metrics_port, metrics_host, metrics)
     scheme = "https" if tls_cert else "http"
     console.print(f"dashboard on {scheme}://{host}:{port}/ (Ctrl-C to stop)")
     try:
-        uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning",
+        uvicorn.run(create_app(cfg, metrics), host=host, port=port, log_level="warning",
                     ssl_certfile=str(tls_cert) if tls_cert else None,
                     ssl_keyfile=str(tls_key) if tls_key else None,
                     timeout_graceful_shutdown=2)
     finally:
+        if endpoint is not None:
+            endpoint.close()
         src.store.close()

@@ -7,7 +7,6 @@ Every command takes ``--home`` (default ``$EDGEFLEET_HOME``, else
 from __future__ import annotations
 
 import datetime as dt
-import re
 from pathlib import Path
 from typing import Any
 
@@ -260,8 +259,6 @@ def sync(home: Path | None = _home_option(),
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-#: Control characters a device's log line may not send to the operator's terminal.
-_PRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def parse_since(value: str) -> float:
@@ -314,7 +311,7 @@ def logs(
     from edgefleet.device.core.errors import UsageError
     from edgefleet.device.wire.logs import LEVELS, MAX_LINES, LogLine
     from edgefleet.server.cli.home_opts import mqtt_for
-    from edgefleet.server.fleet.device_logs import LogClient
+    from edgefleet.server.fleet.device_logs import LogClient, printable
 
     level = level.upper()
     if level not in LEVELS:
@@ -331,7 +328,7 @@ def logs(
         else:
             stamp = dt.datetime.fromtimestamp(ln.ts).strftime("%Y-%m-%d %H:%M:%S")
             # Not through rich (device text is not markup), and no terminal control codes.
-            text = _PRINTABLE.sub("?", f"{ln.logger}: {ln.msg}")
+            text = printable(f"{ln.logger}: {ln.msg}")
             sys.stdout.write(f"{stamp} {ln.level:<8} {text}\n")
         sys.stdout.flush()
 

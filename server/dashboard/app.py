@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.core.metrics import Metrics
+from edgefleet.device.wire.logs import LEVELS
 from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
 from edgefleet.server.dashboard import actions, pages, views
 from edgefleet.server.dashboard.auth import LoginLimiter, Session, SessionSigner, Users
@@ -72,6 +73,9 @@ class DashboardConfig:
     max_streams: int = 32
     login_attempts: int = 5
     login_window: float = 300.0
+    #: A device page's logs: seconds to wait for the device, fetches running at once.
+    logs_timeout: float = 5.0
+    max_log_fetches: int = 4
 
 
 class _Refused(Exception):
@@ -105,6 +109,7 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
     metrics = metrics or Metrics()
     live = _Live(src, cfg.interval)
     streams = {"open": 0}
+    log_fetches = threading.BoundedSemaphore(cfg.max_log_fetches)
     report_lock = threading.Lock()
 
     def headers(resp: Response, csp: str = CSP) -> Response:
@@ -226,10 +231,13 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
         session = session_of(request)
         if session is None:
             return to_login(request)
+        start = time.perf_counter()
         try:
             return html(await run_in_threadpool(render, session, signer.csrf(session)))
         except _Refused as exc:
             return refuse(exc, session)
+        finally:
+            metrics.observe("dashboard_page_ms", (time.perf_counter() - start) * 1000)
 
     async def fleet(request: Request) -> Response:
         def render(s: Session, csrf: str) -> str:
@@ -251,6 +259,42 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
                 raise _Refused("unknown_device", f"no device {name} in the store", 404)
             return pages.device_page(v, user=s.user, csrf=csrf)
         return await page(request, render)
+
+    async def device_logs(request: Request) -> Response:
+        """A device's recent logs, asked of it now: a page of its own, so a silent device
+        never holds up the device page (at most ``logs_timeout`` seconds here)."""
+        session = session_of(request)
+        if session is None:
+            return to_login(request)
+        try:
+            name = check(request.path_params["name"], DEVICE_ID_PATTERN, "the device")
+            lines = param(request, "lines", ("", *pages.LOG_LINES)) or "200"
+            level = param(request, "level", ("", *LEVELS)) or "DEBUG"
+            if src.logs is None:
+                raise _Refused("logs_unavailable", "remote logs need the broker's operator "
+                               "account: run the dashboard with the fleet home (--home)", 503)
+            if src.store.device(name) is None:
+                raise _Refused("unknown_device", f"no device {name} in the store", 404)
+            if not log_fetches.acquire(blocking=False):
+                raise _Refused("logs_busy", "other log requests are running; try again in a "
+                               "few seconds", 503)
+        except _Refused as exc:
+            return refuse(exc, session)
+        try:
+            v = await run_in_threadpool(views.device_logs, src, name, lines=int(lines),
+                                        level=level, timeout=cfg.logs_timeout)
+        finally:
+            log_fetches.release()
+        resp = html(pages.logs_page(name, v, lines=lines, level=level, user=session.user,
+                                    csrf=signer.csrf(session)),
+                    504 if v["reason"] == "timeout" else 502 if v["reason"] else 200)
+        if v["reason"]:
+            metrics.inc(f"dashboard_logs_failed_{v['reason']}")
+            resp.headers["X-Refused-Reason"] = v["reason"]
+        else:
+            metrics.inc("dashboard_logs_fetched")
+            metrics.inc("dashboard_log_lines", len(v["lines"]))
+        return resp
 
     async def rollouts(request: Request) -> Response:
         return await page(request, lambda s, csrf: pages.rollouts_page(
@@ -310,6 +354,7 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
         if streams["open"] >= cfg.max_streams:
             return refuse(_Refused("too_many_streams", "too many live views open", 503))
         streams["open"] += 1
+        metrics.set("dashboard_streams_open", streams["open"])
 
         async def gen() -> AsyncIterator[str]:
             end = time.monotonic() + cfg.stream_seconds
@@ -323,6 +368,7 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
                         break
             finally:
                 streams["open"] -= 1
+                metrics.set("dashboard_streams_open", streams["open"])
         resp = StreamingResponse(gen(), media_type="text/event-stream")
         resp.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
         return headers(resp)
@@ -371,6 +417,7 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/", fleet), Route("/devices/{name}", device),
+        Route("/devices/{name}/logs", device_logs),
         Route("/rollouts", rollouts), Route("/fl", fl), Route("/alerts", alerts),
         Route("/alerts/ack", ack, methods=["POST"]),
         Route("/approvals", approval, methods=["POST"]),

@@ -14,10 +14,11 @@ import re
 from typing import Any
 from urllib.parse import quote
 
+from edgefleet.device.wire.logs import LEVELS
 from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
 
-__all__ = ["alerts_page", "device_page", "e", "error_page", "fl_page", "fleet_page",
-           "login_page", "rollouts_page"]
+__all__ = ["LOG_LINES", "alerts_page", "device_page", "e", "error_page", "fl_page",
+           "fleet_page", "login_page", "logs_form", "logs_page", "rollouts_page"]
 
 NAV = (("/", "Fleet"), ("/rollouts", "Rollouts"), ("/fl", "Federated"), ("/alerts", "Alerts"),
        ("/report/", "Plots"))
@@ -181,10 +182,47 @@ def device_page(v: dict[str, Any], *, user: str, csrf: str) -> str:
                else "<h3>History</h3><p>no metrics stored yet</p>")
     events = "".join(f"<li>{e(_when(ev['ts']))} <b>{e(ev['kind'])}</b> {e(ev['message'])}</li>"
                      for ev in v["events"]) or "<li>none</li>"
-    logs = ('<section id="logs"><h3>Logs</h3><p class="muted">Remote device logs will show '
-            "here (<code>edgefleet devices logs</code>, not wired yet).</p></section>")
+    logs = (f'<section id="logs"><h3>Logs</h3>{logs_form(d)}<p class="muted">Asked of the '
+            "device over MQTT when you click (<code>edgefleet devices logs</code>), redacted "
+            "on the device.</p></section>")
     return layout(f"Device {d}", dl + history + f"<h3>Events</h3><ul>{events}</ul>" + logs,
                   user=user, csrf=csrf, active="/", live=True)
+
+
+#: Line counts the logs form offers (the device keeps about 2,000).
+LOG_LINES = ("50", "200", "1000")
+
+
+def logs_form(device: str, lines: str = "200", level: str = "DEBUG") -> str:
+    """The button that asks a device for its logs (a GET: it changes nothing)."""
+    nopts = "".join(f'<option{" selected" if n == lines else ""}>{n}</option>'
+                    for n in LOG_LINES)
+    lopts = "".join(f'<option{" selected" if lv == level else ""}>{lv}</option>'
+                    for lv in LEVELS)
+    return (f'<form method="get" action="/devices/{quote(device)}/logs" class="filters">'
+            f'<label>lines <select name="lines">{nopts}</select></label> '
+            f'<label>from <select name="level">{lopts}</select></label> '
+            '<button type="submit" id="fetch-logs">Fetch recent logs</button></form>')
+
+
+def logs_page(device: str, v: dict[str, Any], *, lines: str, level: str, user: str,
+              csrf: str) -> str:
+    """A device's recent log lines as it answered them, or why it did not."""
+    back = f'<p><a href="/devices/{quote(device)}">back to {e(device)}</a></p>'
+    if v["error"]:
+        body = (f'<p class="error" id="logs-error" data-reason="{e(v["reason"])}">'
+                f'{e(v["error"])}</p><p>reason: <code>{e(v["reason"])}</code></p>')
+    elif not v["lines"]:
+        body = '<p id="logs-empty">the device answered with no lines</p>'
+    else:
+        rows = "".join(f'<tr class="lv-{e(ln["level"]).lower()}"><td>{e(_when(ln["ts"]))}</td>'
+                       f'<td>{e(ln["level"])}</td><td>{e(ln["logger"])}</td>'
+                       f'<td class="msg">{e(ln["msg"])}</td></tr>' for ln in v["lines"])
+        body = (f'<p class="muted">{len(v["lines"])} lines, oldest first</p>'
+                "<table class='scroll' id='log-lines'><tr><th>time</th><th>level</th>"
+                f"<th>logger</th><th>message</th></tr>{rows}</table>")
+    return layout(f"Logs of {device}", back + logs_form(device, lines, level) + body,
+                  user=user, csrf=csrf, active="/")
 
 
 def rollouts_page(v: dict[str, Any], *, user: str, csrf: str) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgefleet.server.fleet.audit import AuditLog
 from edgefleet.server.telemetry.alerts import acknowledged
@@ -20,12 +21,14 @@ from edgefleet.server.telemetry.rows import device_row
 from edgefleet.server.telemetry.store import Store
 
 if TYPE_CHECKING:
+    from edgefleet.device.wire.logs import LogLine
     from edgefleet.server.registry.repository import Registry
     from edgefleet.server.rollout.controller import RolloutController
     from edgefleet.server.rollout.fleet_view import FleetView
 
-__all__ = ["APPROVALS_DB", "MAX_DEVICES", "Sources", "alerts_view", "approvals_view", "device_view",
-           "fl_view", "fleet_rows", "live_rows", "rollouts_view"]
+__all__ = ["APPROVALS_DB", "LOG_REASONS", "MAX_DEVICES", "LogFetcher", "Sources", "alerts_view",
+           "approvals_view", "device_logs", "device_view", "fl_view", "fleet_rows", "live_rows",
+           "rollouts_view"]
 
 #: Rows a page or an SSE message carries at most (the rest is counted, not shown).
 MAX_DEVICES = 500
@@ -33,6 +36,16 @@ MAX_DEVICES = 500
 HISTORY = 50
 #: The retraining approvals' database in the registry folder (``edgefleet approvals``).
 APPROVALS_DB = "retrain.db"
+#: Why a device's logs are not shown, as counted and answered; anything else the device
+#: says (its ``error`` is device text) is counted as ``device_refused``.
+LOG_REASONS = ("timeout", "broker_unreachable", "rate_limited", "device_refused")
+
+
+class LogFetcher(Protocol):
+    """What the device page needs of ``devices logs``' :class:`LogClient`."""
+
+    def fetch(self, *, lines: int = 200, since_s: float | None = None, level: str = "DEBUG",
+              timeout: float = 10.0) -> list[LogLine]: ...
 
 
 @dataclass
@@ -52,6 +65,9 @@ class Sources:
     groups: dict[str, str] = field(default_factory=dict)
     #: ε budget shown when a device's report does not carry its own.
     epsilon_budget: float = 10.0
+    #: One operator connection asking a device for its logs (``devices logs``' client on
+    #: the operator account), or None without a broker account.
+    logs: Callable[[str], AbstractContextManager[LogFetcher]] | None = None
 
     def audit(self) -> AuditLog:
         """The registry's audit log, where every dashboard action lands."""
@@ -135,6 +151,26 @@ def device_view(src: Sources, device: str) -> dict[str, Any] | None:
             "latency": _latency(d["last_metrics"]),
             "system": (d["last_metrics"] or {}).get("system") or {},
             "history": history[::-1], "events": src.store.events(device=device, limit=20)}
+
+
+def device_logs(src: Sources, device: str, *, lines: int, level: str,
+                timeout: float) -> dict[str, Any]:
+    """``devices logs DEVICE``: its recent lines (text made printable, not yet escaped), or
+    why not (``reason`` one of :data:`LOG_REASONS`, ``error`` a message to show)."""
+    from edgefleet.server.fleet.device_logs import DeviceLogsError, printable
+
+    if src.logs is None:
+        raise RuntimeError("remote logs need the broker's operator account (run the "
+                           "dashboard with --home)")
+    try:
+        with src.logs(device) as client:
+            got = client.fetch(lines=lines, level=level, timeout=timeout)
+    except DeviceLogsError as exc:
+        reason = exc.reason if exc.reason in LOG_REASONS else "device_refused"
+        return {"lines": [], "reason": reason, "error": printable(str(exc))[:300]}
+    return {"lines": [{"ts": ln.ts, "level": printable(ln.level)[:10],
+                       "logger": printable(ln.logger)[:80], "msg": printable(ln.msg)}
+                      for ln in got[-lines:]], "reason": None, "error": None}
 
 
 def alerts_view(src: Sources, limit: int = 50) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import secrets
 import threading
 import time
@@ -31,9 +32,18 @@ from edgefleet.device.wire.logs import (
     response_topic,
 )
 
-__all__ = ["DeviceLogsError", "LogClient"]
+__all__ = ["DeviceLogsError", "LogClient", "printable"]
 
 log = logging.getLogger(__name__)
+
+#: C0 and C1 control characters except tab and newline: device text may carry terminal
+#: escapes (a CLI's screen) or invisible characters (a web page's).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters replaced by ``?`` (device text is hostile)."""
+    return _CONTROL.sub("?", text)
 
 
 class DeviceLogsError(EdgefleetError):

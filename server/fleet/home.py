@@ -92,10 +92,13 @@ class ServerSettings(StrictModel):
     scorer_package: Path | None = Field(default=None, description=(
         "Cloud model package the scorer serves (no scorer without it)."))
     guard_interval: float = Field(default=10.0, gt=0)
-    metrics_port: int | None = Field(default=None, ge=1, le=65530, description=(
+    metrics_port: int | None = Field(default=None, ge=1, le=65529, description=(
         "Prometheus /metrics on loopback (127.0.0.1), off when unset: the fleet gauges "
-        "(`metrics serve`) on this port, then ingest, scorer, registry and rollout guard "
-        "on the next four (docs/operations.md)."))
+        "(`metrics serve`) on this port, then ingest, scorer, registry, rollout guard and "
+        "dashboard on the next five (docs/operations.md)."))
+    dashboard_port: int | None = Field(default=None, ge=1, le=65535, description=(
+        "`edgefleet dashboard serve` on 127.0.0.1 at this port, off when unset (put a TLS "
+        "proxy in front to reach it from elsewhere); needs a dashboard user."))
     max_restarts: int = Field(default=5, ge=0, description=(
         "Restart budget of each service: at most this many restarts ..."))
     restart_window_s: float = Field(default=60.0, gt=0, description="... within this window.")

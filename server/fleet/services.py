@@ -33,7 +33,8 @@ __all__ = ["METRICS_OFFSETS", "Service", "TlsFiles", "plan", "systemd_units",
            "write_mosquitto_conf"]
 
 #: With ``[server] metrics_port = P``: each service's /metrics at P + offset (loopback).
-METRICS_OFFSETS = {"metrics": 0, "ingest": 1, "scorer": 2, "registry": 3, "rollout-guard": 4}
+METRICS_OFFSETS = {"metrics": 0, "ingest": 1, "scorer": 2, "registry": 3, "rollout-guard": 4,
+                   "dashboard": 5}
 
 #: Our venv's programs (``edgefleet``, ``flower-superlink``).
 BIN = Path(sys.executable).parent
@@ -197,6 +198,17 @@ def plan(home: FleetHome) -> list[Service]:
         out.append(Service("rollout-guard", _edgefleet(
             "rollout", "guard", "--home", root, "--interval", f"{srv.guard_interval:g}"),
             "stops unhealthy canaries", env=env, needs_broker=True))
+    if srv.dashboard_port is not None:
+        # The dashboard's users file (server.dashboard.auth.Users; not imported here:
+        # the dashboard imports the fleet package, not the other way round).
+        state = home.root / "dashboard"
+        if not (state / "users.json").is_file():
+            raise ConfigError("[server] dashboard_port is set but nobody may sign in (run "
+                              "`edgefleet dashboard user add NAME`)", path=str(state))
+        out.append(Service("dashboard", _edgefleet("dashboard", "serve", "--home", root,
+                                                   "--port", str(srv.dashboard_port)),
+                           "live web dashboard (loopback)", port=srv.dashboard_port,
+                           env=env, needs_broker=True))
     if srv.metrics_port is not None:
         out = [_with_metrics(svc, srv.metrics_port) for svc in out]
         out.append(Service("metrics", _edgefleet("metrics", "serve", "--home", root,

@@ -23,11 +23,13 @@ from edgefleet.server.fleet.broker import free_port
 from edgefleet.server.retrain.policy import Approvals
 from edgefleet.server.telemetry.store import open_store
 from tests.conftest import BIN, run_cli
+from tests.support import cascade
 from tests.support.dashboard import HOSTILE, metrics_body, report, seed_fleet
 from tests.support.telemetry import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
 
+device_pkg = cascade.device_pkg
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PASSWORD = "dashboard test password"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
@@ -68,17 +70,9 @@ def dashboard(tmp_path: Path) -> Iterator[dict[str, Any]]:
                              str(state), "--interval", "0.5"], stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
     try:
-        assert wait_until(up, 60, every=0.2), (tmp_path / "dashboard.log").read_text()
+        assert wait_until(lambda: _healthy(url), 60, every=0.2), \
+            (tmp_path / "dashboard.log").read_text()
         yield {"url": url, "store": store, "registry": registry, "request": rid,
                "shots": tmp_path / "screenshots"}
     finally:
@@ -86,6 +80,16 @@ def dashboard(tmp_path: Path) -> Iterator[dict[str, Any]]:
         proc.wait(20)
         log.close()
         store.close()
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
 
 
 def _shot(driver: Any, d: dict[str, Any], name: str) -> None:
@@ -237,3 +241,120 @@ def test_dashboard_over_tls_sets_a_secure_cookie(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def _say(path: Path, *lines: str) -> None:
+    """Lines the agent_sayer agent logs (it removes the file once they are logged)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def _serve(tmp: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([str(BIN / "edgefleet"), *args],
+                            stdout=(tmp / f"{name}.log").open("wb"), stderr=subprocess.STDOUT)
+
+
+def test_real_fleet_live_numbers_and_device_logs(browser: Any, tmp_path: Path,
+                                                 device_pkg: Path) -> None:
+    """Through the real parts only: an enrolled agent process publishes telemetry to
+    mosquitto (the fleet's password file and ACL), the `ingest run` process stores it, and
+    the open device page's inference count moves over SSE without a reload; the page's
+    logs button asks the agent over MQTT with the operator account and shows its lines,
+    escaped; a stopped agent gets a clear "did not answer"."""
+    import os
+    import sys
+
+    from selenium.webdriver.common.by import By
+
+    from edgefleet.device.agent.local_api import request
+    from edgefleet.models.core.tasks import get_task
+    from edgefleet.server.fleet.enrollment import enroll_device
+    from edgefleet.server.fleet.home import FleetHome
+    from tests.support.enroll import device_password, home_broker
+
+    home = FleetHome.create(tmp_path / "home", broker_port=free_port())
+    broker = home_broker(home, tmp_path / "broker")
+    bundle = enroll_device(home, "dev1", "line-1", out=tmp_path / "dev1", broker=broker)
+    pw_file = tmp_path / "dev1.pw"
+    pw_file.write_text(device_password(bundle) + "\n")
+    pw_file.chmod(0o600)
+    state, db, say = tmp_path / "state", tmp_path / "fleet.db", tmp_path / "say"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("\n".join([
+        'device_id = "dev1"', f'state_dir = "{state}"',
+        "[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}", 'username = "dev1"',
+        f'password_file = "{pw_file}"', "backoff_base = 0.05", "backoff_cap = 0.5",
+        "[model]", f'package = "{device_pkg}"', "threads = 1",
+        "[telemetry]", "interval_s = 0.5", "[fallback]", 'mode = "off"',
+        "[data]", "enabled = false"]) + "\n")
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    dash_state = tmp_path / "dash"
+    assert run_cli("dashboard", "user", "add", "alice", "--password-file", str(pw),
+                   "--state", str(dash_state)).returncode == 0
+    on_broker = ("--home", str(home.root), "--broker", f"127.0.0.1:{broker.port}")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs = [_serve(tmp_path, "ingest", "ingest", "run", *on_broker, "--db", str(db))]
+    agent = subprocess.Popen([sys.executable, "-m", "tests.support.agent_sayer", "run",
+                              "--config", str(cfg)], env={**os.environ, "SAYER_FILE": str(say)},
+                             stdout=subprocess.DEVNULL,
+                             stderr=(tmp_path / "agent.log").open("wb"))
+    procs.append(agent)
+    d = {"shots": tmp_path / "screenshots"}
+    x = get_task("digits").split().x_test[:5].tolist()
+    try:
+        store = open_store(db)
+        try:
+            assert wait_until(lambda: store.device("dev1") is not None, 90), \
+                (tmp_path / "ingest.log").read_text()
+        finally:
+            store.close()
+        procs.append(_serve(tmp_path, "dashboard", "dashboard", "serve", *on_broker,
+                            "--port", str(port), "--db", str(db), "--state", str(dash_state),
+                            "--registry", str(tmp_path / "registry"), "--interval", "0.5",
+                            "--logs-timeout", "3"))
+        assert wait_until(lambda: _healthy(url), 60, every=0.2), \
+            (tmp_path / "dashboard.log").read_text()
+        browser.get(url + "/devices/dev1")
+        _sign_in(browser, url, PASSWORD)
+        _wait(browser, lambda b: b.current_url.endswith("/devices/dev1"), 60)
+
+        # Live: inferences on the agent reach the open page through broker, ingest, store.
+        cell = '[data-live="inferences"][data-device="dev1"]'
+        _wait(browser, lambda b: "updated" in b.find_element(By.ID, "live-status").text)
+        browser.execute_script("window.notReloaded = true")
+        sock = state / "agent.sock"
+        for i in range(5):
+            assert len(request(sock, {"id": i, "input": x})["predictions"]) == 5
+        _wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, cell).text == "25", 60)
+        assert browser.execute_script("return window.notReloaded === true")
+
+        # Logs: asked of the agent on the click, its lines shown as text.
+        _say(say, "hello from the dashboard test", f"{HOSTILE} \x1b[2J")
+        assert wait_until(lambda: not say.exists(), 10)
+        browser.find_element(By.ID, "fetch-logs").click()
+        table = _wait(browser, lambda b: b.find_elements(By.ID, "log-lines"), 30)[0]
+        assert "/devices/dev1/logs" in browser.current_url
+        text = table.text
+        assert "hello from the dashboard test" in text and "agent dev1 started" in text
+        assert HOSTILE in text and "\x1b" not in browser.page_source
+        assert browser.execute_script("return window.pwned === undefined")
+        _shot(browser, d, "dashboard-logs")
+
+        # A device that does not answer: said so, after the bounded wait.
+        agent.terminate()
+        agent.wait(20)
+        browser.find_element(By.ID, "fetch-logs").click()
+        err = _wait(browser, lambda b: b.find_elements(By.ID, "logs-error"), 30)[0]
+        assert "did not answer" in err.text and err.get_attribute("data-reason") == "timeout"
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        broker.kill()

@@ -1,5 +1,6 @@
 """The real Prometheus (Debian's package) scrapes every service's /metrics: ingest with a
-real mosquitto, the scorer, the registry, the fleet gauges; an agent writes its textfile."""
+real mosquitto, the scorer, the registry, the dashboard, the fleet gauges; an agent writes
+its textfile."""
 
 from __future__ import annotations
 
@@ -53,6 +54,24 @@ def _value(port: int, query: str) -> float | None:
     return float(res[0]["value"][1]) if res else None
 
 
+def _status(url: str, form: dict[str, str] | None = None) -> int | None:
+    """The HTTP status of a GET (or a form POST), not following redirects; None when
+    nothing answers."""
+    import http.client
+
+    u = urllib.parse.urlsplit(url)
+    try:
+        c = http.client.HTTPConnection(u.hostname or "", u.port, timeout=10)
+        if form is None:
+            c.request("GET", u.path)
+        else:
+            c.request("POST", u.path, urllib.parse.urlencode(form),
+                      {"Content-Type": "application/x-www-form-urlencoded"})
+        return c.getresponse().status
+    except OSError:
+        return None
+
+
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([str(BIN / "edgefleet"), *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -65,7 +84,8 @@ def test_prometheus_scrapes_every_service(tmp_path: Path, mosquitto: MosquittoBr
     broker = f"{mosquitto.host}:{mosquitto.port}"
     db = tmp_path / "fleet.db"
     ports = {name: free_port() for name in ("ingest", "scorer", "registry", "fleet",
-                                             "registry_http", "prometheus")}
+                                             "registry_http", "dashboard", "dashboard_http",
+                                             "prometheus")}
     make_registry(tmp_path / "registry")
     procs: list[subprocess.Popen[Any]] = []
     agent: subprocess.Popen[bytes] | None = None
@@ -79,6 +99,21 @@ def test_prometheus_scrapes_every_service(tmp_path: Path, mosquitto: MosquittoBr
                             "--metrics-port", str(ports["registry"])))
         procs.append(_spawn("metrics", "serve", "--db", str(db), "--port",
                             str(ports["fleet"])))
+        # The dashboard: one user, one wrong and one right sign-in to count.
+        (tmp_path / "pw").write_text("prometheus test password")
+        assert subprocess.run([str(BIN / "edgefleet"), "dashboard", "user", "add", "alice",
+                               "--password-file", str(tmp_path / "pw"), "--state",
+                               str(tmp_path / "dash")], check=False).returncode == 0
+        assert wait_until(db.exists, 60), "the ingest never created the store"
+        procs.append(_spawn("dashboard", "serve", "--db", str(db), "--state",
+                            str(tmp_path / "dash"), "--registry", str(tmp_path / "registry"),
+                            "--port", str(ports["dashboard_http"]),
+                            "--metrics-port", str(ports["dashboard"])))
+        dash = f"http://127.0.0.1:{ports['dashboard_http']}"
+        assert wait_until(lambda: _status(dash + "/healthz") == 200, 60), "no dashboard"
+        assert _status(dash + "/login", {"user": "alice", "password": "wrong!"}) == 401
+        assert _status(dash + "/login", {"user": "alice",
+                                         "password": "prometheus test password"}) == 303
         # The agent: telemetry to the same broker, counters into a textfile.
         state, textfile = tmp_path / "state", tmp_path / "textfile" / "edgefleet.prom"
         textfile.parent.mkdir()
@@ -118,7 +153,8 @@ def test_prometheus_scrapes_every_service(tmp_path: Path, mosquitto: MosquittoBr
         assert agent.wait(30) == 0
 
         jobs = {"ingest": ports["ingest"], "scorer": ports["scorer"],
-                "registry": ports["registry"], "fleet": ports["fleet"]}
+                "registry": ports["registry"], "fleet": ports["fleet"],
+                "dashboard": ports["dashboard"]}
         conf = tmp_path / "prometheus.yml"
         conf.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n" + "".join(
             f"  - job_name: edgefleet-{job}\n    static_configs:\n"
@@ -157,6 +193,10 @@ def test_prometheus_scrapes_every_service(tmp_path: Path, mosquitto: MosquittoBr
         assert _value(pport, 'edgefleet_device_share{device="dev-prom",path="local"}') \
             is not None
         assert (_value(pport, "edgefleet_ingest_batch_commit_seconds_count") or 0) >= 1
+        assert wait_until(lambda: _value(pport, "edgefleet_dashboard_logins_total") == 1, 30,
+                          every=0.5)
+        assert _value(pport, "edgefleet_dashboard_refused_bad_login_total") == 1
+        assert _value(pport, 'up{job="edgefleet-dashboard"}') == 1
     finally:
         if agent is not None and agent.poll() is None:
             agent.kill()

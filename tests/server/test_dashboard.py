@@ -3,9 +3,12 @@ bounds, actions that land in the stores and the audit log, the live stream."""
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -17,7 +20,10 @@ from edgefleet.server.dashboard.views import Sources
 from edgefleet.server.fleet.audit import AuditLog
 from edgefleet.server.retrain.policy import Approvals
 from edgefleet.server.telemetry.store import Store, open_store
+from tests.support import cascade
 from tests.support.dashboard import HOSTILE, seed_fleet
+
+device_pkg = cascade.device_pkg
 
 PASSWORD = "correct horse battery"
 
@@ -263,47 +269,123 @@ def test_cli_ack_is_the_same_action(fleet: Fleet, tmp_path: Path) -> None:
     assert res.returncode != 0 and "DEVICE:KIND" in res.stderr + res.stdout
 
 
-def test_rollouts_page_and_rollback_through_the_broker(tmp_path: Path, mosquitto: object
-                                                       ) -> None:
-    """Roll back from the dashboard: the controller the `rollback` command uses, on a real
-    broker; the rollout stops and the audit log names the dashboard user."""
-    from edgefleet.server.cli.registry_cmd import open_registry
-    from edgefleet.server.rollout.controller import RolloutController
-    from edgefleet.server.rollout.fleet_view import FleetView
-    from edgefleet.server.rollout.records import Rollout
-    from tests.support.updates import make_registry
+def _retained(port: int, pattern: str, settle: float = 1.0) -> dict[str, dict[str, Any]]:
+    """The retained messages under ``pattern``: the signed part of each assignment."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    f = Fleet(tmp_path)
-    reg_home = f.registry
-    make_registry(reg_home).close()
-    port = mosquitto.port  # type: ignore[attr-defined]
+    got: dict[str, dict[str, Any]] = {}
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda _c, _u, m: got.__setitem__(m.topic, json.loads(m.payload)["signed"])
+    c.connect("127.0.0.1", port)
+    c.subscribe(pattern, qos=1)
+    c.loop_start()
+    time.sleep(settle)  # retained messages arrive at once; this is no assertion on time
+    c.loop_stop()
+    c.disconnect()
+    return got
 
-    def controller() -> tuple[RolloutController, FleetView]:
-        view = FleetView("127.0.0.1", port)
-        return RolloutController(open_registry(reg_home), view), view
 
-    ctl, view = controller()
-    ctl._save(Rollout("r0ll0ut00001", "digits-mlp", "1.1.0", "canary", ["pi-01"],
-                      {"pi-01": "1.0.0"}, None, False, 0.2, "running"))
-    ctl.close()
-    view.close()
-    f.cfg.sources.open_registry = lambda: open_registry(reg_home)
-    f.cfg.sources.controller = controller
+class RolloutFleet:
+    """The dashboard's Fleet with a real registry holding real packages 1.0.0 and 1.1.0, and
+    the rollout commands' controller (director-signed assignments) on a real broker."""
+
+    def __init__(self, tmp: Path, port: int, pkg: Path) -> None:
+        from edgefleet.server.cli.registry_cmd import open_registry
+        from tests.support.updates import make_registry, package_version
+
+        self.f = Fleet(tmp)
+        self.reg_home, self.port = self.f.registry, port
+        reg = make_registry(self.reg_home)
+        for v in ("1.0.0", "1.1.0"):
+            reg.push(package_version(pkg, tmp / f"pkg-{v}", v))
+        reg.close()
+        self.f.cfg.sources.open_registry = lambda: open_registry(self.reg_home)
+        self.f.cfg.sources.controller = self.controller
+
+    def controller(self) -> tuple[Any, Any]:
+        """What `edgefleet dashboard serve` hands the actions (rollout_cmd's controller)."""
+        from edgefleet.server.cli.registry_cmd import open_registry
+        from edgefleet.server.rollout.controller import RolloutController
+        from edgefleet.server.rollout.fleet_view import FleetView
+
+        view = FleetView("127.0.0.1", self.port)
+        view.fleet(1.0)
+        return RolloutController(open_registry(self.reg_home), view, view), view
+
+    def canary(self, version: str = "1.1.0") -> str:
+        ctl, view = self.controller()
+        try:
+            r = ctl.start("digits-mlp", version, fleet={"pi-01": "1.0.0", "pi-02": "1.0.0"},
+                          devices=["pi-01"], actor="cli")
+        finally:
+            ctl.close()
+            view.close()
+        return r.id
+
+    def status(self, rid: str) -> str:
+        ctl, view = self.controller()
+        try:
+            return ctl.get(rid).status
+        finally:
+            ctl.close()
+            view.close()
+
+    def audit(self) -> list[tuple[str, str]]:
+        log = AuditLog(self.reg_home / "audit.jsonl")
+        log.verify()
+        return [(e["action"], e["actor"]) for e in log.entries()]
+
+
+def test_promote_from_the_dashboard_signs_for_the_fleet(tmp_path: Path, mosquitto: Any,
+                                                        device_pkg: Path) -> None:
+    """Promote a running canary from the dashboard: a real registry with real packages, the
+    director-signed path on a real broker; the rollout DB, the retained assignments and the
+    audit log say so, with the dashboard user as actor."""
+    rf = RolloutFleet(tmp_path, mosquitto.port, device_pkg)
+    f = rf.f
     try:
+        rid = rf.canary()
         f.login()
         page = f.client.get("/rollouts").text
         assert "digits-mlp@1.1.0" in page and "0/1 canary devices" in page
+        r = f.client.post("/rollouts/digits-mlp/promote", data={"csrf": f.csrf("/rollouts")})
+        assert r.status_code == 303, r.text
+        assert rf.status(rid) == "promoted"
+        assert rf.audit()[-1] == ("rollout.promote", "dashboard:alice")
+        seen = _retained(mosquitto.port, "edgefleet/v1/update/assign/#")
+        assert {t.rsplit("/", 1)[-1]: (a["version"], a["rollout"], a["device"])
+                for t, a in seen.items()} == {"pi-01": ("1.1.0", rid, "pi-01")}
+        page = f.client.get("/rollouts").text
+        assert "promoted" in page and "rollout.promote" in page and "dashboard:alice" in page
+        again = f.client.post("/rollouts/digits-mlp/promote",
+                              data={"csrf": f.csrf("/rollouts")})
+        assert again.status_code == 409 and "no running rollout" in again.text
+        assert f.metrics.counter("dashboard_actions") == 1
+    finally:
+        f.store.close()
+
+
+def test_rollouts_page_and_rollback_through_the_broker(tmp_path: Path, mosquitto: Any,
+                                                       device_pkg: Path) -> None:
+    """Roll back from the dashboard: the controller the `rollback` command uses, on a real
+    broker; the rollout stops, the canary device is signed back to 1.0.0 and the audit log
+    names the dashboard user."""
+    rf = RolloutFleet(tmp_path, mosquitto.port, device_pkg)
+    f = rf.f
+    try:
+        rid = rf.canary()
+        f.login()
+        page = f.client.get("/rollouts").text
         assert "Promote" in page and "Roll back" in page
         r = f.client.post("/rollouts/digits-mlp/rollback", data={"csrf": f.csrf("/rollouts")})
         assert r.status_code == 303, r.text
-        ctl, view = controller()
-        assert ctl.get("r0ll0ut00001").status == "stopped"
-        ctl.close()
-        view.close()
-        actions = [(e["action"], e["actor"]) for e in
-                   AuditLog(reg_home / "audit.jsonl").entries()][-2:]
-        assert actions == [("rollout.stopped", "dashboard:alice"),
-                           ("rollout.rollback", "dashboard:alice")]
+        assert rf.status(rid) == "stopped"
+        assert rf.audit()[-2:] == [("rollout.stopped", "dashboard:alice"),
+                                   ("rollout.rollback", "dashboard:alice")]
+        seen = _retained(mosquitto.port, "edgefleet/v1/update/assign/#")
+        assert {t.rsplit("/", 1)[-1]: a["version"] for t, a in seen.items()} == {
+            "pi-01": "1.0.0"}
         page = f.client.get("/rollouts").text
         assert "rolled back by the operator" in page and "rollout.rollback" in page
         bad = f.client.post("/rollouts/%3Cx%3E/promote", data={"csrf": f.csrf("/rollouts")})
@@ -353,3 +435,139 @@ def test_federated_page_shows_rounds_spread_and_declines(tmp_path: Path) -> None
         assert "min 0.600" in page and "max 0.900" in page and "worst node 22" in page
     finally:
         f.store.close()
+
+
+class FakeLogs:
+    """``devices logs``' client as the dashboard uses it: what was asked, what to answer."""
+
+    def __init__(self, lines: list[object] | None = None, error: Exception | None = None
+                 ) -> None:
+        self.lines, self.error = lines or [], error
+        self.asked: list[tuple[str, dict[str, object]]] = []
+
+    def __call__(self, device: str) -> FakeLogs:
+        self.device = device
+        return self
+
+    def __enter__(self) -> FakeLogs:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def fetch(self, **kw: object) -> list[object]:
+        self.asked.append((self.device, kw))
+        if self.error is not None:
+            raise self.error
+        return self.lines
+
+
+def test_device_logs_on_demand_escaped_and_bounded(fleet: Fleet) -> None:
+    from edgefleet.device.wire.logs import LogLine
+
+    hostile = LogLine(1.7e9, "WARNING", "app.<i>x</i>",
+                      f"{HOSTILE} \x1b[2Jcleared\x07 [REDACTED]")
+    fake = FakeLogs([LogLine(1.7e9, "INFO", "edgefleet.agent", "agent pi-01 started"), hostile])
+    fleet.cfg.sources.logs = fake
+    fleet.login()
+    dev = fleet.client.get("/devices/pi-01").text  # the device page asks nothing itself
+    assert 'action="/devices/pi-01/logs"' in dev and "Fetch recent logs" in dev
+    assert fake.asked == []
+    r = fleet.client.get("/devices/pi-01/logs?lines=50&level=INFO")
+    assert r.status_code == 200, r.text
+    assert fake.asked == [("pi-01", {"lines": 50, "level": "INFO",
+                                     "timeout": fleet.cfg.logs_timeout})]
+    assert "agent pi-01 started" in r.text and "[REDACTED]" in r.text
+    assert HOSTILE not in r.text and "&lt;script&gt;window.pwned=1&lt;/script&gt;" in r.text
+    assert "app.&lt;i&gt;x&lt;/i&gt;" in r.text
+    assert "\x1b" not in r.text and "\x07" not in r.text and "?[2Jcleared?" in r.text
+    assert fleet.metrics.counter("dashboard_logs_fetched") == 1
+    assert fleet.metrics.counter("dashboard_log_lines") == 2
+    # Bounds: line counts and levels from the form's lists only, device names checked.
+    for path, reason, status in (("/devices/pi-01/logs?lines=100000", "bad_query", 400),
+                                 ("/devices/pi-01/logs?level=TRACE", "bad_query", 400),
+                                 ("/devices/%3Cb%3E/logs", "bad_name", 400),
+                                 ("/devices/nosuch/logs", "unknown_device", 404)):
+        r = fleet.client.get(path)
+        assert (r.status_code, r.headers["x-refused-reason"]) == (status, reason), path
+    assert len(fake.asked) == 1
+    fleet.client.cookies.clear()
+    assert fleet.client.get("/devices/pi-01/logs").status_code == 303
+
+
+def test_device_logs_silent_or_refusing_device_says_why(fleet: Fleet) -> None:
+    from edgefleet.server.fleet.device_logs import DeviceLogsError
+
+    fleet.login()
+    fleet.cfg.sources.logs = FakeLogs(error=DeviceLogsError(
+        "pi-01 did not answer within 5 s (offline, or logs disabled)", reason="timeout"))
+    r = fleet.client.get("/devices/pi-01/logs")
+    assert r.status_code == 504 and r.headers["x-refused-reason"] == "timeout"
+    assert 'id="logs-error"' in r.text and "did not answer within 5 s" in r.text
+    assert fleet.metrics.counter("dashboard_logs_failed_timeout") == 1
+    # A device's own reason is device text: shown escaped, counted under one name.
+    fleet.cfg.sources.logs = FakeLogs(error=DeviceLogsError(
+        f"pi-01 refused: {HOSTILE}", reason="<b>weird</b>"))
+    r = fleet.client.get("/devices/pi-01/logs")
+    assert r.status_code == 502 and r.headers["x-refused-reason"] == "device_refused"
+    assert HOSTILE not in r.text
+    assert fleet.metrics.counter("dashboard_logs_failed_device_refused") == 1
+    # No operator account: said so, nothing asked.
+    fleet.cfg.sources.logs = None
+    r = fleet.client.get("/devices/pi-01/logs")
+    assert r.status_code == 503 and r.headers["x-refused-reason"] == "logs_unavailable"
+    assert "--home" in r.text
+
+
+def test_device_logs_fetches_at_once_are_bounded(tmp_path: Path) -> None:
+    import threading
+
+    from edgefleet.device.wire.logs import LogLine
+
+    gate, entered = threading.Event(), threading.Event()
+
+    class Slow(FakeLogs):
+        def fetch(self, **kw: object) -> list[object]:
+            entered.set()
+            gate.wait(10)
+            return [LogLine(1.7e9, "INFO", "x", "slow line")]
+
+    f = Fleet(tmp_path)
+    f.cfg.max_log_fetches = 1
+    f.client = TestClient(create_app(f.cfg, f.metrics), follow_redirects=False)
+    f.cfg.sources.logs = Slow()
+    try:
+        f.login()
+        first: dict[str, object] = {}
+        t = threading.Thread(target=lambda: first.update(
+            r=f.client.get("/devices/pi-01/logs")))
+        t.start()
+        assert entered.wait(10)
+        busy = f.client.get("/devices/pi-02/logs")
+        assert busy.status_code == 503 and busy.headers["x-refused-reason"] == "logs_busy"
+        assert f.metrics.counter("dashboard_refused_logs_busy") == 1
+        gate.set()
+        t.join(10)
+        assert "slow line" in first["r"].text  # type: ignore[attr-defined]
+        assert f.client.get("/devices/pi-02/logs").status_code == 200  # freed again
+    finally:
+        gate.set()
+        f.store.close()
+
+
+def test_app_metrics_cover_pages_streams_and_refusals(fleet: Fleet) -> None:
+    """What `dashboard serve --metrics-port` exports: the app's own Metrics."""
+    from edgefleet.device.core.prom_text import families, render
+
+    fleet.login()
+    fleet.client.get("/")
+    fleet.client.get("/?status=<x>")
+    with fleet.client.stream("GET", "/events") as r:
+        "".join(r.iter_text())
+    snap = fleet.metrics.snapshot()
+    assert snap["histograms"]["dashboard_page_ms"]["count"] == 2
+    assert snap["gauges"]["dashboard_streams_open"] == 0
+    text = render(families(snap))
+    assert "edgefleet_dashboard_logins_total 1" in text
+    assert "edgefleet_dashboard_refused_bad_query_total 1" in text
+    assert "edgefleet_dashboard_page_seconds_count 2" in text

@@ -66,6 +66,23 @@ def test_generated_config_units_and_plan(tmp_path: Path) -> None:
     assert "StartLimitBurst=6" in ingest and f"append:{home.root}/logs/ingest.log" in ingest
 
 
+def test_dashboard_runs_when_its_port_is_set_and_someone_may_sign_in(tmp_path: Path) -> None:
+    """`[server] dashboard_port`: `server up` runs the dashboard on loopback with the home
+    (so it has the operator account for device logs) and its /metrics at base + 5."""
+    from edgefleet.device.core.errors import ConfigError
+    from edgefleet.server.dashboard.auth import Users
+
+    home = make_home(tmp_path, dashboard_port=8601, metrics_port=9478)
+    with pytest.raises(ConfigError, match="dashboard user add"):
+        plan(home)
+    Users(home.root / "dashboard").add("alice", "a long enough password")
+    [dash] = [svc for svc in plan(home) if svc.name == "dashboard"]
+    assert dash.argv[-8:] == ["dashboard", "serve", "--home", str(home.root), "--port", "8601",
+                              "--metrics-port", "9483"]
+    assert dash.port == 8601 and dash.host == "127.0.0.1" and dash.needs_broker
+    assert "dashboard" not in [svc.name for svc in plan(make_home(tmp_path / "off"))]
+
+
 def test_missing_certificate_fails_before_anything_starts(tmp_path: Path) -> None:
     home = make_home(tmp_path, registry=False)
     (home.root / "certs" / "broker.key").unlink()
