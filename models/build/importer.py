@@ -466,9 +466,17 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
             if kind == "onnx":
                 shutil.copyfile(opts.model, fp32)
             else:
-                sm_dir = stack.enter_context(_tf_to_onnx(opts.model, fp32, say))
+                sm_dir, removed_softmax = stack.enter_context(
+                    _tf_to_onnx(opts.model, fp32, say))
             g = _check_onnx(fp32)
-            shape, removed_softmax = g.shape, g.removed_softmax
+            shape = g.shape
+            if g.removed_softmax and sm_dir is not None:
+                # A SavedModel that ends in softmax: its TFLite form would output
+                # probabilities, not logits, so it gets no TFLite variant.
+                sm_dir = None
+                quant["tflite"] = {"skipped": "the SavedModel ends in softmax; export one "
+                                   "that outputs logits for a TFLite variant"}
+            removed_softmax = removed_softmax or g.removed_softmax
             variants["onnx-fp32"] = Variant(file="model_fp32.onnx", format="onnx",
                                             precision="fp32", input_name=g.input_name,
                                             output_name=g.output_name,
@@ -524,9 +532,10 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
 
 
 @contextmanager
-def _tf_to_onnx(model: Path, fp32: Path, say: Progress) -> Iterator[Path]:
+def _tf_to_onnx(model: Path, fp32: Path, say: Progress) -> Iterator[tuple[Path, bool]]:
     """Convert a Keras/SavedModel source to ``fp32``; yields the SavedModel folder (for
-    the TFLite conversion), which lives as long as the context."""
+    the TFLite conversion), which lives as long as the context, and whether a Keras
+    softmax was removed before the export."""
     from edgefleet.models.build.tf_convert import (
         open_saved_model,
         saved_model_for,
@@ -534,7 +543,7 @@ def _tf_to_onnx(model: Path, fp32: Path, say: Progress) -> Iterator[Path]:
     )
 
     say("converting with tf2onnx")
-    with saved_model_for(model) as sm_dir:
+    with saved_model_for(model) as (sm_dir, stripped):
         try:
             sm = open_saved_model(sm_dir)
         except ValueError as exc:
@@ -546,7 +555,7 @@ def _tf_to_onnx(model: Path, fp32: Path, say: Progress) -> Iterator[Path]:
         if sm.dtype != "float32":
             raise _reject("input_dtype", f"input is {sm.dtype}, expected float32")
         saved_model_to_onnx(sm, tuple(int(d or 0) for d in dims), fp32)
-        yield sm_dir
+        yield sm_dir, stripped
 
 
 def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, tmp: Path,

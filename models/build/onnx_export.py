@@ -8,6 +8,8 @@ onnxruntime runs fastest on ARM and x86 CPUs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -109,17 +111,19 @@ def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calib_x: npt.NDArray[np
         def get_next(self) -> dict[str, npt.NDArray[np.float32]] | None:
             return next(self._it, None)
 
-    quantize_static(
-        str(fp32_path),
-        str(int8_path),
-        _Reader(),
-        quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
-        per_channel=per_channel,
-        activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method={"minmax": CalibrationMethod.MinMax,
-                          "entropy": CalibrationMethod.Entropy,
-                          "percentile": CalibrationMethod.Percentile}[method],
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-    )
+    # The histogram calibrators print progress to stdout, which is the CLIs' JSON channel.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(fp32_path),
+            str(int8_path),
+            _Reader(),
+            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method={"minmax": CalibrationMethod.MinMax,
+                              "entropy": CalibrationMethod.Entropy,
+                              "percentile": CalibrationMethod.Percentile}[method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
     return int8_path

@@ -66,6 +66,9 @@ def canonical_onnx(proto: Any, rename: dict[str, str] | None = None) -> Any:
     for node in graph.node:
         order += [node.name, *node.input, *node.output]
     order += [t.name for t in graph.initializer] + [v.name for v in graph.value_info]
+    # tf2onnx merges equal constants and keeps one of their names (``const_starts`` or
+    # ``const_axes``) in hash order, so a generated constant's new name drops its stem.
+    consts = {t.name for t in graph.initializer}
     mapping: dict[str, str] = {}
     n = 0
     for name in order:
@@ -73,7 +76,8 @@ def canonical_onnx(proto: Any, rename: dict[str, str] | None = None) -> Any:
             continue
         m = _COUNTER.match(name)
         if m:
-            mapping[name] = f"{m.group(1)}__{n}{m.group(2) or ''}"
+            stem = "const" if name in consts else m.group(1)
+            mapping[name] = f"{stem}__{n}{m.group(2) or ''}"
             n += 1
     mapping.update(rename)
 
@@ -173,14 +177,27 @@ def open_saved_model(path: Path) -> SavedModelFn:
     return SavedModelFn(path, key, out_key, dims, spec.dtype.name, call)
 
 
+def _without_softmax(keras: Any, model: Any) -> tuple[Any, bool]:
+    """``model`` ending in logits: a final softmax (activation or layer) is removed, since
+    packages output logits and the device applies the temperature to them."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return keras.Model(model.inputs, last.input), True
+    if getattr(last, "activation", None) is keras.activations.softmax:
+        last.activation = keras.activations.linear
+        return model, True
+    return model, False
+
+
 @contextmanager
-def saved_model_for(source: Path) -> Iterator[Path]:
-    """A SavedModel folder for ``source``: itself, or a Keras file exported to a temp dir.
+def saved_model_for(source: Path) -> Iterator[tuple[Path, bool]]:
+    """A SavedModel folder for ``source``, and whether a final softmax was removed: the
+    folder itself, or a Keras file (without its softmax) exported to a temp dir.
 
     ``.keras`` files load with Keras 3 in safe mode (no deserialized Python lambdas).
     """
     if source.is_dir():
-        yield source
+        yield source, False
         return
     tmp = Path(tempfile.mkdtemp(prefix="edgefleet-import-"))
     try:
@@ -188,8 +205,9 @@ def saved_model_for(source: Path) -> Iterator[Path]:
         import keras
 
         model = keras.models.load_model(str(source), compile=False, safe_mode=True)
+        model, stripped = _without_softmax(keras, model)
         model.export(str(tmp / "sm"), verbose=False)
-        yield tmp / "sm"
+        yield tmp / "sm", stripped
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

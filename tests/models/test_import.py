@@ -127,6 +127,8 @@ def test_keras_import_packages_fp32_int8_onnx_and_tflite(keras_pkg: Path, keras_
     assert fp32 > 0.85
     assert int8 >= fp32 - 0.02 and tfl >= fp32 - 0.02
     assert m.metrics["ece_calibrated"] < 0.1
+    for key in m.variants:  # every variant outputs logits that the temperature calibrates
+        assert m.metrics[key]["ece"] < 0.1, key
     # (a model this small is mostly graph: its QDQ file is not smaller than fp32)
     assert all(m.metrics[k]["size_bytes"] == m.files[v.file].size for k, v in m.variants.items())
     # the head: the last dense layer, fed by the 32-wide embedding
@@ -262,6 +264,60 @@ def test_per_channel_preprocessing_becomes_the_devices_normalization(
     np.testing.assert_allclose(got, want.ravel())
     norm_c = _normalization(pre, (2, 4, 4), "NCHW")
     assert norm_c.mean[:16] == [2.0] * 16 and norm_c.mean[16:] == [4.0] * 16
+
+
+def test_cli_import_then_inspect(mlp_onnx: Path, data: dict[str, Any], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.server.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "pkg"
+    res = runner.invoke(app, ["models", "import", str(mlp_onnx), "--calibration",
+                              str(data["calib_flat"]), "--eval", str(data["eval_flat"]),
+                              "--labels", str(data["labels"]), "--scale", "1/16",
+                              "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["input"]["preprocessing"]["scale"] == 1 / 16 and got["input"]["layout"] == "flat"
+    assert got["metrics"]["onnx-int8"]["accuracy"] > 0.85
+    assert got["lineage"]["model"]["sha256"] == file_sha256(mlp_onnx)
+    res = runner.invoke(app, ["models", "inspect", str(out)])
+    assert res.exit_code == 0 and "onnx-int8" in res.output and "lineage:" in res.output
+    res = runner.invoke(app, ["models", "import", str(mlp_onnx), "--calibration",
+                              str(data["calib"]), "--eval", str(data["eval_flat"]),
+                              "--out", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and isinstance(res.exception, ImportRejected)
+    assert "the model takes (n, 64) float32" in str(res.exception)
+
+
+@pytest.mark.slow
+def test_savedmodel_source(keras_model: Path, data: dict[str, Any], tmp_path: Path) -> None:
+    from edgefleet.models.build.tflite_export import _import_tf
+
+    _import_tf()
+    import keras
+
+    # ending in softmax: ONNX variants (softmax removed), no TFLite (it would output
+    # probabilities), and the lineage says why
+    model = keras.models.load_model(keras_model)
+    model.export(str(tmp_path / "sm_softmax"), verbose=False)
+    res = import_model(_opts(data, tmp_path / "sm_softmax", tmp_path / "p1",
+                             methods=("minmax",)))
+    assert set(res.manifest.variants) == {"onnx-fp32", "onnx-int8"}
+    assert "softmax" in res.manifest.lineage["quantization"]["tflite"]["skipped"]
+    # ending in logits: all three
+    model.layers[-1].activation = keras.activations.linear
+    sm = tmp_path / "cnn_savedmodel"
+    model.export(str(sm), verbose=False)
+    res = import_model(_opts(data, sm, tmp_path / "pkg", methods=("minmax",)))
+    m = res.manifest
+    assert set(m.variants) == {"onnx-fp32", "onnx-int8", "tflite-int8"}
+    assert m.metrics["tflite-int8"]["ece"] < 0.1
+    assert m.lineage["model"]["kind"] == "savedmodel" and len(m.lineage["model"]["sha256"]) == 64
+    assert m.metrics["onnx-int8"]["accuracy"] > 0.85
+    assert Predictor.load(res.path, backend="tflite", threads=1).predict(
+        data["x_eval"][0]).label in range(10)
 
 
 # -- bad input: each a clear error with a stable reason and a counter ----------------------
