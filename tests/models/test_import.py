@@ -320,6 +320,30 @@ def test_savedmodel_source(keras_model: Path, data: dict[str, Any], tmp_path: Pa
         data["x_eval"][0]).label in range(10)
 
 
+def test_packages_without_the_new_keys_stay_as_older_readers_expect() -> None:
+    # The additions are written only when set: a built (MLP) package's manifest has none
+    # of them, so agents that predate them (strict: unknown keys are errors) accept it.
+    from edgefleet.device.runtime.manifest import (
+        InputSpec,
+        Manifest,
+        Normalization,
+        Variant,
+        manifest_json,
+    )
+
+    m = Manifest(name="m", version="1.0.0", task="digits", created="2026-01-01T00:00:00+00:00",
+                 labels=["a", "b"], input=InputSpec(shape=[2]),
+                 normalization=Normalization(mean=[0.0], std=[1.0]),
+                 variants={"onnx-fp32": Variant(file="f.onnx", format="onnx",
+                                                precision="fp32")},
+                 default_variant="onnx-fp32", files={})
+    raw = json.loads(manifest_json(m))
+    assert "head" not in raw and set(raw["input"]) == {"dtype", "shape", "min_value",
+                                                       "max_value"}
+    assert "input_shape" not in raw["variants"]["onnx-fp32"]
+    assert Manifest.model_validate(raw) == m
+
+
 # -- bad input: each a clear error with a stable reason and a counter ----------------------
 
 
