@@ -145,6 +145,8 @@ def _load_npz(path: Path, what: str) -> _Data:
             x, y = npz["x"], npz["y"]
     except (OSError, ValueError) as exc:
         raise _reject("data", f"{what} {path.name}: not a readable .npz ({exc})") from None
+    if x.ndim == 0:
+        raise _reject("data_shape", f"{what} x is a scalar; expected one row per sample")
     if x.dtype.kind not in "fiu":
         raise _reject("data_dtype", f"{what} x has dtype {x.dtype}; expected float32 (or "
                       "integer pixel values)")
