@@ -224,7 +224,7 @@ CPU int8 flags: {', '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)}
   dominates; its ratios say little about int8 arithmetic.
 - **{VISION.label}** ({VISION.n_classes} classes, {n_params / 1e6:.1f} M parameters, random
   weights with batch-norm statistics set from synthetic images; defined once in tf-keras,
-  ONNX written from the same weights by `edgefleet.models.build.vision.keras_to_onnx`):
+  ONNX converted by tf2onnx (`edgefleet.models.build.tf_convert.keras_to_onnx`)):
   "agree" is the fraction of 64 synthetic images whose int8 argmax equals the same
   runtime's fp32 argmax (a random network has small logit margins, so expect a trained
   one to agree more often). ONNX fp32 and TFLite fp32 logits differ by at most

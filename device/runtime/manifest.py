@@ -24,15 +24,18 @@ __all__ = [
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
     "GoldenSample",
+    "HeadCut",
     "InputSpec",
     "Manifest",
     "Normalization",
+    "Preprocessing",
     "QuantParams",
     "Variant",
     "VariantName",
     "file_sha256",
     "is_variant_name",
     "load_package",
+    "manifest_json",
     "safe_member",
     "write_manifest",
 ]
@@ -67,6 +70,30 @@ class Variant(StrictModel):
     #: TFLite full-integer models take int8 in and give int8 out.
     input_quant: QuantParams | None = None
     output_quant: QuantParams | None = None
+    #: The model tensor's shape of one sample when it is not the flat feature row the
+    #: device validates and normalizes (an imported CNN takes ``[8, 8, 1]``): the backend
+    #: reshapes ``(n, features)`` to ``(n, *input_shape)``, a view, no copy.
+    input_shape: list[int] | None = Field(default=None, min_length=1)
+
+
+class Preprocessing(StrictModel):
+    """How a raw input becomes the model's input: ``(x * scale - mean) / std``.
+
+    ``mean``/``std`` hold one value (all channels) or one per channel of ``layout``.
+    Recorded as the operator declared it; the device applies it through the equivalent
+    per-feature :class:`Normalization`, so older code paths need nothing new.
+    """
+
+    scale: float = Field(default=1.0, gt=0)
+    mean: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    std: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
 
 
 class InputSpec(StrictModel):
@@ -76,6 +103,25 @@ class InputSpec(StrictModel):
     shape: list[int] = Field(min_length=1, description="shape of one sample")
     min_value: float | None = None
     max_value: float | None = None
+    #: Where channels are (imported models): ``flat`` rows, images ``NHWC``/``NCHW``,
+    #: windows ``NWC`` (samples x channels). None: a built-in task's flat feature row.
+    layout: Literal["flat", "NHWC", "NCHW", "NWC"] | None = None
+    preprocessing: Preprocessing | None = None
+
+
+class HeadCut(StrictModel):
+    """Where an imported model splits into a frozen backbone and a trainable head.
+
+    ``node`` is the ONNX node that starts the head (the last Gemm/MatMul before the
+    output, or ``--head-from``); ``embedding`` is the tensor feeding it and ``dim`` its
+    width. Recorded now so on-device head fine-tuning can build on it.
+    """
+
+    node: str
+    op: str
+    embedding: str
+    dim: int | None = Field(default=None, ge=1)
+    auto: bool = True
 
 
 class Normalization(StrictModel):
@@ -132,6 +178,8 @@ class Manifest(StrictModel):
     reference_stats: dict[str, Any] | None = None
     #: Free-form extension data of later format revisions that still read as v1.
     extra: dict[str, Any] = Field(default_factory=dict)
+    #: Imported models: the backbone/head split (docs/bring-your-own-model.md).
+    head: HeadCut | None = None
 
     @field_validator("format_version")
     @classmethod
@@ -180,11 +228,32 @@ def safe_member(root: Path, rel: str) -> Path:
     return candidate
 
 
+def _drop_unset_additions(raw: dict[str, Any]) -> dict[str, Any]:
+    """Leave out the keys added for imported models while they are unset, so a package
+    that does not use them is byte-for-byte what earlier readers (strict: unknown keys
+    are errors) accept."""
+    if raw.get("head") is None:
+        raw.pop("head", None)
+    for key in ("layout", "preprocessing"):
+        if raw["input"].get(key) is None:
+            raw["input"].pop(key, None)
+    for var in raw["variants"].values():
+        if var.get("input_shape") is None:
+            var.pop("input_shape", None)
+    return raw
+
+
+def manifest_json(manifest: Manifest) -> str:
+    """The exact text :func:`write_manifest` writes (sorted keys, so it is reproducible)."""
+    raw = _drop_unset_additions(manifest.model_dump(mode="json"))
+    return json.dumps(raw, indent=2, sort_keys=True) + "\n"
+
+
 def write_manifest(root: Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` atomically (temp file, fsync, rename)."""
     target = root / MANIFEST_NAME
     tmp = root / f".{MANIFEST_NAME}.tmp"
-    data = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    data = manifest_json(manifest)
     with tmp.open("w", encoding="utf-8") as fh:
         fh.write(data)
         fh.flush()

@@ -8,6 +8,8 @@ onnxruntime runs fastest on ARM and x86 CPUs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +20,12 @@ import numpy.typing as npt
 from edgefleet.device.core.errors import MissingExtraError
 from edgefleet.device.runtime.mlp import MLP
 
-__all__ = ["export_onnx_fp32", "quantize_onnx_int8", "save_graph"]
+__all__ = ["CALIB_METHODS", "CalibMethod", "export_onnx_fp32", "quantize_onnx_int8",
+           "save_graph"]
 
 OPSET = 17
+CalibMethod = Literal["minmax", "entropy", "percentile"]
+CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "entropy", "percentile")
 
 
 def export_onnx_fp32(model: MLP, path: Path, input_name: str = "input",
@@ -72,12 +77,15 @@ def save_graph(graph: Any, path: Path) -> Path:
 def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calib_x: npt.NDArray[np.float32],
                        input_name: str = "input", per_channel: bool = True, *,
                        quant_format: Literal["qdq", "qoperator"] = "qdq",
-                       activations: Literal["int8", "uint8"] = "int8") -> Path:
+                       activations: Literal["int8", "uint8"] = "int8",
+                       method: CalibMethod = "minmax") -> Path:
     """Static int8 quantization of ``fp32_path`` calibrated on ``calib_x`` (normalized).
 
     The defaults (QDQ, int8 activations) are what packages ship; ``quant_format`` and
     ``activations`` exist so the benchmark can show onnxruntime's other int8 kernels
     (QOperator ``QLinearConv``, uint8 activations as x86 CPUs without VNNI prefer).
+    ``method`` is how activation ranges are calibrated: ``minmax``, ``entropy`` or
+    ``percentile`` (``models import`` picks one by held-out accuracy).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -87,27 +95,35 @@ def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calib_x: npt.NDArray[np
         quantize_static,
     )
 
+    # The histogram calibrators (entropy, percentile) stack every batch's activations
+    # into one array, so their batches must all be the same size: one row each.
+    step = 32 if method == "minmax" else 1
+
     class _Reader(CalibrationDataReader):  # type: ignore[misc]
         """Feeds calibration rows in small batches, as onnxruntime expects."""
 
         def __init__(self) -> None:
             self._it: Iterator[dict[str, npt.NDArray[np.float32]]] = (
-                {input_name: calib_x[i : i + 32].astype(np.float32)}
-                for i in range(0, len(calib_x), 32)
+                {input_name: calib_x[i : i + step].astype(np.float32)}
+                for i in range(0, len(calib_x), step)
             )
 
         def get_next(self) -> dict[str, npt.NDArray[np.float32]] | None:
             return next(self._it, None)
 
-    quantize_static(
-        str(fp32_path),
-        str(int8_path),
-        _Reader(),
-        quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
-        per_channel=per_channel,
-        activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-    )
+    # The histogram calibrators print progress to stdout, which is the CLIs' JSON channel.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(fp32_path),
+            str(int8_path),
+            _Reader(),
+            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method={"minmax": CalibrationMethod.MinMax,
+                              "entropy": CalibrationMethod.Entropy,
+                              "percentile": CalibrationMethod.Percentile}[method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
     return int8_path

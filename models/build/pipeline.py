@@ -38,7 +38,7 @@ from edgefleet.models.core.reference_stats import reference_stats
 from edgefleet.models.core.tasks import Task, get_task
 from edgefleet.models.core.train import TrainConfig, apply_normalization, fit_normalization, train_sgd
 
-__all__ = ["BuildOptions", "BuildResult", "build_package", "package_model"]
+__all__ = ["BuildOptions", "BuildResult", "build_package", "created_now", "package_model"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,20 @@ class BuildResult:
 
 
 Progress = Callable[[str], None]
+
+
+def created_now() -> str:
+    """The manifest's ``created``: ``SOURCE_DATE_EPOCH`` when set (reproducible builds), else
+    the current UTC time."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch:
+        try:
+            when = dt.datetime.fromtimestamp(int(epoch), dt.UTC)
+        except (ValueError, OverflowError, OSError):
+            raise UsageError(f"SOURCE_DATE_EPOCH must be a Unix time, not {epoch!r}") from None
+    else:
+        when = dt.datetime.now(dt.UTC)
+    return when.isoformat(timespec="seconds")
 
 
 def _check_out(out: Path) -> None:
@@ -187,7 +201,7 @@ def package_model(
             name=name or f"{task.name}-mlp",
             version=version,
             task=task.name,
-            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            created=created_now(),
             labels=list(task.labels),
             input=InputSpec(shape=[task.n_features], min_value=task.min_value,
                             max_value=task.max_value),

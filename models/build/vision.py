@@ -7,9 +7,9 @@ statistics are set from one batch of synthetic images so that activations keep a
 range through all layers and int8 calibration sees realistic distributions.
 
 The network is built in Keras (tf-keras) and converted to TFLite by the same code as the
-digits model; the ONNX graph is written with ``onnx.helper`` from the *same* weights
-(batch norm folded into the convolutions, ReLU6 as ``Clip``), so both runtimes run the
-same function. TensorFlow is imported only when a model is built.
+digits model, and to ONNX by tf2onnx (:func:`~.tf_convert.keras_to_onnx`, the converter
+``models import`` uses), so both runtimes run the same function. TensorFlow is imported
+only when a model is built.
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgefleet.device.core.errors import MissingExtraError
 from edgefleet.device.runtime.manifest import Variant
-from edgefleet.models.build.onnx_export import quantize_onnx_int8, save_graph
+from edgefleet.models.build.onnx_export import quantize_onnx_int8
+from edgefleet.models.build.tf_convert import keras_to_onnx
 
 __all__ = [
     "MobileNetSpec",
     "VisionExport",
     "build_mobilenet_v1",
     "export_vision_variants",
-    "keras_to_onnx",
     "synthetic_images",
 ]
 
@@ -163,104 +162,6 @@ def build_mobilenet_v1(spec: MobileNetSpec, calib: F32 | None = None, seed: int 
     model.get_layer("logits").set_weights([kernel.astype(np.float32),
                                            (-(mean @ kernel)).astype(np.float32)])
     return model
-
-
-def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
-    """TF ``padding="same"``: (pad_before, pad_after, out_size); the extra pixel goes after."""
-    out = math.ceil(size / stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2, out
-
-
-def _fold_bn(kernel_oihw: F32, bn: Any) -> tuple[F32, F32]:
-    gamma, beta, mean, var = (np.asarray(w, dtype=np.float64) for w in bn.get_weights())
-    scale = gamma / np.sqrt(var + bn.epsilon)
-    w = (kernel_oihw * scale[:, None, None, None]).astype(np.float32)
-    b = (beta - mean * scale).astype(np.float32)
-    return w, b
-
-
-def keras_to_onnx(km: Any, path: Path, input_name: str = "input",
-                  output_name: str = "logits") -> Path:
-    """Write the chain ``km`` (Conv2D/DepthwiseConv2D + BN + ReLU6 ... pool, Dense) as ONNX.
-
-    The ONNX graph takes the same NHWC input as the Keras/TFLite model (one ``Transpose``
-    to NCHW inside), so a caller feeds both runtimes the same array.
-    """
-    try:
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        raise MissingExtraError("ONNX export", "models", "onnx") from None
-    keras = _import_keras()
-    layers = keras.layers
-
-    nodes = [helper.make_node("Transpose", [input_name], ["x_nchw"], perm=[0, 3, 1, 2])]
-    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "relu6_min"),
-             numpy_helper.from_array(np.array(6.0, np.float32), "relu6_max")]
-    prev, size = "x_nchw", int(km.input_shape[1])
-    chain = [layer for layer in km.layers if not isinstance(layer, layers.InputLayer)]
-    i = 0
-    while i < len(chain):
-        layer = chain[i]
-        if isinstance(layer, layers.Conv2D | layers.DepthwiseConv2D):
-            k, s = int(layer.kernel_size[0]), int(layer.strides[0])
-            kernel = np.asarray(layer.get_weights()[0], np.float32)
-            if isinstance(layer, layers.DepthwiseConv2D):
-                # (kh, kw, in, mult) -> (in*mult, 1, kh, kw), one group per input channel
-                group = kernel.shape[2]
-                w_oihw = kernel.transpose(2, 3, 0, 1).reshape(-1, 1, k, k)
-            else:
-                group = 1
-                w_oihw = kernel.transpose(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
-            if i + 1 >= len(chain) or not isinstance(chain[i + 1], layers.BatchNormalization):
-                raise ValueError(f"{layer.name}: expected batch norm after each convolution")
-            w, b = _fold_bn(w_oihw, chain[i + 1])
-            if layer.padding == "same":
-                before, after, size = _same_pads(size, k, s)
-            else:
-                before, after, size = 0, 0, (size - k) // s + 1
-            inits += [numpy_helper.from_array(w, f"{layer.name}_W"),
-                      numpy_helper.from_array(b, f"{layer.name}_B")]
-            nodes.append(helper.make_node(
-                "Conv", [prev, f"{layer.name}_W", f"{layer.name}_B"], [f"{layer.name}_out"],
-                name=layer.name, kernel_shape=[k, k], strides=[s, s], group=group,
-                pads=[before, before, after, after]))
-            prev = f"{layer.name}_out"
-            i += 2
-            continue
-        if isinstance(layer, layers.ReLU):
-            if float(layer.max_value) != 6.0:
-                raise ValueError(f"{layer.name}: only ReLU6 is supported")
-            nodes.append(helper.make_node("Clip", [prev, "relu6_min", "relu6_max"],
-                                          [f"{layer.name}_out"], name=layer.name))
-        elif isinstance(layer, layers.GlobalAveragePooling2D):
-            nodes += [helper.make_node("GlobalAveragePool", [prev], ["pooled"], name=layer.name),
-                      helper.make_node("Flatten", ["pooled"], [f"{layer.name}_out"], axis=1)]
-        elif isinstance(layer, layers.Dense):
-            kernel, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
-            inits += [numpy_helper.from_array(kernel, f"{layer.name}_W"),
-                      numpy_helper.from_array(bias, f"{layer.name}_B")]
-            out = output_name if i == len(chain) - 1 else f"{layer.name}_out"
-            nodes += [helper.make_node("MatMul", [prev, f"{layer.name}_W"], ["mm_out"]),
-                      helper.make_node("Add", ["mm_out", f"{layer.name}_B"], [out])]
-            prev = out
-            i += 1
-            continue
-        else:
-            raise ValueError(f"{layer.name}: layer type {type(layer).__name__} not supported")
-        prev = f"{layer.name}_out"
-        i += 1
-    if prev != output_name:
-        raise ValueError("the model must end with a Dense layer")
-    n_out = int(km.output_shape[-1])
-    graph = helper.make_graph(
-        nodes, km.name,
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT,
-                                       ["batch", *km.input_shape[1:]])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_out])],
-        inits,
-    )
-    return save_graph(graph, path)
 
 
 def export_vision_variants(

@@ -179,10 +179,102 @@ def cascade(
     console.print(table)
 
 
+class LayoutChoice(StrEnum):
+    """Where an imported model's channels are."""
+
+    flat = "flat"
+    nhwc = "NHWC"
+    nchw = "NCHW"
+    nwc = "NWC"
+
+
+def _floats(text: str, what: str) -> list[float]:
+    from fractions import Fraction
+
+    from edgefleet.device.core.errors import UsageError
+
+    try:
+        return [float(Fraction(v.strip())) for v in text.split(",") if v.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"{what} must be comma-separated numbers (1/255 allowed), "
+                         f"not {text!r}") from None
+
+
+@app.command("import")
+def import_(
+    model: Path = typer.Argument(..., help="fp32 .onnx, .keras, SavedModel folder, or "
+                                 "full-integer int8 .tflite."),
+    calibration: Path = typer.Option(..., "--calibration", help=".npz with x (raw inputs, "
+                                     "the model's layout) and y (integer labels)."),
+    eval_data: Path = typer.Option(..., "--eval", help=".npz with x and y, held out from "
+                                   "everything else, for the reported metrics."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the package to."),
+    labels: Path | None = typer.Option(None, "--labels", help="Class names, one a line."),
+    head_from: str | None = typer.Option(None, "--head-from", help="ONNX node where the "
+                                         "trainable head starts (default: the last "
+                                         "Gemm/MatMul before the output)."),
+    layout: LayoutChoice | None = typer.Option(None, "--layout", help="Input layout "
+                                               "(default: from the input's shape)."),
+    scale: str = typer.Option("1", "--scale", help="Preprocessing: x * scale, e.g. 1/255."),
+    mean: str = typer.Option("0", "--mean", help="Preprocessing: subtract (one value, or "
+                             "one per channel)."),
+    std: str = typer.Option("1", "--std", help="Preprocessing: divide (one value, or one "
+                            "per channel)."),
+    name: str | None = typer.Option(None, "--name", help="Package name (default: the "
+                                    "model file's name)."),
+    version: str = typer.Option("1.0.0", "--version", help="Version written to the manifest."),
+    task: str = typer.Option("custom", "--task", help="Task name written to the manifest."),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics and lineage as JSON."),
+) -> None:
+    """Package your own model: fp32 ONNX, int8 ONNX (and int8 TFLite from Keras/SavedModel),
+    calibrated, quantized and measured on your data.
+
+    Examples:
+
+        edgefleet models import cnn.keras --calibration calib.npz --eval eval.npz \
+            --labels labels.txt --scale 1/255 --out out/cnn
+        edgefleet models import model.onnx --calibration calib.npz --eval eval.npz --out out/m
+    """
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.models.build.importer import ImportOptions, import_model
+
+    scales = _floats(scale, "--scale")
+    if len(scales) != 1:
+        raise UsageError("--scale takes one number")
+    opts = ImportOptions(model=model, calibration=calibration, eval=eval_data, out=out,
+                         labels=labels, head_from=head_from, name=name, version=version,
+                         task=task, layout=None if layout is None else layout.value,
+                         scale=scales[0], mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True, disable=json_out) as bar:
+        tid = bar.add_task("importing", total=None)
+        result = import_model(opts, progress=lambda m: bar.update(tid, description=m))
+    m = result.manifest
+    if json_out:
+        print_json({"package": str(result.path), "metrics": m.metrics, "lineage": m.lineage,
+                    "input": m.input.model_dump(mode="json")})
+        return
+    console.print(f"[green]imported[/] {m.name} {m.version} → {result.path}")
+    for key in m.variants:
+        r = m.metrics.get(key, {})
+        console.print(f"  {key:12s} accuracy {r.get('accuracy', float('nan')):.4f}  "
+                      f"ECE {r.get('ece', float('nan')):.4f}  "
+                      f"{r.get('size_bytes', 0) / 1024:.1f} KiB")
+    q = m.lineage.get("quantization", {}).get("onnx")
+    if q:
+        console.print(f"  int8 ONNX calibration: {q['method']} (held-out accuracy "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in q["method_scores_heldout"].items())
+                      + ")")
+    console.print(f"  temperature {m.temperature:.3f}, ECE {m.metrics['ece_uncalibrated']:.4f}"
+                  f" → {m.metrics['ece_calibrated']:.4f}")
+
+
 @app.command("eval")
 def eval_(
     package: Path = typer.Argument(..., help="Model package folder."),
     runs: int = typer.Option(200, "--runs", min=10, help="Timed runs per latency figure."),
+    data: Path | None = typer.Option(None, "--data", help="Evaluation .npz (x, y) for an "
+                                     "imported model (built-in tasks use their test split)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object, a key per variant."),
 ) -> None:
     """Accuracy, ECE, size and median latency of every variant on the held-out test split.
@@ -190,11 +282,12 @@ def eval_(
     A second table shows the accuracy of each class, so a class the model fails on is
     not hidden by the average (``--json``: ``per_class_accuracy`` per variant).
 
-    Example: edgefleet models eval out/digits
+    Examples: edgefleet models eval out/digits;
+    edgefleet models eval out/cnn --data eval.npz
     """
     from edgefleet.models.core.evaluate import evaluate_package
 
-    manifest, res = evaluate_package(package, runs=runs)
+    manifest, res = evaluate_package(package, runs=runs, data=data)
     if json_out:
         print_json(res)
         return
@@ -274,8 +367,33 @@ def inspect(
     console.print(f"[bold]{m.name}[/] {m.version}  task={m.task}  created={m.created}")
     console.print(f"input {m.input.dtype}{m.input.shape}  labels={len(m.labels)}  "
                   f"temperature={m.temperature:.3f}  fallback τ={m.fallback_threshold}")
+    if m.input.layout is not None:
+        pre = m.input.preprocessing
+        console.print(f"input spec: layout {m.input.layout}" + (
+            f", preprocessing (x * {pre.scale:g} - {pre.mean}) / {pre.std}" if pre else ""))
+    if m.head is not None:
+        console.print(f"head cut: {m.head.op} node {m.head.node!r} on {m.head.embedding!r} "
+                      f"(dim {m.head.dim}, {'auto' if m.head.auto else '--head-from'})")
+    for key in m.variants:
+        r = m.metrics.get(key)
+        if isinstance(r, dict) and "accuracy" in r:
+            console.print(f"  {key:12s} accuracy {r['accuracy']:.4f}  ECE "
+                          f"{r.get('ece', float('nan')):.4f}")
+    _print_lineage(m.lineage)
     table = Table("file", "size", "sha256")
     for name, entry in m.files.items():
         table.add_row(name, f"{entry.size}", entry.sha256[:16] + "…")
     console.print(table)
     console.print("[green]all files match the manifest[/]")
+
+
+def _print_lineage(lineage: dict[str, object], indent: str = "  ") -> None:
+    """The lineage as an indented tree (hashes, versions, quantization settings)."""
+    if indent == "  ":
+        console.print("lineage:")
+    for key, value in lineage.items():
+        if isinstance(value, dict):
+            console.print(f"{indent}{key}:")
+            _print_lineage(value, indent + "  ")
+        else:
+            console.print(f"{indent}{key}: {value}", markup=False)

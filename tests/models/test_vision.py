@@ -11,7 +11,6 @@ from edgefleet.device.runtime.backends import open_backend
 from edgefleet.models.build.vision import (
     MobileNetSpec,
     VisionExport,
-    _same_pads,
     export_vision_variants,
     synthetic_images,
 )
@@ -51,14 +50,6 @@ def test_int8_variants_agree_with_fp32_on_argmax(vision: VisionExport) -> None:
     assert sizes["tflite-int8"] < 0.35 * sizes["tflite-fp32"]
 
 
-def test_same_padding_matches_tensorflow() -> None:
-    # TF "same": output ceil(n / s), the odd padding pixel goes after (bottom/right).
-    assert _same_pads(96, 3, 2) == (0, 1, 48)
-    assert _same_pads(97, 3, 2) == (1, 1, 49)
-    assert _same_pads(12, 3, 1) == (1, 1, 12)
-    assert _same_pads(12, 1, 1) == (0, 0, 12)
-
-
 def test_synthetic_images_are_deterministic_and_in_range() -> None:
     a, b = synthetic_images(5, 32, seed=3), synthetic_images(5, 32, seed=3)
     assert a.shape == (5, 32, 32, 3) and a.dtype == np.float32
@@ -69,13 +60,18 @@ def test_synthetic_images_are_deterministic_and_in_range() -> None:
 
 
 @pytest.mark.slow
-def test_unsupported_layers_are_refused(tmp_path: Path) -> None:
+def test_keras_to_onnx_converts_layers_beyond_the_mobilenet_chain(tmp_path: Path) -> None:
+    # tf2onnx replaced a hand-written exporter that knew only Conv/BN/ReLU6 chains.
+    from edgefleet.device.runtime.manifest import Variant
+    from edgefleet.models.build.tf_convert import keras_to_onnx
     from edgefleet.models.build.tflite_export import _import_tf
-    from edgefleet.models.build.vision import keras_to_onnx
 
     keras = _import_tf()[1]
     km = keras.Sequential([keras.layers.InputLayer(input_shape=(8, 8, 3)),
                            keras.layers.MaxPooling2D(), keras.layers.Flatten(),
                            keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="not supported"):
-        keras_to_onnx(km, tmp_path / "m.onnx")
+    keras_to_onnx(km, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    got = open_backend(tmp_path, Variant(file="m.onnx", format="onnx", precision="fp32"),
+                       threads=1).run(x)
+    np.testing.assert_allclose(got, km(x).numpy(), atol=1e-5)
