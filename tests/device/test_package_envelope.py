@@ -57,7 +57,7 @@ def test_round_trip_any_size(tmp_path: Path, size: int) -> None:
     enc = _enc(tmp_path, data, [key])
     assert is_encrypted(enc) and enc.read_bytes().startswith(MAGIC)
     assert stat.S_IMODE(enc.stat().st_mode) == 0o600
-    assert data[:64] not in enc.read_bytes() or size == 0
+    assert size < 16 or data[:64] not in enc.read_bytes()  # a byte or two may recur by chance
     assert _decrypt(enc, key) == data
 
 
