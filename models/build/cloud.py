@@ -18,8 +18,8 @@ import numpy as np
 
 from edgefleet.device.core.errors import UsageError
 from edgefleet.device.runtime.manifest import load_package, write_manifest
-from edgefleet.models.build.pipeline import BuildResult, Progress, package_model
 from edgefleet.device.runtime.mlp import MLP, Params
+from edgefleet.models.build.pipeline import BuildResult, Progress, package_model
 from edgefleet.models.core.tasks import get_task
 from edgefleet.models.core.train import (
     TrainConfig,

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgefleet.device.runtime.backends import open_backend
 from edgefleet.device.core.errors import UsageError
+from edgefleet.device.runtime.backends import open_backend
 from edgefleet.device.runtime.manifest import (
     FileEntry,
     GoldenSample,
@@ -30,13 +30,18 @@ from edgefleet.device.runtime.manifest import (
     file_sha256,
     write_manifest,
 )
-from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
-from edgefleet.models.core.distill import DistillSpec
 from edgefleet.device.runtime.mlp import MLP, PARAMS_FILE, softmax, write_params
 from edgefleet.models.build.onnx_export import export_onnx_fp32, quantize_onnx_int8
+from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
+from edgefleet.models.core.distill import DistillSpec
 from edgefleet.models.core.reference_stats import reference_stats
 from edgefleet.models.core.tasks import Task, get_task
-from edgefleet.models.core.train import TrainConfig, apply_normalization, fit_normalization, train_sgd
+from edgefleet.models.core.train import (
+    TrainConfig,
+    apply_normalization,
+    fit_normalization,
+    train_sgd,
+)
 
 __all__ = ["BuildOptions", "BuildResult", "build_package", "created_now", "package_model"]
 

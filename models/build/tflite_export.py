@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgefleet.device.runtime.backends import _litert_interpreter
 from edgefleet.device.core.errors import MissingExtraError
+from edgefleet.device.runtime.backends import _litert_interpreter
 from edgefleet.device.runtime.manifest import QuantParams
 from edgefleet.device.runtime.mlp import MLP
 
