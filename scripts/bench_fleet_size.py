@@ -453,6 +453,8 @@ def write_doc(res: dict[str, Any]) -> None:
     if "ls" in loads:
         loads["store"] = loads.get("store") or res.get("load")
     runs = "One run" if len({tuple(v) for v in loads.values()}) == 1 else "Runs"
+    rerun = ("" if runs == "One run" else "; a part measured again: `--only guard` or "
+             "`--only ls`, with `--merge` of the earlier run's saved results")
     parts = {"registry": "a", "guard": "b", "store": "c", "ls": "c's `fleet ls` rows"}
     if len({tuple(v) for v in loads.values()}) == 1:
         lb, la = next(iter(loads.values()))
@@ -576,7 +578,7 @@ reuse; the file shrinks only on VACUUM. The prune rate measured here
 10,000 devices ({10_000 * 1440:,} rows) in
 {10_000 * 1440 / (sq['prune']['rolled_up'] / sq['prune_s']) / 60:.0f} min; run daily.
 
-Command: `.venv/bin/python scripts/bench_fleet_size.py`
+Command: `.venv/bin/python scripts/bench_fleet_size.py`{rerun}
 """
     path = write_section("fleet-size", "The server at fleet size: registry, rollout guard, "
                          "store", text)
