@@ -49,14 +49,14 @@ def _seen(r: dict[str, Any]) -> str:
     import time
 
     if r["online"]:
-        return "[green]online[/]"
+        return "online"
     if r["last_seen"] is None:
-        return "[red]never[/]"
+        return "never"
     ago = max(0.0, time.time() - r["last_seen"])
     for unit, secs in (("d", 86400), ("h", 3600), ("m", 60)):
         if ago >= secs:
-            return f"[red]{ago // secs:.0f}{unit} ago[/]"
-    return f"[red]{ago:.0f}s ago[/]"
+            return f"{ago // secs:.0f}{unit} ago"
+    return f"{ago:.0f}s ago"
 
 
 def _model(r: dict[str, Any]) -> str:
@@ -73,33 +73,94 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-@app.command("ls")
-def ls(db: str | None = db_option(), home: Path | None = HOME_OPTION,
-       json_out: bool = typer.Option(False, "--json", help="One JSON object: {devices: [...]}.")
-       ) -> None:
-    """List every device the ingest has heard of.
+#: ``fleet ls`` draws at most this many rows unless told otherwise (``--limit``, ``--all``).
+LS_LIMIT = 200
+#: Past this many rows the table is plain aligned text: rich measures and styles every
+#: cell, which took 8 to 10 s for 10,000 devices (docs/bench/fleet-size.md).
+RICH_ROWS = 500
+_LS_COLUMNS = ("device", "seen", "model", "inf", "fallback", "degraded", "PSI", "ε")
 
-    Example: edgefleet fleet ls --db fleet.db
-    """
+
+def _ls_cells(r: dict[str, Any]) -> list[str]:
+    return [r["device"], _seen(r), _model(r), str(r["inferences"]),
+            _fmt(r["fallback_rate"], True), _fmt(r["degraded_rate"], True), _fmt(r["drift"]),
+            _fmt(r["epsilon"])]
+
+
+def _print_rich(title: str, rows: list[dict[str, Any]]) -> None:
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
-    rows = [device_row(d) for d in _store(db, home).devices()]
-    if json_out:
-        print_json({"devices": rows})
-        return
-    from rich import box
-
-    t = Table(title=f"{len(rows)} devices", box=box.SIMPLE_HEAD, padding=(0, 1),
-              title_justify="left", pad_edge=False, collapse_padding=True)
-    for col in ("device", "seen", "model", "inf", "fallback", "degraded", "PSI", "ε"):
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left",
+              pad_edge=False, collapse_padding=True)
+    for col in _LS_COLUMNS:
         left = col in ("device", "model", "seen")
         t.add_column(col, justify="left" if left else "right", no_wrap=col == "model",
                      overflow="fold")
     for r in rows:
-        t.add_row(r["device"], _seen(r), _model(r), str(r["inferences"]),
-                  _fmt(r["fallback_rate"], True), _fmt(r["degraded_rate"], True),
-                  _fmt(r["drift"]), _fmt(r["epsilon"]))
+        cells = [escape(c) for c in _ls_cells(r)]
+        cells[1] = f"[{'green' if r['online'] else 'red'}]{cells[1]}[/]"
+        t.add_row(*cells)
     console.print(t)
+
+
+def _print_plain(title: str, rows: list[dict[str, Any]]) -> None:
+    """The same columns as aligned text, written at once (no per-cell layout or style)."""
+    import sys
+
+    table = [list(_LS_COLUMNS), *(_ls_cells(r) for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(_LS_COLUMNS))]
+    lines = [title]
+    for row in table:
+        lines.append(" ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                              for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+                     .rstrip())
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+@app.command("ls")
+def ls(db: str | None = db_option(), home: Path | None = HOME_OPTION,
+       json_out: bool = typer.Option(False, "--json", help="One JSON object: {devices: [...], "
+                                     "total: N}; every matching device unless --limit."),
+       limit: int | None = typer.Option(None, "--limit", min=1,
+                                        help=f"At most N devices (table default {LS_LIMIT})."),
+       show_all: bool = typer.Option(False, "--all", help="Every matching device in the table."),
+       status: str | None = typer.Option(None, "--status", help="online or offline."),
+       model: str | None = typer.Option(None, "--model", metavar="NAME[@VERSION]",
+                                        help="Only devices running this model (version)."),
+       sort: str = typer.Option("device", "--sort",
+                                help="device (by id) or last_seen (newest first).")) -> None:
+    """List the devices the ingest has heard of (the table: the first 200 unless --limit or
+    --all; --json: all of them).
+
+    Examples: edgefleet fleet ls;  edgefleet fleet ls --status offline --sort last_seen;
+    edgefleet fleet ls --model digits-mlp@1.1.0 --all
+    """
+    from edgefleet.server.telemetry.rows import SORTS, STATUSES, select_rows
+
+    if status is not None and status not in STATUSES:
+        raise UsageError(f"--status {status!r}: expected one of {', '.join(STATUSES)}")
+    if sort not in SORTS:
+        raise UsageError(f"--sort {sort!r}: expected one of {', '.join(SORTS)}")
+    if show_all and limit is not None:
+        raise UsageError("--all and --limit: choose one")
+    rows = select_rows([device_row(d) for d in _store(db, home).devices()], status=status,
+                       model=model, sort=sort)
+    total = len(rows)
+    if limit is None and not show_all and not json_out:
+        limit = LS_LIMIT
+    shown = rows[:limit] if limit is not None else rows
+    if json_out:
+        print_json({"devices": shown, "total": total})
+        return
+    title = (f"{total} devices" if len(shown) == total
+             else f"{len(shown)} of {total} devices")
+    (_print_rich if len(shown) <= RICH_ROWS else _print_plain)(title, shown)
+    if len(shown) < total:
+        console.print(f"… {total - len(shown)} more, use --limit N or --all, or filters "
+                      "(--status, --model)", highlight=False)
 
 
 @app.command()

@@ -37,6 +37,7 @@ from edgefleet.device.wire.updates import (
     device_of,
     read_report,
 )
+from edgefleet.server.rollout.event_log import EventLog
 from edgefleet.server.rollout.records import HealthRates, json_number, json_object
 
 __all__ = ["FleetView"]
@@ -57,7 +58,9 @@ class FleetView:
                  username: str | None = None, password: str | None = None,
                  connect_timeout: float = 10.0) -> None:
         self.states: dict[str, dict[str, Any]] = {}
-        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        #: Recent events, :data:`EVENTS_KEPT` at most, indexed by device (a check reads
+        #: only its devices' events).
+        self.events = EventLog(EVENTS_KEPT)
         #: Refused messages: device, topic, reason, detail, size and the first 256 bytes.
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=QUARANTINE_SIZE)
         self._lock = threading.Lock()
@@ -195,8 +198,8 @@ class FleetView:
         """
         with self._lock:
             state = self.states.get(device)
-            bad = any(e.get("device") == device and e.get("event") in ("rolled_back", "rejected")
-                      and json_number(e.get("ts")) >= since for e in self.events)
+            bad = any(e.get("event") in ("rolled_back", "rejected")
+                      and json_number(e.get("ts")) >= since for e in self.events.of(device))
         if state is None:
             return None
         h, last = json_object(state.get("health")), json_object(state.get("last"))

@@ -45,8 +45,8 @@ from edgefleet.device.wire.telemetry import (
 from edgefleet.server.telemetry.store import Store
 
 __all__ = ["MAX_DEVICES_PER_PROCESS", "DeviceResult", "LoadConfig", "LoadError",
-           "LoadReport", "VirtualDevice", "count_stored", "enroll_devices", "run_load",
-           "settle_store"]
+           "LoadReport", "VirtualDevice", "count_stored", "enroll_devices",
+           "metrics_body_template", "run_load", "settle_store"]
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,9 @@ def enroll_devices(home: Any, n: int, prefix: str = "lg-", group: str = "loadgen
 
 
 # -- one virtual device --------------------------------------------------------------------
-def _body_template() -> dict[str, Any]:
-    """A metrics body of the size a Pi sends (~700 bytes), built from the wire's models."""
+def metrics_body_template() -> dict[str, Any]:
+    """A metrics body of the size a Pi sends (~700 bytes), built from the wire's models
+    (also what benchmarks fill a store with)."""
     hist = HistogramBody(count=200, p50=1.2, p95=3.4, p99=5.9,
                          bounds=[0.5, 1, 2, 5, 10, 20, 50, 100],
                          counts=[20, 60, 70, 40, 8, 2, 0, 0, 0], sum=310.5)
@@ -279,7 +280,7 @@ def _run_share(devices: Sequence[VirtualDevice], cfg: LoadConfig, total_devices:
     """One process's devices until each has sent ``messages`` and seen their PUBACKs."""
     _raise_fd_limit()
     metrics = Metrics()
-    template = _body_template()
+    template = metrics_body_template()
     devs = [_Device(d, cfg, metrics, dict(template)) for d in devices]
     per_device = cfg.rate / total_devices  # messages/s of one device
     offsets = [random.uniform(0, 1 / per_device) for _ in devs]  # no lockstep

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["device_row"]
+__all__ = ["SORTS", "STATUSES", "device_row", "select_rows"]
+
+#: ``fleet ls --status``: reporting now, or heard of and not reporting now.
+STATUSES = ("online", "offline")
+#: ``fleet ls --sort``: by device id (A to Z), or most recently heard of first.
+SORTS = ("device", "last_seen")
 
 
 def _rate(n: int, total: int) -> float | None:
@@ -22,3 +27,29 @@ def device_row(d: dict[str, Any]) -> dict[str, Any]:
             "degraded_rate": _rate(d["n_degraded"], d["n_inferences"]),
             "drift": max(drift) if drift else None, "epsilon": d["epsilon"],
             "messages": d["messages"], "spool_dropped": d["spool_dropped"]}
+
+
+def select_rows(rows: list[dict[str, Any]], *, status: str | None = None,
+                model: str | None = None, sort: str = "device") -> list[dict[str, Any]]:
+    """Operator rows (:func:`device_row`) that match the filters, in ``sort`` order.
+
+    ``model`` is ``NAME``, ``NAME@VERSION`` or a bare ``VERSION`` (a device whose model
+    has no name yet); ``sort`` is one of :data:`SORTS`, ``status`` one of :data:`STATUSES`.
+    Unknown values raise ValueError (the CLI checks them first).
+    """
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status {status!r}: expected one of {', '.join(STATUSES)}")
+    if sort not in SORTS:
+        raise ValueError(f"sort {sort!r}: expected one of {', '.join(SORTS)}")
+    out = rows
+    if status is not None:
+        out = [r for r in out if r["online"] is (status == "online")]
+    if model is not None:
+        name, at, version = model.partition("@")
+        out = [r for r in out if (r["model_name"] == name and (not at
+                                                                or r["model_version"] == version))
+               or (not at and r["model_name"] is None and r["model_version"] == name)]
+    if sort == "last_seen":  # newest first; never heard of last; ties by device id
+        return sorted(out, key=lambda r: (r["last_seen"] is None, -(r["last_seen"] or 0.0),
+                                          r["device"]))
+    return sorted(out, key=lambda r: r["device"])

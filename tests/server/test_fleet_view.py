@@ -100,6 +100,31 @@ def test_hostile_states_and_events_are_refused_counted_and_quarantined(mosquitto
         view.close()
 
 
+def test_a_rollback_counts_for_its_own_device_only_and_since_the_rollout(mosquitto: Any
+                                                                          ) -> None:
+    for d in ("pi-1", "pi-2", "pi-3"):
+        _publish(mosquitto.port, state_topic(d), {"version": "1.1.0"})
+    view = FleetView("127.0.0.1", mosquitto.port)
+    try:
+        wait_for(lambda: len(view.fleet(0)) == 3, what="the retained states")
+        start = time.time()
+        sent = [("pi-1", "installed", start + 1), ("pi-2", "rolled_back", start + 1),
+                ("pi-3", "rejected", start - 100), ("pi-1", "activated", start + 2)]
+        for d, event, ts in sent:
+            _publish_raw(mosquitto.port, f"edgefleet/v1/update/event/{d}",
+                         json.dumps({"event": event, "ts": ts}).encode(), retain=False)
+        wait_for(lambda: len(view.events) == 4, what="the events")
+        assert [e["event"] for e in view.events.of("pi-1")] == ["installed", "activated"]
+        flags = {d: h.rolled_back for d in ("pi-1", "pi-2", "pi-3")
+                 if (h := view.health(d, since=start)) is not None}
+        # pi-3 refused before the rollout began: not this rollout's refusal
+        assert flags == {"pi-1": False, "pi-2": True, "pi-3": False}
+        h3 = view.health("pi-3", since=0.0)
+        assert h3 is not None and h3.rolled_back
+    finally:
+        view.close()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_network_thread_is_noticed_and_replaced(mosquitto: Any) -> None:
     view = FleetView("127.0.0.1", mosquitto.port)
