@@ -31,9 +31,11 @@ from edgefleet.server.registry.http import RegistryServer
 from edgefleet.server.registry.repository import Registry
 from edgefleet.server.registry.tuf_repo import RECOVERY, TufRepo
 from tests.support.updates import (
+    HUGE,
     Device,
     Traffic,
     assign,
+    fast_forward,
     make_device,
     make_registry,
     package_version,
@@ -41,19 +43,7 @@ from tests.support.updates import (
 
 pytestmark = pytest.mark.timeout(180)
 
-HUGE = 10**6
 ROLES = ("timestamp", "snapshot", "targets")
-
-
-def fast_forward(repo: TufRepo, role: str, version: int = HUGE) -> None:
-    """What an attacker holding ``role``'s key (and reaching the online signing) pushes."""
-    md = repo.open(role)
-    md.signed.version = version - 1  # close() adds one
-    repo.close(role, md)
-    if role == "targets":
-        repo.publish()
-    elif role == "snapshot":
-        repo.do_timestamp(force=True)
 
 
 def restart_without_rotation(repo: TufRepo, role: str, monkeypatch: pytest.MonkeyPatch) -> None:
