@@ -142,12 +142,16 @@ class Updater:
         Raises the refusal (after emitting ``rejected``) when the update is refused.
         """
         _slot, info = self.slots.active()
-        if info is not None and info.target == a.target and not a.shadow:
+        if (info is not None and info.target == a.target
+                and (a.sha256 is None or a.sha256 == info.sha256)):
+            # Already running it. A shadow of the active version would only compare the
+            # model with itself (and download it again into the other slot): nothing to do.
             self.serving.set_shadow(None)
             return "current"
         try:
             return self._apply(a)
         except (ModelError, OSError) as exc:
+            self._report_resets()
             reason = getattr(exc, "reason", None) or (
                 "trial_failed" if isinstance(exc, ModelRejected) else
                 "package_invalid" if isinstance(exc, ModelError) else "io_error")
@@ -155,6 +159,15 @@ class Updater:
             self.event("rejected", target=a.target, reason=reason, error=str(exc),
                        rollout=a.rollout)
             raise
+        finally:
+            self._report_resets()
+
+    def _report_resets(self) -> None:
+        """Publish each floor reset a key rotation caused (TUF 5.3.11): the operators
+        must learn of a rotation the devices followed, whoever rotated."""
+        for r in self.tuf.take_resets():
+            self.event("floors_reset", root_version=r.root_version, rotated=list(r.rotated),
+                       reset=list(r.reset))
 
     def _apply(self, a: Assignment) -> str:
         fault("begin")

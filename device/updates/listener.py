@@ -203,6 +203,11 @@ class UpdateAgent:
                 self.backoff.reset()
                 break
             except UpdateUnavailable as exc:
+                # The retained state says why the device is not on it yet (a revoked
+                # certificate, a registry down); "retrying" is no refusal for a canary.
+                self.last_outcome = {"target": a.target, "outcome": "retrying",
+                                     "reason": exc.reason}
+                self._queue_state()
                 delay = self.backoff.next_delay()
                 log.info("repository unavailable (%s); retrying in %.1f s", exc, delay)
                 if self._stop.wait(delay) or not self._wanted.empty():

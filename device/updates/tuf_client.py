@@ -11,7 +11,9 @@ older, still-unexpired repository state back in.
 Those floors follow the TUF specification's fast-forward attack recovery (client
 workflow 5.3.11): a floor is only as good as the key that raised it, so when a newly
 trusted root rotates a role's keys (keyids or threshold changed), the floors that key
-raised are dropped, persisted before the refresh goes on; see :data:`RESETS`.
+raised are dropped, persisted before the refresh goes on; see :data:`RESETS`. Each
+reset is also kept for :meth:`TufClient.take_resets`, so the updater reports it
+(event ``floors_reset``, counter ``update_floors_reset``).
 
 Over ``https://`` the fetcher verifies the registry's certificate (TLS 1.2 or newer)
 against ``ca_file`` (the fleet CA) or, without one, the system's trust store; a
@@ -59,8 +61,8 @@ from edgefleet.device.core.errors import (
     UpdateUnavailable,
 )
 
-__all__ = ["RESETS", "HighestSeen", "TufClient", "TufClientConfig", "client_tls_context",
-           "rotated_roles"]
+__all__ = ["RESETS", "FloorsReset", "HighestSeen", "TufClient", "TufClientConfig",
+           "client_tls_context", "rotated_roles"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,18 @@ def rotated_roles(before: dict[str, Any], after: Root) -> set[str]:
     """Roles whose keyids or threshold differ between ``before`` and root ``after``."""
     now = _role_keys(after)
     return {role for role in RESETS if before.get(role) != now[role]}
+
+
+@dataclass(frozen=True)
+class FloorsReset:
+    """One rotation the device followed: a fleet must see it, not only a log line (a
+    reset nobody asked for means someone rotated keys the operators do not know of)."""
+
+    root_version: int
+    #: Roles whose keys (or threshold) the new root changed.
+    rotated: tuple[str, ...]
+    #: Floors dropped because of it (:data:`RESETS`).
+    reset: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -305,6 +319,12 @@ class TufClient:
         self._bootstrap = bootstrap_root
         self.highest = HighestSeen(state_dir / "highest_seen.json")
         self.fetcher = _CountingFetcher(config)
+        self._resets: list[FloorsReset] = []
+
+    def take_resets(self) -> list[FloorsReset]:
+        """Floor resets since the last call (the updater reports each one once)."""
+        out, self._resets = self._resets, []
+        return out
 
     def _updater(self) -> Updater:
         cfg = UpdaterConfig(timestamp_max_length=self.config.timestamp_max_bytes,
@@ -347,6 +367,8 @@ class TufClient:
                     (self.metadata_dir / f"{role}.json").unlink(missing_ok=True)
             fsync_dir(self.metadata_dir)
         self.highest.adopt_root(root, resets)
+        self._resets.append(FloorsReset(int(root.version), tuple(sorted(rotated)),
+                                        tuple(sorted(resets))))
         log.warning("root v%d rotated the %s keys: the %s floors are reset (TUF 5.3.11 "
                     "fast-forward recovery)", root.version, ", ".join(sorted(rotated)),
                     ", ".join(sorted(resets)))

@@ -31,9 +31,11 @@ from edgefleet.server.registry.http import RegistryServer
 from edgefleet.server.registry.repository import Registry
 from edgefleet.server.registry.tuf_repo import RECOVERY, TufRepo
 from tests.support.updates import (
+    HUGE,
     Device,
     Traffic,
     assign,
+    fast_forward,
     make_device,
     make_registry,
     package_version,
@@ -41,19 +43,7 @@ from tests.support.updates import (
 
 pytestmark = pytest.mark.timeout(180)
 
-HUGE = 10**6
 ROLES = ("timestamp", "snapshot", "targets")
-
-
-def fast_forward(repo: TufRepo, role: str, version: int = HUGE) -> None:
-    """What an attacker holding ``role``'s key (and reaching the online signing) pushes."""
-    md = repo.open(role)
-    md.signed.version = version - 1  # close() adds one
-    repo.close(role, md)
-    if role == "targets":
-        repo.publish()
-    elif role == "snapshot":
-        repo.do_timestamp(force=True)
 
 
 def restart_without_rotation(repo: TufRepo, role: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,6 +108,11 @@ def test_device_recovers_from_a_fast_forward_after_key_rotation(bench: Bench, ro
     assert bench.serving() == "1.1.0"
     after = bench.floors()
     assert after[role] < HUGE
+    # The fleet learns of it: one event naming the rotated roles, and a counter.
+    resets = [d for kind, d in bench.dev.events if kind == "floors_reset"]
+    assert resets == [{"root_version": 2, "rotated": sorted(RECOVERY[role][0]),
+                       "reset": sorted({r for x in RECOVERY[role][0] for r in RESETS[x]})}]
+    assert bench.dev.metrics.counter("update_floors_reset") == 1
     assert after["root"] == before["root"] + 1
     reset = {r for rotated in RECOVERY[role][0] for r in RESETS[rotated]}
     for other in set(ROLES) - reset:  # floors of keys that did not rotate stay
@@ -144,6 +139,7 @@ def test_restart_without_rotation_is_still_a_rollback(bench: Bench, role: str,
         assert bench.serving() == "1.0.0"
         assert bench.floors()[role] == HUGE
     assert bench.dev.metrics.counter("update_rejected_rollback") == 2
+    assert bench.dev.metrics.counter("update_floors_reset") == 0  # nothing rotated
 
 
 def test_floor_reset_survives_a_crash_before_it_is_written(bench: Bench,
@@ -184,6 +180,8 @@ def test_plain_rotation_resets_only_what_the_spec_says(bench: Bench) -> None:
     assert rotated_roles(recorded, new) == {"targets"}
     bench.push("1.1.0")
     assert bench.dev.updater.apply(assign("1.1.0")) == "activated"
+    assert [d for kind, d in bench.dev.events if kind == "floors_reset"] == [
+        {"root_version": 2, "rotated": ["targets"], "reset": ["targets"]}]
     assert tuf.highest.root_keys is not None
     assert rotated_roles(tuf.highest.root_keys, new) == set()
 

@@ -14,6 +14,7 @@ from typing import ClassVar
 import pytest
 
 from edgefleet.device.updates.installer import Updater
+from edgefleet.device.wire.updates import Assignment
 from edgefleet.server.registry.http import RegistryHandler, RegistryServer
 from edgefleet.server.registry.repository import Registry
 from tests.support.updates import Device, assign, make_device, make_registry, package_version
@@ -83,3 +84,33 @@ def test_a_held_archive_that_no_longer_verifies_is_fetched_again(
     paths.clear()
     assert dev.updater.apply(assign("1.1.0")) == "activated"
     assert len(archives(paths)) == 1
+
+
+def test_a_shadow_of_the_active_version_downloads_nothing(
+        bench: tuple[Registry, Device, list[str]]) -> None:
+    """Shadowing the version already active would compare the model with itself: the
+    device reports it ``current`` without a request, and a running shadow stops."""
+    _reg, dev, paths = bench
+    assert dev.updater.apply(assign("1.1.0", shadow=True)) == "shadow"
+    assert dev.serving.shadow is not None
+    paths.clear()
+    assert dev.updater.apply(assign("1.0.0", shadow=True)) == "current"
+    assert paths == []
+    assert dev.serving.shadow is None
+    active = dev.serving.active
+    assert active is not None and active.manifest.version == "1.0.0"
+    assert dev.metrics.counter("update_shadow_started") == 1  # only the real shadow
+
+
+def test_an_active_version_the_director_hashes_differently_is_checked(
+        bench: tuple[Registry, Device, list[str]]) -> None:
+    """``current`` only when the director's sha256 is the held one; otherwise the
+    assignment goes through TUF, which decides (here: it signs another sha256)."""
+    from edgefleet.device.core.errors import UpdateRejected
+
+    _reg, dev, paths = bench
+    paths.clear()
+    with pytest.raises(UpdateRejected) as info:
+        dev.updater.apply(Assignment("digits-mlp", "1.0.0", sha256="00" * 32))
+    assert info.value.reason == "hash_mismatch"
+    assert archives(paths) == [] and any(p.endswith("timestamp.json") for p in paths)

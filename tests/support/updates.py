@@ -21,7 +21,10 @@ from edgefleet.server.fleet import director_key
 from edgefleet.server.fleet.keys import ROLES, KeyRing
 from edgefleet.server.registry.http import RegistryHandler, RegistryServer
 from edgefleet.server.registry.repository import Registry
-from edgefleet.server.registry.tuf_repo import Expiry
+from edgefleet.server.registry.tuf_repo import Expiry, TufRepo
+
+#: The version a fast-forward attacker pushes a role to.
+HUGE = 10**6
 
 
 def make_registry(home: Path, expiry: Expiry | None = None) -> Registry:
@@ -34,6 +37,18 @@ def make_registry(home: Path, expiry: Expiry | None = None) -> Registry:
     reg = Registry(home, keys, expiry)
     reg.init_repo()
     return reg
+
+
+def fast_forward(repo: TufRepo, role: str, version: int = HUGE) -> None:
+    """What an attacker holding ``role``'s key (and reaching the online signing) pushes:
+    ``role`` signed at ``version``, and what must be re-signed above it to be served."""
+    md = repo.open(role)
+    md.signed.version = version - 1  # close() adds one
+    repo.close(role, md)
+    if role == "targets":
+        repo.publish()
+    elif role == "snapshot":
+        repo.do_timestamp(force=True)
 
 
 def rehash(pkg: Path) -> None:
