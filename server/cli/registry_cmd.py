@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import typer
 from rich.table import Table
 
 from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.device.core.errors import UsageError
 from edgefleet.server.cli.home_opts import HOME_OPTION
 from edgefleet.server.cli.metrics_cmd import (
     METRICS_HOST_OPTION,
@@ -132,15 +134,17 @@ def push(
     from edgefleet.server.fleet.home import find_home
     from edgefleet.server.fleet.package_key import publish_keys
 
-    fh = find_home(fleet) if fleet_keys is None else None
+    fh = None
+    if fleet_keys is None:
+        # a registry may live without a fleet (`keys init` alone): then nothing to read
+        with contextlib.suppress(UsageError):
+            fh = find_home(fleet)
     if fh is not None and fh.settings.encrypt_models:
         encrypt = True
     recipients = None
     if encrypt or fleet_keys is not None:
         where = fleet_keys or (fh.root if fh is not None else None)
         if where is None:
-            from edgefleet.device.core.errors import UsageError
-
             raise UsageError("--encrypt needs a fleet home with a fleet key, or --fleet-keys")
         recipients = publish_keys(where)
     reg = open_registry(home, passphrase_file=passphrase_file, fleet=fleet)

@@ -30,7 +30,7 @@ def test_keys_push_ls_audit_and_rotation(tmp_path: Path, digits_package: Path) -
     env = {"EDGEFLEET_REGISTRY": str(home), "EDGEFLEET_KEY_PASSPHRASE": "correct horse"}
     init = _ok("keys", "init", "--root-key", str(tmp_path / "offline" / "root.pem"), env=env)
     assert init["encrypted"] is True and set(init["keys"]) == {"root", "targets", "snapshot",
-                                                               "timestamp"}
+                                                               "timestamp", "director"}
     for pem in [*(home / "keys").glob("*.pem"), tmp_path / "offline" / "root.pem"]:
         assert stat.S_IMODE(pem.stat().st_mode) == 0o600
         assert b"ENCRYPTED" in pem.read_bytes()
