@@ -45,7 +45,7 @@ from pydantic import Field, model_validator
 from edgefleet.device.core.config import StrictModel
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
-from edgefleet.device.wire.telemetry import MAX_PAYLOAD_BYTES, TOPIC_ROOT, MetricsBody
+from edgefleet.device.wire.telemetry import MAX_PAYLOAD_BYTES, TOPIC_ROOT, Envelope, MetricsBody
 from edgefleet.server.telemetry.alerts import AlertThresholds, check_metrics, check_silent
 from edgefleet.server.telemetry.store import QUARANTINE_ROWS, Store
 from edgefleet.server.telemetry.validate import Accepted, Rejected, validate_message
@@ -244,9 +244,11 @@ class IngestService:
             changed = st.update_metrics_many([(d, ts, _registry_fields(b),
                                                b.model_dump(mode="json"))
                                               for d, (ts, b) in newest])
-            for (device, (_ts, body)), yes in zip(newest, changed, strict=True):
-                if yes:
-                    check_metrics(st, device, body, now, self.cfg.alerts)
+            moved = [(d, body) for (d, (_ts, body)), yes in zip(newest, changed, strict=True)
+                     if yes]
+            open_now = st.open_alert_kinds([d for d, _ in moved])
+            for device, body in moved:
+                check_metrics(st, device, body, now, self.cfg.alerts, open_now[device])
             self._write_refused(st, batch)
         return _sums(per_device)
 
@@ -326,7 +328,7 @@ class IngestService:
             prev = latest.get(env.device)
             if prev is None or env.ts >= prev[0]:
                 latest[env.device] = (env.ts, acc.metrics)
-        elif env.kind == "event":
+        elif isinstance(env, Envelope) and env.kind == "event":
             kind = str(env.body.get("kind", "event"))[:64]
             st.add_event(env.ts, env.device, f"device.{kind}", "info",
                          str(env.body.get("message", kind))[:500], env.body)

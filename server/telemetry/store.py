@@ -72,6 +72,18 @@ _TOUCH = ("INSERT INTO devices (device, last_seen, messages, duplicates) VALUES 
           "messages = devices.messages + excluded.messages, "
           "duplicates = devices.duplicates + excluded.duplicates")
 
+#: Rows per multi-row insert (SQLite allows 32,766 parameters, 7 a row).
+_INSERT_CHUNK = 1000
+_INSERT_COLS = "device, boot, seq, kind, ts, received, payload"
+_INSERT_SQLITE = (f"INSERT INTO messages ({_INSERT_COLS}) VALUES {{values}} "
+                  "ON CONFLICT (device, boot, seq) DO NOTHING RETURNING device, boot, seq")
+#: PostgreSQL: the rows as seven arrays in binary format (``%b``: psycopg's text format
+#: escapes every quote of a JSON payload in Python; binary copies the bytes).
+_INSERT_PG = (f"INSERT INTO messages ({_INSERT_COLS}) SELECT * FROM unnest("
+              "%b::text[], %b::text[], %b::bigint[], %b::text[], %b::float8[], %b::float8[], "
+              "%b::text[]) ON CONFLICT (device, boot, seq) DO NOTHING "
+              "RETURNING device, boot, seq")
+
 #: PostgreSQL advisory lock key held while migrating (any constant; "edgeflt" in ASCII).
 _MIGRATION_LOCK = 0x65646765666C74
 
@@ -199,24 +211,50 @@ class Store:
     def insert_messages(self, rows: Sequence[tuple[str, str, int, str, float, float, str]]
                         ) -> list[bool]:
         """:meth:`insert_message` for many ``(device, boot, seq, kind, ts, received,
-        payload)`` rows; which were new. On PostgreSQL one pipelined round trip, not one
-        per row (what a remote database's latency would otherwise multiply)."""
-        if self.dialect != "postgresql":
-            return [self.insert_message(*r) for r in rows]
+        payload)`` rows; which were new. One statement per chunk, not one per row: on
+        PostgreSQL the rows travel as arrays (``unnest``), one round trip; on SQLite a
+        multi-row ``VALUES``. ``RETURNING`` names the rows inserted; of two rows with one
+        key in a batch (a redelivery) only the first counts as new."""
         if not rows:
             return []
+        inserted: set[tuple[str, str, int]] = set()
         with self._lock:
-            cur = self._conn.cursor()
-            cur.executemany(self._sql(
-                "INSERT INTO messages (device, boot, seq, kind, ts, received, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, boot, seq) DO NOTHING "
-                "RETURNING 1"), rows, returning=True)
-            new = []
-            while True:
-                new.append(cur.fetchone() is not None)
-                if not cur.nextset():
-                    break
-            return new
+            for i in range(0, len(rows), _INSERT_CHUNK):
+                chunk = rows[i:i + _INSERT_CHUNK]
+                if self.dialect == "postgresql":
+                    cols = [list(c) for c in zip(*chunk, strict=True)]
+                    cur = self._conn.execute(_INSERT_PG, cols)
+                elif sqlite3.sqlite_version_info < (3, 35):  # no RETURNING: row by row
+                    inserted.update(r[:3] for r in chunk if self.insert_message(*r))
+                    continue
+                else:
+                    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+                    cur = self._conn.execute(
+                        _INSERT_SQLITE.format(values=values),
+                        [v for r in chunk for v in r])
+                inserted.update((d, b, int(q)) for d, b, q in cur.fetchall())
+        new = []
+        for r in rows:
+            key = (r[0], r[1], int(r[2]))
+            new.append(key in inserted)
+            inserted.discard(key)  # a second row with this key was a duplicate
+        return new
+
+    def open_alert_kinds(self, devices: Sequence[str]) -> dict[str, set[str]]:
+        """The open alert kinds of each of ``devices`` (one query per chunk of them)."""
+        out: dict[str, set[str]] = {d: set() for d in devices}
+        devs = list(out)
+        for i in range(0, len(devs), _INSERT_CHUNK):
+            chunk = devs[i:i + _INSERT_CHUNK]
+            if self.dialect == "postgresql":
+                rows = self.query("SELECT device, kind FROM open_alerts WHERE device = ANY(?)",
+                                  (chunk,))
+            else:
+                rows = self.query("SELECT device, kind FROM open_alerts WHERE device IN "
+                                  f"({', '.join(['?'] * len(chunk))})", chunk)
+            for d, k in rows:
+                out[d].add(k)
+        return out
 
     def _many(self, sql: str, rows: Sequence[Sequence[Any]], *, returning: bool) -> list[bool]:
         """One statement over many parameter rows (PostgreSQL: pipelined, one round
