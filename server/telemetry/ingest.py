@@ -242,7 +242,7 @@ class IngestService:
             st.touch_devices([(d, now, n, k) for d, (n, k) in per_device.items()])
             newest = list(latest.items())
             changed = st.update_metrics_many([(d, ts, _registry_fields(b),
-                                               b.model_dump(mode="json"))
+                                               b.model_dump_json())
                                               for d, (ts, b) in newest])
             moved = [(d, body) for (d, (_ts, body)), yes in zip(newest, changed, strict=True)
                      if yes]

@@ -84,6 +84,11 @@ _INSERT_PG = (f"INSERT INTO messages ({_INSERT_COLS}) SELECT * FROM unnest("
               "%b::text[]) ON CONFLICT (device, boot, seq) DO NOTHING "
               "RETURNING device, boot, seq")
 
+#: :data:`_TOUCH` over arrays (binary, one round trip); a device at most once per call.
+_TOUCH_PG = ("INSERT INTO devices (device, last_seen, messages, duplicates) SELECT * FROM "
+             "unnest(%b::text[], %b::float8[], %b::bigint[], %b::bigint[]) "
+             + _TOUCH[_TOUCH.index("ON CONFLICT"):])
+
 #: PostgreSQL advisory lock key held while migrating (any constant; "edgeflt" in ASCII).
 _MIGRATION_LOCK = 0x65646765666C74
 
@@ -274,19 +279,25 @@ class Store:
             return out
 
     def touch_devices(self, rows: Sequence[tuple[str, float, int, int]]) -> None:
-        """:meth:`touch_device` for many ``(device, seen, new, dup)`` rows at once."""
-        self._many(_TOUCH, rows, returning=False)
+        """:meth:`touch_device` for many ``(device, seen, new, dup)`` rows at once, each
+        device once (PostgreSQL: one statement over arrays)."""
+        if self.dialect != "postgresql" or not rows:
+            self._many(_TOUCH, rows, returning=False)
+            return
+        with self._lock:
+            self._conn.execute(_TOUCH_PG, [list(c) for c in zip(*rows, strict=True)])
 
     def update_metrics_many(self, rows: Sequence[tuple[str, float, dict[str, Any],
-                                                       dict[str, Any]]]) -> list[bool]:
+                                                       dict[str, Any] | str]]) -> list[bool]:
         """:meth:`update_metrics` for many ``(device, ts, fields, body)``; which changed.
-        The rows must share one set of field names."""
+        The rows must share one set of field names; a body may come as its JSON text."""
         if not rows:
             return []
         cols = ", ".join(f"{k} = ?" for k in rows[0][2])
         sql = (f"UPDATE devices SET {cols}, metrics_ts = ?, last_metrics = ? "
                "WHERE device = ? AND (metrics_ts IS NULL OR metrics_ts <= ?)")
-        params = [(*f.values(), ts, json.dumps(b), d, ts) for d, ts, f, b in rows]
+        params = [(*f.values(), ts, b if isinstance(b, str) else json.dumps(b), d, ts)
+                  for d, ts, f, b in rows]
         if self.dialect == "postgresql":
             return self._many(sql + " RETURNING 1", params, returning=True)
         return self._many(sql, params, returning=True)

@@ -72,6 +72,13 @@ def test_alerts_raise_once_and_resolve(store: Store) -> None:
     assert "resolved.drift" in kinds and "resolved.fallback_rate" in kinds
     assert "alert.silent" in kinds
     assert [a["kind"] for a in store.open_alerts()] == ["silent"]
+    with store.transaction() as st:
+        check_silent(st, 1001.0, th)  # still silent: no second event
+        st.touch_device("d1", 1002.0, 1, 0)
+        check_silent(st, 1003.0, th)  # heard from again: resolved once
+    kinds = [e["kind"] for e in store.events()]
+    assert kinds.count("alert.silent") == 1 and kinds.count("resolved.silent") == 1
+    assert store.open_alerts() == []
 
 
 def test_alerts_with_open_kinds_read_once_per_batch(store: Store) -> None:
