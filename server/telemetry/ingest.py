@@ -37,6 +37,7 @@ import sqlite3
 import threading
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,8 @@ __all__ = ["MAX_WORKERS", "IngestConfig", "IngestService", "partition_of"]
 
 #: Upper bound of ``workers`` (each worker receives every message, see IngestConfig).
 MAX_WORKERS = 64
+#: A batch waiting for a busy writer grows up to this many ``batch_size``s, then waits.
+_BACKLOG = 4
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,8 @@ class _Batch:
     reject_acks: list[tuple[int, int, int]] = field(default_factory=list)
     refused: list[_Refused] = field(default_factory=list)
     started: float = 0.0
+    #: Messages whose writes failed alone (``store_error``), counted by the writer.
+    store_errors: int = 0
 
     def __len__(self) -> int:
         return len(self.items) + len(self.reject_acks)
@@ -148,6 +153,9 @@ class IngestService:
         self.cfg = cfg or IngestConfig()
         self.metrics = metrics or default_metrics()
         self._batch = _Batch()
+        #: While :meth:`run` runs: the writer thread and the batch it is committing.
+        self._writer: ThreadPoolExecutor | None = None
+        self._inflight: tuple[_Batch, Future[tuple[int, int]]] | None = None
         self._stop = threading.Event()
         self._last_silent_check = 0.0
         self.stored = 0
@@ -275,7 +283,7 @@ class IngestService:
                     log.exception("storing a message of %s failed; quarantined", acc.device)
                     batch.rejects["store_error"] = batch.rejects.get("store_error", 0) + 1
                     self.metrics.inc("ingest_rejected_store_error")
-                    self.rejected += 1
+                    batch.store_errors += 1
                     batch.refused.append(_Refused(acc.device, f"edgefleet/v1/{acc.device}/"
                                                   f"{acc.kind}", "store_error",
                                                   f"{type(exc).__name__}: {exc}"[:200],
@@ -335,13 +343,18 @@ class IngestService:
         per_device.setdefault(env.device, [0, 0])[0] += 1
 
     def flush(self) -> None:
-        """Commit the current batch, then PUBACK its messages (never before the commit)."""
+        """Commit the current batch, then PUBACK its messages (never before the commit);
+        after the batch the writer thread may be committing."""
+        self._reap(wait=True)
         batch, self._batch = self._batch, _Batch()
-        if not len(batch):
-            return
-        new, dup = self._write(batch, time.time())
+        if len(batch):
+            self._finish(batch, *self._write(batch, time.time()))
+
+    def _finish(self, batch: _Batch, new: int, dup: int) -> None:
+        """After the batch's commit, on the network thread: count it and PUBACK it."""
         self.stored += new
         self.duplicates += dup
+        self.rejected += batch.store_errors
         self.metrics.inc("ingest_stored", new)
         self.metrics.inc("ingest_duplicates", dup)
         client = self.link.client
@@ -351,13 +364,40 @@ class IngestService:
             if qos and client is not None and gen == self.link.generation and self.link.connected:
                 client.ack(mid, qos)
 
+    def _hand_off(self) -> None:
+        """Give the current batch to the writer thread; the next one starts filling."""
+        assert self._writer is not None and self._inflight is None
+        batch, self._batch = self._batch, _Batch()
+        self._inflight = (batch, self._writer.submit(self._write, batch, time.time()))
+
+    def _reap(self, *, wait: bool) -> None:
+        """PUBACK the batch the writer has committed; re-raise what the writer raised
+        (then nothing of that batch is acknowledged and the broker redelivers it)."""
+        if self._inflight is None or not (wait or self._inflight[1].done()):
+            return
+        batch, fut = self._inflight
+        self._inflight = None
+        self._finish(batch, *fut.result())
+
     def step(self) -> None:
-        """One round: network, then flush when the batch is full or old enough."""
-        self.link.step(0.02)
+        """One round: network, then flush when the batch is full or old enough.
+
+        Under :meth:`run` a batch is committed on the writer thread while this one
+        keeps receiving and validating the next (the database's work, and psycopg's
+        and sqlite3's waits, overlap paho's); a batch that comes due while the writer
+        is busy keeps growing until it is free (up to ``_BACKLOG`` batches' worth)."""
+        self.link.step(0.005 if self._inflight is not None else 0.02)
+        self._reap(wait=False)
         b = self._batch
         if len(b) and (len(b) >= self.cfg.batch_size
                        or time.monotonic() - b.started >= self.cfg.batch_interval):
-            self.flush()
+            if self._writer is None:
+                self.flush()
+            elif self._inflight is None:
+                self._hand_off()
+            elif len(b) >= _BACKLOG * self.cfg.batch_size:
+                self._reap(wait=True)
+                self._hand_off()
         now = time.time()
         if self.cfg.worker == 0 and now - self._last_silent_check >= self.cfg.silent_check_every:
             self._last_silent_check = now
@@ -366,20 +406,34 @@ class IngestService:
 
     def run(self) -> None:
         """Ingest until :meth:`stop`; store errors are logged, counted and retried."""
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:
-                # Unacknowledged messages are redelivered after the reconnect below.
-                log.exception("ingest step failed; reconnecting")
-                self.metrics.inc("ingest_loop_errors")
-                self._batch = _Batch()
-                self.link.close()
-                time.sleep(0.5)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ingest-writer")
         try:
-            self.flush()
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                except Exception:
+                    # Unacknowledged messages are redelivered after the reconnect below.
+                    log.exception("ingest step failed; reconnecting")
+                    self.metrics.inc("ingest_loop_errors")
+                    self._batch = _Batch()
+                    self.link.close()
+                    self._abandon()
+                    time.sleep(0.5)
+            try:
+                self.flush()
+            finally:
+                self.link.close()
         finally:
-            self.link.close()
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    def _abandon(self) -> None:
+        """After the link closed: wait for the writer; what it committed is counted,
+        never acknowledged on the closed connection (the broker redelivers it)."""
+        try:
+            self._reap(wait=True)
+        except Exception:
+            log.exception("the batch being written failed too; it will be redelivered")
 
     def stop(self) -> None:
         """Ask :meth:`run` to flush and return."""
