@@ -281,16 +281,19 @@ class Store:
     def touch_devices(self, rows: Sequence[tuple[str, float, int, int]]) -> None:
         """:meth:`touch_device` for many ``(device, seen, new, dup)`` rows at once, each
         device once (PostgreSQL: one statement over arrays)."""
-        if self.dialect != "postgresql" or not rows:
-            self._many(_TOUCH, rows, returning=False)
+        if not rows:
             return
         with self._lock:
-            self._conn.execute(_TOUCH_PG, [list(c) for c in zip(*rows, strict=True)])
+            if self.dialect == "postgresql":
+                self._conn.execute(_TOUCH_PG, [list(c) for c in zip(*rows, strict=True)])
+            else:  # one C loop over the rows instead of a Python one
+                self._conn.executemany(_TOUCH, rows)
 
     def update_metrics_many(self, rows: Sequence[tuple[str, float, dict[str, Any],
                                                        dict[str, Any] | str]]) -> list[bool]:
         """:meth:`update_metrics` for many ``(device, ts, fields, body)``; which changed.
-        The rows must share one set of field names; a body may come as its JSON text."""
+        The rows must share one set of field names and name each device once; a body
+        may come as its JSON text."""
         if not rows:
             return []
         cols = ", ".join(f"{k} = ?" for k in rows[0][2])
@@ -300,7 +303,17 @@ class Store:
                   for d, ts, f, b in rows]
         if self.dialect == "postgresql":
             return self._many(sql + " RETURNING 1", params, returning=True)
-        return self._many(sql, params, returning=True)
+        # SQLite: all rows in one C loop, then which took: a row that was written holds
+        # its ts now; one that was not holds a newer one (the condition is ``<=``).
+        with self._lock:
+            self._conn.executemany(sql, params)
+            now: dict[str, float] = {}
+            devs = [d for d, _ts, _f, _b in rows]
+            for i in range(0, len(devs), _INSERT_CHUNK):
+                chunk = devs[i:i + _INSERT_CHUNK]
+                now.update(self.query("SELECT device, metrics_ts FROM devices WHERE device "
+                                      f"IN ({', '.join(['?'] * len(chunk))})", chunk))
+        return [now.get(d) == ts for d, ts, _f, _b in rows]
 
     def touch_device(self, device: str, seen: float, new: int, dup: int) -> None:
         """Create the registry row if needed; bump last seen and message counts."""
