@@ -16,7 +16,10 @@ subscriptions), so after a broker restart a shared group has no subscription unt
 members re-subscribe, and what devices publish in between is dropped (docs/telemetry.md).
 
 Messages are written in batches (up to ``batch_size`` or ``batch_interval`` seconds) in
-one transaction; registry rows and alerts are updated once per device per batch.
+one transaction; registry rows and alerts are updated once per device per batch, the
+batch's open alerts read in one query. Under :meth:`IngestService.run` a batch commits
+on a writer thread while the network thread receives and validates the next; the
+PUBACKs are sent from the network thread once the commit is done.
 
 One message never hurts the others: each is validated on its own as it arrives (the
 guarded JSON reader's limits, the device id from the topic, the clock skew) before it

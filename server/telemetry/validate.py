@@ -18,6 +18,11 @@ Reasons (counted in the store's ``rejects`` table and the metrics registry as
 - ``clock_skew``: a timestamp further ahead of the receive time than ``max_future_s``
   (or, when set, older than ``max_age_s``)
 - ``internal``: the validator itself failed (a bug); the message is still quarantined
+
+A metrics report whose bytes provably keep the guarded reader's limits
+(:func:`~edgefleet.device.core.guarded_json.within_limits_unparsed`) is validated in one
+pydantic call on its bytes (:class:`MetricsEnvelope`); anything else, or anything that
+call refuses, takes the full path above, which names the reason.
 """
 
 from __future__ import annotations
