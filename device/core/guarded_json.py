@@ -28,7 +28,7 @@ from typing import Any, Final
 from edgefleet.device.core.errors import EdgefleetError
 
 __all__ = ["DEFAULT", "REASONS", "JsonLimits", "JsonRejected", "check_timestamp",
-           "loads_guarded"]
+           "loads_guarded", "within_limits_unparsed"]
 
 REASONS: Final = ("too_large", "bad_utf8", "malformed", "too_deep", "too_many_keys",
                   "list_too_long", "non_finite", "number_too_large", "string_too_long",
@@ -183,6 +183,39 @@ def _fits_unwalked(raw: bytes, limits: JsonLimits) -> bool:
     shape = raw.translate(_NUMBER_SHAPE)  # digits -> 0, e/E -> e, + kept, the rest blank
     return (b"0" * (limits.max_int_digits + 1) not in shape
             and b"e000" not in shape and b"e+000" not in shape)
+
+
+#: A number with a positive exponent of 3 digits or more, as JSON spells one: after a
+#: mantissa digit, up to where a number ends (a negative one parses to 0.0). With no run
+#: of ``max_int_digits`` + 1 digits either, no number in the document can parse to
+#: infinity (that needs a 3-digit exponent or a mantissa of 210 digits or more). Unlike
+#: the bytes shape of :func:`_fits_unwalked`, a hex string such as a boot id
+#: (``...3e123...``) does not match.
+_BIG_EXPONENT = re.compile(rb"[0-9][eE]\+?[0-9]{3,}(?:[\s,\]}]|\Z)")
+
+
+def within_limits_unparsed(data: bytes, limits: JsonLimits = DEFAULT) -> bool:
+    """Whether ``data`` provably keeps every limit of :func:`loads_guarded`, judged from
+    its bytes at C speed without parsing: size, nesting depth, keys, lists, strings,
+    integer digits, no ``NaN``/``Infinity`` and no number so large it parses to infinity.
+
+    True lets a consumer hand the bytes straight to a strict parser (pydantic's
+    ``model_validate_json``) instead of :func:`loads_guarded` plus a model; False only
+    means "not proven": take :func:`loads_guarded`, which names the reason. Whether the
+    bytes are JSON at all is for the parser to say."""
+    if len(data) > min(limits.max_bytes, 4 * limits.max_keys, 2 * limits.max_list,
+                       limits.max_string):
+        return False
+    try:
+        _check_depth(data, limits.max_depth)
+    except JsonRejected:
+        return False
+    if b"NaN" in data or b"Infinity" in data:
+        return False
+    shape = data.translate(_NUMBER_SHAPE)  # digits -> 0, e/E -> e, + kept, the rest blank
+    if b"0" * (limits.max_int_digits + 1) in shape:
+        return False
+    return not ((b"e000" in shape or b"e+000" in shape) and _BIG_EXPONENT.search(data))
 
 
 def check_timestamp(ts: Any, received: float, *, max_future_s: float = 300.0,

@@ -21,6 +21,7 @@ __all__ = [
     "TOPIC_ROOT",
     "Envelope",
     "MetricsBody",
+    "MetricsEnvelope",
     "SamplesBody",
     "Status",
     "encode",
@@ -77,15 +78,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Envelope(_Strict):
-    """Every spooled message: who sent it, which boot, which sequence number, and a body."""
-
+class _Header(_Strict):
     v: Literal[1]
     device: str = Field(pattern=DEVICE_ID_PATTERN)
     #: Random per agent start: (device, boot, seq) is unique even after a spool is lost.
     boot: str = Field(pattern=r"^[0-9a-f]{8,64}$")
     seq: int = Field(ge=1, lt=2**63)
     ts: float = Field(ge=0)
+
+
+class Envelope(_Header):
+    """Every spooled message: who sent it, which boot, which sequence number, and a body."""
+
     kind: Literal["metrics", "event"]
     body: dict[str, Any]
 
@@ -144,3 +148,11 @@ class MetricsBody(BaseModel):
     counters: dict[str, int] = Field(default_factory=dict)
     gauges: dict[str, float | str | None] = Field(default_factory=dict)
     samples: SamplesBody | None = None
+
+
+class MetricsEnvelope(_Header):
+    """An :class:`Envelope` of kind ``metrics`` with its body typed: the same checks in
+    one model, so the ingest validates a report's bytes in one pydantic call."""
+
+    kind: Literal["metrics"]
+    body: MetricsBody

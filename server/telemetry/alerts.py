@@ -38,11 +38,16 @@ class AlertThresholds(StrictModel):
 
 
 def _set(store: Store, device: str, kind: str, firing: bool, ts: float, message: str,
-         data: dict[str, object]) -> None:
+         data: dict[str, object], open_now: set[str] | None = None) -> None:
+    """Raise or resolve one alert. ``open_now`` (the device's open alert kinds, read
+    once per batch) skips the statements that would change nothing: a device that stays
+    healthy or stays alerted costs no round trip."""
     if firing:
+        if open_now is not None and kind in open_now:
+            return
         if store.open_alert(device, kind, ts):
             store.add_event(ts, device, f"alert.{kind}", "warning", message, data)
-    elif store.close_alert(device, kind):
+    elif (open_now is None or kind in open_now) and store.close_alert(device, kind):
         store.add_event(ts, device, f"resolved.{kind}", "info", f"{kind} back to normal", data)
 
 
@@ -78,37 +83,44 @@ def drift_verdict(drift: dict[str, float | int | None] | None,
 
 
 def check_metrics(store: Store, device: str, body: MetricsBody, ts: float,
-                  th: AlertThresholds) -> None:
-    """Raise or resolve the drift and rate alerts for one device's latest report."""
+                  th: AlertThresholds, open_now: set[str] | None = None) -> None:
+    """Raise or resolve the drift and rate alerts for one device's latest report.
+
+    ``open_now``: the device's open alert kinds, from :meth:`Store.open_alert_kinds`
+    inside the same transaction (the ingest reads them for a whole batch in one query);
+    None reads nothing and lets each statement find out."""
     drift = body.drift or {}
     verdict = drift_verdict(drift, th.drift_psi)
     if verdict is not None:
         _set(store, device, "drift", verdict.firing, ts,
              f"drift: {verdict.score.replace('_', ' ')} {verdict.psi:.3f} > {verdict.bar:.3g}",
              {k: drift.get(k) for k in ("input_psi", "confidence_psi", "input_psi_noise",
-                                        "confidence_psi_noise", "window")})
+                                        "confidence_psi_noise", "window")}, open_now)
     # The agent reports training state "unavailable" once its SuperNode exhausted its
     # restart budget: that device silently left federated learning otherwise.
     _set(store, device, "fl_unavailable", body.training.get("state") == "unavailable", ts,
-         "flower-supernode keeps exiting: no federated learning on this device", {})
+         "flower-supernode keeps exiting: no federated learning on this device", {}, open_now)
     if body.inferences >= th.min_inferences:
         for kind, n, limit in (("fallback_rate", body.fallback, th.fallback_rate),
                                ("degraded_rate", body.degraded, th.degraded_rate)):
             rate = n / body.inferences
             _set(store, device, kind, rate > limit, ts,
                  f"{kind.replace('_', ' ')} {rate:.1%} > {limit:.0%}",
-                 {"rate": rate, "count": n, "inferences": body.inferences})
+                 {"rate": rate, "count": n, "inferences": body.inferences}, open_now)
 
 
 def check_silent(store: Store, now: float, th: AlertThresholds) -> None:
-    """Raise ``silent`` for devices not heard from in ``silent_after`` seconds."""
-    for dev in store.devices():
+    """Raise ``silent`` for devices not heard from in ``silent_after`` seconds (the open
+    alerts read in one query: a fleet that stays heard from costs no statement each)."""
+    devices = store.devices()
+    open_now = store.open_alert_kinds([d["device"] for d in devices])
+    for dev in devices:
         seen = dev["last_seen"] or dev["status_ts"]
         if seen is None:
             continue
         quiet = now - float(seen)
         _set(store, dev["device"], "silent", quiet > th.silent_after, now,
-             f"no telemetry for {quiet:.0f} s", {"last_seen": seen})
+             f"no telemetry for {quiet:.0f} s", {"last_seen": seen}, open_now[dev["device"]])
 
 
 class _Audit(Protocol):

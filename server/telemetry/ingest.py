@@ -16,7 +16,10 @@ subscriptions), so after a broker restart a shared group has no subscription unt
 members re-subscribe, and what devices publish in between is dropped (docs/telemetry.md).
 
 Messages are written in batches (up to ``batch_size`` or ``batch_interval`` seconds) in
-one transaction; registry rows and alerts are updated once per device per batch.
+one transaction; registry rows and alerts are updated once per device per batch, the
+batch's open alerts read in one query. Under :meth:`IngestService.run` a batch commits
+on a writer thread while the network thread receives and validates the next; the
+PUBACKs are sent from the network thread once the commit is done.
 
 One message never hurts the others: each is validated on its own as it arrives (the
 guarded JSON reader's limits, the device id from the topic, the clock skew) before it
@@ -37,6 +40,7 @@ import sqlite3
 import threading
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +49,7 @@ from pydantic import Field, model_validator
 from edgefleet.device.core.config import StrictModel
 from edgefleet.device.core.metrics import Metrics, default_metrics
 from edgefleet.device.core.mqtt_link import MqttConfig, MqttLink
-from edgefleet.device.wire.telemetry import MAX_PAYLOAD_BYTES, TOPIC_ROOT, MetricsBody
+from edgefleet.device.wire.telemetry import MAX_PAYLOAD_BYTES, TOPIC_ROOT, Envelope, MetricsBody
 from edgefleet.server.telemetry.alerts import AlertThresholds, check_metrics, check_silent
 from edgefleet.server.telemetry.store import QUARANTINE_ROWS, Store
 from edgefleet.server.telemetry.validate import Accepted, Rejected, validate_message
@@ -54,6 +58,8 @@ __all__ = ["COMMIT_BUCKETS_S", "MAX_WORKERS", "IngestConfig", "IngestService", "
 
 #: Upper bound of ``workers`` (each worker receives every message, see IngestConfig).
 MAX_WORKERS = 64
+#: A batch waiting for a busy writer grows up to this many ``batch_size``s, then waits.
+_BACKLOG = 4
 
 #: Bounds (s) of ``ingest_batch_commit_seconds``: one batch's transaction, 1 ms to 10 s.
 COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -137,6 +143,8 @@ class _Batch:
     reject_acks: list[tuple[int, int, int]] = field(default_factory=list)
     refused: list[_Refused] = field(default_factory=list)
     started: float = 0.0
+    #: Messages whose writes failed alone (``store_error``), counted by the writer.
+    store_errors: int = 0
 
     def __len__(self) -> int:
         return len(self.items) + len(self.reject_acks)
@@ -151,6 +159,9 @@ class IngestService:
         self.cfg = cfg or IngestConfig()
         self.metrics = metrics or default_metrics()
         self._batch = _Batch()
+        #: While :meth:`run` runs: the writer thread and the batch it is committing.
+        self._writer: ThreadPoolExecutor | None = None
+        self._inflight: tuple[_Batch, Future[tuple[int, int]]] | None = None
         self._stop = threading.Event()
         self._last_silent_check = 0.0
         self.stored = 0
@@ -218,7 +229,9 @@ class IngestService:
     # -- writing ----------------------------------------------------------------------------
     def _write(self, batch: _Batch, now: float) -> tuple[int, int]:
         """The batch in one transaction: all rows at once; if anything but an outage
-        fails, again message by message, each in its own savepoint (slower, isolating)."""
+        fails, again message by message, each in its own savepoint (slower, isolating).
+        Its time is ``ingest_batch_commit_seconds``, whichever thread commits it."""
+        t0 = time.perf_counter()
         try:
             return self._write_fast(batch, now)
         except Exception as exc:
@@ -227,6 +240,9 @@ class IngestService:
             log.info("batch write failed (%s); writing message by message", exc)
             self.metrics.inc("ingest_batch_isolated")
             return self._write_isolated(batch, now)
+        finally:
+            self.metrics.observe("ingest_batch_commit_seconds", time.perf_counter() - t0,
+                                 COMMIT_BUCKETS_S)
 
     def _write_fast(self, batch: _Batch, now: float) -> tuple[int, int]:
         per_device: dict[str, list[int]] = {}
@@ -245,11 +261,13 @@ class IngestService:
             st.touch_devices([(d, now, n, k) for d, (n, k) in per_device.items()])
             newest = list(latest.items())
             changed = st.update_metrics_many([(d, ts, _registry_fields(b),
-                                               b.model_dump(mode="json"))
+                                               b.model_dump_json())
                                               for d, (ts, b) in newest])
-            for (device, (_ts, body)), yes in zip(newest, changed, strict=True):
-                if yes:
-                    check_metrics(st, device, body, now, self.cfg.alerts)
+            moved = [(d, body) for (d, (_ts, body)), yes in zip(newest, changed, strict=True)
+                     if yes]
+            open_now = st.open_alert_kinds([d for d, _ in moved])
+            for device, body in moved:
+                check_metrics(st, device, body, now, self.cfg.alerts, open_now[device])
             self._write_refused(st, batch)
         return _sums(per_device)
 
@@ -276,7 +294,7 @@ class IngestService:
                     log.exception("storing a message of %s failed; quarantined", acc.device)
                     batch.rejects["store_error"] = batch.rejects.get("store_error", 0) + 1
                     self.metrics.inc("ingest_rejected_store_error")
-                    self.rejected += 1
+                    batch.store_errors += 1
                     batch.refused.append(_Refused(acc.device, f"edgefleet/v1/{acc.device}/"
                                                   f"{acc.kind}", "store_error",
                                                   f"{type(exc).__name__}: {exc}"[:200],
@@ -329,23 +347,25 @@ class IngestService:
             prev = latest.get(env.device)
             if prev is None or env.ts >= prev[0]:
                 latest[env.device] = (env.ts, acc.metrics)
-        elif env.kind == "event":
+        elif isinstance(env, Envelope) and env.kind == "event":
             kind = str(env.body.get("kind", "event"))[:64]
             st.add_event(env.ts, env.device, f"device.{kind}", "info",
                          str(env.body.get("message", kind))[:500], env.body)
         per_device.setdefault(env.device, [0, 0])[0] += 1
 
     def flush(self) -> None:
-        """Commit the current batch, then PUBACK its messages (never before the commit)."""
+        """Commit the current batch, then PUBACK its messages (never before the commit);
+        after the batch the writer thread may be committing."""
+        self._reap(wait=True)
         batch, self._batch = self._batch, _Batch()
-        if not len(batch):
-            return
-        t0 = time.perf_counter()
-        new, dup = self._write(batch, time.time())
-        self.metrics.observe("ingest_batch_commit_seconds", time.perf_counter() - t0,
-                             COMMIT_BUCKETS_S)
+        if len(batch):
+            self._finish(batch, *self._write(batch, time.time()))
+
+    def _finish(self, batch: _Batch, new: int, dup: int) -> None:
+        """After the batch's commit, on the network thread: count it and PUBACK it."""
         self.stored += new
         self.duplicates += dup
+        self.rejected += batch.store_errors
         self.metrics.inc("ingest_stored", new)
         self.metrics.inc("ingest_duplicates", dup)
         client = self.link.client
@@ -355,13 +375,40 @@ class IngestService:
             if qos and client is not None and gen == self.link.generation and self.link.connected:
                 client.ack(mid, qos)
 
+    def _hand_off(self) -> None:
+        """Give the current batch to the writer thread; the next one starts filling."""
+        assert self._writer is not None and self._inflight is None
+        batch, self._batch = self._batch, _Batch()
+        self._inflight = (batch, self._writer.submit(self._write, batch, time.time()))
+
+    def _reap(self, *, wait: bool) -> None:
+        """PUBACK the batch the writer has committed; re-raise what the writer raised
+        (then nothing of that batch is acknowledged and the broker redelivers it)."""
+        if self._inflight is None or not (wait or self._inflight[1].done()):
+            return
+        batch, fut = self._inflight
+        self._inflight = None
+        self._finish(batch, *fut.result())
+
     def step(self) -> None:
-        """One round: network, then flush when the batch is full or old enough."""
-        self.link.step(0.02)
+        """One round: network, then flush when the batch is full or old enough.
+
+        Under :meth:`run` a batch is committed on the writer thread while this one
+        keeps receiving and validating the next (the database's work, and psycopg's
+        and sqlite3's waits, overlap paho's); a batch that comes due while the writer
+        is busy keeps growing until it is free (up to ``_BACKLOG`` batches' worth)."""
+        self.link.step(0.005 if self._inflight is not None else 0.02)
+        self._reap(wait=False)
         b = self._batch
         if len(b) and (len(b) >= self.cfg.batch_size
                        or time.monotonic() - b.started >= self.cfg.batch_interval):
-            self.flush()
+            if self._writer is None:
+                self.flush()
+            elif self._inflight is None:
+                self._hand_off()
+            elif len(b) >= _BACKLOG * self.cfg.batch_size:
+                self._reap(wait=True)
+                self._hand_off()
         now = time.time()
         if self.cfg.worker == 0 and now - self._last_silent_check >= self.cfg.silent_check_every:
             self._last_silent_check = now
@@ -370,20 +417,34 @@ class IngestService:
 
     def run(self) -> None:
         """Ingest until :meth:`stop`; store errors are logged, counted and retried."""
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:
-                # Unacknowledged messages are redelivered after the reconnect below.
-                log.exception("ingest step failed; reconnecting")
-                self.metrics.inc("ingest_loop_errors")
-                self._batch = _Batch()
-                self.link.close()
-                time.sleep(0.5)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ingest-writer")
         try:
-            self.flush()
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                except Exception:
+                    # Unacknowledged messages are redelivered after the reconnect below.
+                    log.exception("ingest step failed; reconnecting")
+                    self.metrics.inc("ingest_loop_errors")
+                    self._batch = _Batch()
+                    self.link.close()
+                    self._abandon()
+                    time.sleep(0.5)
+            try:
+                self.flush()
+            finally:
+                self.link.close()
         finally:
-            self.link.close()
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    def _abandon(self) -> None:
+        """After the link closed: wait for the writer; what it committed is counted,
+        never acknowledged on the closed connection (the broker redelivers it)."""
+        try:
+            self._reap(wait=True)
+        except Exception:
+            log.exception("the batch being written failed too; it will be redelivered")
 
     def stop(self) -> None:
         """Ask :meth:`run` to flush and return."""

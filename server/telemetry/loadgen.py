@@ -23,6 +23,7 @@ import multiprocessing as mp
 import random
 import resource
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -326,8 +327,15 @@ def _share_main(devices: list[VirtualDevice], cfg: LoadConfig, total: int, barri
     logging.basicConfig(level=logging.ERROR)
     try:
         results.put(_run_share(devices, cfg, total, barrier, counters))
+    except threading.BrokenBarrierError:  # another process failed: its error says why
+        results.put(_Aborted("a load process stopped because another one failed"))
     except BaseException as exc:  # reported by the parent, never a traceback per process
         results.put(LoadError(str(exc) or type(exc).__name__))
+
+
+class _Aborted(LoadError):
+    """A load process that stopped because another one failed (whose error is reported
+    instead, whichever of the two reaches the parent first)."""
 
 
 def run_load(devices: Sequence[VirtualDevice], cfg: LoadConfig, *, processes: int = 1,
@@ -357,6 +365,7 @@ def run_load(devices: Sequence[VirtualDevice], cfg: LoadConfig, *, processes: in
     got: list[DeviceResult] = []
     pending = len(procs)
     started: float | None = None
+    aborted: _Aborted | None = None
     try:
         while pending:
             try:
@@ -365,7 +374,9 @@ def run_load(devices: Sequence[VirtualDevice], cfg: LoadConfig, *, processes: in
                 item = None
                 if not any(p.is_alive() for p in procs) and results.empty():
                     raise LoadError("a load process died without a result") from None
-            if isinstance(item, BaseException):
+            if isinstance(item, _Aborted):
+                aborted, item = item, []
+            elif isinstance(item, BaseException):
                 raise item
             if started is None and counters[0]:
                 started = time.time()
@@ -374,6 +385,8 @@ def run_load(devices: Sequence[VirtualDevice], cfg: LoadConfig, *, processes: in
                 pending -= 1
             if progress is not None:
                 progress(int(counters[0]), int(counters[1]))
+        if aborted is not None:
+            raise aborted
     finally:
         for p in procs:
             p.join(5)

@@ -83,6 +83,23 @@ _TOUCH = ("INSERT INTO devices (device, last_seen, messages, duplicates) VALUES 
           "messages = devices.messages + excluded.messages, "
           "duplicates = devices.duplicates + excluded.duplicates")
 
+#: Rows per multi-row insert (SQLite allows 32,766 parameters, 7 a row).
+_INSERT_CHUNK = 1000
+_INSERT_COLS = "device, boot, seq, kind, ts, received, payload"
+_INSERT_SQLITE = (f"INSERT INTO messages ({_INSERT_COLS}) VALUES {{values}} "
+                  "ON CONFLICT (device, boot, seq) DO NOTHING RETURNING device, boot, seq")
+#: PostgreSQL: the rows as seven arrays in binary format (``%b``: psycopg's text format
+#: escapes every quote of a JSON payload in Python; binary copies the bytes).
+_INSERT_PG = (f"INSERT INTO messages ({_INSERT_COLS}) SELECT * FROM unnest("
+              "%b::text[], %b::text[], %b::bigint[], %b::text[], %b::float8[], %b::float8[], "
+              "%b::text[]) ON CONFLICT (device, boot, seq) DO NOTHING "
+              "RETURNING device, boot, seq")
+
+#: :data:`_TOUCH` over arrays (binary, one round trip); a device at most once per call.
+_TOUCH_PG = ("INSERT INTO devices (device, last_seen, messages, duplicates) SELECT * FROM "
+             "unnest(%b::text[], %b::float8[], %b::bigint[], %b::bigint[]) "
+             + _TOUCH[_TOUCH.index("ON CONFLICT"):])
+
 #: PostgreSQL advisory lock key held while migrating (any constant; "edgeflt" in ASCII).
 _MIGRATION_LOCK = 0x65646765666C74
 
@@ -210,24 +227,50 @@ class Store:
     def insert_messages(self, rows: Sequence[tuple[str, str, int, str, float, float, str]]
                         ) -> list[bool]:
         """:meth:`insert_message` for many ``(device, boot, seq, kind, ts, received,
-        payload)`` rows; which were new. On PostgreSQL one pipelined round trip, not one
-        per row (what a remote database's latency would otherwise multiply)."""
-        if self.dialect != "postgresql":
-            return [self.insert_message(*r) for r in rows]
+        payload)`` rows; which were new. One statement per chunk, not one per row: on
+        PostgreSQL the rows travel as arrays (``unnest``), one round trip; on SQLite a
+        multi-row ``VALUES``. ``RETURNING`` names the rows inserted; of two rows with one
+        key in a batch (a redelivery) only the first counts as new."""
         if not rows:
             return []
+        inserted: set[tuple[str, str, int]] = set()
         with self._lock:
-            cur = self._conn.cursor()
-            cur.executemany(self._sql(
-                "INSERT INTO messages (device, boot, seq, kind, ts, received, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, boot, seq) DO NOTHING "
-                "RETURNING 1"), rows, returning=True)
-            new = []
-            while True:
-                new.append(cur.fetchone() is not None)
-                if not cur.nextset():
-                    break
-            return new
+            for i in range(0, len(rows), _INSERT_CHUNK):
+                chunk = rows[i:i + _INSERT_CHUNK]
+                if self.dialect == "postgresql":
+                    cols = [list(c) for c in zip(*chunk, strict=True)]
+                    cur = self._conn.execute(_INSERT_PG, cols)
+                elif sqlite3.sqlite_version_info < (3, 35):  # no RETURNING: row by row
+                    inserted.update(r[:3] for r in chunk if self.insert_message(*r))
+                    continue
+                else:
+                    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+                    cur = self._conn.execute(
+                        _INSERT_SQLITE.format(values=values),
+                        [v for r in chunk for v in r])
+                inserted.update((d, b, int(q)) for d, b, q in cur.fetchall())
+        new = []
+        for r in rows:
+            key = (r[0], r[1], int(r[2]))
+            new.append(key in inserted)
+            inserted.discard(key)  # a second row with this key was a duplicate
+        return new
+
+    def open_alert_kinds(self, devices: Sequence[str]) -> dict[str, set[str]]:
+        """The open alert kinds of each of ``devices`` (one query per chunk of them)."""
+        out: dict[str, set[str]] = {d: set() for d in devices}
+        devs = list(out)
+        for i in range(0, len(devs), _INSERT_CHUNK):
+            chunk = devs[i:i + _INSERT_CHUNK]
+            if self.dialect == "postgresql":
+                rows = self.query("SELECT device, kind FROM open_alerts WHERE device = ANY(?)",
+                                  (chunk,))
+            else:
+                rows = self.query("SELECT device, kind FROM open_alerts WHERE device IN "
+                                  f"({', '.join(['?'] * len(chunk))})", chunk)
+            for d, k in rows:
+                out[d].add(k)
+        return out
 
     def _many(self, sql: str, rows: Sequence[Sequence[Any]], *, returning: bool) -> list[bool]:
         """One statement over many parameter rows (PostgreSQL: pipelined, one round
@@ -251,22 +294,41 @@ class Store:
         self._many(sql, rows, returning=False)
 
     def touch_devices(self, rows: Sequence[tuple[str, float, int, int]]) -> None:
-        """:meth:`touch_device` for many ``(device, seen, new, dup)`` rows at once."""
-        self._many(_TOUCH, rows, returning=False)
+        """:meth:`touch_device` for many ``(device, seen, new, dup)`` rows at once, each
+        device once (PostgreSQL: one statement over arrays)."""
+        if not rows:
+            return
+        with self._lock:
+            if self.dialect == "postgresql":
+                self._conn.execute(_TOUCH_PG, [list(c) for c in zip(*rows, strict=True)])
+            else:  # one C loop over the rows instead of a Python one
+                self._conn.executemany(_TOUCH, rows)
 
     def update_metrics_many(self, rows: Sequence[tuple[str, float, dict[str, Any],
-                                                       dict[str, Any]]]) -> list[bool]:
+                                                       dict[str, Any] | str]]) -> list[bool]:
         """:meth:`update_metrics` for many ``(device, ts, fields, body)``; which changed.
-        The rows must share one set of field names."""
+        The rows must share one set of field names and name each device once; a body
+        may come as its JSON text."""
         if not rows:
             return []
         cols = ", ".join(f"{k} = ?" for k in rows[0][2])
         sql = (f"UPDATE devices SET {cols}, metrics_ts = ?, last_metrics = ? "
                "WHERE device = ? AND (metrics_ts IS NULL OR metrics_ts <= ?)")
-        params = [(*f.values(), ts, json.dumps(b), d, ts) for d, ts, f, b in rows]
+        params = [(*f.values(), ts, b if isinstance(b, str) else json.dumps(b), d, ts)
+                  for d, ts, f, b in rows]
         if self.dialect == "postgresql":
             return self._many(sql + " RETURNING 1", params, returning=True)
-        return self._many(sql, params, returning=True)
+        # SQLite: all rows in one C loop, then which took: a row that was written holds
+        # its ts now; one that was not holds a newer one (the condition is ``<=``).
+        with self._lock:
+            self._conn.executemany(sql, params)
+            now: dict[str, float] = {}
+            devs = [d for d, _ts, _f, _b in rows]
+            for i in range(0, len(devs), _INSERT_CHUNK):
+                chunk = devs[i:i + _INSERT_CHUNK]
+                now.update(self.query("SELECT device, metrics_ts FROM devices WHERE device "
+                                      f"IN ({', '.join(['?'] * len(chunk))})", chunk))
+        return [now.get(d) == ts for d, ts, _f, _b in rows]
 
     def touch_device(self, device: str, seen: float, new: int, dup: int) -> None:
         """Create the registry row if needed; bump last seen and message counts."""

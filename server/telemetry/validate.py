@@ -18,6 +18,11 @@ Reasons (counted in the store's ``rejects`` table and the metrics registry as
 - ``clock_skew``: a timestamp further ahead of the receive time than ``max_future_s``
   (or, when set, older than ``max_age_s``)
 - ``internal``: the validator itself failed (a bug); the message is still quarantined
+
+A metrics report whose bytes provably keep the guarded reader's limits
+(:func:`~edgefleet.device.core.guarded_json.within_limits_unparsed`) is validated in one
+pydantic call on its bytes (:class:`MetricsEnvelope`); anything else, or anything that
+call refuses, takes the full path above, which names the reason.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from edgefleet.device.core.guarded_json import (
     JsonRejected,
     check_timestamp,
     loads_guarded,
+    within_limits_unparsed,
 )
 from edgefleet.device.wire.telemetry import (
     MAX_PAYLOAD_BYTES,
     SCHEMA_VERSION,
     Envelope,
     MetricsBody,
+    MetricsEnvelope,
     Status,
     parse_topic,
 )
@@ -59,11 +66,12 @@ _RENAMED = {"too_large": "oversized", "bad_utf8": "malformed"}
 
 @dataclass(frozen=True)
 class Accepted:
-    """A message that passed every check."""
+    """A message that passed every check. A metrics report's typed body is ``metrics``
+    (its envelope is a :class:`MetricsEnvelope` when it took the fast path)."""
 
     device: str
     kind: str
-    envelope: Envelope | None = None
+    envelope: Envelope | MetricsEnvelope | None = None
     status: Status | None = None
     metrics: MetricsBody | None = None
     text: str = ""
@@ -97,6 +105,10 @@ def _validate(topic: str, payload: bytes, max_bytes: int, received: float,
     device, kind = where
     if len(payload) > max_bytes:
         return Rejected("oversized", f"{len(payload)} bytes")
+    if kind == "metrics":
+        fast = _fast_metrics(device, payload, max_bytes, received, max_future_s, max_age_s)
+        if fast is not None:
+            return fast
     try:
         raw: Any = loads_guarded(payload, JsonLimits(
             max_bytes=max_bytes, max_depth=LIMITS.max_depth, max_keys=LIMITS.max_keys,
@@ -129,3 +141,28 @@ def _validate(topic: str, payload: bytes, max_bytes: int, received: float,
         where_ = ".".join(str(p) for p in err["loc"])
         return Rejected("invalid", f"{where_}: {err['msg']}"[:200])
     return Accepted(device, kind, envelope=env, metrics=body, text=text)
+
+
+def _fast_metrics(device: str, payload: bytes, max_bytes: int, received: float,
+                  max_future_s: float, max_age_s: float | None) -> Accepted | Rejected | None:
+    """A well-formed report in one pydantic call on its bytes: the guarded reader's
+    limits proven from the bytes first (:func:`within_limits_unparsed`), then the
+    envelope and body models at once. None when anything is off: the full path then
+    decides and names the reason, so this path accepts only what that one accepts."""
+    limits = JsonLimits(max_bytes=max_bytes, max_depth=LIMITS.max_depth,
+                        max_keys=LIMITS.max_keys, max_list=LIMITS.max_list,
+                        max_string=LIMITS.max_string)
+    if not within_limits_unparsed(payload, limits):
+        return None
+    try:
+        m = MetricsEnvelope.model_validate_json(payload)
+    except ValidationError:
+        return None
+    if m.device != device:
+        return None
+    try:
+        check_timestamp(m.ts, received, max_future_s=max_future_s, max_age_s=max_age_s)
+    except JsonRejected as exc:
+        return Rejected(exc.reason, str(exc)[:200])
+    return Accepted(device, "metrics", envelope=m, metrics=m.body,
+                    text=payload.decode("utf-8"))

@@ -121,3 +121,33 @@ def test_skipping_the_walk_never_lets_a_limit_through(doc: object, digits: int,
                         max_int_digits=digits)
     if _fits_unwalked(raw, limits):
         _walk(json.loads(raw), limits)  # must not raise
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values, st.integers(1, 25), st.integers(1, 12), st.integers(1, 6))
+def test_bytes_proven_within_limits_parse_within_them(doc: object, digits: int, small: int,
+                                                      depth: int) -> None:
+    """What :func:`within_limits_unparsed` lets a consumer parse without the guarded
+    reader, the guarded reader accepts: no limit, no non-finite number is missed."""
+    from edgefleet.device.core.guarded_json import within_limits_unparsed
+
+    raw = json.dumps(doc).encode()  # may hold NaN/Infinity, 1e308 * 10 as 1e+309 ...
+    limits = JsonLimits(max_keys=small, max_list=small, max_string=small * 4,
+                        max_int_digits=digits, max_depth=depth)
+    if within_limits_unparsed(raw, limits):
+        loads_guarded(raw, limits)  # must not raise
+
+
+@pytest.mark.parametrize(("data", "proven"), [
+    (b'{"boot": "3e123f0e000a", "x": [1.5, 2e10, 3E-999]}', True),  # hex is not a number
+    (b'{"x": 1e999}', False), (b'{"x": [1.0E+400]}', False), (b'{"x": 2e308 }', False),
+    (b'{"x": NaN}', False), (b'{"x": -Infinity}', False),
+    (b'{"x": 1' + b"0" * 21 + b"}", False),  # too many digits
+    (b'{"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}', False),
+    (b'{"x": "' + b"a" * 20_000 + b'"}', False),
+])
+def test_within_limits_unparsed_refuses_what_it_cannot_prove(data: bytes,
+                                                             proven: bool) -> None:
+    from edgefleet.device.core.guarded_json import within_limits_unparsed
+
+    assert within_limits_unparsed(data) is proven

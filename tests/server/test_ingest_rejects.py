@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -95,6 +96,43 @@ def test_a_message_failing_in_the_store_is_rolled_back_alone(  # type: ignore[no
     assert m.counter("ingest_loop_errors") == 0
     assert m.counter("ingest_batch_isolated") >= 1  # the all-at-once write fell back
     assert store.device("evil") is None or store.device("evil")["messages"] == 0  # type: ignore[index]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_failed_commit_on_the_writer_thread_is_redelivered_not_acknowledged(  # type: ignore[no-untyped-def]
+        mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches commit on the writer thread while the next one fills: a database outage
+    there acknowledges nothing of the batch; after the reconnect the broker redelivers
+    it and every message is stored once."""
+    store = open_store(tmp_path / "fleet.db")
+    real_insert = store.insert_messages
+    failures = [2]
+
+    def insert_messages(rows: list[tuple[str, str, int, str, float, float, str]]
+                        ) -> list[bool]:
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return real_insert(rows)
+
+    monkeypatch.setattr(store, "insert_messages", insert_messages)
+    m = Metrics()
+    with running_ingest(store, mosquitto.port, metrics=m, batch_interval=0.02,
+                        batch_size=10) as ing:
+        c = raw_client(mosquitto.port, "tester")
+        try:
+            for seq in range(1, 61):
+                c.publish("edgefleet/v1/d1/metrics", _env("d1", seq), qos=1)
+            c.publish("edgefleet/v1/d1/metrics", _env("d1", 61), qos=1).wait_for_publish(5)
+        finally:
+            c.loop_stop()
+            c.disconnect()
+        assert wait_until(lambda: store.message_stats("d1")["distinct"] == 61, 20), \
+            store.message_stats("d1")
+    assert failures == [0] and m.counter("ingest_loop_errors") >= 1
+    assert store.message_stats("d1") == {"rows": 61, "distinct": 61}
+    assert ing.stored == 61 and ing.rejected == 0
 
 
 def test_quarantine_is_bounded(tmp_path: Path) -> None:

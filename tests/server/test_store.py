@@ -72,6 +72,51 @@ def test_alerts_raise_once_and_resolve(store: Store) -> None:
     assert "resolved.drift" in kinds and "resolved.fallback_rate" in kinds
     assert "alert.silent" in kinds
     assert [a["kind"] for a in store.open_alerts()] == ["silent"]
+    with store.transaction() as st:
+        check_silent(st, 1001.0, th)  # still silent: no second event
+        st.touch_device("d1", 1002.0, 1, 0)
+        check_silent(st, 1003.0, th)  # heard from again: resolved once
+    kinds = [e["kind"] for e in store.events()]
+    assert kinds.count("alert.silent") == 1 and kinds.count("resolved.silent") == 1
+    assert store.open_alerts() == []
+
+
+def test_alerts_with_open_kinds_read_once_per_batch(store: Store) -> None:
+    """What the ingest does: the batch's open alerts in one query, then no statement for
+    a device whose alerts do not change; the same events as reading nothing first."""
+    th = AlertThresholds(drift_psi=0.2, fallback_rate=0.3, min_inferences=10)
+    bad = MetricsBody(inferences=100, fallback=50, drift={"input_psi": 0.5})
+    good = MetricsBody(inferences=200, fallback=10, drift={"input_psi": 0.01})
+    with store.transaction() as st:
+        assert st.open_alert_kinds([]) == {}
+        open_now = st.open_alert_kinds(["a1", "a2"])
+        assert open_now == {"a1": set(), "a2": set()}
+        check_metrics(st, "a1", bad, 100.0, th, open_now["a1"])
+        check_metrics(st, "a2", good, 100.0, th, open_now["a2"])  # nothing open: no events
+    with store.transaction() as st:
+        open_now = st.open_alert_kinds(["a1", "a2"])
+        assert open_now == {"a1": {"drift", "fallback_rate"}, "a2": set()}
+        check_metrics(st, "a1", bad, 101.0, th, open_now["a1"])  # still bad: no event
+    assert sorted(e["kind"] for e in store.events()) == ["alert.drift", "alert.fallback_rate"]
+    with store.transaction() as st:
+        check_metrics(st, "a1", good, 102.0, th, st.open_alert_kinds(["a1"])["a1"])
+    assert sorted(e["kind"] for e in store.events())[-2:] == ["resolved.drift",
+                                                               "resolved.fallback_rate"]
+    assert store.open_alerts() == []
+
+
+def test_batched_insert_over_chunks_keeps_order_and_finds_duplicates(store: Store) -> None:
+    """More rows than one statement takes; rows stored before count as duplicates."""
+    rows = [("c1", "ab" * 8, i, "metrics", float(i), 2.0, f'{{"n": {i}}}')
+            for i in range(1, 2502)]
+    with store.transaction() as st:
+        assert st.insert_messages(rows[:10]) == [True] * 10
+    with store.transaction() as st:
+        assert st.insert_messages(rows + rows[-1:]) == [False] * 10 + [True] * 2491 + [False]
+    assert store.message_stats() == {"rows": 2501, "distinct": 2501}
+    stored = store.messages(device="c1", limit=3000)
+    assert [m["seq"] for m in stored] == list(range(1, 2502))  # ids follow the batch
+    assert stored[5]["payload"] == '{"n": 6}'
 
 
 def test_reopen_keeps_schema_and_refuses_newer(tmp_path: Path) -> None:

@@ -98,3 +98,64 @@ def test_sample_counts_are_validated_and_carry_no_contents() -> None:
                 {"total": -1}):
         got = validate_message("edgefleet/v1/pi-1/metrics", msg(bad))
         assert isinstance(got, Rejected) and got.reason == "invalid", bad
+
+
+def _metrics_corpus() -> list[bytes]:
+    """Metrics reports, well-formed and hostile, for the fast path to agree on."""
+    ok = {"inferences": 30, "local": 30, "drift": {"input_psi": 0.02, "window": 500},
+          "model": {"name": "digits", "version": "1.0.0"}, "gauges": {"t": 48.3},
+          "counters": {"c": 1}, "custom": {"deep": {"er": [1, 2, {"x": "3e123"}]}}}
+    base = json.loads(env(body=ok))
+    out = [json.dumps(base).encode(), json.dumps(base, separators=(",", ":")).encode()]
+    for body in ({"gauges": {"x": 1e308}}, {"counters": {"x": 10**25}}, {"inferences": -1},
+                 {"inferences": 2**70}, {"inferences": 3.5}, {"inferences": "7"},
+                 {"inferences": True}, {"model": {"name": 5}}, {"x": "\ud800"},
+                 {"x": "A" * 5000}, {"counters": {f"c{i}": i for i in range(3000)}},
+                 {"x": list(range(2000))}, {"a": json.loads("[" * 20 + "]" * 20)},
+                 {"samples": {"total": 1, "by_source": {"other": 1}}}):
+        out.append(json.dumps({**base, "body": body}).encode())
+    for over in ({"ts": 1e12}, {"ts": -1}, {"ts": True}, {"device": "d2"}, {"v": 2},
+                 {"v": 1.0}, {"seq": 0}, {"boot": "E0E0E0E0"}, {"kind": "event"},
+                 {"extra": 1}, {"ts": "1.0"}):
+        out.append(json.dumps({**base, **over}).encode())
+    first = out[0]
+    out += [first.replace(b"1e+308", b"1e999"), first.replace(b'"window": 500', b'"w": NaN'),
+            first.replace(b"0.02", b"Infinity"), first.replace(b"500", b"5e400"),
+            first + b" x", first[:-1], first.replace(b'"d1"', b'"d1", "device": "d2"')]
+    return out
+
+
+@pytest.mark.parametrize("payload", _metrics_corpus())
+def test_the_fast_path_decides_as_the_full_path(payload: bytes,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A metrics report validated from its bytes in one pydantic call is accepted or
+    refused exactly as the guarded reader and the two models would (same reason)."""
+    import edgefleet.server.telemetry.validate as v
+
+    fast = validate_message("edgefleet/v1/d1/metrics", payload, max_bytes=1 << 20,
+                            received=10.0)
+    monkeypatch.setattr(v, "_fast_metrics", lambda *_a: None)
+    full = validate_message("edgefleet/v1/d1/metrics", payload, max_bytes=1 << 20,
+                            received=10.0)
+    assert type(fast) is type(full)
+    if isinstance(full, Rejected):
+        assert isinstance(fast, Rejected) and fast.reason == full.reason, (fast, full)
+    else:
+        assert isinstance(fast, Accepted) and fast.metrics is not None
+        assert full.metrics is not None and full.envelope is not None
+        assert fast.metrics.model_dump() == full.metrics.model_dump()
+        assert fast.text == full.text and fast.envelope is not None
+        assert (fast.envelope.boot, fast.envelope.seq, fast.envelope.ts) == (
+            full.envelope.boot, full.envelope.seq, full.envelope.ts)
+
+
+def test_an_ordinary_report_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgefleet.server.telemetry.validate as v
+
+    def no_full(*_a: object, **_k: object) -> object:
+        raise AssertionError("the guarded reader ran")
+
+    monkeypatch.setattr(v, "loads_guarded", no_full)
+    res = validate_message("edgefleet/v1/d1/metrics", _metrics_corpus()[0], received=10.0)
+    assert isinstance(res, Accepted) and res.metrics is not None
+    assert res.metrics.inferences == 30
