@@ -46,6 +46,11 @@ class EventLog:
         self._ring.append((key, event))
         self._by_device.setdefault(key, deque()).append(event)
 
+    def clear(self) -> None:
+        """Forget every event (a watcher starting a new observation)."""
+        self._ring.clear()
+        self._by_device.clear()
+
     def of(self, device: str) -> tuple[dict[str, Any], ...]:
         """The kept events whose ``device`` is ``device``, oldest first."""
         return tuple(self._by_device.get(device, ()))

@@ -57,7 +57,9 @@ def _restart_and_check(state: Path, floor: dict[str, Any]) -> dict[str, Any]:
             assert _key(seen["models"]["digits-mlp"]) >= v, (seen, floor)
         else:
             assert seen[role] >= v, (role, seen, floor)
-    out: dict[str, Any] = {k: int(v) for k, v in seen.items() if k != "models"}
+    # the role floors (not the model versions or the root keys they were raised under)
+    out: dict[str, Any] = {k: int(v) for k, v in seen.items()
+                           if k not in ("models", "root_keys")}
     if "digits-mlp" in seen.get("models", {}):
         out["model"] = _key(seen["models"]["digits-mlp"])
     return out

@@ -79,3 +79,13 @@ def test_an_event_changed_after_it_was_kept_is_still_evicted_from_its_list() -> 
 def test_a_log_keeps_at_least_one_event() -> None:
     with pytest.raises(ValueError, match="at least one"):
         EventLog(0)
+
+
+def test_clear_forgets_the_ring_and_the_index() -> None:
+    log = EventLog(3)
+    for d in ("a", "b", "a"):
+        log.append({"device": d})
+    log.clear()
+    assert len(log) == 0 and log.devices() == 0 and log.of("a") == ()
+    log.append({"device": "b"})
+    assert [e["device"] for e in log] == ["b"] and len(log.of("b")) == 1
