@@ -229,7 +229,7 @@ class Demo:
         ingest = self.home.service_credentials("ingest")
         self.procs.start("ingest", [str(BIN / "edgefleet"), "ingest", "run", "--host",
                                     "127.0.0.1", "--port", str(bport), "--username",
-                                    ingest.username, "--exclusive", "--db",
+                                    ingest.username, "--db",
                                     str(w / "fleet.db")],
                          env={"EDGEFLEET_MQTT_PASSWORD": ingest.password})
         scorer = self.home.service_credentials("scorer")
