@@ -163,7 +163,8 @@ def answer(line: bytes, predict: PredictFn, metrics: Metrics,
     else:
         req_id = req.get("id")
         try:
-            x = np.asarray(req["input"], dtype=np.float32)
+            with np.errstate(over="ignore"):  # beyond float32 is inf: refused as nonfinite
+                x = np.asarray(req["input"], dtype=np.float32)
         except (TypeError, ValueError, OverflowError, RecursionError):
             metrics.inc("api_errors_bad_request")
             return _error(req_id, "bad_request", "input must be numbers (nested lists in "
