@@ -58,7 +58,8 @@ class InputSection(StrictModel):
                             description="Frames waiting for inference; oldest dropped.")
     hop: int | None = Field(default=None, ge=1,
                             description="Models that take windows (layout NWC): samples "
-                                        "between windows; default the window length.")
+                                        "between windows, at most the window length "
+                                        "(larger counts as it); default the window length.")
 
 
 class ApiSection(StrictModel):

@@ -6,6 +6,7 @@ and counters; the agent keeps serving."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from edgefleet.device.agent.local_api import request
 from edgefleet.device.agent.settings import AgentConfig
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.wire.frames import PayloadType, encode_frame
+from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.device.serial_support import wait_until
 from tests.support.imported import image_model, window_model, windows_data
+from tests.support.telemetry import raw_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -89,11 +92,17 @@ def test_serial_samples_become_windows_over_a_pty(tmp_path: Path) -> None:
         os.close(slave)
 
 
-def test_local_api_takes_nested_lists_and_raw_images(tmp_path: Path) -> None:
+def test_local_api_takes_nested_lists_and_raw_images(tmp_path: Path,
+                                                     mosquitto: MosquittoBroker) -> None:
     pkg = image_model(tmp_path)  # 8x8x1 NHWC digits, pixels 0..16
     d = np.load(tmp_path / "eval.npz")
     x, y = d["x"][:20], d["y"][:20]
-    agent = _agent(tmp_path, pkg)
+    reports: list[dict[str, Any]] = []
+    sub = raw_client(mosquitto.port)
+    sub.on_message = lambda _c, _u, msg: reports.append(json.loads(msg.payload))
+    sub.subscribe("edgefleet/v1/dev-spec/metrics", qos=1)
+    agent = _agent(tmp_path, pkg, mqtt={"host": mosquitto.host, "port": mosquitto.port},
+                   telemetry={"enabled": True, "interval_s": 0.3})
     sock = agent.cfg.socket_path
     try:
         nested = request(sock, {"id": 1, "input": x.tolist()})["predictions"]
@@ -124,5 +133,14 @@ def test_local_api_takes_nested_lists_and_raw_images(tmp_path: Path) -> None:
         bad = request(sock, {"id": 9, "image": "not base64!"})["error"]
         assert bad["code"] == "bad_request" and "base64" in bad["message"]
         assert "predictions" in request(sock, {"id": 10, "input": x[0].tolist()})
+        # The refusals go out with the telemetry.
+        wait_until(lambda: any(r["body"]["counters"].get("input_rejected_count") == 2
+                               for r in list(reports)), what="a report with the refusals")
+        last = [r["body"] for r in list(reports)
+                if r["body"]["counters"].get("input_rejected_count") == 2][-1]
+        assert last["counters"]["input_rejected_channels"] == 1
+        assert last["counters"]["input_rejected_nonfinite"] == 1
     finally:
         agent.stop()
+        sub.loop_stop()
+        sub.disconnect()
