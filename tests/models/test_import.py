@@ -19,28 +19,20 @@ from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.runtime.manifest import file_sha256, load_package
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.models.build.importer import ImportOptions, ImportRejected, import_model
+from tests.support.imported import digits_images, save_npz
 
 N_CALIB, N_EVAL = 400, 397
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64)
-
-
-def _save(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    np.savez(path, x=x, y=y)
-    return path
+_save = save_npz
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Digits as 8x8x1 images (0..16): train / calibration / evaluation rows."""
-    x, y = _digits()
+    x, y = digits_images()
     order = np.random.default_rng(0).permutation(len(y))
-    x, y = x[order][..., None], y[order]
+    x, y = x[order], y[order]
     root = tmp_path_factory.mktemp("import-data")
     n_train = len(y) - N_CALIB - N_EVAL
     tr, ca, ev = slice(0, n_train), slice(n_train, n_train + N_CALIB), slice(n_train + N_CALIB,
@@ -218,7 +210,15 @@ def test_int8_tflite_source_is_packaged_as_is(keras_pkg: Path, data: dict[str, A
     assert m.metrics["tflite-int8"]["accuracy"] == pytest.approx(
         load_package(keras_pkg).metrics["tflite-int8"]["accuracy"])
     p = Predictor.load(res.path, threads=1)
-    assert np.mean([q.label for q in p.predict_batch(data["x_eval"])] == data["y_eval"]) > 0.8
+    answers = p.predict_batch(data["x_eval"])
+    assert np.mean([q.label for q in answers] == data["y_eval"]) > 0.8
+    # The drift reference's confidences are this int8 variant's, calibrated, on eval.
+    from edgefleet.device.inference.drift import DriftMonitor
+
+    mon = DriftMonitor.from_manifest(m, window=len(answers))
+    assert mon is not None and m.reference_stats is not None
+    mon.observe(data["x_eval"], [q.confidence for q in answers])
+    assert mon.scores()["confidence_psi"] < 0.02 and mon.scores()["input_psi"] < 0.02
 
 
 # -- ONNX source (no TensorFlow) ------------------------------------------------------------
