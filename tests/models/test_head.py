@@ -135,3 +135,22 @@ def test_head_from_an_earlier_node_gives_a_two_layer_head(
     assert m.head is not None and m.head.trainable and m.head.layers == 2
     assert [p.shape for p in load_params(out / "head.npz")] == [(64, 32), (32,), (32, 10),
                                                                 (10,)]
+
+
+def test_a_head_run_needs_a_trainable_package_and_its_kept_data(
+        mlp_pkg: Path, digits_package: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.fl.head import HeadJob
+
+    with pytest.raises(UsageError, match="no trainable head"):
+        HeadJob.open(str(digits_package))
+    job = HeadJob.open(str(mlp_pkg))
+    assert job.initial.sizes == (32, 10) and job.x_eval.shape[1] == 32
+    copy = tmp_path / "pkg"
+    shutil.copytree(mlp_pkg, copy)
+    (copy / "source" / "eval.npz").write_bytes((copy / "source" / "calibration.npz")
+                                               .read_bytes())
+    with pytest.raises(UsageError, match=r"eval\.npz is missing or is not the data"):
+        HeadJob.open(str(copy))

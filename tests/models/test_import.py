@@ -112,9 +112,12 @@ def test_import_is_reproducible(data: dict[str, Any], keras_model: Path, tmp_pat
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     for out in ("a", "b"):
         import_model(import_opts(data, keras_model, tmp_path / out))
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert "model_int8.tflite" in names and "manifest.json" in names
+    names = sorted(p.relative_to(tmp_path / "a").as_posix()
+                   for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(tmp_path / "b").as_posix()
+                           for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert {"model_int8.tflite", "manifest.json", "backbone_int8.onnx", "head.npz",
+            "source/calibration.npz"} <= set(names)
     differ = [n for n in names
               if (tmp_path / "a" / n).read_bytes() != (tmp_path / "b" / n).read_bytes()]
     assert differ == []
