@@ -467,6 +467,12 @@ class Agent:
                          "min-samples": self.cfg.data.min_samples})
         if self.store is not None and self.store.stats()["encrypted"]:
             node_cfg["sample-key"] = str(self.cfg.store_key_path)
+        # The package it serves (head fine-tuning of an imported model): the updater's
+        # active slot, or the configured package.
+        if self.updater is not None:
+            node_cfg["model-package"] = str(self.updater.state_dir)
+        elif self.cfg.model.package is not None:
+            node_cfg["model-package"] = str(self.cfg.model.package)
         program = [_program(fl.supernode)]
         if fl.trusted_app_keys is not None:  # Flower's SuperNode + the fleet's app signature
             program = [sys.executable, "-m", "edgefleet.device.fl.supernode"]

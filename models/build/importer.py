@@ -517,6 +517,8 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                              "activation_symmetric": False, "method": best,
                              "methods_tried": list(opts.methods), "holdout": opts.holdout,
                              **qinfo}
+            if head is not None:
+                head = _split_head(tmp, head, variants["onnx-fp32"], xc, best, quant, say)
         if sm_dir is not None:
             from edgefleet.models.build.tf_convert import (
                 MAX_REPRESENTATIVE,
@@ -535,6 +537,31 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                                "representative_rows": min(len(xc), MAX_REPRESENTATIVE)}
     return _finish(opts, kind, calib, evald, tmp, say, variants, quant, head, labels, shape,
                    layout, pre, norm, xc, xe, removed_softmax)
+
+
+def _split_head(tmp: Path, head: HeadCut, fp32: Variant, xc: F32, method: CalibMethod,
+                quant: dict[str, Any], say: Progress) -> HeadCut:
+    """Backbone (int8, quantized like the model) and head weights, when the head is an MLP
+    a device can train; otherwise the cut stays recorded and the reason is in the lineage."""
+    from edgefleet.models.build.head import HeadError, split_model
+
+    say("cutting the backbone and the head")
+    try:
+        return split_model(tmp / fp32.file, head, tmp, xc, fp32.input_name,
+                           list(fp32.input_shape or []), method)
+    except HeadError as exc:
+        quant["head"] = {"skipped": str(exc), "reason": exc.reason}
+        return head
+
+
+def _keep_source_data(opts: ImportOptions, tmp: Path) -> None:
+    """The calibration and evaluation data, next to the package files but not in them: the
+    server re-quantizes fine-tuned versions with them; devices never receive them."""
+    from edgefleet.models.build.head import SOURCE_DIR
+
+    (tmp / SOURCE_DIR).mkdir(mode=0o700)
+    shutil.copyfile(opts.calibration, tmp / SOURCE_DIR / "calibration.npz")
+    shutil.copyfile(opts.eval, tmp / SOURCE_DIR / "eval.npz")
 
 
 @contextmanager
@@ -640,6 +667,8 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                                         max_features=MAX_DRIFT_FEATURES),
     )
     write_manifest(tmp, manifest)
+    if head is not None and head.trainable:
+        _keep_source_data(opts, tmp)
     if opts.out.exists():
         shutil.rmtree(opts.out)
     tmp.rename(opts.out)

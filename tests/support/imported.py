@@ -19,19 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.models.build.importer import ImportOptions, import_model
-
-
-def digits_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as ``(n, 8, 8, 1)`` float32 images (0..16) and labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images.astype(np.float32)[..., None], d.target.astype(np.int64)
-
-
-def save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    np.savez(path, x=x, y=y)
-    return path
+from tests.support.byom import digits_images, save_npz
 
 
 def _save_graph(path: Path, in_dims: list[Any], n_in: int, w: np.ndarray,
