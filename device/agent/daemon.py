@@ -43,7 +43,7 @@ from edgefleet.device.data.labels import AnswerMemory, LabelIntake, LabelRefused
 from edgefleet.device.inference.cascade import Answer, HybridPredictor
 from edgefleet.device.inference.drift import DriftMonitor
 from edgefleet.device.inference.serving import ServingModel
-from edgefleet.device.input.features import window_features
+from edgefleet.device.input.model_input import ModelInput
 from edgefleet.device.privacy.ledger import LEDGER_FILE, hwm_path
 from edgefleet.device.runtime.manifest import Manifest
 from edgefleet.device.runtime.predictor import Prediction, Predictor
@@ -146,6 +146,7 @@ class Agent:
         self._supernode_down_reported = False
         self.drift: DriftMonitor | None = None
         self._drift_manifest: Manifest | None = None
+        self._input: ModelInput | None = None
         self._queue: collections.deque[Frame] = collections.deque(maxlen=cfg.input.queue_size)
         self._queue_ready = threading.Condition()
         #: How to stop each MQTT part (score client, update listener), in start order.
@@ -466,6 +467,12 @@ class Agent:
                          "min-samples": self.cfg.data.min_samples})
         if self.store is not None and self.store.stats()["encrypted"]:
             node_cfg["sample-key"] = str(self.cfg.store_key_path)
+        # The package it serves (head fine-tuning of an imported model): the updater's
+        # active slot, or the configured package.
+        if self.updater is not None:
+            node_cfg["model-package"] = str(self.updater.state_dir)
+        elif self.cfg.model.package is not None:
+            node_cfg["model-package"] = str(self.cfg.model.package)
         program = [_program(fl.supernode)]
         if fl.trusted_app_keys is not None:  # Flower's SuperNode + the fleet's app signature
             program = [sys.executable, "-m", "edgefleet.device.fl.supernode"]
@@ -518,20 +525,36 @@ class Agent:
                 log.exception("answering frame %d failed", frame.seq)
                 self.metrics.inc("inference_internal_errors")
 
+    def _input_for(self, manifest: Manifest) -> ModelInput:
+        """How inputs become the active model's samples (new after a swap: its spec)."""
+        if self._input is None or self._input.manifest is not manifest:
+            self._input = ModelInput(manifest, hop=self.cfg.input.hop, metrics=self.metrics)
+        return self._input
+
+    def _active_manifest(self) -> Manifest:
+        active = self.serving.active
+        if active is None:
+            self.metrics.inc("inference_no_model")
+            raise EdgefleetError("no model yet: waiting for an update")
+        return active.manifest
+
     def answer_frame(self, frame: Frame) -> Answer | None:
         """Turn one sensor frame into the model's input and answer it (a label frame
-        labels earlier frames instead: no answer)."""
+        labels earlier frames instead; a frame that completes no window: no answer)."""
         if frame.payload_type == PayloadType.LABEL:
             self._label_frame(frame)
             return None
-        raw = frame.values()
-        x = window_features(raw, self.metrics) if frame.payload_type == PayloadType.ACCEL_F32 \
-            else raw
-        a = self.answer(x, raw)
-        answer_id = self._answer_id(x, a, (frame.sensor_id, frame.seq))
-        self.last_answers.append({"seq": frame.seq, "sensor": frame.sensor_id,
-                                  "id": answer_id, **answer_to_dict(a)})
-        self._keep_cloud_label(x, a)
+        a: Answer | None = None
+        shaping = self._input_for(self._active_manifest())
+        # The raw sensor sample behind a built-in task's features; an imported model's
+        # input is the raw sample itself.
+        raw = frame.values() if shaping.builtin else None
+        for x in shaping.frame(frame):
+            a = self.answer(x, raw)
+            answer_id = self._answer_id(x, a, (frame.sensor_id, frame.seq))
+            self.last_answers.append({"seq": frame.seq, "sensor": frame.sensor_id,
+                                      "id": answer_id, **answer_to_dict(a)})
+            self._keep_cloud_label(x, a)
         return a
 
     def answer(self, x: Any, raw: Any = None) -> Answer:
@@ -549,10 +572,10 @@ class Agent:
         return a
 
     def predict_batch(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        """The local API's predict function: one answer per row, each with the ``id`` a
-        later label can name."""
+        """The local API's predict function: one answer per sample (shaped by the model's
+        input spec), each with the ``id`` a later label can name."""
         out = []
-        for row in batch:
+        for row in self._input_for(self._active_manifest()).request(batch):
             a = self.answer(row)
             out.append({"id": self._answer_id(row, a),
                         **answer_to_dict(a)})

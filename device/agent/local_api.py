@@ -1,7 +1,9 @@
 """The local predict API: other programs on the device ask for predictions over a Unix socket.
 
 Protocol (documented in docs/agent.md): one JSON object per line in each direction.
-Request ``{"id": any, "input": [floats]}`` (one raw sample or a list of samples);
+Request ``{"id": any, "input": [floats]}`` (one raw sample or a list of samples: a flat
+row, or nested lists in the model's input shape, docs/bring-your-own-model.md) or
+``{"id": any, "image": "<base64 of raw uint8 values in the model's layout>"}``;
 reply ``{"id": ..., "predictions": [{"id", "label", "label_name", "confidence", "source",
 "latency_ms"}]}`` or ``{"id": ..., "error": {"code", "message"}}``. A label request
 ``{"id": any, "label": [{"answer": <answer id> | "input": [floats], "class": c}]}``
@@ -22,6 +24,8 @@ with the process umask's looser mode.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -57,8 +61,9 @@ MAX_REQUEST_BYTES = 1 << 20
 MAX_LABELS = 1000
 
 #: One request line: ``{"id", "input": row | rows}`` or ``{"id", "label": [items]}``.
-REQUEST_LIMITS = JsonLimits(max_bytes=MAX_REQUEST_BYTES, max_depth=5,
-                            max_keys=3 * MAX_LABELS + 16, max_list=1 << 17, max_string=256)
+REQUEST_LIMITS = JsonLimits(max_bytes=MAX_REQUEST_BYTES, max_depth=6,
+                            max_keys=3 * MAX_LABELS + 16, max_list=1 << 17,
+                            max_string=MAX_REQUEST_BYTES)
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -71,7 +76,8 @@ DEFAULT_LIMITS = ConnectionLimits(max_connections=32, idle_timeout_s=30.0,
 #: Bytes the private bind folder adds to the socket path: ``/.XXXXXXXX/s``.
 _PRIVATE_EXTRA = 12
 
-#: Takes a batch of raw samples, returns one JSON-able dict per sample.
+#: Takes raw input (a batch of rows, one sample or a batch in the model's input shape),
+#: returns one JSON-able dict per sample.
 PredictFn = Callable[[np.ndarray], list[dict[str, Any]]]
 #: Takes the items of a label request, returns what was stored and refused.
 LabelFn = Callable[[list[Any]], dict[str, Any]]
@@ -143,16 +149,28 @@ def answer(line: bytes, predict: PredictFn, metrics: Metrics,
         return _error(None, "bad_json", f"request refused ({exc.reason}): {exc}")
     if isinstance(req, dict) and "label" in req and "input" not in req:
         return answer_label(req, label, metrics)
-    if not isinstance(req, dict) or "input" not in req:
+    if isinstance(req, dict) and "image" in req and "input" not in req:
+        req_id = req.get("id")
+        try:
+            batch = _image(req["image"])
+        except ValueError as exc:
+            metrics.inc("api_errors_bad_request")
+            return _error(req_id, "bad_request", str(exc))
+    elif not isinstance(req, dict) or "input" not in req:
         metrics.inc("api_errors_bad_request")
-        return _error(None, "bad_request", 'expected an object with an "input" field')
-    req_id = req.get("id")
-    try:
-        x = np.asarray(req["input"], dtype=np.float32)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        metrics.inc("api_errors_bad_request")
-        return _error(req_id, "bad_request", "input must be numbers")
-    batch = x[None, :] if x.ndim == 1 else x
+        return _error(None, "bad_request", 'expected an object with an "input" or "image" '
+                      'field')
+    else:
+        req_id = req.get("id")
+        try:
+            with np.errstate(over="ignore"):  # beyond float32 is inf: refused as nonfinite
+                x = np.asarray(req["input"], dtype=np.float32)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            metrics.inc("api_errors_bad_request")
+            return _error(req_id, "bad_request", "input must be numbers (nested lists in "
+                          "the model's input shape)")
+        # A flat list is one row; anything else the model's input spec sorts out.
+        batch = x[None, :] if x.ndim == 1 else x
     try:
         preds = predict(batch)
     except InputError as exc:
@@ -166,6 +184,20 @@ def answer(line: bytes, predict: PredictFn, metrics: Metrics,
         return _error(req_id, "internal", "internal error (see the agent log)")
     metrics.inc("api_requests_ok")
     return {"id": req_id, "predictions": preds}
+
+
+def _image(value: Any) -> np.ndarray:
+    """``"image"``: base64 of raw uint8 values, one sample in the model's layout (no PNG:
+    the device has no image decoder), as a ``(1, n)`` row; ``ValueError`` if it is not."""
+    if not isinstance(value, str):
+        raise ValueError("image must be a base64 string of raw uint8 values")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("image is not valid base64") from None
+    if not data:
+        raise ValueError("image is empty")
+    return np.frombuffer(data, dtype=np.uint8)[None, :]
 
 
 class _Server(GuardedServerMixin, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -56,6 +56,10 @@ class InputSection(StrictModel):
     baudrate: int = Field(default=115200, ge=300)
     queue_size: int = Field(default=256, ge=1, le=100_000,
                             description="Frames waiting for inference; oldest dropped.")
+    hop: int | None = Field(default=None, ge=1,
+                            description="Models that take windows (layout NWC): samples "
+                                        "between windows, at most the window length "
+                                        "(larger counts as it); default the window length.")
 
 
 class ApiSection(StrictModel):

@@ -78,6 +78,7 @@ from edgefleet.device.wire.federated import (
     DECLINED_FEW_SAMPLES,
     DECLINED_LEDGER,
     DECLINED_POLICY,
+    HEAD_BACKBONE,
     METRICS,
     REJECTED_INPUT,
     from_arrays,
@@ -113,6 +114,10 @@ class NodeSettings(StrictModel):
     privacy_delta: float = Field(1e-5, gt=0, lt=1)
     sample_store: str = Field("", description="The agent's sample store (set by the agent)")
     sample_key: str = Field("", description="Key file of an encrypted sample store")
+    model_package: str = Field("", description="The package this node serves (a folder, or "
+                               "the updater's state folder with slots.json): its backbone "
+                               "makes the inputs when the server trains an imported "
+                               "model's head")
     min_samples: int = Field(20, ge=2, description="Fewer stored samples: decline")
     privacy_max_run_epsilon: float = Field(5.0, gt=0)
     privacy_max_sampling_rate: float = Field(1.0, gt=0, le=1)
@@ -191,6 +196,9 @@ class LocalData:
         self.x_test, self.y_test = x[order[:k]], y[order[:k]]
         self.x_train, self.y_train = x[order[k:]], y[order[k:]]
         self.public = public
+        #: Sample ids (the store's), which key the embedding cache; None: not from a store.
+        self.ids_train: I64 | None = None
+        self.ids_test: I64 | None = None
 
     @classmethod
     def from_split(cls, x_train: F32, y_train: I64, x_test: F32, y_test: I64, *,
@@ -199,6 +207,7 @@ class LocalData:
         data = cls.__new__(cls)
         data.x_train, data.y_train, data.x_test, data.y_test = x_train, y_train, x_test, y_test
         data.public = public
+        data.ids_train = data.ids_test = None
         return data
 
 
@@ -215,10 +224,13 @@ def stored_samples(s: NodeSettings) -> LocalData:
     """The labelled samples the agent stored (node-config ``sample-store``, or a provisioned
     ``data`` file): a device's only data."""
     if s.sample_store:
-        from edgefleet.device.fl.store_data import store_split
+        from edgefleet.device.fl.store_data import store_split_ids
 
-        return LocalData.from_split(*store_split(s.sample_store, s.sample_key, s.min_samples,
-                                                 s.partition_seed))
+        ids_tr, x_tr, y_tr, ids_te, x_te, y_te = store_split_ids(
+            s.sample_store, s.sample_key, s.min_samples, s.partition_seed)
+        data = LocalData.from_split(x_tr, y_tr, x_te, y_te)
+        data.ids_train, data.ids_test = ids_tr, ids_te
+        return data
     if not s.data:
         raise ConfigError("no local samples: node-config 'data' names none")
     return _stored_samples(s.data, s.partition_seed)
@@ -256,6 +268,23 @@ def _normalize(x: F32, cfg: Any) -> F32:
     return out
 
 
+def _inputs(s: NodeSettings, data: LocalData, cfg: Any, model: Any, *, train: bool) -> F32:
+    """The model's inputs: normalized rows, or, when the server trains an imported model's
+    head (:data:`HEAD_BACKBONE`), the active package's backbone embeddings of them."""
+    x, ids = (data.x_train, data.ids_train) if train else (data.x_test, data.ids_test)
+    want = cfg.get(HEAD_BACKBONE)
+    if want is None:
+        return _normalize(x, cfg)
+    from edgefleet.device.fl.head import load_head
+
+    head = load_head(s.model_package, str(want))
+    if model.sizes[-1] != len(head.manifest.labels) or (
+            head.cut.dim is not None and model.sizes[0] != head.cut.dim):
+        raise ValueError(f"a {model.sizes} head does not fit the package's backbone "
+                         f"({head.cut.dim} features, {len(head.manifest.labels)} classes)")
+    return head.inputs(x, ids, s.sample_store, bool(s.sample_key))
+
+
 def _rng(s: NodeSettings, server_round: int, purpose: int = 0) -> np.random.Generator:
     """DP noise and sampling: OS entropy. The server's ``seed`` never reaches this."""
     seed = s.insecure_reproducible_noise_seed
@@ -281,7 +310,7 @@ def _train(load: DataLoader, msg: Message, context: Context) -> Message:
         cfg: dict[str, Any] = dict(msg.content.config_records[CONFIG])
         req = round_request(cfg)
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
-        x = _normalize(data.x_train, cfg)
+        x = _inputs(s, data, cfg, model, train=True)
         if len(data.y_train) == 0:
             raise ValueError("no local training samples")
     except TooFewSamples as exc:
@@ -372,7 +401,7 @@ def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
             return _reject(msg, DECLINED_POLICY, "privacy policy: evaluation on this "
                            "device's held-out records is off")
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
-        x = _normalize(data.x_test, cfg)
+        x = _inputs(s, data, cfg, model, train=False)
     except TooFewSamples as exc:
         return _reject(msg, DECLINED_FEW_SAMPLES, str(exc))
     except (EdgefleetError, ValueError, KeyError) as exc:

@@ -17,9 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from edgefleet.device.core.errors import ConfigError, EdgefleetError
-from edgefleet.device.data.store import SampleStore, load_key
+from edgefleet.device.data.store import SampleStore, held_out, load_key
 
-__all__ = ["TooFewSamples", "store_split"]
+__all__ = ["TooFewSamples", "store_split", "store_split_ids"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -32,6 +32,14 @@ class TooFewSamples(EdgefleetError):
 def store_split(path: str, key_path: str, min_samples: int,
                 seed: int = 0) -> tuple[F32, I64, F32, I64]:
     """(x_train, y_train, x_test, y_test) from the sample store at ``path``."""
+    split = store_split_ids(path, key_path, min_samples, seed)
+    return split[1], split[2], split[4], split[5]
+
+
+def store_split_ids(path: str, key_path: str, min_samples: int, seed: int = 0
+                    ) -> tuple[I64, F32, I64, I64, F32, I64]:
+    """(ids_train, x_train, y_train, ids_test, x_test, y_test): with the sample ids, which
+    key the embedding cache (:mod:`edgefleet.device.data.embeddings`)."""
     store_file = Path(path).expanduser()
     if not store_file.is_file():
         raise TooFewSamples(f"no samples: the sample store {store_file} does not exist")
@@ -50,4 +58,5 @@ def store_split(path: str, key_path: str, min_samples: int,
     if len(y_test) == 0 or len(y_train) == 0:
         raise TooFewSamples(f"few samples: {len(y_train)} to train on, {len(y_test)} "
                             "held out")
-    return x_train, y_train, x_test, y_test
+    test = held_out(got.ids, seed)
+    return got.ids[~test], x_train, y_train, got.ids[test], x_test, y_test

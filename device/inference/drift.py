@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DriftMonitor", "chi2_quantile", "histogram_probs", "psi", "psi_noise"]
+__all__ = ["DriftMonitor", "chi2_quantile", "histogram_probs", "pool_groups", "pool_rows", "psi",
+           "psi_noise"]
 
 #: Floor for empty bins so ln(a/e) stays finite.
 EPS = 1e-4
@@ -46,6 +47,22 @@ def histogram_probs(values: npt.ArrayLike, edges: list[float]) -> npt.NDArray[np
                          minlength=len(edges) + 1).astype(np.float64)
     probs: npt.NDArray[np.float64] = counts / max(counts.sum(), 1.0)
     return probs
+
+
+def pool_groups(n_features: int, limit: int) -> int:
+    """The most groups, at most ``limit``, that split ``n_features`` into equal runs."""
+    return max(g for g in range(1, min(n_features, limit) + 1) if n_features % g == 0)
+
+
+def pool_rows(x: npt.ArrayLike, pool: dict[str, int] | None) -> npt.NDArray[np.float32]:
+    """Raw input rows as the reference's features: as they are, or (``pool``: an image's
+    thousands of pixels) the means of ``groups`` equal runs of ``size`` values each."""
+    if not pool:
+        return np.asarray(x, dtype=np.float32)
+    g, k = int(pool["groups"]), int(pool["size"])
+    rows = np.asarray(x, dtype=np.float32).reshape(-1, g, k)
+    pooled: npt.NDArray[np.float32] = rows.mean(axis=2, dtype=np.float32)
+    return pooled
 
 
 def psi(expected: npt.ArrayLike, actual: npt.ArrayLike) -> float:
@@ -85,6 +102,8 @@ class DriftMonitor:
         self.feature_edges: list[list[float]] = feats["edges"]
         self.feature_probs: list[list[float]] = feats["probs"]
         self.feature_samples: int | None = reference.get("samples")
+        #: Imported models with large inputs: features are means of runs of raw values.
+        self.pool: dict[str, int] | None = reference.get("pool")
         conf = reference.get("confidence") or {}
         self.conf_edges: list[float] | None = conf.get("edges")
         self.conf_probs: list[float] | None = conf.get("probs")
@@ -108,7 +127,11 @@ class DriftMonitor:
 
     def observe(self, x: npt.ArrayLike, confidence: float | npt.ArrayLike | None = None) -> None:
         """Add one raw input row (or a batch) and its calibrated confidence(s)."""
-        rows = np.asarray(x, dtype=np.float32).reshape(-1, self._x.shape[1])
+        if self.pool:
+            rows = pool_rows(np.asarray(x, dtype=np.float32).reshape(
+                -1, self.pool["groups"] * self.pool["size"]), self.pool)
+        else:
+            rows = np.asarray(x, dtype=np.float32).reshape(-1, self._x.shape[1])
         with self._lock:
             for row in rows:
                 self._x[self._nx % self.window] = row

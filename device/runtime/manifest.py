@@ -122,6 +122,17 @@ class HeadCut(StrictModel):
     embedding: str
     dim: int | None = Field(default=None, ge=1)
     auto: bool = True
+    #: Set when the package can fine-tune its head on the device: ``backbone`` is the
+    #: int8 ONNX graph cut at ``embedding`` (its output), ``params`` the head's fp32
+    #: weights ``[W1, b1, ...]`` (``write_params``), a NumPy MLP of ``layers`` dense layers.
+    backbone: str | None = None
+    params: str | None = None
+    layers: int | None = Field(default=None, ge=1, le=2)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the package ships a backbone and head weights to fine-tune."""
+        return self.backbone is not None and self.params is not None
 
 
 class Normalization(StrictModel):
@@ -234,6 +245,10 @@ def _drop_unset_additions(raw: dict[str, Any]) -> dict[str, Any]:
     are errors) accept."""
     if raw.get("head") is None:
         raw.pop("head", None)
+    else:
+        for key in ("backbone", "params", "layers"):
+            if raw["head"].get(key) is None:
+                raw["head"].pop(key, None)
     for key in ("layout", "preprocessing"):
         if raw["input"].get(key) is None:
             raw["input"].pop(key, None)
@@ -298,6 +313,10 @@ def load_package(root: Path | str, *, verify: bool = True) -> Manifest:
         if variant.file not in manifest.files:
             raise PackageError(f"variant file {variant.file!r} is not listed in files",
                                path=str(root))
+    head = manifest.head
+    for rel in (head.backbone, head.params) if head is not None else ():
+        if rel is not None and rel not in manifest.files:
+            raise PackageError(f"head file {rel!r} is not listed in files", path=str(root))
     if not verify:
         return manifest
     for rel, entry in manifest.files.items():

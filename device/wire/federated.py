@@ -22,12 +22,18 @@ __all__ = [
     "DECLINED_POLICY",
     "DECLINE_REASONS",
     "DP_MODES",
+    "HEAD_BACKBONE",
     "METRICS",
     "REJECTED_INPUT",
     "from_arrays",
     "is_decline",
     "to_arrays",
 ]
+
+#: Round config key of a head fine-tuning run: the sha256 of the backbone whose
+#: embeddings the head takes. A device trains only if its active package has that
+#: backbone (docs/bring-your-own-model.md); otherwise it rejects the round.
+HEAD_BACKBONE = "head-backbone"
 
 #: Record names inside each message (Flower's strategies default to these).
 ARRAYS = "arrays"

@@ -47,6 +47,7 @@ from edgefleet.device.runtime.onnx_check import check_no_external_data
 from edgefleet.models.build.onnx_export import CALIB_METHODS, CalibMethod, quantize_onnx_int8
 from edgefleet.models.build.pipeline import N_GOLDEN, BuildResult, Progress, _check_out, created_now
 from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
+from edgefleet.models.core.reference_stats import reference_stats
 
 __all__ = ["ImportOptions", "ImportRejected", "import_model"]
 
@@ -56,6 +57,9 @@ SourceKind = Literal["onnx", "keras", "savedmodel", "tflite"]
 #: Versions recorded in the lineage (distribution names).
 _VERSIONED = ("edgefleet", "onnx", "onnxruntime", "tf2onnx", "tensorflow", "ai-edge-litert")
 #: Operators that may follow the head's Gemm/MatMul up to the output (bias, activation).
+#: Drift features of an imported model's input at most: wider inputs (images) are pooled
+#: into this many run means, so the manifest and the device's drift window stay small.
+MAX_DRIFT_FEATURES = 256
 _HEAD_TAIL = frozenset({"Add", "Relu", "Identity", "Flatten", "Reshape", "Squeeze"})
 
 
@@ -513,6 +517,8 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                              "activation_symmetric": False, "method": best,
                              "methods_tried": list(opts.methods), "holdout": opts.holdout,
                              **qinfo}
+            if head is not None:
+                head = _split_head(tmp, head, variants["onnx-fp32"], xc, best, quant, say)
         if sm_dir is not None:
             from edgefleet.models.build.tf_convert import (
                 MAX_REPRESENTATIVE,
@@ -531,6 +537,31 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                                "representative_rows": min(len(xc), MAX_REPRESENTATIVE)}
     return _finish(opts, kind, calib, evald, tmp, say, variants, quant, head, labels, shape,
                    layout, pre, norm, xc, xe, removed_softmax)
+
+
+def _split_head(tmp: Path, head: HeadCut, fp32: Variant, xc: F32, method: CalibMethod,
+                quant: dict[str, Any], say: Progress) -> HeadCut:
+    """Backbone (int8, quantized like the model) and head weights, when the head is an MLP
+    a device can train; otherwise the cut stays recorded and the reason is in the lineage."""
+    from edgefleet.models.build.head import HeadError, split_model
+
+    say("cutting the backbone and the head")
+    try:
+        return split_model(tmp / fp32.file, head, tmp, xc, fp32.input_name,
+                           list(fp32.input_shape or []), method)
+    except HeadError as exc:
+        quant["head"] = {"skipped": str(exc), "reason": exc.reason}
+        return head
+
+
+def _keep_source_data(opts: ImportOptions, tmp: Path) -> None:
+    """The calibration and evaluation data, next to the package files but not in them: the
+    server re-quantizes fine-tuned versions with them; devices never receive them."""
+    from edgefleet.models.build.head import SOURCE_DIR
+
+    (tmp / SOURCE_DIR).mkdir(mode=0o700)
+    shutil.copyfile(opts.calibration, tmp / SOURCE_DIR / "calibration.npz")
+    shutil.copyfile(opts.eval, tmp / SOURCE_DIR / "eval.npz")
 
 
 @contextmanager
@@ -574,8 +605,13 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
     metrics: dict[str, Any] = {"eval_samples": len(evald.y)}
     golden_logits: dict[str, F32] = {}
     atol: dict[str, float] = {}
+    held_out_conf: F32 | None = None
     for key, var in variants.items():
         logits = open_backend(tmp, var, threads=1).run(xe)
+        if key == default:
+            # The drift reference: the confidences devices will see from this very
+            # variant, on data neither quantization nor temperature was fitted to.
+            held_out_conf = softmax(logits, temperature).max(axis=1)
         golden_logits[key] = logits[pick]
         scale = float(np.max(np.abs(logits[pick])))
         atol[key] = 1e-3 if var.precision == "fp32" else max(0.05 * scale, 1e-2)
@@ -627,8 +663,12 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
         metrics=metrics,
         lineage=lineage,
         head=head,
+        reference_stats=reference_stats(evald.x.reshape(len(evald.x), -1), held_out_conf,
+                                        max_features=MAX_DRIFT_FEATURES),
     )
     write_manifest(tmp, manifest)
+    if head is not None and head.trainable:
+        _keep_source_data(opts, tmp)
     if opts.out.exists():
         shutil.rmtree(opts.out)
     tmp.rename(opts.out)

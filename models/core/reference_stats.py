@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgefleet.device.inference.drift import histogram_probs
+from edgefleet.device.inference.drift import histogram_probs, pool_groups, pool_rows
 
 __all__ = ["quantile_edges", "reference_stats"]
 
@@ -36,14 +36,28 @@ def quantile_edges(values: npt.ArrayLike, bins: int = N_BINS) -> list[float]:
 
 
 def reference_stats(x_train: npt.ArrayLike, confidences: npt.ArrayLike | None = None,
-                    bins: int = N_BINS) -> dict[str, Any]:
-    """``{"features": {"edges", "probs"}, "confidence": {...}}`` for the manifest."""
+                    bins: int = N_BINS, max_features: int | None = None) -> dict[str, Any]:
+    """``{"features": {"edges", "probs"}, "confidence": {...}}`` for the manifest.
+
+    ``x_train`` holds raw rows ``(n, features)`` as the device sees them. With
+    ``max_features`` and wider rows (an imported image model: thousands of pixels, whose
+    histograms would outgrow the manifest and the device's drift window), the features
+    are the means of at most that many equal runs of values, recorded as ``pool``.
+    """
     x = np.asarray(x_train, dtype=np.float64)
+    x = x.reshape(len(x), -1)
+    pool: dict[str, int] | None = None
+    if max_features is not None and x.shape[1] > max_features:
+        g = pool_groups(x.shape[1], max_features)
+        pool = {"groups": g, "size": x.shape[1] // g}
+        x = pool_rows(x, pool).astype(np.float64)
     edges = [quantile_edges(x[:, j], bins) for j in range(x.shape[1])]
     probs = [[round(float(p), 6) for p in histogram_probs(x[:, j], e)]
              for j, e in enumerate(edges)]
     out: dict[str, Any] = {"version": 1, "samples": int(x.shape[0]), "bins": bins,
                            "features": {"edges": edges, "probs": probs}}
+    if pool is not None:
+        out["pool"] = pool
     if confidences is not None:
         c = np.asarray(confidences, dtype=np.float32).astype(np.float64)
         ce = quantile_edges(c, bins)

@@ -25,7 +25,8 @@ class BackendChoice(StrEnum):
 def predict(
     package: Path = typer.Argument(..., help="Model package folder."),
     input_file: Path = typer.Option(..., "--input", "-i",
-                                    help="A .npy file: one raw sample or a batch (n, features)."),
+                                    help="A .npy file: one raw sample or a batch, in the "
+                                         "package's input shape (or flat rows)."),
     backend: BackendChoice | None = typer.Option(None, "--backend",
                                                  help="onnx or tflite (default: the manifest's "
                                                       "default variant)."),
@@ -37,14 +38,17 @@ def predict(
     """Verify a package, then predict the class of every row of a .npy file.
 
     The package's files are checked against its manifest and its golden inputs are run
-    first; a package altered after build is refused. Samples are raw values (the
-    manifest's normalization is applied here), e.g. digits rows of 64 pixels 0..16.
+    first; a package altered after build is refused. Samples are raw values, checked
+    against the manifest's input spec like the agent's inputs (the manifest's
+    normalization is applied here, once), e.g. digits rows of 64 pixels 0..16, or
+    ``(n, 8, 8, 1)`` images for an imported CNN.
 
     Example: edgefleet predict out/digits --input rows.npy --backend tflite --json
     """
     import numpy as np
 
     from edgefleet.device.core.errors import UsageError
+    from edgefleet.device.runtime.input_spec import InputAdapter
     from edgefleet.device.runtime.predictor import Predictor
 
     pred = Predictor.load(package, backend=backend.value if backend else None, threads=threads)
@@ -54,7 +58,7 @@ def predict(
         raise UsageError(f"{input_file}: no such file") from None
     except (ValueError, OSError, EOFError) as exc:
         raise UsageError(f"{input_file}: not a readable .npy array ({exc})") from None
-    answers = pred.predict_batch(x)
+    answers = pred.predict_batch(InputAdapter(pred.manifest.input, pred.metrics).batch(x))
     if json_out:
         print_json([{"label": a.label, "label_name": a.label_name,
                      "confidence": a.confidence, "latency_ms": a.latency_ms} for a in answers])

@@ -65,6 +65,10 @@ def train(
     embedded: bool = typer.Option(False, "--embedded", help="Run an embedded SuperLink and "
                                   "--devices simulated SuperNodes even when a fleet home "
                                   "names a SuperLink."),
+    head_of: Path | None = typer.Option(
+        None, "--head-of", help="An imported model's package folder (models import): the "
+        "devices fine-tune its head on their stored samples' backbone embeddings and the "
+        "result is its next version (docs/bring-your-own-model.md)."),
     base: str | None = typer.Option(
         None, "--base", help="MODEL or MODEL@VERSION in the registry this run improves: the "
         "result is packaged as its next version (lineage parent), to canary as an upgrade."),
@@ -180,6 +184,7 @@ def train(
         "local-steps": local_steps, "batch-size": batch_size, "lr": lr, "seed": seed,
         "pretrain-epochs": pretrain_epochs, "round-timeout": round_timeout,
         "initial-params": str(parent[2]) if parent else "",
+        "package": str(head_of.resolve()) if head_of else "",
         "db": str(work / "fl.db"), "out": str((out or Path("out") / f"{task}-fl").resolve()),
         "formats": fmt})
     check_settings(settings)

@@ -199,15 +199,22 @@ def _run(grid: Grid, context: Context, s: RunSettings, store: FlStore) -> None:
     from edgefleet.device.runtime.mlp import MLP
     from edgefleet.models.build.pipeline import package_model
 
-    task, norm, initial = s.initial_model()
+    job = None
+    if s.package:  # fine-tune an imported model's head (server/fl/head.py)
+        from edgefleet.server.fl.head import HeadJob
+
+        job = HeadJob.open(s.package)
+        initial, xt, yt = job.initial, job.x_eval, job.y_eval
+    else:
+        task, norm, initial = s.initial_model()
+        split = task.split()
+        xt, yt = s.normalized(split.x_test, norm), split.y_test
     strategy = FleetStrategy(build_strategy(s), s)
-    split = task.split()
-    xt = s.normalized(split.x_test, norm)
     clock = {"t": time.monotonic()}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = MLP.from_params(arrays.to_numpy_ndarrays())
-        acc, loss = model.accuracy(xt, split.y_test), model.loss(xt, split.y_test)
+        acc, loss = model.accuracy(xt, yt), model.loss(xt, yt)
         st = strategy.stats.get(server_round, {})
         now = time.monotonic()
         store.add_round(s.tag, RoundRow(
@@ -246,7 +253,10 @@ def _run(grid: Grid, context: Context, s: RunSettings, store: FlStore) -> None:
                    "trim_beta": s.trim_beta if s.strategy == "trimmed" else None},
     }
     package = None
-    if s.out:
+    if s.out and job is not None:
+        lineage["head"] = {"package": job.manifest.name, "version": job.manifest.version}
+        package = str(job.package(final_model, Path(s.out), lineage))
+    elif s.out:
         package = str(package_model(task, final_model, norm, Path(s.out), formats=s.formats,
                                     name=f"{task.name}-fl", lineage=lineage,
                                     temperature=_temperature(final_model, s, norm)).path)

@@ -64,6 +64,9 @@ class RunSettings(StrictModel):
     pretrain_epochs: int = Field(0, ge=0)
     initial_params: str = Field("", description="params.npz of the model this run continues "
                                                 "(its weights start the run; no pretraining)")
+    package: str = Field("", description="an imported model's package (with its source/ "
+                         "data, docs/bring-your-own-model.md): the run fine-tunes its head "
+                         "on the devices' backbone embeddings instead of a task's MLP")
     db: str = "fl.db"
     out: str = ""
     formats: Literal["onnx", "tflite", "all"] = "onnx"
@@ -110,7 +113,16 @@ class RunSettings(StrictModel):
         return {**cfg, **self.eval_config()}
 
     def eval_config(self) -> dict[str, Any]:
-        """The public input normalization (computed once from the public split)."""
+        """The public input normalization (computed once from the public split); for a
+        head run, the backbone the devices' embeddings must come from."""
+        if self.package:
+            from edgefleet.device.runtime.manifest import load_package
+            from edgefleet.device.wire.federated import HEAD_BACKBONE
+
+            m = load_package(Path(self.package).expanduser())
+            if m.head is None or m.head.backbone is None:
+                raise UsageError(f"{self.package}: the package has no trainable head")
+            return {HEAD_BACKBONE: m.files[m.head.backbone].sha256}
         from edgefleet.models.core.tasks import get_task
         from edgefleet.models.core.train import fit_normalization
 

@@ -81,3 +81,27 @@ def test_altered_package_refused_by_both(digits_package: Path, rows: tuple[Path,
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and victim in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_predict_an_imported_image_package_by_its_spec(tmp_path: Path) -> None:
+    """(n, 8, 8, 1) images, flat rows and a grayscale (8, 8) image are all the model's
+    input; a 3-channel image is one line naming the expected spec."""
+    from tests.support.imported import image_model
+
+    pkg = image_model(tmp_path)
+    d = np.load(tmp_path / "eval.npz")
+    x, y = d["x"][:40], d["y"][:40]
+    labels = []
+    for name, arr in (("nhwc", x), ("flat", x.reshape(40, 64))):
+        np.save(tmp_path / f"{name}.npy", arr)
+        proc = run_cli("predict", str(pkg), "--input", str(tmp_path / f"{name}.npy"), "--json")
+        assert proc.returncode == 0, proc.stderr
+        labels.append([r["label"] for r in json.loads(proc.stdout)])
+    assert labels[0] == labels[1] and np.mean(np.array(labels[0]) == y) >= 0.85
+    np.save(tmp_path / "gray.npy", x[5, ..., 0])
+    proc = run_cli("predict", str(pkg), "--input", str(tmp_path / "gray.npy"), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)[0]["label"] == labels[0][5]
+    np.save(tmp_path / "rgb.npy", np.zeros((2, 8, 8, 3), np.float32))
+    proc = run_cli("predict", str(pkg), "--input", str(tmp_path / "rgb.npy"))
+    assert proc.returncode == 65 and "Traceback" not in proc.stderr
+    assert "3 channel(s), not 1" in proc.stderr and "expected float32 [8, 8, 1]" in proc.stderr

@@ -19,92 +19,7 @@ from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.runtime.manifest import file_sha256, load_package
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.models.build.importer import ImportOptions, ImportRejected, import_model
-
-N_CALIB, N_EVAL = 400, 397
-
-
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64)
-
-
-def _save(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    np.savez(path, x=x, y=y)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Digits as 8x8x1 images (0..16): train / calibration / evaluation rows."""
-    x, y = _digits()
-    order = np.random.default_rng(0).permutation(len(y))
-    x, y = x[order][..., None], y[order]
-    root = tmp_path_factory.mktemp("import-data")
-    n_train = len(y) - N_CALIB - N_EVAL
-    tr, ca, ev = slice(0, n_train), slice(n_train, n_train + N_CALIB), slice(n_train + N_CALIB,
-                                                                            None)
-    (root / "labels.txt").write_text("\n".join(f"digit-{i}" for i in range(10)) + "\n")
-    return {"x_train": x[tr], "y_train": y[tr], "x_eval": x[ev], "y_eval": y[ev],
-            "calib": _save(root / "calib.npz", x[ca], y[ca]),
-            "eval": _save(root / "eval.npz", x[ev], y[ev]),
-            "calib_flat": _save(root / "calib_flat.npz", x[ca].reshape(-1, 64), y[ca]),
-            "eval_flat": _save(root / "eval_flat.npz", x[ev].reshape(-1, 64), y[ev]),
-            "labels": root / "labels.txt", "root": root}
-
-
-@pytest.fixture(scope="module")
-def mlp_onnx(data: dict[str, Any]) -> Path:
-    """A trained digits MLP written by the project's own ONNX export (flat 64 inputs)."""
-    from edgefleet.device.runtime.mlp import MLP
-    from edgefleet.models.build.onnx_export import export_onnx_fp32
-    from edgefleet.models.core.train import TrainConfig, train_sgd
-
-    model = MLP.init((64, 32, 10), seed=0)
-    x = data["x_train"].reshape(-1, 64) / 16.0
-    train_sgd(model, x.astype(np.float32), data["y_train"], TrainConfig(epochs=15))
-    return export_onnx_fp32(model, data["root"] / "mlp.onnx")
-
-
-@pytest.fixture(scope="module")
-def keras_model(data: dict[str, Any]) -> Path:
-    """A tiny Keras 3 CNN (conv, pool, dense, dense) trained for a few epochs, saved .keras."""
-    from edgefleet.models.build.tflite_export import _import_tf
-
-    _import_tf()
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(8, 3, activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-    model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(data["x_train"] / 16.0, data["y_train"], epochs=8, batch_size=32, verbose=0)
-    path = data["root"] / "cnn.keras"
-    model.save(path)
-    return path
-
-
-def _opts(data: dict[str, Any], model: Path, out: Path, **kw: Any) -> ImportOptions:
-    base: dict[str, Any] = {"calibration": data["calib"], "eval": data["eval"],
-                            "labels": data["labels"], "scale": 1 / 16}
-    base.update(kw)
-    return ImportOptions(model=model, out=out, **base)
-
-
-@pytest.fixture(scope="module")
-def keras_pkg(data: dict[str, Any], keras_model: Path,
-              tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("keras-pkg") / "cnn"
-    import_model(_opts(data, keras_model, out))
-    return out
-
+from tests.support.byom import import_opts, save_npz
 
 # -- Keras source ------------------------------------------------------------------------
 
@@ -196,10 +111,13 @@ def test_import_is_reproducible(data: dict[str, Any], keras_model: Path, tmp_pat
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     for out in ("a", "b"):
-        import_model(_opts(data, keras_model, tmp_path / out))
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert "model_int8.tflite" in names and "manifest.json" in names
+        import_model(import_opts(data, keras_model, tmp_path / out))
+    names = sorted(p.relative_to(tmp_path / "a").as_posix()
+                   for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(tmp_path / "b").as_posix()
+                           for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert {"model_int8.tflite", "manifest.json", "backbone_int8.onnx", "head.npz",
+            "source/calibration.npz"} <= set(names)
     differ = [n for n in names
               if (tmp_path / "a" / n).read_bytes() != (tmp_path / "b" / n).read_bytes()]
     assert differ == []
@@ -211,14 +129,22 @@ def test_int8_tflite_source_is_packaged_as_is(keras_pkg: Path, data: dict[str, A
                                               tmp_path: Path) -> None:
     src = tmp_path / "cnn_int8.tflite"
     src.write_bytes((keras_pkg / "model_int8.tflite").read_bytes())
-    res = import_model(_opts(data, src, tmp_path / "pkg"))
+    res = import_model(import_opts(data, src, tmp_path / "pkg"))
     m = res.manifest
     assert set(m.variants) == {"tflite-int8"} and m.default_variant == "tflite-int8"
     assert m.files["model_int8.tflite"].sha256 == file_sha256(src)
     assert m.metrics["tflite-int8"]["accuracy"] == pytest.approx(
         load_package(keras_pkg).metrics["tflite-int8"]["accuracy"])
     p = Predictor.load(res.path, threads=1)
-    assert np.mean([q.label for q in p.predict_batch(data["x_eval"])] == data["y_eval"]) > 0.8
+    answers = p.predict_batch(data["x_eval"])
+    assert np.mean([q.label for q in answers] == data["y_eval"]) > 0.8
+    # The drift reference's confidences are this int8 variant's, calibrated, on eval.
+    from edgefleet.device.inference.drift import DriftMonitor
+
+    mon = DriftMonitor.from_manifest(m, window=len(answers))
+    assert mon is not None and m.reference_stats is not None
+    mon.observe(data["x_eval"], [q.confidence for q in answers])
+    assert mon.scores()["confidence_psi"] < 0.02 and mon.scores()["input_psi"] < 0.02
 
 
 # -- ONNX source (no TensorFlow) ------------------------------------------------------------
@@ -226,7 +152,7 @@ def test_int8_tflite_source_is_packaged_as_is(keras_pkg: Path, data: dict[str, A
 
 def test_onnx_import_without_tensorflow(mlp_onnx: Path, data: dict[str, Any],
                                         tmp_path: Path) -> None:
-    res = import_model(_opts(data, mlp_onnx, tmp_path / "mlp", calibration=data["calib_flat"],
+    res = import_model(import_opts(data, mlp_onnx, tmp_path / "mlp", calibration=data["calib_flat"],
                              eval=data["eval_flat"], methods=("minmax", "percentile")))
     m = res.manifest
     assert set(m.variants) == {"onnx-fp32", "onnx-int8"}
@@ -242,11 +168,11 @@ def test_onnx_import_without_tensorflow(mlp_onnx: Path, data: dict[str, Any],
 
 def test_head_from_names_a_node(mlp_onnx: Path, data: dict[str, Any], tmp_path: Path) -> None:
     kw = {"calibration": data["calib_flat"], "eval": data["eval_flat"], "methods": ("minmax",)}
-    res = import_model(_opts(data, mlp_onnx, tmp_path / "a", head_from="MatMul0", **kw))
+    res = import_model(import_opts(data, mlp_onnx, tmp_path / "a", head_from="MatMul0", **kw))
     assert res.manifest.head is not None and res.manifest.head.node == "MatMul0"
     assert res.manifest.head.dim == 64 and res.manifest.head.auto is False
     with pytest.raises(ImportRejected, match="MatMul0") as exc:
-        import_model(_opts(data, mlp_onnx, tmp_path / "b", head_from="nope", **kw))
+        import_model(import_opts(data, mlp_onnx, tmp_path / "b", head_from="nope", **kw))
     assert exc.value.reason == "head_node"
 
 
@@ -302,7 +228,7 @@ def test_savedmodel_source(keras_model: Path, data: dict[str, Any], tmp_path: Pa
     # probabilities), and the lineage says why
     model = keras.models.load_model(keras_model)
     model.export(str(tmp_path / "sm_softmax"), verbose=False)
-    res = import_model(_opts(data, tmp_path / "sm_softmax", tmp_path / "p1",
+    res = import_model(import_opts(data, tmp_path / "sm_softmax", tmp_path / "p1",
                              methods=("minmax",)))
     assert set(res.manifest.variants) == {"onnx-fp32", "onnx-int8"}
     assert "softmax" in res.manifest.lineage["quantization"]["tflite"]["skipped"]
@@ -310,7 +236,7 @@ def test_savedmodel_source(keras_model: Path, data: dict[str, Any], tmp_path: Pa
     model.layers[-1].activation = keras.activations.linear
     sm = tmp_path / "cnn_savedmodel"
     model.export(str(sm), verbose=False)
-    res = import_model(_opts(data, sm, tmp_path / "pkg", methods=("minmax",)))
+    res = import_model(import_opts(data, sm, tmp_path / "pkg", methods=("minmax",)))
     m = res.manifest
     assert set(m.variants) == {"onnx-fp32", "onnx-int8", "tflite-int8"}
     assert m.metrics["tflite-int8"]["ece"] < 0.1
@@ -377,7 +303,8 @@ def small_data(tmp_path: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 4)).astype(np.float32)
     y = (x[:, :3].argmax(1)).astype(np.int64)
-    return {"calibration": _save(tmp_path / "c.npz", x, y), "eval": _save(tmp_path / "e.npz", x, y)}
+    return {"calibration": save_npz(tmp_path / "c.npz", x, y),
+            "eval": save_npz(tmp_path / "e.npz", x, y)}
 
 
 def _rejects(reason: str, model: Path, out: Path, data: dict[str, Path], match: str,
@@ -416,13 +343,13 @@ def test_calibration_data_of_the_wrong_shape_or_dtype(tmp_path: Path,
                                                       small_data: dict[str, Path]) -> None:
     model = _graph(tmp_path / "m.onnx")
     y = np.zeros(10, np.int64)
-    wrong_shape = _save(tmp_path / "s.npz", np.zeros((10, 5), np.float32), y)
+    wrong_shape = save_npz(tmp_path / "s.npz", np.zeros((10, 5), np.float32), y)
     _rejects("data_shape", model, tmp_path / "o1", {**small_data, "calibration": wrong_shape},
              r"shape \(10, 5\); the model takes \(n, 4\) float32")
-    wrong_dtype = _save(tmp_path / "t.npz", np.array([["a"] * 4] * 10), y)
+    wrong_dtype = save_npz(tmp_path / "t.npz", np.array([["a"] * 4] * 10), y)
     _rejects("data_dtype", model, tmp_path / "o2", {**small_data, "calibration": wrong_dtype},
              r"dtype <U1; expected float32")
-    nonfinite = _save(tmp_path / "f.npz", np.full((10, 4), np.nan, np.float32), y)
+    nonfinite = save_npz(tmp_path / "f.npz", np.full((10, 4), np.nan, np.float32), y)
     _rejects("data_nonfinite", model, tmp_path / "o3", {**small_data, "calibration": nonfinite},
              "NaN")
 
@@ -433,10 +360,10 @@ def test_label_count_mismatches(tmp_path: Path, small_data: dict[str, Path]) -> 
     labels.write_text("a\nb\n")
     _rejects("labels_mismatch", model, tmp_path / "o1", small_data,
              r"labels file labels.txt has 2 names; the model has 3 outputs", labels=labels)
-    too_many = _save(tmp_path / "y.npz", np.zeros((10, 4), np.float32), np.arange(10))
+    too_many = save_npz(tmp_path / "y.npz", np.zeros((10, 4), np.float32), np.arange(10))
     _rejects("labels_mismatch", model, tmp_path / "o2", {**small_data, "eval": too_many},
              r"labels 0\.\.9; the model has 3 outputs")
-    short_y = _save(tmp_path / "z.npz", np.zeros((10, 4), np.float32), np.zeros(9, np.int64))
+    short_y = save_npz(tmp_path / "z.npz", np.zeros((10, 4), np.float32), np.zeros(9, np.int64))
     _rejects("labels_mismatch", model, tmp_path / "o3", {**small_data, "eval": short_y},
              r"10 integer labels")
 
