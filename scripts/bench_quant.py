@@ -163,7 +163,7 @@ def target_verdict(vis: dict[str, dict[str, float]]) -> list[str]:
     """One sentence per runtime on the shipped int8 variant of the vision model."""
     out = []
     best = {b: best_fp32(vis, b) for b in ("b1", "b32")}
-    out.append("Best fp32 (the baseline below): "
+    out.append("Best fp32 (the baseline of these ratios): "
                + ", ".join(f"batch {b[1:]} `{k}` {vis[k][b]:.3g} ms" for b, k in best.items())
                + ".")
     for runtime, fp32, int8 in (("onnxruntime", "onnx-fp32", "onnx-int8"),
@@ -265,8 +265,11 @@ At {MORE_THREADS} threads the best fp32 is `{best_more}` ({more[best_more]['b1']
 `tflite-int8` / best fp32 = {more['tflite-int8']['b1'] / more[best_more]['b1']:.2f}.
 The previous version of this benchmark ran everything at 2 threads and divided by the same
 runtime's fp32: its 13.7 ms onnxruntime fp32 was the 2-thread pool on a loaded 2-core
-machine, not a slow graph (the hand-made and the tf2onnx graph both run ≈ 3.2 ms at one
-thread), so its batch-1 `onnx-int8` ratio of 0.13 was flattering.
+machine, not a slow graph (the import work measured the hand-made and the tf2onnx graph
+at ≈ 3.2 ms each at one thread and load ≈ 2-5; {vis['onnx-fp32']['b1']:.3g} ms here at the
+load above), so its batch-1 `onnx-int8` ratio of 0.13 was flattering: against the best
+fp32 at one thread it is {vis['onnx-int8']['b1'] / vis[best_fp32(vis, 'b1')]['b1']:.2f}
+in this run.
 """
     path = write_section("quant", "Quantization: fp32 vs int8 (onnxruntime and LiteRT)", body)
     print(f"wrote {path} in {elapsed:.0f} s")
