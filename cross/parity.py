@@ -43,21 +43,33 @@ DP_ATOL = 1e-4
 
 
 def probe(package: Path, inputs: Path, out: Path) -> None:
-    """Write logits per variant and the weights after one seeded DP-SGD round to ``out``."""
+    """Write logits per variant, whether its golden check passes here, and the weights
+    after one seeded DP-SGD round to ``out``. A variant this machine refuses is still run
+    (straight through its backend) so the report can show by how much it differs."""
+    from edgefleet.device.core.errors import ModelRejected
     from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
+    from edgefleet.device.runtime.backends import open_backend
+    from edgefleet.device.runtime.golden import normalize
     from edgefleet.device.runtime.manifest import load_package
     from edgefleet.device.runtime.mlp import MLP
     from edgefleet.device.runtime.predictor import Predictor
 
     data = np.load(inputs, allow_pickle=False)
     result: dict[str, Any] = {"machine": np.array(platform.machine())}
-    manifest = None
-    shipped = load_package(package).variants
-    for name in (v for v in VARIANTS if v in shipped):  # an ONNX import has no TFLite
-        pred = Predictor.load(package, variant=name, threads=1)
-        manifest = pred.manifest
-        result[f"logits/{name}"] = pred.logits(data["x"])
-    assert manifest is not None
+    manifest = load_package(package)
+    x = data["x"]
+    for name in (v for v in VARIANTS if v in manifest.variants):  # ONNX imports: no TFLite
+        try:
+            pred = Predictor.load(package, variant=name, threads=1)
+        except ModelRejected as exc:
+            # What this machine would refuse; the logits are still worth comparing.
+            result[f"golden/{name}"] = np.array(str(exc))
+            backend = open_backend(package, manifest.variant(name), threads=1)
+            result[f"logits/{name}"] = backend.run(
+                normalize(x.reshape(len(x), -1), manifest.normalization))
+        else:
+            result[f"golden/{name}"] = np.array("passes")
+            result[f"logits/{name}"] = pred.logits(x)
     if not (package / "params.npz").exists():  # an imported model: no NumPy MLP to train
         np.savez(out, **result)
         return
@@ -124,8 +136,7 @@ def compare(package: Path, rootfs: str | None = None, cpu: str | None = None) ->
         "n_test": len(split.y_test), "variants": {},
     }
     for name in VARIANTS:
-        report["variants"][name] = _agreement(host[f"logits/{name}"], dev[f"logits/{name}"],
-                                              split.y_test)
+        report["variants"][name] = _agreement(host, dev, name, split.y_test)
     start = load_params(package / "params.npz")
     n = len(start)
     diff = max(float(np.max(np.abs(host[f"dp/{i}"] - dev[f"dp/{i}"]))) for i in range(n))
@@ -159,15 +170,19 @@ def compare_data(package: Path, x: np.ndarray, y: np.ndarray, *, rootfs: str | N
         dev = dict(np.load(work / "arm64.npz", allow_pickle=False))
     return {"host_machine": str(host["machine"]), "device_machine": str(dev["machine"]),
             "device_cpu": cpu or "cortex-a72", "n": len(y),
-            "variants": {name: _agreement(host[f"logits/{name}"], dev[f"logits/{name}"], y)
+            "variants": {name: _agreement(host, dev, name, y)
                          for name in VARIANTS if f"logits/{name}" in host}}
 
 
-def _agreement(a: np.ndarray, b: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def _agreement(host: dict[str, Any], dev: dict[str, Any], name: str,
+               y: np.ndarray) -> dict[str, Any]:
+    a, b = host[f"logits/{name}"], dev[f"logits/{name}"]
     return {"argmax_agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
             "max_abs_logit_diff": float(np.max(np.abs(a - b))),
             "accuracy_x86": float(np.mean(a.argmax(1) == y)),
-            "accuracy_arm64": float(np.mean(b.argmax(1) == y))}
+            "accuracy_arm64": float(np.mean(b.argmax(1) == y)),
+            "golden_x86": str(host[f"golden/{name}"]),
+            "golden_arm64": str(dev[f"golden/{name}"])}
 
 
 def main(argv: list[str] | None = None) -> int:

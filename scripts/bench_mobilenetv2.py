@@ -259,6 +259,10 @@ def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict
     fp32_weights = anatomy["onnx-fp32"].get("float", 0)
     method = manifest.lineage.get("quantization", {}).get("onnx", {}).get("method", "?")
 
+    def golden(verdict: str) -> str:
+        return ("passes" if verdict == "passes"
+                else "REFUSED " + verdict.rsplit("outputs ", maxsplit=1)[-1])
+
     def short(name: str) -> str:
         return name.rsplit("/", 2)[-2] + "/" + name.rsplit("/", 1)[-1] if "/" in name else name
 
@@ -270,14 +274,22 @@ def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict
                      f"{r['variants'][v]['argmax_agreement'] * 100:.1f} %",
                      f"{r['variants'][v]['max_abs_logit_diff']:.2e}",
                      f"{r['variants'][v]['accuracy_x86']:.3f}",
-                     f"{r['variants'][v]['accuracy_arm64']:.3f}"]
+                     f"{r['variants'][v]['accuracy_arm64']:.3f}",
+                     golden(r["variants"][v]["golden_arm64"])]
                     for cpu, r in arm.items() for v in r["variants"]]
+        refused = sorted({f"`{v}`" for r in arm.values() for v, g in r["variants"].items()
+                          if g["golden_arm64"] != "passes"})
         arm_text = (
             f"The first {ARM_SAMPLES} evaluation images through the package's `Predictor` "
             "(golden check included) natively and in the emulated device (`cross/parity.py`, "
             "the device running a copy of this checkout's `edgefleet` sources):\n\n"
             + md_table(["emulated CPU", "variant", "argmax agreement", "max abs Δ logit",
-                        "accuracy x86-64", "accuracy arm64"], arm_rows)
+                        "accuracy x86-64", "accuracy arm64", "golden check on arm64"], arm_rows)
+            + ("\n\n**The device refuses " + " and ".join(refused) + "**: its logits on the "
+               "package's golden inputs differ from x86-64's by more than the tolerance the "
+               "importer recorded (5 % of the largest golden logit), so a Pi would not load "
+               "it. The row shows the variant run straight through its backend, to show by "
+               "how much it differs." if refused else "")
             + "\n\nSeconds per parity run (both architectures): "
             + ", ".join(f"{cpu} {r['seconds']:.0f} s" for cpu, r in arm.items()) + ".")
     else:
@@ -287,7 +299,7 @@ def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict
 `scripts/bench_mobilenetv2.py`. `keras.applications.MobileNetV2(weights=None, alpha=0.35,
 input_shape=(96, 96, 3), classes=10)` (architecture only, nothing downloaded), trained
 {steps} Adam steps of batch 32 ({secs['train']:.0f} s) on scikit-learn's digits upscaled
-to 96x96x3 so activations are not degenerate (not to make a good model), saved as `.keras`
+to 96x96x3 so that int8 calibration sees realistic activations, saved as `.keras`
 and packaged by `edgefleet models import` (`import_model`, {secs['import']:.0f} s;
 calibration {N_CALIB} images, evaluation {n_eval}, `--scale 1/8 --mean 1`). The ONNX
 calibration method chosen was `{method}`. A LiteRT fp32 baseline is converted from the

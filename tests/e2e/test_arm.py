@@ -142,6 +142,7 @@ def test_arm64_and_x86_64_agree(rootfs: Path, digits_package: Path) -> None:
         v = report["variants"][name]
         assert v["argmax_agreement"] >= 0.995, (name, v)
         assert v["accuracy_arm64"] > 0.9, (name, v)
+        assert v["golden_arm64"] == v["golden_x86"] == "passes", (name, v)
     dp = report["dp"]
     assert dp["update_norm"] > 0
     assert dp["within_tolerance"], dp
@@ -176,4 +177,5 @@ def test_an_imported_package_agrees_on_arm64(rootfs: Path, tmp_path: Path) -> No
     for name, v in report["variants"].items():
         assert v["argmax_agreement"] >= 0.99, (name, v)
         assert v["accuracy_arm64"] > 0.85, (name, v)
+        assert v["golden_arm64"] == v["golden_x86"] == "passes", (name, v)
     assert report["variants"]["onnx-fp32"]["max_abs_logit_diff"] < 1e-3
