@@ -156,7 +156,7 @@ def arm_parity(pkg: Path, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any],
     if not (rootfs / ".edgefleet-base").exists():
         return {}, f"no cached rootfs for key {key} (cross/build_rootfs.sh builds it, ~25 min)"
     sys.path.insert(0, str(CROSS))
-    import parity  # type: ignore[import-not-found]
+    import parity
 
     out: dict[str, Any] = {}
     for cpu in CPUS:
@@ -193,7 +193,7 @@ def main() -> int:
         import_s = time.perf_counter() - t0
         pkg = res.path
         manifest = load_package(pkg)
-        variants: dict[str, Variant] = dict(manifest.variants)
+        variants: dict[str, Variant] = {str(k): v for k, v in manifest.variants.items()}
         tflite_fp32(tmp / "mnv2.keras", tmp / "model_fp32.tflite")
         variants["tflite-fp32"] = Variant(file="model_fp32.tflite", format="tflite",
                                           precision="fp32", input_shape=[SIZE, SIZE, 3])

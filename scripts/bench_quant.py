@@ -184,9 +184,9 @@ def target_verdict(vis: dict[str, dict[str, float]]) -> list[str]:
         if k.startswith("onnx-int8-") and vis[k]["b32"] > vis["onnx-fp32"]["b32"]:
             out.append(f"`{k}` ({DESCRIBE[k]}) is SLOWER than fp32 here: "
                        f"{vis[k]['b32'] / vis['onnx-fp32']['b32']:.2f}x at batch 32.")
-    best = min((k for k in vis if k.startswith("onnx-int8")), key=lambda k: vis[k]["b32"])
-    out.append(f"Fastest onnxruntime int8 encoding here at batch 32: `{best}` "
-               f"({vis[best]['b32'] / vis['onnx-fp32']['b32']:.2f}x fp32).")
+    fastest = min((k for k in vis if k.startswith("onnx-int8")), key=lambda k: vis[k]["b32"])
+    out.append(f"Fastest onnxruntime int8 encoding here at batch 32: `{fastest}` "
+               f"({vis[fastest]['b32'] / vis['onnx-fp32']['b32']:.2f}x fp32).")
     return out
 
 
