@@ -11,7 +11,9 @@ Two halves in one file, so the device runs exactly the code the host runs:
 
 ``compare`` (host only: needs root, the cached rootfs and scikit-learn for the split)
     runs the probe natively and inside the device (``cross/run.sh``) on the whole digits
-    test split and prints the agreement as one JSON object.
+    test split and prints the agreement as one JSON object. :func:`compare_data` does the
+    same for any package (an imported one too) on given inputs, optionally running this
+    checkout's sources in the device (``scripts/bench_mobilenetv2.py``).
 
     python cross/parity.py compare --package out/digits
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,19 +43,36 @@ DP_ATOL = 1e-4
 
 
 def probe(package: Path, inputs: Path, out: Path) -> None:
-    """Write logits per variant and the weights after one seeded DP-SGD round to ``out``."""
+    """Write logits per variant, whether its golden check passes here, and the weights
+    after one seeded DP-SGD round to ``out``. A variant this machine refuses is still run
+    (straight through its backend) so the report can show by how much it differs."""
+    from edgefleet.device.core.errors import ModelRejected
     from edgefleet.device.fl.dp_sgd import DpSgdConfig, train_dp_sgd
+    from edgefleet.device.runtime.backends import open_backend
+    from edgefleet.device.runtime.golden import normalize
+    from edgefleet.device.runtime.manifest import load_package
     from edgefleet.device.runtime.mlp import MLP
     from edgefleet.device.runtime.predictor import Predictor
 
     data = np.load(inputs, allow_pickle=False)
-    result: dict[str, Any] = {}
-    manifest = None
-    for name in VARIANTS:
-        pred = Predictor.load(package, variant=name, threads=1)
-        manifest = pred.manifest
-        result[f"logits/{name}"] = pred.logits(data["x"])
-    assert manifest is not None
+    result: dict[str, Any] = {"machine": np.array(platform.machine())}
+    manifest = load_package(package)
+    x = data["x"]
+    for name in (v for v in VARIANTS if v in manifest.variants):  # ONNX imports: no TFLite
+        try:
+            pred = Predictor.load(package, variant=name, threads=1)
+        except ModelRejected as exc:
+            # What this machine would refuse; the logits are still worth comparing.
+            result[f"golden/{name}"] = np.array(str(exc))
+            backend = open_backend(package, manifest.variant(name), threads=1)
+            result[f"logits/{name}"] = backend.run(
+                normalize(x.reshape(len(x), -1), manifest.normalization))
+        else:
+            result[f"golden/{name}"] = np.array("passes")
+            result[f"logits/{name}"] = pred.logits(x)
+    if not (package / "params.npz").exists():  # an imported model: no NumPy MLP to train
+        np.savez(out, **result)
+        return
     mean = np.asarray(manifest.normalization.mean, dtype=np.float32)
     std = np.asarray(manifest.normalization.std, dtype=np.float32)
     with np.load(package / "params.npz", allow_pickle=False) as p:
@@ -63,16 +83,26 @@ def probe(package: Path, inputs: Path, out: Path) -> None:
                  np.random.default_rng(DP_SEED))
     for i, arr in enumerate(model.params):
         result[f"dp/{i}"] = arr
-    result["machine"] = np.array(platform.machine())
     np.savez(out, **result)
 
 
-def _device_probe(package: Path, work: Path, rootfs: str | None, cpu: str | None) -> None:
+def _device_probe(package: Path, work: Path, rootfs: str | None, cpu: str | None,
+                  source: Path | None = None) -> None:
     cmd = [str(CROSS / "run.sh")]
     if rootfs:
         cmd += ["--rootfs", rootfs]
     if cpu:
         cmd += ["--cpu", cpu]
+    if source is not None:
+        # This checkout's edgefleet instead of the one installed in the (shared) rootfs:
+        # a copy of its packages first on the device's PYTHONPATH.
+        src = work / "src" / "edgefleet"
+        src.mkdir(parents=True)
+        (src / "__init__.py").write_text("")
+        for sub in ("device", "models"):
+            shutil.copytree(source / sub, src / sub,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        cmd += ["--env", "PYTHONPATH=/mnt/io/src"]
     cmd += ["--ro-bind", f"{CROSS}:/mnt/cross", "--ro-bind", f"{package}:/mnt/pkg",
             "--bind", f"{work}:/mnt/io", "--",
             "python", "/mnt/cross/parity.py", "probe", "--package", "/mnt/pkg",
@@ -106,13 +136,7 @@ def compare(package: Path, rootfs: str | None = None, cpu: str | None = None) ->
         "n_test": len(split.y_test), "variants": {},
     }
     for name in VARIANTS:
-        a, b = host[f"logits/{name}"], dev[f"logits/{name}"]
-        report["variants"][name] = {
-            "argmax_agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
-            "max_abs_logit_diff": float(np.max(np.abs(a - b))),
-            "accuracy_x86": float(np.mean(a.argmax(1) == split.y_test)),
-            "accuracy_arm64": float(np.mean(b.argmax(1) == split.y_test)),
-        }
+        report["variants"][name] = _agreement(host, dev, name, split.y_test)
     start = load_params(package / "params.npz")
     n = len(start)
     diff = max(float(np.max(np.abs(host[f"dp/{i}"] - dev[f"dp/{i}"]))) for i in range(n))
@@ -125,6 +149,40 @@ def compare(package: Path, rootfs: str | None = None, cpu: str | None = None) ->
         "within_tolerance": diff <= DP_ATOL,
     }
     return report
+
+
+def compare_data(package: Path, x: np.ndarray, y: np.ndarray, *, rootfs: str | None = None,
+                 cpu: str | None = None, source: Path | None = None) -> dict[str, Any]:
+    """Logit parity of every variant on raw inputs ``x`` (labels ``y``), x86-64 vs arm64.
+
+    For any package (an imported one too: no DP round, it has no NumPy MLP). ``source``
+    runs that checkout's edgefleet in the device instead of the rootfs's installed one.
+    """
+    package = package.resolve()
+    with tempfile.TemporaryDirectory(prefix="edgefleet-parity-") as tmp:
+        work = Path(tmp)
+        np.savez(work / "inputs.npz", x=x)
+        subprocess.run([sys.executable, __file__, "probe", "--package", str(package),
+                        "--inputs", str(work / "inputs.npz"), "--out", str(work / "x86.npz")],
+                       check=True, timeout=900)
+        _device_probe(package, work, rootfs, cpu, source)
+        host = dict(np.load(work / "x86.npz", allow_pickle=False))
+        dev = dict(np.load(work / "arm64.npz", allow_pickle=False))
+    return {"host_machine": str(host["machine"]), "device_machine": str(dev["machine"]),
+            "device_cpu": cpu or "cortex-a72", "n": len(y),
+            "variants": {name: _agreement(host, dev, name, y)
+                         for name in VARIANTS if f"logits/{name}" in host}}
+
+
+def _agreement(host: dict[str, Any], dev: dict[str, Any], name: str,
+               y: np.ndarray) -> dict[str, Any]:
+    a, b = host[f"logits/{name}"], dev[f"logits/{name}"]
+    return {"argmax_agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
+            "max_abs_logit_diff": float(np.max(np.abs(a - b))),
+            "accuracy_x86": float(np.mean(a.argmax(1) == y)),
+            "accuracy_arm64": float(np.mean(b.argmax(1) == y)),
+            "golden_x86": str(host[f"golden/{name}"]),
+            "golden_arm64": str(dev[f"golden/{name}"])}
 
 
 def main(argv: list[str] | None = None) -> int:

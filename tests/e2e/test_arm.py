@@ -15,7 +15,7 @@ import pytest
 
 from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.conftest import run_cli
-from tests.support.cross import device_argv, ensure_rootfs, parity_module, run_in_device
+from tests.support.cross import REPO, device_argv, ensure_rootfs, parity_module, run_in_device
 
 pytestmark = [pytest.mark.arm, pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(2400)]
 
@@ -142,6 +142,40 @@ def test_arm64_and_x86_64_agree(rootfs: Path, digits_package: Path) -> None:
         v = report["variants"][name]
         assert v["argmax_agreement"] >= 0.995, (name, v)
         assert v["accuracy_arm64"] > 0.9, (name, v)
+        assert v["golden_arm64"] == v["golden_x86"] == "passes", (name, v)
     dp = report["dp"]
     assert dp["update_norm"] > 0
     assert dp["within_tolerance"], dp
+
+
+def test_an_imported_package_agrees_on_arm64(rootfs: Path, tmp_path: Path) -> None:
+    """``parity.compare_data`` (the arm64 rows of scripts/bench_mobilenetv2.py): a package
+    written by ``models import`` (input spec, no TFLite, no params.npz) on both
+    architectures, the device running this checkout's sources rather than its installed
+    edgefleet."""
+    from sklearn.datasets import load_digits
+
+    from edgefleet.device.runtime.mlp import MLP
+    from edgefleet.models.build.importer import ImportOptions, import_model
+    from edgefleet.models.build.onnx_export import export_onnx_fp32
+    from edgefleet.models.core.train import TrainConfig, train_sgd
+
+    d = load_digits()
+    x, y = d.images.reshape(-1, 64).astype(np.float32), d.target.astype(np.int64)
+    model = MLP.init((64, 32, 10), seed=0)
+    train_sgd(model, x[:1000] / 16.0, y[:1000], TrainConfig(epochs=15))
+    onnx = export_onnx_fp32(model, tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "calib.npz", x=x[1000:1400], y=y[1000:1400])
+    np.savez(tmp_path / "eval.npz", x=x[1400:], y=y[1400:])
+    pkg = import_model(ImportOptions(model=onnx, calibration=tmp_path / "calib.npz",
+                                     eval=tmp_path / "eval.npz", out=tmp_path / "pkg",
+                                     scale=1 / 16)).path
+    report = parity_module().compare_data(pkg, x[1400:1500], y[1400:1500], rootfs=str(rootfs),
+                                          source=REPO)
+    assert report["device_machine"] == "aarch64"
+    assert set(report["variants"]) == {"onnx-int8", "onnx-fp32"}
+    for name, v in report["variants"].items():
+        assert v["argmax_agreement"] >= 0.99, (name, v)
+        assert v["accuracy_arm64"] > 0.85, (name, v)
+        assert v["golden_arm64"] == v["golden_x86"] == "passes", (name, v)
+    assert report["variants"]["onnx-fp32"]["max_abs_logit_diff"] < 1e-3

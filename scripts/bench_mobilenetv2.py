@@ -1,0 +1,363 @@
+"""MobileNetV2 0.35 96x96: a real architecture, imported by ``models import``, benchmarked.
+
+``keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(96, 96, 3),
+classes=10)`` (architecture only: nothing is downloaded) is trained for a few steps on
+scikit-learn's digits upscaled to 96x96x3, so activations are not degenerate when int8
+is calibrated; the model is not meant to be good. It is saved as ``.keras`` and packaged
+by :func:`edgefleet.models.build.importer.import_model` (the function behind
+``edgefleet models import``). Measured side by side in one run, batch 1, one thread:
+
+- int8/fp32 latency in onnxruntime and LiteRT, int8 against the best fp32 of *either*
+  runtime (a TFLite fp32 baseline is converted from the same SavedModel);
+- file size int8/fp32;
+- one DP-SGD step of the head (the package's ``head``: a dense layer from the embedding to
+  10 classes, per-example gradient, clipping, noise; :mod:`edgefleet.device.fl.dp_sgd` on
+  a one-layer :class:`~edgefleet.device.runtime.mlp.MLP`) against one backbone inference;
+- parity under QEMU arm64 (cortex-a72, cortex-a76) with ``cross/parity.py`` (needs root
+  and the cached rootfs; the row says why when it cannot run).
+
+Writes ``docs/bench/mobilenetv2.md``.
+
+    .venv/bin/python scripts/bench_mobilenetv2.py [--steps 200] [--no-arm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import cpu_flags, interleaved_medians, md_table, write_section
+
+from edgefleet.device.fl.dp_sgd import clip_and_noise
+from edgefleet.device.runtime.backends import open_backend
+from edgefleet.device.runtime.manifest import Variant, load_package
+from edgefleet.device.runtime.mlp import MLP
+
+REPO = Path(__file__).resolve().parents[1]
+CROSS = REPO / "cross"
+SIZE = 96
+ALPHA = 0.35
+N_CALIB, N_EVAL = 300, 200
+#: digits pixels are 0..16; the model sees x/8 - 1, MobileNet's [-1, 1].
+SCALE, MEAN = 1 / 8, 1.0
+RUNS_B1 = 160
+HEAD_RUNS = 2000
+CPUS = {"cortex-a72": "Raspberry Pi 4", "cortex-a76": "Raspberry Pi 5"}
+ARM_SAMPLES = 100
+TARGETS = {"latency": 0.6, "size": 0.3, "head": 0.10}
+
+
+def digits_96() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as raw 96x96x3 images (0..16, bilinear upscale, grey in RGB)."""
+    from scipy.ndimage import zoom
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    imgs = d.images[order].astype(np.float32)
+    big = zoom(imgs, (1, SIZE / 8, SIZE / 8), order=1).clip(0, 16).astype(np.float32)
+    return np.repeat(big[..., None], 3, axis=-1), d.target[order].astype(np.int64)
+
+
+def train_keras(x: np.ndarray, y: np.ndarray, steps: int, path: Path) -> float:
+    """MobileNetV2 0.35 trained ``steps`` Adam steps (batch 32); saved to ``path``.
+
+    Keras' MobileNetV2 uses batch-norm momentum 0.999, whose moving statistics would
+    still be near their initial values after a few dozen steps; 0.9 lets inference-mode
+    activations follow the trained weights. Returns the training seconds.
+    """
+    from edgefleet.models.build.tflite_export import _import_tf
+
+    _import_tf()
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, alpha=ALPHA,
+                                           input_shape=(SIZE, SIZE, 3), classes=10)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    xs = x * SCALE - MEAN
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = rng.choice(len(y), 32, replace=False)
+        model.train_on_batch(xs[idx], y[idx])
+    seconds = time.perf_counter() - t0
+    model.save(path)
+    return seconds
+
+
+def tflite_fp32(keras_path: Path, out: Path) -> Path:
+    """The fp32 TFLite of the same model (LiteRT's fp32 baseline; packages ship int8)."""
+    from edgefleet.models.build.tf_convert import _tf, saved_model_for
+
+    tf = _tf()
+    with saved_model_for(keras_path) as (sm_dir, _):
+        out.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(sm_dir)).convert())
+    return out
+
+
+def head_step_ms(dim: int, n_classes: int, batch: int = 1) -> float:
+    """Median ms of one DP-SGD step of the head on ``batch`` examples (fp32 NumPy):
+    per-example gradients, clipping, one draw of Gaussian noise, the update."""
+    rng = np.random.default_rng(0)
+    head = MLP.init((dim, n_classes), seed=0)
+    emb = rng.normal(size=(batch, dim)).astype(np.float32)
+    label = rng.integers(0, n_classes, size=batch)
+    times = []
+    for _ in range(HEAD_RUNS // batch):
+        t0 = time.perf_counter()
+        grads = clip_and_noise(head.per_example_grads(emb, label), 1.0, 1.0, float(batch), rng)
+        for p, g in zip(head.params, grads, strict=True):
+            p -= 0.05 * g
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def onnx_bytes(path: Path) -> dict[str, int]:
+    """Where an ONNX file's bytes go: initializers by element type, and the rest (graph
+    structure, node and tensor names)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    out: dict[str, int] = {}
+    for t in model.graph.initializer:
+        kind = onnx.TensorProto.DataType.Name(t.data_type).lower()
+        n = int(np.prod(t.dims)) if t.dims else 1
+        out[kind] = out.get(kind, 0) + n * onnx.helper.tensor_dtype_to_np_dtype(
+            t.data_type).itemsize
+    out["other"] = path.stat().st_size - sum(out.values())
+    return out
+
+
+def arm_parity(pkg: Path, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], str | None]:
+    """cross/parity.py on both architectures per emulated CPU, or why it could not run."""
+    if os.geteuid() != 0:
+        return {}, "needs root (binfmt_misc, chroot)"
+    current = Path(os.environ.get("EDGEFLEET_CROSS_CACHE", Path.home() / ".cache/edgefleet/cross"))
+    key = subprocess.run([str(CROSS / "build_rootfs.sh"), "--key"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    rootfs = current / f"rootfs-{key}"
+    if not (rootfs / ".edgefleet-base").exists():
+        return {}, f"no cached rootfs for key {key} (cross/build_rootfs.sh builds it, ~25 min)"
+    sys.path.insert(0, str(CROSS))
+    import parity
+
+    out: dict[str, Any] = {}
+    for cpu in CPUS:
+        t0 = time.perf_counter()
+        out[cpu] = parity.compare_data(pkg, x, y, rootfs=str(rootfs), cpu=cpu, source=REPO)
+        out[cpu]["seconds"] = time.perf_counter() - t0
+    return out, None
+
+
+def main() -> int:
+    """Build, import, measure, write the section."""
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200, help="training steps (batch 32)")
+    ap.add_argument("--no-arm", action="store_true", help="skip the QEMU parity rows")
+    args = ap.parse_args()
+    from edgefleet.models.build.importer import ImportOptions, import_model
+
+    started, load_before = time.perf_counter(), os.getloadavg()
+    x, y = digits_96()
+    n_train = len(y) - N_CALIB - N_EVAL
+    tmp = Path(tempfile.mkdtemp(prefix="bench_mnv2."))
+    try:
+        np.savez(tmp / "calib.npz", x=x[n_train:n_train + N_CALIB], y=y[n_train:n_train + N_CALIB])
+        np.savez(tmp / "eval.npz", x=x[n_train + N_CALIB:], y=y[n_train + N_CALIB:])
+        print(f"training MobileNetV2 {ALPHA} for {args.steps} steps", flush=True)
+        train_s = train_keras(x[:n_train], y[:n_train], args.steps, tmp / "mnv2.keras")
+        print("importing", flush=True)
+        t0 = time.perf_counter()
+        res = import_model(ImportOptions(model=tmp / "mnv2.keras", calibration=tmp / "calib.npz",
+                                         eval=tmp / "eval.npz", out=tmp / "pkg", scale=SCALE,
+                                         mean=(MEAN,), name="mobilenetv2-0.35-96"),
+                           progress=lambda m: print(f"  {m}", flush=True))
+        import_s = time.perf_counter() - t0
+        pkg = res.path
+        manifest = load_package(pkg)
+        variants: dict[str, Variant] = {str(k): v for k, v in manifest.variants.items()}
+        tflite_fp32(tmp / "mnv2.keras", tmp / "model_fp32.tflite")
+        variants["tflite-fp32"] = Variant(file="model_fp32.tflite", format="tflite",
+                                          precision="fp32", input_shape=[SIZE, SIZE, 3])
+        root_of = {k: tmp if k == "tflite-fp32" else pkg for k in variants}
+        from edgefleet.device.runtime.golden import normalize
+
+        xe, ye = x[n_train + N_CALIB:], y[n_train + N_CALIB:]
+        xn = normalize(xe.reshape(len(xe), -1), manifest.normalization)
+        backends = {k: open_backend(root_of[k], v, threads=1) for k, v in variants.items()}
+        size = {k: (root_of[k] / v.file).stat().st_size for k, v in variants.items()}
+        acc = {k: float(np.mean(b.run(xn).argmax(1) == ye)) for k, b in backends.items()}
+        print("timing batch 1, one thread", flush=True)
+        calls = {k: functools.partial(b.run_raw, b.prepare(xn[:1])) for k, b in backends.items()}
+        lat = interleaved_medians(calls, RUNS_B1)
+        assert manifest.head is not None and manifest.head.dim is not None
+        head_ms = head_step_ms(manifest.head.dim, 10)
+        head32_ms = head_step_ms(manifest.head.dim, 10, batch=32)
+        anatomy = {k: onnx_bytes(pkg / variants[k].file) for k in ("onnx-fp32", "onnx-int8")}
+        arm, arm_why = ({}, "skipped (--no-arm)") if args.no_arm else arm_parity(
+            pkg, xe[:ARM_SAMPLES], ye[:ARM_SAMPLES])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elapsed, load_after = time.perf_counter() - started, os.getloadavg()
+    print(json.dumps({"size": size, "accuracy": acc, "latency_ms": lat, "head_ms": head_ms,
+                      "head32_ms": head32_ms, "onnx_bytes": anatomy,
+                      "arm": arm, "arm_skipped": arm_why}, indent=1), flush=True)
+    body = report(manifest, size, acc, lat, (head_ms, head32_ms), anatomy, arm, arm_why,
+                  {"train": train_s, "import": import_s, "total": elapsed},
+                  load_before, load_after, args.steps, len(ye))
+    path = write_section("mobilenetv2", "MobileNetV2 0.35 96x96: imported, int8 vs fp32, "
+                         "head fine-tuning, arm64", body)
+    print(f"wrote {path} in {elapsed:.0f} s")
+    return 0
+
+
+def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict[str, float],
+           head: tuple[float, float], anatomy: dict[str, dict[str, int]],
+           arm: dict[str, Any], arm_why: str | None, secs: dict[str, float],
+           load_before: tuple[float, ...], load_after: tuple[float, ...], steps: int,
+           n_eval: int) -> str:
+    """The markdown section."""
+    best_fp32 = min(("onnx-fp32", "tflite-fp32"), key=lambda k: lat[k])
+    fastest_int8 = min(("onnx-int8", "tflite-int8"), key=lambda k: lat[k])
+    runtime = {"onnx": "onnxruntime", "tflite": "LiteRT"}
+    rows = [[runtime[k.split("-")[0]], f"`{k}`", f"{size[k] / 1024:,.0f}", f"{lat[k]:.3g}",
+             f"{acc[k]:.3f}"] for k in ("onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8")]
+    ratio_rows = []
+    for k in ("onnx-int8", "tflite-int8"):
+        same = k.replace("int8", "fp32")
+        ratio_rows.append([f"`{k}`", f"{lat[k] / lat[same]:.2f}",
+                           f"{lat[k] / lat[best_fp32]:.2f}", f"{size[k] / size[same]:.3f}"])
+    lat_ratio = lat[fastest_int8] / lat[best_fp32]
+    size_ratio = size[fastest_int8] / size[fastest_int8.replace("int8", "fp32")]
+    head_ms, head32_ms = head
+    head_ratio = head_ms / lat[fastest_int8]
+    head32_ratio = head32_ms / 32 / lat[fastest_int8]
+    cut = manifest.head
+    kib = 1024
+    anatomy_rows = [[f"`{k}`", *(f"{a.get(t, 0) / kib:,.0f}"
+                                 for t in ("float", "int8", "int32", "other")),
+                     f"{sum(a.values()) / kib:,.0f}"] for k, a in anatomy.items()]
+    int8_file = anatomy["onnx-int8"]
+    fp32_weights = anatomy["onnx-fp32"].get("float", 0)
+    method = manifest.lineage.get("quantization", {}).get("onnx", {}).get("method", "?")
+
+    def golden(verdict: str) -> str:
+        return ("passes" if verdict == "passes"
+                else "REFUSED " + verdict.rsplit("outputs ", maxsplit=1)[-1])
+
+    def short(name: str) -> str:
+        return name.rsplit("/", 2)[-2] + "/" + name.rsplit("/", 1)[-1] if "/" in name else name
+
+    def verdict(value: float, target: float) -> str:
+        return f"{value:.3g} (target ≤ {target:g}: {'met' if value <= target else 'NOT met'})"
+
+    if arm:
+        arm_rows = [[f"{cpu} ({CPUS[cpu]})", f"`{v}`",
+                     f"{r['variants'][v]['argmax_agreement'] * 100:.1f} %",
+                     f"{r['variants'][v]['max_abs_logit_diff']:.2e}",
+                     f"{r['variants'][v]['accuracy_x86']:.3f}",
+                     f"{r['variants'][v]['accuracy_arm64']:.3f}",
+                     golden(r["variants"][v]["golden_arm64"])]
+                    for cpu, r in arm.items() for v in r["variants"]]
+        refused = sorted({f"`{v}`" for r in arm.values() for v, g in r["variants"].items()
+                          if g["golden_arm64"] != "passes"})
+        arm_text = (
+            f"The first {ARM_SAMPLES} evaluation images through the package's `Predictor` "
+            "(golden check included) natively and in the emulated device (`cross/parity.py`, "
+            "the device running a copy of this checkout's `edgefleet` sources):\n\n"
+            + md_table(["emulated CPU", "variant", "argmax agreement", "max abs Δ logit",
+                        "accuracy x86-64", "accuracy arm64", "golden check on arm64"], arm_rows)
+            + ("\n\n**The device refuses " + " and ".join(refused) + "**: its logits on the "
+               "package's golden inputs differ from x86-64's by more than the tolerance the "
+               "importer recorded (5 % of the largest golden logit), so a Pi would not load "
+               "it. The row shows the variant run straight through its backend, to show by "
+               "how much it differs." if refused else "")
+            + "\n\nSeconds per parity run (both architectures): "
+            + ", ".join(f"{cpu} {r['seconds']:.0f} s" for cpu, r in arm.items()) + ".")
+    else:
+        arm_text = f"Not measured: {arm_why}."
+    flags = ", ".join(cpu_flags()) or "none"
+    return f"""
+`scripts/bench_mobilenetv2.py`. `keras.applications.MobileNetV2(weights=None, alpha=0.35,
+input_shape=(96, 96, 3), classes=10)` (architecture only, nothing downloaded), trained
+{steps} Adam steps of batch 32 ({secs['train']:.0f} s) on scikit-learn's digits upscaled
+to 96x96x3 so that int8 calibration sees realistic activations, saved as `.keras`
+and packaged by `edgefleet models import` (`import_model`, {secs['import']:.0f} s;
+calibration {N_CALIB} images, evaluation {n_eval}, `--scale 1/8 --mean 1`). The ONNX
+calibration method chosen was `{method}`. A LiteRT fp32 baseline is converted from the
+same SavedModel (packages ship only int8 TFLite).
+
+Latency: batch 1, **one thread** in both runtimes, median of the bare runtime call on a
+prepared input, {RUNS_B1} calls per variant in interleaved rounds. Whole script
+{secs['total']:.0f} s; load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_before)}
+before and {'/'.join(f'{v:.1f}' for v in load_after)} after, on a shared 2-core machine
+(absolute times are noisy; the ratios are taken side by side). CPU int8 flags: {flags}.
+
+{md_table(["runtime", "variant", "size KiB", "p50 batch 1 ms (1 thread)",
+           f"accuracy ({n_eval} eval images)"], rows)}
+
+Ratios (same run). "vs best fp32" divides by the faster fp32 of either runtime
+(`{best_fp32}`, {lat[best_fp32]:.3g} ms):
+
+{md_table(["int8 variant", "latency / same runtime fp32", "latency / best fp32",
+           "size / same format fp32"], ratio_rows)}
+
+Where the ONNX files' bytes go (KiB; initializers by element type, "other" = graph
+structure and node/tensor names, which tf2onnx makes long: e.g.
+`StatefulPartitionedCall/.../block_16_project/Conv2D`):
+
+{md_table(["file", "float32 tensors", "int8 tensors", "int32 tensors (biases)",
+           "other", "total"], anatomy_rows)}
+
+The int8 weights are {int8_file.get("int8", 0) / max(fp32_weights, 1):.2f} of the fp32
+weights, as expected; on a network this small (about {fp32_weights / 4 / 1e3:,.0f} k
+parameters) the per-channel scales and zero points, the int32 biases and the QDQ nodes'
+names keep the whole file well above a quarter of fp32.
+
+**Head fine-tuning cost per sample.** The package's head cut is `{short(cut.node)}`
+({cut.op}) on `{short(cut.embedding)}`, embedding width {cut.dim} (MobileNetV2 keeps
+1280 channels in its last conv for alpha ≤ 1). One DP-SGD step of that dense layer
+({cut.dim}×10 + 10) on one example: per-example gradient (`MLP.per_example_grads`),
+clipping and Gaussian noise (`edgefleet.device.fl.dp_sgd.clip_and_noise`) and the update,
+fp32 NumPy, median: **{head_ms:.3g} ms**, against one backbone inference with the
+fastest int8 variant (`{fastest_int8}`, {lat[fastest_int8]:.3g} ms; the whole model is
+timed, the {cut.dim}×10 head being a negligible part of it): {head_ratio:.2f}. Most of a
+one-example step is fixed cost (drawing {cut.dim * 10 + 10:,} Gaussian noise values,
+float64 clipping), which a real step pays once per Poisson batch: one step on a batch of
+32 costs {head32_ms:.3g} ms, i.e. {head32_ms / 32:.3g} ms per sample, {head32_ratio:.3f}
+of one backbone inference.
+
+Targets (issue #16; reported, not asserted):
+- int8/fp32 latency on the faster backend (`{fastest_int8}` against `{best_fp32}`):
+  {verdict(lat_ratio, TARGETS['latency'])}
+- size int8/fp32 (`{fastest_int8}`): {verdict(size_ratio, TARGETS['size'])}
+- one DP head step on one example / one backbone inference:
+  {verdict(head_ratio, TARGETS['head'])}; per sample in a batch of 32:
+  {verdict(head32_ratio, TARGETS['head'])}
+
+### Parity under QEMU arm64
+
+{arm_text}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
