@@ -68,9 +68,15 @@ def once(
     require_encryption: bool = REQUIRE_ENC,
     variant: str | None = typer.Option(None, help="Variant to serve (default: the manifest's)."),
     timeout: float = typer.Option(30.0, help="Seconds of silence before a download is dropped."),
+    rollback: bool = typer.Option(
+        False, "--rollback", help="Allow a version below the highest this device has run: "
+        "a deliberate downgrade by whoever runs this command on the device (logged and "
+        "counted as downgrade_accepted)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Bring this device to MODEL@VERSION once, then exit.
+
+    A version below the highest seen is refused (downgrade_refused) unless --rollback.
 
     Example: edgefleet-agent update once digits-mlp@1.1.0 --state /var/lib/edgefleet/update
     --repo http://registry:8470 --root /etc/edgefleet/root.json
@@ -79,7 +85,7 @@ def once(
 
     model, _, version = ref.partition("@")
     upd = _updater(state, repo, root, variant, timeout, ca_file, fleet_key, require_encryption)
-    outcome = upd.apply(Assignment.from_dict({"model": model, "version": version}))
+    outcome = upd.apply(Assignment(model, version, rollback=rollback))
     _slot, info = upd.slots.active()
     if json_out:
         print_json({"outcome": outcome, "version": info.version if info else None})

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _once(state: Path, url: str, root: Path, version: str,
           fault: str | None = None) -> subprocess.Popen[bytes]:
     args = ["update", "once", f"digits-mlp@{version}", "--state", str(state), "--repo", url,
-            "--root", str(root), "--timeout", "5"]
+            "--root", str(root), "--timeout", "5", "--rollback"]  # cycles down too
     if fault is None:
         return subprocess.Popen([str(BIN), *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)

@@ -101,9 +101,12 @@ def _shot(driver: Any, d: dict[str, Any], name: str) -> None:
 
 
 def _wait(driver: Any, cond: Any, timeout: float = 30) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(cond)
+    # a page the live stream or a redirect replaces between find and read: ask again
+    return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(cond)
 
 
 def _sign_in(driver: Any, url: str, password: str) -> None:
