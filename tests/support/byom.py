@@ -56,14 +56,15 @@ def make_mlp_onnx(data: dict[str, Any]) -> Path:
     return export_onnx_fp32(model, data["root"] / "mlp.onnx")
 
 
-def make_keras_model(data: dict[str, Any]) -> Path:
-    """A tiny Keras 3 CNN (conv, pool, dense, dense) trained for a few epochs, saved .keras."""
+def make_keras_model(data: dict[str, Any], seed: int = 0) -> Path:
+    """A tiny Keras 3 CNN (conv, pool, dense, dense) trained for a few epochs, saved .keras
+    (``seed`` fixes its initialization and batch order)."""
     from edgefleet.models.build.tflite_export import _import_tf
 
     _import_tf()
     import keras
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     model = keras.Sequential([
         keras.Input((8, 8, 1)),
         keras.layers.Conv2D(8, 3, activation="relu"),
