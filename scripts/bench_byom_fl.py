@@ -3,7 +3,7 @@
 The tiny digits CNN of the import tests (``tests/support/byom.py``: conv 8x3x3, max-pool,
 dense 32, dense 10 on scikit-learn's 8x8x1 digits, trained in Keras, one CNN per seed) is
 imported by :func:`~edgefleet.models.build.importer.import_model` (``models import``).
-Three simulated devices (``tests/support/head_fleet.py``) see the digits through their
+Three simulated devices (:mod:`edgefleet.models.sim.head_fleet`) see the digits through their
 own shifted cameras (:mod:`edgefleet.models.sim.shift`): each stores its shifted share of
 the CNN's training images and keeps its shifted share of the import's evaluation images
 (never trained on by the CNN or the head) for measuring. Per seed, through the real
@@ -35,13 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
 from bench_common import md_table, write_section
 
 from edgefleet.models.build.importer import import_model
-from edgefleet.models.sim.shift import Shift, package_accuracy
-from tests.support.byom import import_opts, make_data, make_keras_model
-from tests.support.head_fleet import make_fleet, run_head_fl
+from edgefleet.models.sim.head_fleet import SHIFTS, make_data, make_fleet
+from edgefleet.models.sim.shift import package_accuracy
+from edgefleet.server.demo.cnn import run_head_fl
+from tests.support.byom import import_opts, make_keras_model
 
-#: One camera per device: dimmer or brighter, more or less sensor noise.
-SHIFTS = (Shift(intensity=0.6, noise=2.0), Shift(intensity=0.4, noise=1.0),
-          Shift(intensity=0.8, noise=3.0))
 EPSILONS = (1.0, 3.0, 8.0)
 #: Settings tried on a tuning seed (100, not reported) before the reported run:
 #: (head layers, lr, clip, batch, rounds x steps) -> imported, no DP, ε = 1, 3, 8.

@@ -21,11 +21,12 @@ from edgefleet.device.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from edgefleet.device.runtime.archive import extract_package, pack_package
 from edgefleet.device.runtime.manifest import load_package
 from edgefleet.device.runtime.predictor import Predictor
+from edgefleet.models.sim.head_fleet import make_fleet, node_config
 from edgefleet.models.sim.shift import Shift
+from edgefleet.server.demo.cnn import run_head_fl
 from edgefleet.server.fl.inprocess import InProcessGrid
 from edgefleet.server.fl.settings import run_settings
 from edgefleet.server.fl.store import FlStore
-from tests.support.head_fleet import make_fleet, node_config, run_head_fl
 
 pytestmark = pytest.mark.slow
 DEVICES = 3
@@ -46,7 +47,7 @@ def fleet(data: dict[str, Any], keras_pkg: Path, tmp_path_factory: pytest.TempPa
 
 
 def _node(fleet: dict[str, Any], i: int) -> dict[str, Any]:
-    return node_config(fleet, i)
+    return node_config(fleet, i, noise_seed=0)
 
 
 def test_devices_fine_tune_the_head_with_dp_and_the_new_version_predicts(
@@ -55,7 +56,7 @@ def test_devices_fine_tune_the_head_with_dp_and_the_new_version_predicts(
     run_head_fl(fleet, {"tag": "head", "num-rounds": 4, "dp": "sample", "epsilon": 3.0,
                         "delta": 1e-5, "local-steps": 30, "batch-size": 64, "lr": 0.05,
                         "clip": 5.0, "strategy": "fedavg", "db": str(tmp_path / "fl.db"),
-                        "out": str(out)})
+                        "out": str(out)}, noise_seed=0)
     run = FlStore(tmp_path / "fl.db").run("head")
     assert run is not None and run.status == "finished", run
     assert run.final is not None and run.final["package"] == str(out)
