@@ -9,23 +9,21 @@ version, which loads on a device and predicts at least as well on the devices' d
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 
 from edgefleet.device.data.embeddings import cache_folder
-from edgefleet.device.data.store import SampleStore
 from edgefleet.device.fl import client as fl_client
 from edgefleet.device.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from edgefleet.device.runtime.archive import extract_package, pack_package
 from edgefleet.device.runtime.manifest import load_package
 from edgefleet.device.runtime.predictor import Predictor
-from edgefleet.models.sim.shift import Shift, shifted_pixels
-from edgefleet.server.fl import server_app
+from edgefleet.models.sim.head_fleet import make_fleet, node_config
+from edgefleet.models.sim.shift import Shift
+from edgefleet.server.demo.cnn import run_head_fl
 from edgefleet.server.fl.inprocess import InProcessGrid
 from edgefleet.server.fl.settings import run_settings
 from edgefleet.server.fl.store import FlStore
@@ -44,44 +42,21 @@ def _accuracy(pkg: Path, x: np.ndarray, y: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def fleet(data: dict[str, Any], keras_pkg: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("head-fleet")
-    server_pkg = root / "server" / "cnn"
-    shutil.copytree(keras_pkg, server_pkg)
-    archive = pack_package(keras_pkg, root / "cnn.tar")
-    rng = np.random.default_rng(7)
-    x = shifted_pixels(data["x_train"], SHIFT, rng).reshape(len(data["x_train"]), -1)
-    y = data["y_train"]
-    shares = np.array_split(np.arange(len(y)), DEVICES)
-    devices = []
-    for i, idx in enumerate(shares):
-        d = root / f"dev{i}"
-        pkg = d / "model"
-        extract_package(archive, pkg)
-        with SampleStore(d / "data" / "samples.db") as st:
-            st.add_many([(x[j], int(y[j])) for j in idx], "import", "cnn@1.0.0")
-        devices.append({"root": d, "pkg": pkg, "store": d / "data" / "samples.db",
-                        "x": x[idx], "y": y[idx]})
-    return {"root": root, "server_pkg": server_pkg, "devices": devices}
+    return make_fleet(data, keras_pkg, tmp_path_factory.mktemp("head-fleet"),
+                      [SHIFT] * DEVICES)
 
 
 def _node(fleet: dict[str, Any], i: int) -> dict[str, Any]:
-    d = fleet["devices"][i]
-    return {"sample-store": str(d["store"]), "model-package": str(d["pkg"]),
-            "state-dir": str(d["root"] / "fl"), "privacy-budget": 10.0, "partition-id": i,
-            "privacy-evaluation": "noised", "insecure-reproducible-noise-seed": 0}
+    return node_config(fleet, i, noise_seed=0)
 
 
 def test_devices_fine_tune_the_head_with_dp_and_the_new_version_predicts(
         fleet: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "cnn-ft"
-    s = run_settings({"package": str(fleet["server_pkg"]), "tag": "head", "num-rounds": 4,
-                      "dp": "sample", "epsilon": 3.0, "delta": 1e-5, "min-nodes": DEVICES,
-                      "num-nodes": DEVICES, "local-steps": 30, "batch-size": 64,
-                      "lr": 0.05, "clip": 5.0, "strategy": "fedavg",
-                      "db": str(tmp_path / "fl.db"), "out": str(out)})
-    grid = InProcessGrid(fl_client.app, DEVICES, lambda i: _node(fleet, i))
-    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                  run_config=s.flower_config()))
+    run_head_fl(fleet, {"tag": "head", "num-rounds": 4, "dp": "sample", "epsilon": 3.0,
+                        "delta": 1e-5, "local-steps": 30, "batch-size": 64, "lr": 0.05,
+                        "clip": 5.0, "strategy": "fedavg", "db": str(tmp_path / "fl.db"),
+                        "out": str(out)}, noise_seed=0)
     run = FlStore(tmp_path / "fl.db").run("head")
     assert run is not None and run.status == "finished", run
     assert run.final is not None and run.final["package"] == str(out)
@@ -117,7 +92,7 @@ def test_devices_fine_tune_the_head_with_dp_and_the_new_version_predicts(
 
 def test_a_device_whose_backbone_differs_rejects_the_round(
         fleet: dict[str, Any], tmp_path: Path, data: dict[str, Any]) -> None:
-    from flwr.app import ArrayRecord, ConfigRecord, Message
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
     from edgefleet.device.core.metrics import default_metrics
     from edgefleet.device.wire.federated import HEAD_BACKBONE, REJECTED_INPUT

@@ -10,38 +10,10 @@ from typing import Any
 import numpy as np
 
 from edgefleet.models.build.importer import ImportOptions
+from edgefleet.models.sim.head_fleet import digits_images, make_data, save_npz
 
-N_CALIB, N_EVAL = 400, 397
-
-
-def digits_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as ``(n, 8, 8, 1)`` float32 images (0..16) and labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images.astype(np.float32)[..., None], d.target.astype(np.int64)
-
-
-def save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    np.savez(path, x=x, y=y)
-    return path
-
-
-def make_data(root: Path) -> dict[str, Any]:
-    """Digits as 8x8x1 images (0..16): train / calibration / evaluation rows."""
-    x, y = digits_images()
-    order = np.random.default_rng(0).permutation(len(y))
-    x, y = x[order], y[order]
-    n_train = len(y) - N_CALIB - N_EVAL
-    tr, ca, ev = slice(0, n_train), slice(n_train, n_train + N_CALIB), slice(n_train + N_CALIB,
-                                                                            None)
-    (root / "labels.txt").write_text("\n".join(f"digit-{i}" for i in range(10)) + "\n")
-    return {"x_train": x[tr], "y_train": y[tr], "x_eval": x[ev], "y_eval": y[ev],
-            "calib": save_npz(root / "calib.npz", x[ca], y[ca]),
-            "eval": save_npz(root / "eval.npz", x[ev], y[ev]),
-            "calib_flat": save_npz(root / "calib_flat.npz", x[ca].reshape(-1, 64), y[ca]),
-            "eval_flat": save_npz(root / "eval_flat.npz", x[ev].reshape(-1, 64), y[ev]),
-            "labels": root / "labels.txt", "root": root}
+__all__ = ["digits_images", "import_opts", "make_data", "make_keras_model", "make_mlp_onnx",
+           "save_npz"]
 
 
 def make_mlp_onnx(data: dict[str, Any]) -> Path:
@@ -56,27 +28,12 @@ def make_mlp_onnx(data: dict[str, Any]) -> Path:
     return export_onnx_fp32(model, data["root"] / "mlp.onnx")
 
 
-def make_keras_model(data: dict[str, Any]) -> Path:
-    """A tiny Keras 3 CNN (conv, pool, dense, dense) trained for a few epochs, saved .keras."""
-    from edgefleet.models.build.tflite_export import _import_tf
+def make_keras_model(data: dict[str, Any], seed: int = 0) -> Path:
+    """The worked example's tiny Keras CNN trained on ``x_train``, saved as .keras."""
+    from edgefleet.models.build.example_cnn import train_digits_cnn
 
-    _import_tf()
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(8, 3, activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-    model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(data["x_train"] / 16.0, data["y_train"], epochs=8, batch_size=32, verbose=0)
-    path = data["root"] / "cnn.keras"
-    model.save(path)
-    return path
+    return train_digits_cnn(data["x_train"], data["y_train"], data["root"] / "cnn.keras",
+                            seed)
 
 
 def import_opts(data: dict[str, Any], model: Path, out: Path, **kw: Any) -> ImportOptions:
