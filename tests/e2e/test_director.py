@@ -44,7 +44,7 @@ def test_forged_replayed_expired_wrong_device_unsigned_and_downgrade_are_refused
     ctl = RolloutController(reg, view, view)
     devices = {d: start_agent(d, tmp_path / d, reg, srv.url, mosquitto.port)
                for d in ("pi-1", "pi-2")}
-    _a1, pi1 = devices["pi-1"]
+    a1, pi1 = devices["pi-1"]
     captured: dict[str, list[bytes]] = {"pi-1": [], "pi-2": []}
     lock = threading.Lock()
 
@@ -114,7 +114,10 @@ def test_forged_replayed_expired_wrong_device_unsigned_and_downgrade_are_refused
 
         # The director's own rollback (the operator stops the canary) is a signed
         # downgrade: accepted, reported, and the audit log says who asked.
-        wait_for(lambda: (view.assign_seq("pi-1") or 0) >= 100, what="the seq reported")
+        # The director signs above the seq the device last reported: wait for the report of
+        # the seq it holds now (the attacks took 102, and 202 if the view lagged behind).
+        wait_for(lambda: view.assign_seq("pi-1") == a1.director.seq >= 100,
+                 what="the seq reported")
         ctl.rollback("digits-mlp", actor="alice")
         wait_for(lambda: version("pi-1") == "1.0.0", what="pi-1 rolled back to 1.0.0")
         wait_for(lambda: any(e.get("event") == "downgrade_accepted"

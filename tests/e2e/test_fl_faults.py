@@ -18,9 +18,9 @@ from edgefleet.server.fleet.superlink import flower_env
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.fault]
 
 
-def _settings(tag: str, tmp: Path, rounds: int) -> object:
+def _settings(tag: str, tmp: Path, rounds: int, timeout: int = 25) -> object:
     return run_settings({"tag": tag, "num-rounds": rounds, "dp": "sample", "epsilon": 8.0,
-                         "min-nodes": 2, "num-nodes": 3, "seed": 3, "round-timeout": 25,
+                         "min-nodes": 2, "num-nodes": 3, "seed": 3, "round-timeout": timeout,
                          "local-steps": 5, "db": str(tmp / "fl.db"), "formats": "onnx"})
 
 
@@ -68,7 +68,10 @@ def test_killed_node_round_completes_node_rejoins_and_link_restart_keeps_state(
             # SuperLink restart: registered node keys and run history live in its database.
             fed.kill("superlink")
             fed.start_superlink()
-            s2 = _settings("faults2", tmp_path, 1)
+            # Nodes find the new SuperLink on their own retry schedule; on a busy 2-core CI
+            # machine that took longer than run 1's 25 s round, so a node that is merely
+            # slow gets 120 s (one that never comes back still fails the assertion below).
+            s2 = _settings("faults2", tmp_path, 1, timeout=120)
             run2 = submit_run(fed.conn, s2, tmp_path, signing_key=fed.app_key)  # type: ignore[arg-type]
             assert run2 != run_id
             follow_run(store, "faults2", fed.conn, run2, timeout=200)
