@@ -22,13 +22,18 @@ from edgefleet.device.fl.client import app as client_app
 from edgefleet.device.runtime.archive import extract_package, pack_package
 from edgefleet.models.sim.shift import Shift, shifted_pixels
 
-__all__ = ["N_CALIB", "N_EVAL", "SHIFTS", "client_app", "digits_images", "make_data",
-           "make_fleet", "node_config", "save_npz"]
+__all__ = ["CAMERAS", "FIELD_SHIFTS", "N_CALIB", "N_EVAL", "SHIFTS", "client_app",
+           "digits_images", "make_data", "make_fleet", "node_config", "save_npz"]
 
 N_CALIB, N_EVAL = 400, 397
 #: One camera per device, cycled: dimmer or brighter, more or less sensor noise.
 SHIFTS = (Shift(intensity=0.6, noise=2.0), Shift(intensity=0.4, noise=1.0),
           Shift(intensity=0.8, noise=3.0))
+#: Cameras in the field: also turned, and drawing strokes thicker or thinner.
+FIELD_SHIFTS = (Shift(intensity=0.6, noise=2.0, rotation=15.0),
+                Shift(intensity=0.8, noise=1.0, thickness=0.6),
+                Shift(intensity=0.7, noise=3.0, rotation=-12.0, thickness=-0.3))
+CAMERAS = {"light": SHIFTS, "field": FIELD_SHIFTS}
 
 
 def digits_images() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
@@ -63,14 +68,22 @@ def make_data(root: Path) -> dict[str, Any]:
 
 
 def make_fleet(data: dict[str, Any], package: Path, root: Path, shifts: Sequence[Shift],
-               seed: int = 7) -> dict[str, Any]:
+               seed: int = 7, records: int | None = None) -> dict[str, Any]:
     """One device per shift: its share of ``x_train`` (shifted) in its store, and its share
-    of ``x_eval`` (shifted the same way) as ``x_test``/``y_test`` for measuring."""
+    of ``x_eval`` (shifted the same way) as ``x_test``/``y_test`` for measuring.
+
+    ``records``: each device photographs that many distinct training images of its own
+    choosing instead of a disjoint share (devices overlap in the digits they see, as
+    cameras on one production line would, each through its own optics and noise)."""
     server_pkg = root / "server" / package.name
     shutil.copytree(package, server_pkg)
     archive = pack_package(package, root / f"{package.name}.tar")
     rng = np.random.default_rng(seed)
-    shares = np.array_split(rng.permutation(len(data["y_train"])), len(shifts))
+    n_train = len(data["y_train"])
+    if records is not None and not 0 < records <= n_train:
+        raise ValueError(f"records must be 1..{n_train}, not {records}")
+    shares = (np.array_split(rng.permutation(n_train), len(shifts)) if records is None
+              else [rng.choice(n_train, size=records, replace=False) for _ in shifts])
     tests = np.array_split(rng.permutation(len(data["y_eval"])), len(shifts))
     devices = []
     for i, (shift, idx, tidx) in enumerate(zip(shifts, shares, tests, strict=True)):

@@ -9,12 +9,15 @@ data its accuracy is measured on come from one definition:
   a bearing defect's impact rate included, moves to other frequency bands), ``gain=G``
   scales the accelerometer (a re-mounted or different sensor).
 * ``digits``: ``intensity=K`` scales the pixel values (a dimmer or brighter camera),
-  ``noise=S`` adds Gaussian noise of standard deviation S pixel levels; both are clipped
-  to the sensor's 0-16 range.
+  ``noise=S`` adds Gaussian noise of standard deviation S pixel levels, ``rotation=D``
+  turns the camera D degrees (counter-clockwise), ``thickness=T`` (-1 to 1) draws the
+  strokes thicker (towards a 3x3 grey dilation at 1) or thinner (towards an erosion at -1);
+  all clipped to the sensor's 0-16 range. Geometry first, then light, then noise.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,7 +31,10 @@ __all__ = ["Shift", "package_accuracy", "shifted_dataset", "shifted_pixels", "sh
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
-_KEYS = {"vibration": ("speed", "gain"), "digits": ("intensity", "noise")}
+_KEYS = {"vibration": ("speed", "gain"), "digits": ("intensity", "noise", "rotation",
+                                                    "thickness")}
+#: The values each key accepts (inclusive); a key not listed must be positive.
+_RANGES = {"noise": (0.0, math.inf), "rotation": (-180.0, 180.0), "thickness": (-1.0, 1.0)}
 DIGIT_MAX = 16.0
 
 
@@ -40,10 +46,12 @@ class Shift:
     gain: float = 1.0
     intensity: float = 1.0
     noise: float = 0.0
+    rotation: float = 0.0
+    thickness: float = 0.0
 
     @classmethod
     def parse(cls, text: str, task: str) -> Shift:
-        """``"speed=1.6"`` or ``"intensity=0.5,noise=2"``; keys must fit ``task``."""
+        """``"speed=1.6"`` or ``"intensity=0.5,noise=2,rotation=15"``; keys must fit ``task``."""
         allowed = _KEYS.get(task, ())
         values: dict[str, float] = {}
         for part in (p.strip() for p in text.split(",")):
@@ -58,8 +66,12 @@ class Shift:
                 values[key] = float(raw)
             except ValueError:
                 raise UsageError(f"--shift {part!r}: {raw!r} is not a number") from None
-            if values[key] < 0 or (key != "noise" and values[key] == 0):
-                raise UsageError(f"--shift {part!r}: must be positive")
+            lo, hi = _RANGES.get(key, (0.0, math.inf))
+            if not (lo <= values[key] <= hi and math.isfinite(values[key])
+                    and (key in _RANGES or values[key] > 0)):
+                raise UsageError(f"--shift {part!r}: " + (
+                    f"must be between {lo:g} and {hi:g}" if key in _RANGES and hi < math.inf
+                    else "must be a finite number" + (" ≥ 0" if key in _RANGES else " > 0")))
         return cls(**values)
 
     @property
@@ -74,9 +86,32 @@ class Shift:
                         if getattr(self, f.name) != getattr(base, f.name)) or "none"
 
 
+def _geometry(x: F32, shift: Shift) -> F32:
+    """Rotation and stroke thickness on square images (any leading/trailing layout that
+    holds n square single-channel images, e.g. ``(n, 64)`` or ``(n, 8, 8, 1)``)."""
+    from scipy import ndimage
+
+    side = math.isqrt(x.size // max(len(x), 1)) if x.ndim > 1 else math.isqrt(x.size)
+    imgs = x.reshape(-1, side, side)
+    if shift.rotation:
+        imgs = ndimage.rotate(imgs, shift.rotation, axes=(2, 1), reshape=False, order=1,
+                              mode="constant", cval=0.0)
+    if shift.thickness:
+        morph = ndimage.grey_dilation if shift.thickness > 0 else ndimage.grey_erosion
+        moved = morph(imgs, footprint=np.ones((1, 3, 3), bool) if shift.thickness > 0
+                      else np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool))
+        t = abs(shift.thickness)
+        imgs = (1.0 - t) * imgs + t * moved
+    out: F32 = np.asarray(imgs, dtype=np.float32).reshape(x.shape)
+    return out
+
+
 def shifted_pixels(pixels: npt.ArrayLike, shift: Shift, rng: np.random.Generator) -> F32:
     """Digits pixels (0-16) as the shifted camera would deliver them."""
-    x = np.asarray(pixels, dtype=np.float32) * shift.intensity
+    x = np.asarray(pixels, dtype=np.float32)
+    if shift.rotation or shift.thickness:
+        x = _geometry(x, shift)
+    x = x * shift.intensity
     if shift.noise > 0:
         x = x + rng.normal(0.0, shift.noise, size=x.shape).astype(np.float32)
     out: F32 = np.clip(x, 0.0, DIGIT_MAX).astype(np.float32)

@@ -19,7 +19,10 @@ def test_parse_keys_per_task() -> None:
     assert Shift.parse("", "digits").identity
     assert Shift(speed=1.6).describe() == "speed=1.6"
     for bad, task in (("speed=1.6", "digits"), ("noise=x", "digits"), ("speed", "vibration"),
-                      ("gain=0", "vibration"), ("noise=-1", "digits"), ("speed=2", "vision")):
+                      ("gain=0", "vibration"), ("noise=-1", "digits"), ("speed=2", "vision"),
+                      ("noise=nan", "digits"), ("intensity=inf", "digits"),
+                      ("rotation=181", "digits"), ("rotation=nan", "digits"),
+                      ("thickness=1.5", "digits"), ("rotation=10", "vibration")):
         with pytest.raises(UsageError):
             Shift.parse(bad, task)
 
@@ -40,6 +43,26 @@ def test_digits_shift_scales_and_clips() -> None:
     assert np.allclose(shifted_pixels(px, Shift(intensity=0.5), rng), 8.0)
     noisy = shifted_pixels(np.zeros(64, np.float32), Shift(noise=3.0), rng)
     assert noisy.min() >= 0 and noisy.max() <= 16 and noisy.max() > 0
+
+
+def test_digits_rotation_and_stroke_thickness() -> None:
+    """A camera turned 90° sees the image rotated; thicker strokes carry more ink, thinner
+    less; flat rows and (n, 8, 8, 1) images are shifted the same way."""
+    from sklearn.datasets import load_digits
+
+    img = load_digits().images[:3].astype(np.float32)
+    rng = np.random.default_rng(0)
+    turned = shifted_pixels(img.reshape(3, 64), Shift(rotation=90), rng).reshape(3, 8, 8)
+    assert np.allclose(turned, np.rot90(img, axes=(1, 2)), atol=1e-4)
+    assert not np.allclose(turned, np.rot90(img, -1, axes=(1, 2)), atol=1e-4)
+    thick = shifted_pixels(img[..., None], Shift(thickness=0.5), rng)
+    thin = shifted_pixels(img[..., None], Shift(thickness=-0.5), rng)
+    assert thick.shape == (3, 8, 8, 1)
+    assert thin.sum() < img.sum() < thick.sum()
+    assert np.array_equal(shifted_pixels(img.reshape(3, 64), Shift(thickness=0.5), rng),
+                          thick.reshape(3, 64))
+    assert Shift.parse("rotation=-15,thickness=0.5", "digits").describe() == \
+        "rotation=-15,thickness=0.5"
 
 
 def test_simulator_stream_uses_the_shift() -> None:
