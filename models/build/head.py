@@ -246,7 +246,11 @@ def tf_source_with_head(src: Path, old: list[F32], new: list[npt.NDArray[np.floa
     replaced by ``new``, and check that it gives ``want`` (the written-back fp32 ONNX
     graph's logits) on the model inputs ``x``. Returns what the lineage records; any
     mismatch is a :class:`HeadError` (``tf_source``), so the caller ships ONNX only."""
-    from edgefleet.models.build.tf_convert import open_saved_model, saved_model_with_weights
+    from edgefleet.models.build.tf_convert import (
+        VariableMatchError,
+        open_saved_model,
+        saved_model_with_weights,
+    )
 
     if len(old) != len(new):
         raise HeadError(f"{len(new)} arrays for a head of {len(old)}", reason="head_shape")
@@ -254,9 +258,12 @@ def tf_source_with_head(src: Path, old: list[F32], new: list[npt.NDArray[np.floa
         names = saved_model_with_weights(
             src, dest, [(o, np.asarray(n, np.float32)) for o, n in zip(old, new, strict=True)])
         got = np.asarray(open_saved_model(dest).fn(x.astype(np.float32)), np.float32)
-    except ValueError as exc:
+    except VariableMatchError as exc:
         raise HeadError(f"the head is not in the TensorFlow source: {exc}",
                         reason="tf_source") from None
+    except Exception as exc:  # TensorFlow's and Keras' load errors are untyped
+        raise HeadError(f"the kept TensorFlow model {src.name} cannot be loaded: "
+                        f"{str(exc).strip()[:300]}", reason="tf_source") from None
     diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
     tol = TF_PARITY * max(1.0, float(np.max(np.abs(want))))
     if not diff <= tol:

@@ -28,6 +28,7 @@ from edgefleet.models.build.onnx_export import OPSET
 
 __all__ = [
     "SavedModelFn",
+    "VariableMatchError",
     "canonical_onnx",
     "keras_to_onnx",
     "open_saved_model",
@@ -220,6 +221,10 @@ def saved_model_to_onnx(sm: SavedModelFn, sample_shape: tuple[int, ...], path: P
     return _to_onnx(tf.function(sm.fn), sample_shape, path, input_name, output_name)
 
 
+class VariableMatchError(ValueError):
+    """An array to replace matches no variable of the model, or several."""
+
+
 def saved_model_with_weights(source: Path, dest: Path,
                              pairs: Sequence[tuple[F32, F32]]) -> list[str]:
     """Write the SavedModel ``dest``: ``source`` (a Keras file, final softmax removed, or a
@@ -228,7 +233,7 @@ def saved_model_with_weights(source: Path, dest: Path,
 
     Variables are found by value, not by name: the ONNX graph's initializers are exact
     copies of them (a 2-D weight may be stored transposed). A pair that matches no
-    variable, or several, is a :class:`ValueError` naming it.
+    variable, or several, is a :class:`VariableMatchError` naming it.
     """
     tf = _tf()
     with saved_model_for(source) as (sm_dir, _):
@@ -246,8 +251,9 @@ def saved_model_with_weights(source: Path, dest: Path,
                         hits.append((i, transposed))
                         break
             if len(hits) != 1:
-                raise ValueError(f"head array {k} {old.shape} matches {len(hits)} variables "
-                                 f"of the TensorFlow source; expected exactly one")
+                raise VariableMatchError(f"head array {k} {old.shape} matches {len(hits)} "
+                                         "variables of the TensorFlow source; expected "
+                                         "exactly one")
             i, transposed = hits[0]
             variables[i].assign(np.asarray(new.T if transposed else new, np.float32)
                                 .reshape(values[i].shape))

@@ -168,6 +168,13 @@ def test_a_head_missing_from_the_kept_keras_model_ships_onnx_only(
     tfl = m.lineage["fine_tuned"]["tflite"]
     assert tfl["rebuilt"] is False and "not in the TensorFlow source" in tfl["reason"], tfl
     assert default_metrics().counter("head_rejected_tf_source") == before + 1
+    # an unreadable kept model
+    (pkg / "source" / "model.keras").write_bytes(b"not a zip")
+    HeadJob.open(str(pkg)).package(ft["head"], tmp_path / "c", {"source": "test"})
+    m = load_package(tmp_path / "c")
+    assert set(m.variants) == {"onnx-fp32", "onnx-int8"}
+    assert "cannot be loaded" in m.lineage["fine_tuned"]["tflite"]["reason"]
+    assert default_metrics().counter("head_rejected_tf_source") == before + 2
     # no kept model at all (a package imported before the model was kept)
     (pkg / "source" / "model.keras").unlink()
     HeadJob.open(str(pkg)).package(ft["head"], tmp_path / "b", {"source": "test"})
