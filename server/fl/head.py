@@ -158,9 +158,12 @@ class HeadJob:
         m = self.manifest
         kind = m.lineage.get("model", {}).get("kind")
         if "tflite-int8" not in m.variants:
-            why = {"onnx": "the source is an ONNX model (no TensorFlow model to convert)",
-                   "savedmodel": "the source SavedModel ends in softmax"}.get(
-                str(kind), "the parent has no TFLite variant")
+            earlier = (m.lineage.get("fine_tuned", {}).get("tflite") or {}).get("reason")
+            why = (f"the parent {m.version} has no TFLite variant either ({earlier})"
+                   if earlier else
+                   {"onnx": "the source is an ONNX model (no TensorFlow model to convert)",
+                    "savedmodel": "the source SavedModel ends in softmax"}.get(
+                       str(kind), "the parent has no TFLite variant"))
             return None, {"rebuilt": False, "reason": why}
         src = kept_tf_source(self.root)
         if src is None:

@@ -168,6 +168,11 @@ def test_a_head_missing_from_the_kept_keras_model_ships_onnx_only(
     tfl = m.lineage["fine_tuned"]["tflite"]
     assert tfl["rebuilt"] is False and "not in the TensorFlow source" in tfl["reason"], tfl
     assert default_metrics().counter("head_rejected_tf_source") == before + 1
+    # its own next version says where the missing variant comes from
+    HeadJob.open(str(tmp_path / "a")).package(ft["head"], tmp_path / "a2", {"source": "t"})
+    reason = load_package(tmp_path / "a2").lineage["fine_tuned"]["tflite"]["reason"]
+    assert reason.startswith("the parent 1.0.1 has no TFLite variant either (the head is "
+                             "not in the TensorFlow source"), reason
     # an unreadable kept model
     (pkg / "source" / "model.keras").write_bytes(b"not a zip")
     HeadJob.open(str(pkg)).package(ft["head"], tmp_path / "c", {"source": "test"})
