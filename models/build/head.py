@@ -26,8 +26,9 @@ from edgefleet.device.core.errors import ModelError
 from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.runtime.manifest import HeadCut, Variant
 
-__all__ = ["BACKBONE_FILE", "HEAD_FILE", "SOURCE_DIR", "HeadError", "head_params",
-           "split_model", "write_head"]
+__all__ = ["BACKBONE_FILE", "HEAD_FILE", "SOURCE_DIR", "TF_SOURCES", "HeadError",
+           "head_params", "keep_tf_source", "kept_tf_source", "split_model",
+           "tf_source_with_head", "write_head"]
 
 #: The int8 backbone and the head's fp32 weights in a package.
 BACKBONE_FILE = "backbone_int8.onnx"
@@ -36,6 +37,13 @@ HEAD_FILE = "head.npz"
 #: the operator's calibration and evaluation data, which re-quantizing a fine-tuned
 #: version needs on the server.
 SOURCE_DIR = "source"
+#: The TensorFlow model kept in ``source/`` when the import made a TFLite variant (a Keras
+#: file as given, or a SavedModel folder): a fine-tuned version's TFLite variant is
+#: converted from it with the new head (:func:`tf_source_with_head`).
+TF_SOURCES = ("model.keras", "saved_model")
+#: The TensorFlow source with the new head must give the written-back ONNX graph's logits
+#: within this (relative to the largest logit), or the TFLite variant is not rebuilt.
+TF_PARITY = 1e-3
 #: Ops that may sit in the head without changing a 2-D ``(n, features)`` tensor.
 _NO_OPS = frozenset({"Identity", "Flatten", "Reshape", "Squeeze"})
 MAX_LAYERS = 2
@@ -210,3 +218,56 @@ def split_model(fp32: Path, cut: HeadCut, out_dir: Path, calib_x: F32, input_nam
     _write_npz(out_dir / HEAD_FILE, params)
     return cut.model_copy(update={"backbone": BACKBONE_FILE, "params": HEAD_FILE,
                                   "dim": int(params[0].shape[0]), "layers": len(params) // 2})
+
+
+def keep_tf_source(src: Path, source_dir: Path) -> Path:
+    """Copy the TensorFlow model ``src`` (a ``.keras`` file or a SavedModel folder) into
+    ``source_dir`` under its :data:`TF_SOURCES` name; returns the copy."""
+    import shutil
+
+    if src.is_dir():
+        return Path(shutil.copytree(src, source_dir / TF_SOURCES[1]))
+    return Path(shutil.copyfile(src, source_dir / TF_SOURCES[0]))
+
+
+def kept_tf_source(root: Path) -> Path | None:
+    """The TensorFlow model kept with the package ``root``, if the import kept one."""
+    for name in TF_SOURCES:
+        p = root / SOURCE_DIR / name
+        if p.exists():
+            return p
+    return None
+
+
+def tf_source_with_head(src: Path, old: list[F32], new: list[npt.NDArray[np.floating]],
+                        dest: Path, x: F32, want: F32) -> dict[str, Any]:
+    """Write the SavedModel ``dest``: the kept TensorFlow model ``src`` whose head weights
+    (``old``, as :func:`head_params` reads them from the graph it was converted to) are
+    replaced by ``new``, and check that it gives ``want`` (the written-back fp32 ONNX
+    graph's logits) on the model inputs ``x``. Returns what the lineage records; any
+    mismatch is a :class:`HeadError` (``tf_source``), so the caller ships ONNX only."""
+    from edgefleet.models.build.tf_convert import (
+        VariableMatchError,
+        open_saved_model,
+        saved_model_with_weights,
+    )
+
+    if len(old) != len(new):
+        raise HeadError(f"{len(new)} arrays for a head of {len(old)}", reason="head_shape")
+    try:
+        names = saved_model_with_weights(
+            src, dest, [(o, np.asarray(n, np.float32)) for o, n in zip(old, new, strict=True)])
+        got = np.asarray(open_saved_model(dest).fn(x.astype(np.float32)), np.float32)
+    except VariableMatchError as exc:
+        raise HeadError(f"the head is not in the TensorFlow source: {exc}",
+                        reason="tf_source") from None
+    except Exception as exc:  # TensorFlow's and Keras' load errors are untyped
+        raise HeadError(f"the kept TensorFlow model {src.name} cannot be loaded: "
+                        f"{str(exc).strip()[:300]}", reason="tf_source") from None
+    diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+    tol = TF_PARITY * max(1.0, float(np.max(np.abs(want))))
+    if not diff <= tol:
+        raise HeadError(f"the TensorFlow source with the new head differs from the ONNX "
+                        f"graph by {diff:.3g} (shape {got.shape}, tolerance {tol:.3g})",
+                        reason="tf_source")
+    return {"variables": names, "max_abs_diff_vs_onnx_fp32": diff}

@@ -99,6 +99,9 @@ class ImportOptions:
     holdout: float = 0.25
     #: The package (all files) may not be larger than what a device unpacks.
     max_bytes: int = field(default_factory=lambda: ArchiveLimits().max_total_bytes)
+    #: For an ONNX model: a SavedModel of the same model (logits out) whose full-integer
+    #: conversion becomes the ``tflite-int8`` variant (a fine-tuned head, server/fl/head.py).
+    tflite_source: Path | None = None
 
 
 # -- reading the inputs -----------------------------------------------------------------
@@ -471,6 +474,7 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
             fp32 = tmp / "model_fp32.onnx"
             if kind == "onnx":
                 shutil.copyfile(opts.model, fp32)
+                sm_dir = opts.tflite_source
             else:
                 sm_dir, removed_softmax = stack.enter_context(
                     _tf_to_onnx(opts.model, fp32, say))
@@ -554,14 +558,17 @@ def _split_head(tmp: Path, head: HeadCut, fp32: Variant, xc: F32, method: CalibM
         return head
 
 
-def _keep_source_data(opts: ImportOptions, tmp: Path) -> None:
-    """The calibration and evaluation data, next to the package files but not in them: the
-    server re-quantizes fine-tuned versions with them; devices never receive them."""
-    from edgefleet.models.build.head import SOURCE_DIR
+def _keep_source_data(opts: ImportOptions, tmp: Path, tflite: bool) -> None:
+    """The calibration and evaluation data (and the TensorFlow model, when it made the
+    TFLite variant), next to the package files but not in them: the server re-quantizes
+    fine-tuned versions with them; devices never receive them."""
+    from edgefleet.models.build.head import SOURCE_DIR, keep_tf_source
 
     (tmp / SOURCE_DIR).mkdir(mode=0o700)
     shutil.copyfile(opts.calibration, tmp / SOURCE_DIR / "calibration.npz")
     shutil.copyfile(opts.eval, tmp / SOURCE_DIR / "eval.npz")
+    if tflite:
+        keep_tf_source(opts.tflite_source or opts.model, tmp / SOURCE_DIR)
 
 
 @contextmanager
@@ -668,7 +675,7 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
     )
     write_manifest(tmp, manifest)
     if head is not None and head.trainable:
-        _keep_source_data(opts, tmp)
+        _keep_source_data(opts, tmp, "tflite-int8" in variants)
     if opts.out.exists():
         shutil.rmtree(opts.out)
     tmp.rename(opts.out)

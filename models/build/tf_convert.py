@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +28,14 @@ from edgefleet.models.build.onnx_export import OPSET
 
 __all__ = [
     "SavedModelFn",
+    "VariableMatchError",
     "canonical_onnx",
     "keras_to_onnx",
     "open_saved_model",
     "saved_model_for",
     "saved_model_to_onnx",
     "saved_model_to_tflite_int8",
+    "saved_model_with_weights",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -217,6 +219,48 @@ def saved_model_to_onnx(sm: SavedModelFn, sample_shape: tuple[int, ...], path: P
     """Convert the signature ``sm`` to a self-contained fp32 ONNX file (opset 17)."""
     tf = _tf()
     return _to_onnx(tf.function(sm.fn), sample_shape, path, input_name, output_name)
+
+
+class VariableMatchError(ValueError):
+    """An array to replace matches no variable of the model, or several."""
+
+
+def saved_model_with_weights(source: Path, dest: Path,
+                             pairs: Sequence[tuple[F32, F32]]) -> list[str]:
+    """Write the SavedModel ``dest``: ``source`` (a Keras file, final softmax removed, or a
+    SavedModel) with each variable that holds one ``old`` array of ``pairs`` set to its
+    ``new`` one; returns the variables' names in the order of ``pairs``.
+
+    Variables are found by value, not by name: the ONNX graph's initializers are exact
+    copies of them (a 2-D weight may be stored transposed). A pair that matches no
+    variable, or several, is a :class:`VariableMatchError` naming it.
+    """
+    tf = _tf()
+    with saved_model_for(source) as (sm_dir, _):
+        loaded = tf.saved_model.load(str(sm_dir))
+        variables = list(getattr(loaded, "variables", []))
+        values = [np.asarray(v.numpy()) for v in variables]
+        names: list[str] = []
+        taken: set[int] = set()
+        for k, (old, new) in enumerate(pairs):
+            hits = []
+            for i, val in enumerate(values):
+                for transposed, want in ((False, old), (True, old.T)):
+                    if (i not in taken and val.shape == want.shape
+                            and np.allclose(val, want, rtol=1e-6, atol=1e-7)):
+                        hits.append((i, transposed))
+                        break
+            if len(hits) != 1:
+                raise VariableMatchError(f"head array {k} {old.shape} matches {len(hits)} "
+                                         "variables of the TensorFlow source; expected "
+                                         "exactly one")
+            i, transposed = hits[0]
+            variables[i].assign(np.asarray(new.T if transposed else new, np.float32)
+                                .reshape(values[i].shape))
+            taken.add(i)
+            names.append(str(variables[i].name))
+        tf.saved_model.save(loaded, str(dest), signatures=loaded.signatures)
+    return names
 
 
 def saved_model_to_tflite_int8(

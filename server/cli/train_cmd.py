@@ -13,7 +13,7 @@ import typer
 
 from edgefleet.device.core.cli_support import console, print_json
 
-__all__ = ["describe_declines", "embedded_policy", "train"]
+__all__ = ["describe_declines", "embedded_policy", "fine_tuned_lines", "train"]
 
 
 def _sigterm_as_interrupt(_sig: int, _frame: Any) -> None:
@@ -237,6 +237,7 @@ def train(
         "device_accuracy": final.get("device_accuracy"),
         "package": final.get("package"),
         **({"parent": f"{parent[0]}@{parent[1]}"} if parent else {}),
+        **(_fine_tuned(Path(final["package"])) if head_of and final.get("package") else {}),
     }
     if json_out:
         print_json(result)
@@ -255,6 +256,30 @@ def train(
                       f"{spread['worst']}")
     console.print(f"model package → {result['package']}"
                   + (f" (next version of {result['parent']})" if parent else ""))
+    for line in fine_tuned_lines(result):
+        console.print(line)
+
+
+def fine_tuned_lines(result: dict[str, Any]) -> list[str]:
+    """What a head run's summary says of the new version's variants (nothing for other
+    runs): a TFLite variant that was not rebuilt is named, with the reason."""
+    if "variants" not in result:
+        return []
+    lines = [f"variants: {', '.join(result['variants'])}"]
+    if "tflite-int8" not in result["variants"]:
+        lines.append(f"[yellow]TFLite not rebuilt[/]: {result['tflite'].get('reason')}; "
+                     "this version ships ONNX variants only")
+    return lines
+
+
+def _fine_tuned(package: Path) -> dict[str, Any]:
+    """Which variants a fine-tuned head's version ships, and what its lineage says of
+    TFLite (``rebuilt``, or the ``reason`` it was not)."""
+    from edgefleet.device.runtime.manifest import load_package
+
+    m = load_package(package, verify=False)
+    return {"variants": sorted(m.variants),
+            "tflite": m.lineage.get("fine_tuned", {}).get("tflite") or {}}
 
 
 def _simulate(settings: Any, devices: int, work: Path, dp: str, epsilon: float, task: str,

@@ -266,3 +266,7 @@ def check_settings(s: RunSettings) -> None:
     """Refuse settings that cannot work before any process starts."""
     if s.min_nodes > s.num_nodes:
         raise UsageError(f"--min-nodes {s.min_nodes} exceeds --devices {s.num_nodes}")
+    if s.package:
+        from edgefleet.server.fl.head import head_package
+
+        head_package(s.package)

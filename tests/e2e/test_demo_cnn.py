@@ -40,6 +40,10 @@ def test_demo_cnn_fine_tunes_the_imported_head_with_dp(
     tuned = load_package(Path(r["packages"]["fine_tuned"]))
     assert (imported.version, tuned.version) == ("1.0.0", "1.0.1")
     assert tuned.lineage["fine_tuned"]["dp"]["mode"] == "sample"
+    # the fine-tuned version's int8 TFLite variant is rebuilt from the kept Keras model
+    assert set(tuned.variants) == set(imported.variants) == {"onnx-fp32", "onnx-int8",
+                                                             "tflite-int8"}
+    assert tuned.lineage["fine_tuned"]["tflite"]["rebuilt"] is True
     # the human-readable report of the same run
     from edgefleet.server.cli.demo_cmd import _print_cnn_report
 

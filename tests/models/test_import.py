@@ -117,7 +117,7 @@ def test_import_is_reproducible(data: dict[str, Any], keras_model: Path, tmp_pat
     assert names == sorted(p.relative_to(tmp_path / "b").as_posix()
                            for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert {"model_int8.tflite", "manifest.json", "backbone_int8.onnx", "head.npz",
-            "source/calibration.npz"} <= set(names)
+            "source/calibration.npz", "source/model.keras"} <= set(names)
     differ = [n for n in names
               if (tmp_path / "a" / n).read_bytes() != (tmp_path / "b" / n).read_bytes()]
     assert differ == []
@@ -232,6 +232,8 @@ def test_savedmodel_source(keras_model: Path, data: dict[str, Any], tmp_path: Pa
                              methods=("minmax",)))
     assert set(res.manifest.variants) == {"onnx-fp32", "onnx-int8"}
     assert "softmax" in res.manifest.lineage["quantization"]["tflite"]["skipped"]
+    # nothing to rebuild a fine-tuned TFLite variant from, so no TensorFlow model is kept
+    assert not (res.path / "source" / "saved_model").exists()
     # ending in logits: all three
     model.layers[-1].activation = keras.activations.linear
     sm = tmp_path / "cnn_savedmodel"
@@ -240,6 +242,9 @@ def test_savedmodel_source(keras_model: Path, data: dict[str, Any], tmp_path: Pa
     m = res.manifest
     assert set(m.variants) == {"onnx-fp32", "onnx-int8", "tflite-int8"}
     assert m.metrics["tflite-int8"]["ece"] < 0.1
+    # kept (never listed, so never shipped) for a fine-tuned head's TFLite variant
+    assert (res.path / "source" / "saved_model" / "saved_model.pb").is_file()
+    assert not any(f.startswith("source") for f in m.files)
     assert m.lineage["model"]["kind"] == "savedmodel" and len(m.lineage["model"]["sha256"]) == 64
     assert m.metrics["onnx-int8"]["accuracy"] > 0.85
     assert Predictor.load(res.path, backend="tflite", threads=1).predict(
