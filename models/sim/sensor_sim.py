@@ -133,7 +133,8 @@ def run(
                                "garbage=0.01,pause=0.01,pause_s=0.3"),
     seed: int = typer.Option(0, "--seed", help="Seed for samples and faults."),
     shift: str = typer.Option("", "--shift", help="Move the distribution (docs/tasks.md): "
-                              "vibration speed=1.6,gain=1.2; digits intensity=0.5,noise=2."),
+                              "vibration speed=1.6,gain=1.2; digits "
+                              "intensity=0.5,noise=2,rotation=15,thickness=0.5."),
     baudrate: int = typer.Option(921_600, "--baudrate", min=1200),
     truth: Path | None = typer.Option(None, "--truth", help="Write seq, label, damaged "
                                       "as JSON lines here."),

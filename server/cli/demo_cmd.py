@@ -80,7 +80,7 @@ def demo(
 
 
 def _print_cnn_report(r: dict[str, Any]) -> None:
-    t = Table("device", "camera shift", "trained on", "held out", "ε spent", "imported",
+    t = Table("device", "camera shift", "images stored", "held out", "ε spent", "imported",
               "DP fine-tuned",
               title=f"head fine-tuning at ε = {r['epsilon_target']:g} "
                     f"(devices spent up to {r['epsilon_spent']:.2f}), {r['rounds']} rounds")

@@ -3,7 +3,8 @@
 A small, in-process companion to the fleet demo (:mod:`.fleet`): it trains the worked
 example's Keras CNN (:mod:`edgefleet.models.build.example_cnn`) as a user would, imports
 it with ``models import``, gives N simulated devices a shifted camera each
-(:mod:`edgefleet.models.sim.head_fleet`), runs one federated DP head fine-tuning through
+(:mod:`edgefleet.models.sim.head_fleet`: turned, dimmed, noisy, thicker or thinner
+strokes; 800 images each), runs one federated DP head fine-tuning through
 the real ServerApp and ClientApp in the in-process grid, and reports each device's
 accuracy on its own held-out shifted images before and after. No broker, registry or
 agents: the fleet demo shows those; this one shows what federated learning adds to an
@@ -26,6 +27,8 @@ __all__ = ["run_cnn_demo", "run_head_fl"]
 
 Say = Callable[[str], None]
 DELTA = 1e-5
+#: Images each device photographs (docs/bench/byom-fl-fleet.md: DP needs records).
+RECORDS = 800
 
 
 def run_head_fl(fleet: dict[str, Any], run_config: dict[str, Any], *, state: str = "fl",
@@ -49,7 +52,7 @@ def run_cnn_demo(workdir: Path, devices: int, rounds: int, epsilon: float, say: 
     """Train, import, fine-tune with DP on ``devices`` shifted devices; the report."""
     from edgefleet.models.build.example_cnn import train_digits_cnn
     from edgefleet.models.build.importer import ImportOptions, import_model
-    from edgefleet.models.sim.head_fleet import SHIFTS, make_data, make_fleet
+    from edgefleet.models.sim.head_fleet import FIELD_SHIFTS, make_data, make_fleet
     from edgefleet.models.sim.shift import package_accuracy
     from edgefleet.server.demo.fleet import _fresh_workdir
     from edgefleet.server.fl.store import FlStore
@@ -73,9 +76,9 @@ def run_cnn_demo(workdir: Path, devices: int, rounds: int, epsilon: float, say: 
     import_model(ImportOptions(model=model, out=pkg, calibration=data["calib"],
                                eval=data["eval"], labels=data["labels"], scale=1 / 16))
     done("import")
-    say(f"{devices} devices with shifted cameras")
-    shifts = [SHIFTS[i % len(SHIFTS)] for i in range(devices)]
-    fleet = make_fleet(data, pkg, work / "fleet", shifts)
+    say(f"{devices} devices with shifted cameras, {RECORDS} images each")
+    shifts = [FIELD_SHIFTS[i % len(FIELD_SHIFTS)] for i in range(devices)]
+    fleet = make_fleet(data, pkg, work / "fleet", shifts, records=RECORDS)
     done("devices")
     say(f"federated DP head fine-tuning (ε = {epsilon:g}, {rounds} rounds)")
     out = work / "models" / "cnn-ft"

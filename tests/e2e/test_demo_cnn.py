@@ -26,8 +26,9 @@ def test_demo_cnn_fine_tunes_the_imported_head_with_dp(
     r = json.loads(proc.stdout)
     assert r["model"] == "cnn" and r["devices"] == 3 and r["rounds"] == 2
     assert [d["shift"] for d in r["per_device"]] == [
-        "intensity=0.6,noise=2", "intensity=0.4,noise=1", "intensity=0.8,noise=3"]
-    assert all(d["held_out"] > 100 and d["train"] > 300 for d in r["per_device"])
+        "intensity=0.6,noise=2,rotation=15", "intensity=0.8,noise=1,thickness=0.6",
+        "intensity=0.7,noise=3,rotation=-12,thickness=-0.3"]
+    assert all(d["held_out"] > 100 and d["train"] == 800 for d in r["per_device"])
     # each device's own ledger: DP was spent, never more than the run asked for (plus the
     # small cost of the noised evaluations); σ is calibrated conservatively, so a 2-round
     # run spends less than its target
