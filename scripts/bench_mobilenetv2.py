@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -275,8 +276,8 @@ def only_head_cost(manifest: Any, lat: dict[str, float], head: dict[str, float],
     path = SECTIONS / "mobilenetv2.md"
     loads = "/".join(f"{v:.1f}" for v in load_before) + " before and " + "/".join(
         f"{v:.1f}" for v in os.getloadavg()) + " after"
-    note = (f" (`--only head-cost`: measured in a run of its own, load average {loads}; "
-            "its backbone time is that run's, not the table's)")
+    note = (f" Measured by `--only head-cost` in a run of its own (load average {loads}): "
+            "the backbone time is that run's, not the table's.")
     print(json.dumps({"latency_ms": lat, "head_ms": head}, indent=1), flush=True)
     paragraph, bullet = head_text(manifest.head, lat, head, note)
     text = path.read_text()
@@ -312,7 +313,7 @@ def head_text(cut: Any, lat: dict[str, float], head: dict[str, float],
 `{short(cut.node)}` ({cut.op}) on `{short(cut.embedding)}`, embedding width {cut.dim}
 (MobileNetV2 keeps 1280 channels in its last conv for alpha ≤ 1). One DP-SGD step of
 that dense layer ({cut.dim}×10 + 10; `edgefleet.device.fl.dp_sgd.private_gradient`,
-then the update), fp32 NumPy, median{note}. Per-example gradients are not materialized:
+then the update), fp32 NumPy, median. Per-example gradients are not materialized:
 the step takes each example's embedding a and logit gradient d (`MLP.dense_terms`), its
 gradient norm from ‖a‖²·‖d‖² + ‖d‖² (float64) and the clipped sum as one matmul
 Aᵀ·diag(c)·D; then {n_params:,} Gaussian noise values (float64, σ·C) and the update. On
@@ -323,11 +324,12 @@ takes {head['noise']:.3g} ms ({head['noise'] / head['one']:.0%} of the one-examp
 a fixed cost per step, one value per parameter whatever the batch, which DP-SGD cannot
 skip and a real step pays once per Poisson batch. One step on a batch of 32 costs
 {head['batch32']:.3g} ms, i.e. {head['batch32'] / 32:.3g} ms per sample, {ratio32:.3f} of
-one backbone inference."""
+one backbone inference.{note}"""
     bullet = f"""- one DP head step on one example / one backbone inference:
   {verdict(ratio, TARGETS['head'])}; per sample in a batch of 32:
   {verdict(ratio32, TARGETS['head'])}"""
-    return paragraph, bullet
+    return textwrap.fill(paragraph.replace("\n", " "), 90, break_long_words=False,
+                         break_on_hyphens=False), bullet
 
 
 def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict[str, float],
