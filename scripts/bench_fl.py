@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import DOCS, md_table, write_section
 
+from edgefleet.device.fl.dp_sgd import grad_norms
 from edgefleet.device.runtime.mlp import MLP
 from edgefleet.models.core.partition import dirichlet_partition
 from edgefleet.models.core.train import TrainConfig, train_sgd
@@ -107,9 +108,8 @@ def public_median_grad_norm() -> float:
         model = MLP.init((task.n_features, *s.hidden_sizes(), task.n_classes), seed=SEED)
         train_sgd(model, apply_normalization(split.x_calib[a], norm), split.y_calib[a],
                   TrainConfig(epochs=PRETRAIN, seed=SEED))
-        grads = model.per_example_grads(apply_normalization(split.x_calib[b], norm),
-                                        split.y_calib[b])
-        norms.append(np.sqrt(sum(np.sum(g.reshape(len(b), -1) ** 2, axis=1) for g in grads)))
+        norms.append(grad_norms(*model.dense_terms(apply_normalization(split.x_calib[b], norm),
+                                                   split.y_calib[b])))
     return float(np.median(np.concatenate(norms)))
 
 

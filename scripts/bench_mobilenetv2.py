@@ -11,14 +11,17 @@ by :func:`edgefleet.models.build.importer.import_model` (the function behind
   runtime (a TFLite fp32 baseline is converted from the same SavedModel);
 - file size int8/fp32;
 - one DP-SGD step of the head (the package's ``head``: a dense layer from the embedding to
-  10 classes, per-example gradient, clipping, noise; :mod:`edgefleet.device.fl.dp_sgd` on
-  a one-layer :class:`~edgefleet.device.runtime.mlp.MLP`) against one backbone inference;
+  10 classes; per-example clipping without materialized per-example gradients, noise,
+  update: :func:`edgefleet.device.fl.dp_sgd.private_gradient` on a one-layer
+  :class:`~edgefleet.device.runtime.mlp.MLP`) against one backbone inference;
 - parity under QEMU arm64 (cortex-a72, cortex-a76) with ``cross/parity.py`` (needs root
   and the cached rootfs; the row says why when it cannot run).
 
-Writes ``docs/bench/mobilenetv2.md``.
+Writes ``docs/bench/mobilenetv2.md``; ``--only head-cost`` builds and imports the same
+model, times only the int8 backbones and the head step, and rewrites only the head
+paragraph and its target line of that file.
 
-    .venv/bin/python scripts/bench_mobilenetv2.py [--steps 200] [--no-arm]
+    .venv/bin/python scripts/bench_mobilenetv2.py [--steps 200] [--no-arm] [--only head-cost]
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import argparse
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -38,9 +43,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import cpu_flags, interleaved_medians, md_table, write_section
+from bench_common import SECTIONS, cpu_flags, interleaved_medians, md_table, write_section
 
-from edgefleet.device.fl.dp_sgd import clip_and_noise
+from edgefleet.device.fl.dp_sgd import private_gradient
 from edgefleet.device.runtime.backends import open_backend
 from edgefleet.device.runtime.manifest import Variant, load_package
 from edgefleet.device.runtime.mlp import MLP
@@ -113,8 +118,8 @@ def tflite_fp32(keras_path: Path, out: Path) -> Path:
 
 
 def head_step_ms(dim: int, n_classes: int, batch: int = 1) -> float:
-    """Median ms of one DP-SGD step of the head on ``batch`` examples (fp32 NumPy):
-    per-example gradients, clipping, one draw of Gaussian noise, the update."""
+    """Median ms of one DP-SGD step of the head on ``batch`` examples (fp32 NumPy): the
+    clipped sum, one draw of Gaussian noise per parameter, the update."""
     rng = np.random.default_rng(0)
     head = MLP.init((dim, n_classes), seed=0)
     emb = rng.normal(size=(batch, dim)).astype(np.float32)
@@ -122,11 +127,30 @@ def head_step_ms(dim: int, n_classes: int, batch: int = 1) -> float:
     times = []
     for _ in range(HEAD_RUNS // batch):
         t0 = time.perf_counter()
-        grads = clip_and_noise(head.per_example_grads(emb, label), 1.0, 1.0, float(batch), rng)
+        grads = private_gradient(head, emb, label, 1.0, 1.0, float(batch), rng)
         for p, g in zip(head.params, grads, strict=True):
             p -= 0.05 * g
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
+
+
+def noise_ms(dim: int, n_classes: int) -> float:
+    """Median ms of drawing the step's Gaussian noise alone (one value per parameter, the
+    way :func:`~edgefleet.device.fl.dp_sgd.add_noise` draws it): the floor of a step."""
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(HEAD_RUNS):
+        t0 = time.perf_counter()
+        rng.normal(0.0, 1.0, size=(dim, n_classes))
+        rng.normal(0.0, 1.0, size=n_classes)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def head_costs(dim: int) -> dict[str, float]:
+    """The head step on one example and on 32, and the noise draw alone (ms)."""
+    return {"one": head_step_ms(dim, 10), "batch32": head_step_ms(dim, 10, batch=32),
+            "noise": noise_ms(dim, 10)}
 
 
 def onnx_bytes(path: Path) -> dict[str, int]:
@@ -166,61 +190,78 @@ def arm_parity(pkg: Path, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any],
     return out, None
 
 
+def build(tmp: Path, x: np.ndarray, y: np.ndarray, steps: int) -> tuple[Path, float, float]:
+    """Train the Keras model and import it into ``tmp/pkg``: (package, train s, import s)."""
+    from edgefleet.models.build.importer import ImportOptions, import_model
+
+    n_train = len(y) - N_CALIB - N_EVAL
+    np.savez(tmp / "calib.npz", x=x[n_train:n_train + N_CALIB], y=y[n_train:n_train + N_CALIB])
+    np.savez(tmp / "eval.npz", x=x[n_train + N_CALIB:], y=y[n_train + N_CALIB:])
+    print(f"training MobileNetV2 {ALPHA} for {steps} steps", flush=True)
+    train_s = train_keras(x[:n_train], y[:n_train], steps, tmp / "mnv2.keras")
+    print("importing", flush=True)
+    t0 = time.perf_counter()
+    res = import_model(ImportOptions(model=tmp / "mnv2.keras", calibration=tmp / "calib.npz",
+                                     eval=tmp / "eval.npz", out=tmp / "pkg", scale=SCALE,
+                                     mean=(MEAN,), name="mobilenetv2-0.35-96"),
+                       progress=lambda m: print(f"  {m}", flush=True))
+    return res.path, train_s, time.perf_counter() - t0
+
+
+def batch1_latency(backends: dict[str, Any], xn: np.ndarray) -> dict[str, float]:
+    """Median ms of the bare runtime call at batch 1, variants interleaved."""
+    print("timing batch 1, one thread", flush=True)
+    calls = {k: functools.partial(b.run_raw, b.prepare(xn[:1])) for k, b in backends.items()}
+    return interleaved_medians(calls, RUNS_B1)
+
+
 def main() -> int:
     """Build, import, measure, write the section."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200, help="training steps (batch 32)")
     ap.add_argument("--no-arm", action="store_true", help="skip the QEMU parity rows")
+    ap.add_argument("--only", choices=["head-cost"],
+                    help="measure only the head step against the int8 backbones and rewrite "
+                         "only that text of docs/bench/mobilenetv2.md")
     args = ap.parse_args()
-    from edgefleet.models.build.importer import ImportOptions, import_model
+    from edgefleet.device.runtime.golden import normalize
 
     started, load_before = time.perf_counter(), os.getloadavg()
     x, y = digits_96()
     n_train = len(y) - N_CALIB - N_EVAL
+    xe, ye = x[n_train + N_CALIB:], y[n_train + N_CALIB:]
     tmp = Path(tempfile.mkdtemp(prefix="bench_mnv2."))
     try:
-        np.savez(tmp / "calib.npz", x=x[n_train:n_train + N_CALIB], y=y[n_train:n_train + N_CALIB])
-        np.savez(tmp / "eval.npz", x=x[n_train + N_CALIB:], y=y[n_train + N_CALIB:])
-        print(f"training MobileNetV2 {ALPHA} for {args.steps} steps", flush=True)
-        train_s = train_keras(x[:n_train], y[:n_train], args.steps, tmp / "mnv2.keras")
-        print("importing", flush=True)
-        t0 = time.perf_counter()
-        res = import_model(ImportOptions(model=tmp / "mnv2.keras", calibration=tmp / "calib.npz",
-                                         eval=tmp / "eval.npz", out=tmp / "pkg", scale=SCALE,
-                                         mean=(MEAN,), name="mobilenetv2-0.35-96"),
-                           progress=lambda m: print(f"  {m}", flush=True))
-        import_s = time.perf_counter() - t0
-        pkg = res.path
+        pkg, train_s, import_s = build(tmp, x, y, args.steps)
         manifest = load_package(pkg)
+        assert manifest.head is not None and manifest.head.dim is not None
         variants: dict[str, Variant] = {str(k): v for k, v in manifest.variants.items()}
+        xn = normalize(xe.reshape(len(xe), -1), manifest.normalization)
+        if args.only == "head-cost":
+            lat = batch1_latency({k: open_backend(pkg, variants[k], threads=1)
+                                  for k in ("onnx-int8", "tflite-int8")}, xn)
+            head = head_costs(manifest.head.dim)
+            return only_head_cost(manifest, lat, head, load_before)
         tflite_fp32(tmp / "mnv2.keras", tmp / "model_fp32.tflite")
         variants["tflite-fp32"] = Variant(file="model_fp32.tflite", format="tflite",
                                           precision="fp32", input_shape=[SIZE, SIZE, 3])
         root_of = {k: tmp if k == "tflite-fp32" else pkg for k in variants}
-        from edgefleet.device.runtime.golden import normalize
-
-        xe, ye = x[n_train + N_CALIB:], y[n_train + N_CALIB:]
-        xn = normalize(xe.reshape(len(xe), -1), manifest.normalization)
         backends = {k: open_backend(root_of[k], v, threads=1) for k, v in variants.items()}
         size = {k: (root_of[k] / v.file).stat().st_size for k, v in variants.items()}
         acc = {k: float(np.mean(b.run(xn).argmax(1) == ye)) for k, b in backends.items()}
-        print("timing batch 1, one thread", flush=True)
-        calls = {k: functools.partial(b.run_raw, b.prepare(xn[:1])) for k, b in backends.items()}
-        lat = interleaved_medians(calls, RUNS_B1)
-        assert manifest.head is not None and manifest.head.dim is not None
-        head_ms = head_step_ms(manifest.head.dim, 10)
-        head32_ms = head_step_ms(manifest.head.dim, 10, batch=32)
+        lat = batch1_latency(backends, xn)
+        head = head_costs(manifest.head.dim)
         anatomy = {k: onnx_bytes(pkg / variants[k].file) for k in ("onnx-fp32", "onnx-int8")}
         arm, arm_why = ({}, "skipped (--no-arm)") if args.no_arm else arm_parity(
             pkg, xe[:ARM_SAMPLES], ye[:ARM_SAMPLES])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
-    print(json.dumps({"size": size, "accuracy": acc, "latency_ms": lat, "head_ms": head_ms,
-                      "head32_ms": head32_ms, "onnx_bytes": anatomy,
-                      "arm": arm, "arm_skipped": arm_why}, indent=1), flush=True)
-    body = report(manifest, size, acc, lat, (head_ms, head32_ms), anatomy, arm, arm_why,
+    print(json.dumps({"size": size, "accuracy": acc, "latency_ms": lat, "head_ms": head,
+                      "onnx_bytes": anatomy, "arm": arm, "arm_skipped": arm_why}, indent=1),
+          flush=True)
+    body = report(manifest, size, acc, lat, head, anatomy, arm, arm_why,
                   {"train": train_s, "import": import_s, "total": elapsed},
                   load_before, load_after, args.steps, len(ye))
     path = write_section("mobilenetv2", "MobileNetV2 0.35 96x96: imported, int8 vs fp32, "
@@ -229,8 +270,70 @@ def main() -> int:
     return 0
 
 
+def only_head_cost(manifest: Any, lat: dict[str, float], head: dict[str, float],
+                   load_before: tuple[float, ...]) -> int:
+    """Rewrite the head paragraph and its target line of the written section, nothing else."""
+    path = SECTIONS / "mobilenetv2.md"
+    loads = "/".join(f"{v:.1f}" for v in load_before) + " before and " + "/".join(
+        f"{v:.1f}" for v in os.getloadavg()) + " after"
+    note = (f" Measured by `--only head-cost` in a run of its own (load average {loads}): "
+            "the backbone time is that run's, not the table's.")
+    print(json.dumps({"latency_ms": lat, "head_ms": head}, indent=1), flush=True)
+    paragraph, bullet = head_text(manifest.head, lat, head, note)
+    text = path.read_text()
+    para = re.compile(r"\*\*Head fine-tuning cost per sample\.\*\*.*?(?=\n\n)", re.S)
+    line = re.compile(r"^- one DP head step.*?(?=\n- |\n\n|\Z)", re.S | re.M)
+    if not (para.search(text) and line.search(text)):
+        print(f"{path} has no head paragraph to rewrite: run the whole script", file=sys.stderr)
+        return 1
+    text = para.sub(lambda _: paragraph, text, count=1)
+    path.write_text(line.sub(lambda _: bullet, text, count=1))
+    print(f"rewrote the head cost in {path}")
+    return 0
+
+
+def short(name: str) -> str:
+    """The last two parts of a graph node or tensor name."""
+    return name.rsplit("/", 2)[-2] + "/" + name.rsplit("/", 1)[-1] if "/" in name else name
+
+
+def verdict(value: float, target: float) -> str:
+    """The value against its target."""
+    return f"{value:.3g} (target ≤ {target:g}: {'met' if value <= target else 'NOT met'})"
+
+
+def head_text(cut: Any, lat: dict[str, float], head: dict[str, float],
+              note: str = "") -> tuple[str, str]:
+    """The head cost paragraph and its line under "Targets"."""
+    fastest_int8 = min(("onnx-int8", "tflite-int8"), key=lambda k: lat[k])
+    backbone = lat[fastest_int8]
+    ratio, ratio32 = head["one"] / backbone, head["batch32"] / 32 / backbone
+    n_params = cut.dim * 10 + 10
+    paragraph = f"""**Head fine-tuning cost per sample.** The package's head cut is
+`{short(cut.node)}` ({cut.op}) on `{short(cut.embedding)}`, embedding width {cut.dim}
+(MobileNetV2 keeps 1280 channels in its last conv for alpha ≤ 1). One DP-SGD step of
+that dense layer ({cut.dim}×10 + 10; `edgefleet.device.fl.dp_sgd.private_gradient`,
+then the update), fp32 NumPy, median. Per-example gradients are not materialized:
+the step takes each example's embedding a and logit gradient d (`MLP.dense_terms`), its
+gradient norm from ‖a‖²·‖d‖² + ‖d‖² (float64) and the clipped sum as one matmul
+Aᵀ·diag(c)·D; then {n_params:,} Gaussian noise values (float64, σ·C) and the update. On
+one example: **{head['one']:.3g} ms**, against one backbone inference with the fastest
+int8 variant (`{fastest_int8}`, {backbone:.3g} ms; the whole model is timed, the
+{cut.dim}×10 head being a negligible part of it): {ratio:.2f}. Drawing the noise alone
+takes {head['noise']:.3g} ms ({head['noise'] / head['one']:.0%} of the one-example step):
+a fixed cost per step, one value per parameter whatever the batch, which DP-SGD cannot
+skip and a real step pays once per Poisson batch. One step on a batch of 32 costs
+{head['batch32']:.3g} ms, i.e. {head['batch32'] / 32:.3g} ms per sample, {ratio32:.3f} of
+one backbone inference.{note}"""
+    bullet = f"""- one DP head step on one example / one backbone inference:
+  {verdict(ratio, TARGETS['head'])}; per sample in a batch of 32:
+  {verdict(ratio32, TARGETS['head'])}"""
+    return textwrap.fill(paragraph.replace("\n", " "), 90, break_long_words=False,
+                         break_on_hyphens=False), bullet
+
+
 def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict[str, float],
-           head: tuple[float, float], anatomy: dict[str, dict[str, int]],
+           head: dict[str, float], anatomy: dict[str, dict[str, int]],
            arm: dict[str, Any], arm_why: str | None, secs: dict[str, float],
            load_before: tuple[float, ...], load_after: tuple[float, ...], steps: int,
            n_eval: int) -> str:
@@ -247,10 +350,7 @@ def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict
                            f"{lat[k] / lat[best_fp32]:.2f}", f"{size[k] / size[same]:.3f}"])
     lat_ratio = lat[fastest_int8] / lat[best_fp32]
     size_ratio = size[fastest_int8] / size[fastest_int8.replace("int8", "fp32")]
-    head_ms, head32_ms = head
-    head_ratio = head_ms / lat[fastest_int8]
-    head32_ratio = head32_ms / 32 / lat[fastest_int8]
-    cut = manifest.head
+    head_paragraph, head_bullet = head_text(manifest.head, lat, head)
     kib = 1024
     anatomy_rows = [[f"`{k}`", *(f"{a.get(t, 0) / kib:,.0f}"
                                  for t in ("float", "int8", "int32", "other")),
@@ -262,12 +362,6 @@ def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict
     def golden(verdict: str) -> str:
         return ("passes" if verdict == "passes"
                 else "REFUSED " + verdict.rsplit("outputs ", maxsplit=1)[-1])
-
-    def short(name: str) -> str:
-        return name.rsplit("/", 2)[-2] + "/" + name.rsplit("/", 1)[-1] if "/" in name else name
-
-    def verdict(value: float, target: float) -> str:
-        return f"{value:.3g} (target ≤ {target:g}: {'met' if value <= target else 'NOT met'})"
 
     if arm:
         arm_rows = [[f"{cpu} ({CPUS[cpu]})", f"`{v}`",
@@ -332,26 +426,13 @@ weights, as expected; on a network this small (about {fp32_weights / 4 / 1e3:,.0
 parameters) the per-channel scales and zero points, the int32 biases and the QDQ nodes'
 names keep the whole file well above a quarter of fp32.
 
-**Head fine-tuning cost per sample.** The package's head cut is `{short(cut.node)}`
-({cut.op}) on `{short(cut.embedding)}`, embedding width {cut.dim} (MobileNetV2 keeps
-1280 channels in its last conv for alpha ≤ 1). One DP-SGD step of that dense layer
-({cut.dim}×10 + 10) on one example: per-example gradient (`MLP.per_example_grads`),
-clipping and Gaussian noise (`edgefleet.device.fl.dp_sgd.clip_and_noise`) and the update,
-fp32 NumPy, median: **{head_ms:.3g} ms**, against one backbone inference with the
-fastest int8 variant (`{fastest_int8}`, {lat[fastest_int8]:.3g} ms; the whole model is
-timed, the {cut.dim}×10 head being a negligible part of it): {head_ratio:.2f}. Most of a
-one-example step is fixed cost (drawing {cut.dim * 10 + 10:,} Gaussian noise values,
-float64 clipping), which a real step pays once per Poisson batch: one step on a batch of
-32 costs {head32_ms:.3g} ms, i.e. {head32_ms / 32:.3g} ms per sample, {head32_ratio:.3f}
-of one backbone inference.
+{head_paragraph}
 
 Targets (issue #16; reported, not asserted):
 - int8/fp32 latency on the faster backend (`{fastest_int8}` against `{best_fp32}`):
   {verdict(lat_ratio, TARGETS['latency'])}
 - size int8/fp32 (`{fastest_int8}`): {verdict(size_ratio, TARGETS['size'])}
-- one DP head step on one example / one backbone inference:
-  {verdict(head_ratio, TARGETS['head'])}; per sample in a batch of 32:
-  {verdict(head32_ratio, TARGETS['head'])}
+{head_bullet}
 
 ### Parity under QEMU arm64
 

@@ -1,6 +1,6 @@
 """A small multi-layer perceptron written in NumPy.
 
-Forward pass, loss and per-example gradients are plain NumPy so that the same code
+Forward pass, loss and per-example gradient terms are plain NumPy so that the same code
 trains on an ARM device without TensorFlow (federated learning, DP-SGD) and exports
 to ONNX and TFLite bit-for-bit from the same weights. Parameters are a flat list
 ``[W1, b1, W2, b2, ...]`` (``W`` is ``(fan_in, fan_out)``), which is also the shape of
@@ -156,18 +156,16 @@ class MLP:
             grads += [a.T @ d, d.sum(axis=0)]
         return loss, grads
 
-    def per_example_grads(
+    def dense_terms(
         self, x: npt.NDArray[np.floating], y: npt.NDArray[np.integer]
-    ) -> Params:
-        """Gradient of each example's own loss: arrays shaped ``(n, *param.shape)``.
-
-        This is what DP-SGD clips; the mean over axis 0 equals :meth:`loss_and_grad`.
+    ) -> tuple[list[Arr], list[Arr]]:
+        """Per layer, each example's input ``a_i`` and the gradient ``d_i`` of its own loss
+        with respect to the layer's output: example ``i``'s gradient is ``outer(a_i, d_i)``
+        for ``W`` and ``d_i`` for ``b``. DP-SGD clips from these without materializing the
+        per-example gradients (:mod:`edgefleet.device.fl.dp_sgd`).
         """
         acts, deltas, _ = self._deltas(np.asarray(x, dtype=self.params[0].dtype), y)
-        grads: Params = []
-        for a, d in zip(acts, deltas, strict=True):
-            grads += [np.einsum("ni,nj->nij", a, d), d]
-        return grads
+        return acts, deltas
 
     def predict(self, x: npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
         """Arg-max class per row."""

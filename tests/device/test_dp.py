@@ -15,7 +15,8 @@ import pytest
 from dp_accounting import rdp
 
 from edgefleet.device.core.errors import UsageError
-from edgefleet.device.fl.dp_sgd import DpSgdConfig, clip_and_noise, poisson_batch, train_dp_sgd
+from edgefleet.device.fl import dp_sgd
+from edgefleet.device.fl.dp_sgd import DpSgdConfig, poisson_batch, train_dp_sgd
 from edgefleet.device.privacy import accounting as dp_mod
 from edgefleet.device.privacy.accounting import (
     SIGMA_CACHE,
@@ -27,29 +28,140 @@ from edgefleet.device.privacy.accounting import (
 from edgefleet.device.runtime.mlp import MLP
 
 
+def _materialized(a: list[np.ndarray], d: list[np.ndarray], clip: float) -> list[np.ndarray]:
+    """The textbook clipped sum: per-example gradients built, clipped and summed in float64."""
+    per = []
+    for ai, di in zip(a, d, strict=True):
+        per += [np.einsum("ni,nj->nij", ai.astype(np.float64), di.astype(np.float64)),
+                di.astype(np.float64)]
+    b = len(a[0])
+    norms = np.sqrt(sum(np.sum(g.reshape(b, -1) ** 2, axis=1) for g in per))
+    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-12))
+    return [np.tensordot(scale, g, axes=(0, 0)) for g in per]
+
+
+def _norms(a: list[np.ndarray], d: list[np.ndarray]) -> np.ndarray:
+    return np.sqrt(sum(np.sum(ai.astype(np.float64) ** 2, axis=1) * np.sum(di.astype(
+        np.float64) ** 2, axis=1) + np.sum(di.astype(np.float64) ** 2, axis=1)
+        for ai, di in zip(a, d, strict=True)))
+
+
+@pytest.mark.parametrize("widths", [(1280, 10), (64, 16, 10), (7, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clipped_sum_equals_materialized_clip_and_sum(widths: tuple[int, ...],
+                                                      dtype: type) -> None:
+    rng = np.random.default_rng(7)
+    b = 12
+    a = [rng.normal(0, 1, size=(b, w)).astype(dtype) for w in widths[:-1]]
+    d = [rng.normal(0, 0.05, size=(b, w)).astype(dtype) for w in widths[1:]]
+    # Rows 0-2: a zero gradient, a zero input (bias gradient only), a zero output gradient
+    # in one layer; rows 3-5 scaled so their whole norm is far below C, then far above it.
+    for m in d:
+        m[0] = 0
+    a[0][1] = 0
+    d[-1][2] = 0
+    for m in d:
+        m[3:5] *= 1e-3
+        m[5:8] *= 50
+    clip = float(_norms(a, d)[9])  # row 9 sits exactly at C
+    norms = _norms(a, d)
+    assert norms[0] == 0 and norms[3] < clip < norms[5] and norms[9] == clip
+    got = dp_sgd.clipped_sum(a, d, clip)
+    want = _materialized(a, d, clip)
+    rtol = 1e-5 if dtype is np.float32 else 1e-12
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * clip)
+
+
+@pytest.mark.parametrize("sizes", [(40, 10), (40, 16, 10)])
+def test_model_clipped_sum_equals_each_examples_own_gradient_clipped(
+        sizes: tuple[int, ...]) -> None:
+    """The MLP's dense terms against the gradient of each example computed on its own."""
+    rng = np.random.default_rng(8)
+    model = MLP.init(sizes, seed=1)
+    model.params = [p.astype(np.float64) for p in model.params]
+    x = rng.normal(0, 3, size=(9, sizes[0]))
+    x[2] = 0
+    y = rng.integers(0, sizes[-1], size=9)
+    own = [model.loss_and_grad(x[i:i + 1], y[i:i + 1])[1] for i in range(9)]
+    norms = np.array([np.sqrt(sum(np.sum(g ** 2) for g in gs)) for gs in own])
+    clip = float(np.median(norms))
+    want = [sum(min(1.0, clip / n) * gs[k] for gs, n in zip(own, norms, strict=True))
+            for k in range(len(model.params))]
+    np.testing.assert_allclose(dp_sgd.grad_norms(*model.dense_terms(x, y)), norms, rtol=1e-10)
+    got = dp_sgd.clipped_sum(*model.dense_terms(x, y), clip)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_clipping_bounds_each_example_without_noise() -> None:
     rng = np.random.default_rng(0)
-    per_ex = [rng.normal(0, 10, size=(5, 3, 4)), rng.normal(0, 10, size=(5, 4))]
-    out = clip_and_noise(per_ex, clip=1.0, sigma=1e-12, expected_batch=1.0, rng=rng)
+    a, d = [rng.normal(0, 10, size=(5, 3))], [rng.normal(0, 10, size=(5, 4))]
+    out = dp_sgd.clipped_sum(a, d, clip=1.0)
     # The sum of 5 clipped examples has norm <= 5 * C; each one is scaled to exactly C.
-    total = np.sqrt(sum(np.sum(o.astype(np.float64) ** 2) for o in out))
-    assert total <= 5.0 + 1e-6
-    one = clip_and_noise([g[:1] for g in per_ex], 1.0, 1e-12, 1.0, rng)
-    assert np.sqrt(sum(np.sum(o.astype(np.float64) ** 2) for o in one)) == pytest.approx(1.0, 1e-5)
+    assert np.sqrt(sum(np.sum(o ** 2) for o in out)) <= 5.0 + 1e-9
+    one = dp_sgd.clipped_sum([a[0][:1]], [d[0][:1]], 1.0)
+    assert np.sqrt(sum(np.sum(o ** 2) for o in one)) == pytest.approx(1.0, 1e-12)
 
 
 def test_small_gradients_are_not_scaled() -> None:
-    rng = np.random.default_rng(1)
-    per_ex = [np.full((2, 3), 0.01)]
-    out = clip_and_noise(per_ex, clip=1.0, sigma=1e-12, expected_batch=2.0, rng=rng)
-    np.testing.assert_allclose(out[0], np.full(3, 0.01), rtol=1e-6)
+    a, d = [np.full((2, 1), 0.1)], [np.full((2, 3), 0.01)]
+    out = dp_sgd.clipped_sum(a, d, clip=1.0)
+    np.testing.assert_allclose(out[0], np.full((1, 3), 0.002), rtol=1e-12)
+    np.testing.assert_allclose(out[1], np.full(3, 0.02), rtol=1e-12)
+
+
+def test_non_positive_clip_is_a_usage_error() -> None:
+    with pytest.raises(UsageError):
+        dp_sgd.clipped_sum([np.ones((1, 2))], [np.ones((1, 2))], 0.0)
+    with pytest.raises(UsageError):
+        dp_sgd.add_noise([np.zeros(2)], -1.0, 1.0, 1.0, np.random.default_rng(0))
+
+
+def test_noise_is_exactly_sigma_times_clip_gaussian_over_expected_batch() -> None:
+    summed = [np.zeros((30, 10), np.float32), np.zeros(10, np.float32)]
+    out = dp_sgd.add_noise(summed, clip=2.0, sigma=1.5, expected_batch=10.0,
+                           rng=np.random.default_rng(2))
+    ref = np.random.default_rng(2)
+    for o, s in zip(out, summed, strict=True):
+        want = (ref.normal(0.0, 1.5 * 2.0, size=s.shape) / 10.0).astype(np.float32)
+        assert o.dtype == np.float32
+        np.testing.assert_array_equal(o, want)
 
 
 def test_noise_std_is_sigma_times_clip_over_expected_batch() -> None:
-    rng = np.random.default_rng(2)
-    empty = [np.zeros((0, 20000))]
-    out = clip_and_noise(empty, clip=2.0, sigma=1.5, expected_batch=10.0, rng=rng)
+    model = MLP.init((200, 100), seed=0)
+    empty = np.zeros((0, 200), np.float32)
+    out = dp_sgd.private_gradient(model, empty, np.zeros(0, np.int64), clip=2.0, sigma=1.5,
+                                  expected_batch=10.0, rng=np.random.default_rng(2))
+    # An empty Poisson batch still releases (pure) noise on every parameter.
+    assert [o.shape for o in out] == [p.shape for p in model.params]
     assert np.std(out[0]) == pytest.approx(1.5 * 2.0 / 10.0, rel=0.03)
+
+
+def test_dp_sgd_step_equals_the_materialized_reference() -> None:
+    """The whole step, rng stream included, equals per-example clip, sum, noise, update."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(60, 12)).astype(np.float32)
+    y = rng.integers(0, 3, size=60)
+    cfg = DpSgdConfig(clip=0.5, sigma=1.1, q=0.2, steps=6, lr=0.3)
+    model = MLP.init((12, 8, 3), seed=2)
+    ref = model.copy()
+    train_dp_sgd(model, x, y, cfg, np.random.default_rng(11))
+    r = np.random.default_rng(11)
+    for _ in range(cfg.steps):
+        idx = poisson_batch(r, 60, cfg.q)
+        own = [ref.loss_and_grad(x[i:i + 1], y[i:i + 1])[1] for i in idx]
+        norms = [np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in gs)) for gs in own]
+        for k, p in enumerate(ref.params):
+            total = sum((min(1.0, cfg.clip / n) * gs[k].astype(np.float64)
+                         for gs, n in zip(own, norms, strict=True)), np.zeros(p.shape))
+            noisy = (total + r.normal(0.0, cfg.sigma * cfg.clip, size=p.shape)) / (cfg.q * 60)
+            p -= cfg.lr * noisy.astype(np.float32)
+    for p, q in zip(model.params, ref.params, strict=True):
+        np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_poisson_batch_rate() -> None:

@@ -1,4 +1,4 @@
-"""The NumPy MLP: gradients against finite differences, per-example gradients, determinism."""
+"""The NumPy MLP: gradients against finite differences, per-example gradient terms, determinism."""
 
 from __future__ import annotations
 
@@ -33,17 +33,17 @@ def test_gradients_match_finite_differences() -> None:
             assert abs(numeric - g[idx]) < 1e-3 + 1e-2 * abs(numeric), (idx, numeric, g[idx])
 
 
-def test_per_example_gradients_average_to_batch_gradient() -> None:
+def test_dense_terms_give_each_examples_own_gradient() -> None:
     x, y = _data(n=9)
     model = MLP.init((5, 8, 4), seed=2)
-    _, grads = model.loss_and_grad(x, y)
-    per = model.per_example_grads(x, y)
-    for g, pe in zip(grads, per, strict=True):
-        assert pe.shape == (9, *g.shape)
-        np.testing.assert_allclose(pe.mean(axis=0), g, rtol=1e-4, atol=1e-6)
-    # Each row is that example's own gradient.
-    _, g0 = model.loss_and_grad(x[:1], y[:1])
-    np.testing.assert_allclose(per[0][0], g0[0], rtol=1e-4, atol=1e-6)
+    acts, deltas = model.dense_terms(x, y)
+    assert [a.shape for a in acts] == [(9, 5), (9, 8)]
+    assert [d.shape for d in deltas] == [(9, 8), (9, 4)]
+    for i in range(9):
+        _, own = model.loss_and_grad(x[i:i + 1], y[i:i + 1])
+        for k, (a, d) in enumerate(zip(acts, deltas, strict=True)):
+            np.testing.assert_allclose(np.outer(a[i], d[i]), own[2 * k], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(d[i], own[2 * k + 1], rtol=1e-4, atol=1e-6)
 
 
 def test_training_is_deterministic_and_learns() -> None:
