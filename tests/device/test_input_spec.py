@@ -174,3 +174,16 @@ def test_builtin_packages_keep_the_vibration_features(digits_package: Path) -> N
     assert mi.builtin and mi.windows is None
     [row] = mi.frame(_frame(0, np.arange(64) % 17, PayloadType.U8_VECTOR))
     assert row.shape == (64,)
+
+
+@pytest.mark.parametrize("std", [[0.0], [1.0, -2.0]])
+def test_a_std_that_is_not_positive_is_refused_where_a_package_declares_one(
+        std: list[float]) -> None:
+    """Both the declared preprocessing and the per-feature normalization divide by std."""
+    from pydantic import ValidationError
+
+    from edgefleet.device.runtime.manifest import Normalization, Preprocessing
+
+    for make in (lambda: Preprocessing(std=std), lambda: Normalization(mean=[0.0], std=std)):
+        with pytest.raises(ValidationError, match="every std must be > 0"):
+            make()
