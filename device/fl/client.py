@@ -400,6 +400,9 @@ def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
             default_metrics().inc("fl.declined_policy")
             return _reject(msg, DECLINED_POLICY, "privacy policy: evaluation on this "
                            "device's held-out records is off")
+        # The round labels the ledger entry: the training round's rules, not int(str(..)).
+        server_round = round_request({"dp": "off", "server-round": cfg.get("server-round", 0)}
+                                     ).server_round
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
         x = _inputs(s, data, cfg, model, train=False)
     except TooFewSamples as exc:
@@ -413,11 +416,11 @@ def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
                           "eval-loss": model.loss(x, data.y_test),
                           "eval-accuracy": model.accuracy(x, data.y_test)})
         return Message(content=RecordDict({METRICS: m}), reply_to=msg)
-    return _evaluate_noised(s, model, x, data.y_test, msg, context)
+    return _evaluate_noised(s, model, x, data.y_test, msg, context, server_round)
 
 
 def _evaluate_noised(s: NodeSettings, model: Any, x: F32, y: I64, msg: Message,
-                     context: Context) -> Message:
+                     context: Context, server_round: int) -> Message:
     """Accuracy and loss on held-out records through the Gaussian mechanism, accounted.
 
     Released: the number correct and the sum of per-example cross-entropies clipped to
@@ -430,8 +433,6 @@ def _evaluate_noised(s: NodeSettings, model: Any, x: F32, y: I64, msg: Message,
     from edgefleet.device.runtime.mlp import softmax
 
     sigma = s.privacy_eval_noise_multiplier
-    cfg = msg.content.config_records[CONFIG]
-    server_round = int(str(cfg.get("server-round", 0)))
     try:
         _ledger(s).record(str(context.run_id), server_round, DpEvent(1.0, sigma, 1),
                           run_limit=s.privacy_max_run_epsilon, kind="evaluate")

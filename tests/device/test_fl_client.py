@@ -178,6 +178,18 @@ def test_noised_evaluation_is_accounted(tmp_path: Path) -> None:
     assert 0 < ledger.spent() < 1.0
 
 
+@pytest.mark.parametrize("server_round", ["many", -2])
+def test_a_malformed_evaluation_round_is_rejected_and_nothing_is_recorded(
+        tmp_path: Path, server_round: object) -> None:
+    """The round number labels the ledger entry: read with the training round's rules."""
+    grid = _device(tmp_path, **{"privacy-evaluation": "noised"})
+    reply = _ask(grid, _msg("evaluate", **{"server-round": server_round}))
+    assert reply.has_error() and reply.error.code == REJECTED_INPUT, reply.error
+    assert "server-round" in (reply.error.reason or "")
+    assert not (tmp_path / "privacy-ledger.json").exists() or not PrivacyLedger(
+        tmp_path / "privacy-ledger.json", 10.0).entries
+
+
 def test_the_simulated_app_evaluates_its_public_share_exactly(tmp_path: Path) -> None:
     grid = InProcessGrid(sim_app, 1, lambda i: {"state-dir": str(tmp_path)})
     cfg = {**run_settings({}).eval_config(), "server-round": 1}
