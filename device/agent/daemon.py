@@ -546,11 +546,11 @@ class Agent:
             return None
         a: Answer | None = None
         shaping = self._input_for(self._active_manifest())
-        # The raw sensor sample behind a built-in task's features; an imported model's
-        # input is the raw sample itself.
-        raw = frame.values() if shaping.builtin else None
-        for x in shaping.frame(frame):
-            a = self.answer(x, raw)
+        # Decoded once. The raw sensor sample behind a built-in task's features; an
+        # imported model's input is the raw sample itself.
+        raw = frame.values()
+        for x in shaping.frame(frame, raw):
+            a = self.answer(x, raw if shaping.builtin else None)
             answer_id = self._answer_id(x, a, (frame.sensor_id, frame.seq))
             self.last_answers.append({"seq": frame.seq, "sensor": frame.sensor_id,
                                       "id": answer_id, **answer_to_dict(a)})
