@@ -561,12 +561,9 @@ class Agent:
         """One sample through the cascade; records drift."""
         if not self._started:
             raise EdgefleetError("the agent is not started")
-        active = self.serving.active
-        if active is None:
-            self.metrics.inc("inference_no_model")
-            raise EdgefleetError("no model yet: waiting for an update")
-        a = self._hybrid_for(active.manifest).predict(x, raw)
-        drift = self._drift_for(active.manifest)
+        manifest = self._active_manifest()
+        a = self._hybrid_for(manifest).predict(x, raw)
+        drift = self._drift_for(manifest)
         if drift is not None:
             drift.observe(x, a.local.confidence)
         return a
