@@ -546,11 +546,11 @@ class Agent:
             return None
         a: Answer | None = None
         shaping = self._input_for(self._active_manifest())
-        # The raw sensor sample behind a built-in task's features; an imported model's
-        # input is the raw sample itself.
-        raw = frame.values() if shaping.builtin else None
-        for x in shaping.frame(frame):
-            a = self.answer(x, raw)
+        # Decoded once. The raw sensor sample behind a built-in task's features; an
+        # imported model's input is the raw sample itself.
+        raw = frame.values()
+        for x in shaping.frame(frame, raw):
+            a = self.answer(x, raw if shaping.builtin else None)
             answer_id = self._answer_id(x, a, (frame.sensor_id, frame.seq))
             self.last_answers.append({"seq": frame.seq, "sensor": frame.sensor_id,
                                       "id": answer_id, **answer_to_dict(a)})
@@ -561,12 +561,9 @@ class Agent:
         """One sample through the cascade; records drift."""
         if not self._started:
             raise EdgefleetError("the agent is not started")
-        active = self.serving.active
-        if active is None:
-            self.metrics.inc("inference_no_model")
-            raise EdgefleetError("no model yet: waiting for an update")
-        a = self._hybrid_for(active.manifest).predict(x, raw)
-        drift = self._drift_for(active.manifest)
+        manifest = self._active_manifest()
+        a = self._hybrid_for(manifest).predict(x, raw)
+        drift = self._drift_for(manifest)
         if drift is not None:
             drift.observe(x, a.local.confidence)
         return a

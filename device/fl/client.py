@@ -55,7 +55,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from edgefleet.device.core.config import StrictModel, load_config
 from edgefleet.device.core.errors import ConfigError, EdgefleetError
@@ -82,6 +82,7 @@ from edgefleet.device.wire.federated import (
     METRICS,
     REJECTED_INPUT,
     from_arrays,
+    round_request,
     to_arrays,
 )
 
@@ -143,43 +144,6 @@ class NodeSettings(StrictModel):
             name.removeprefix("privacy_"): getattr(self, name)
             for name in type(self).model_fields
             if name.startswith("privacy_") and name != "privacy_ledger_required"})
-
-
-class RoundRequest(BaseModel):
-    """What the server asks of one training round, validated before any of it is used:
-    finite numbers in range, or the round is rejected as malformed. (Whether the device
-    accepts what is asked is its privacy policy's decision, checked after this.)"""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True,
-                              alias_generator=lambda name: name.replace("_", "-"))
-
-    dp: str = "sample"
-    target_epsilon: float | None = Field(None, gt=0)
-    delta: float | None = Field(None, gt=0, lt=1)
-    num_rounds: int | None = Field(None, ge=1, le=1_000_000)
-    local_steps: int = Field(20, ge=1, le=1_000_000)
-    batch_size: int = Field(32, ge=1)
-    clip: float = Field(1.0, gt=0)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    proximal_mu: float = Field(0.0, ge=0)
-    server_round: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _sample_dp_is_planned(self) -> RoundRequest:
-        if self.dp == "sample" and None in (self.target_epsilon, self.delta, self.num_rounds):
-            raise ValueError("sample-level DP needs target-epsilon, delta and num-rounds")
-        return self
-
-
-def round_request(cfg: dict[str, Any]) -> RoundRequest:
-    """The round config as a :class:`RoundRequest` (``ValueError`` naming the bad key)."""
-    try:
-        return RoundRequest.model_validate(cfg)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "config"
-        raise ValueError(f"round config {where}: {first.get('msg', 'invalid')}") from None
 
 
 class LocalData:
@@ -400,6 +364,9 @@ def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
             default_metrics().inc("fl.declined_policy")
             return _reject(msg, DECLINED_POLICY, "privacy policy: evaluation on this "
                            "device's held-out records is off")
+        # The round labels the ledger entry: the training round's rules, not int(str(..)).
+        server_round = round_request({"dp": "off", "server-round": cfg.get("server-round", 0)}
+                                     ).server_round
         model = MLP.from_params(from_arrays(msg.content.array_records[ARRAYS].to_numpy_ndarrays()))
         x = _inputs(s, data, cfg, model, train=False)
     except TooFewSamples as exc:
@@ -413,11 +380,11 @@ def _evaluate(load: DataLoader, msg: Message, context: Context) -> Message:
                           "eval-loss": model.loss(x, data.y_test),
                           "eval-accuracy": model.accuracy(x, data.y_test)})
         return Message(content=RecordDict({METRICS: m}), reply_to=msg)
-    return _evaluate_noised(s, model, x, data.y_test, msg, context)
+    return _evaluate_noised(s, model, x, data.y_test, msg, context, server_round)
 
 
 def _evaluate_noised(s: NodeSettings, model: Any, x: F32, y: I64, msg: Message,
-                     context: Context) -> Message:
+                     context: Context, server_round: int) -> Message:
     """Accuracy and loss on held-out records through the Gaussian mechanism, accounted.
 
     Released: the number correct and the sum of per-example cross-entropies clipped to
@@ -430,8 +397,6 @@ def _evaluate_noised(s: NodeSettings, model: Any, x: F32, y: I64, msg: Message,
     from edgefleet.device.runtime.mlp import softmax
 
     sigma = s.privacy_eval_noise_multiplier
-    cfg = msg.content.config_records[CONFIG]
-    server_round = int(str(cfg.get("server-round", 0)))
     try:
         _ledger(s).record(str(context.run_id), server_round, DpEvent(1.0, sigma, 1),
                           run_limit=s.privacy_max_run_epsilon, kind="evaluate")

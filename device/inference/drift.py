@@ -127,11 +127,7 @@ class DriftMonitor:
 
     def observe(self, x: npt.ArrayLike, confidence: float | npt.ArrayLike | None = None) -> None:
         """Add one raw input row (or a batch) and its calibrated confidence(s)."""
-        if self.pool:
-            rows = pool_rows(np.asarray(x, dtype=np.float32).reshape(
-                -1, self.pool["groups"] * self.pool["size"]), self.pool)
-        else:
-            rows = np.asarray(x, dtype=np.float32).reshape(-1, self._x.shape[1])
+        rows = pool_rows(x, self.pool).reshape(-1, self._x.shape[1])
         with self._lock:
             for row in rows:
                 self._x[self._nx % self.window] = row

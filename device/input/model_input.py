@@ -55,12 +55,13 @@ class ModelInput:
         """A local API or CLI input (one sample or a batch) as ``(n, *shape)``."""
         return self.adapter.batch(x)
 
-    def frame(self, frame: Frame) -> list[F32]:
-        """The samples one sensor frame completes: zero or more, each of the input shape.
+    def frame(self, frame: Frame, raw: F32 | None = None) -> list[F32]:
+        """The samples one sensor frame completes: zero or more, each of the input shape
+        (``raw``: the frame's :meth:`~Frame.values`, when the caller decoded them already).
 
         Raises :class:`~edgefleet.device.core.errors.InputError` (counted) on a mismatch.
         """
-        raw = frame.values()
+        raw = frame.values() if raw is None else raw
         if self.builtin:
             if frame.payload_type == PayloadType.ACCEL_F32:
                 return [window_features(raw, self.metrics)]

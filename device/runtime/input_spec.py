@@ -116,10 +116,3 @@ class InputAdapter:
         count = math.prod(shape)
         return self._reject("count", f"input of shape {list(shape)} ({count} values) is "
                             f"neither one sample nor a batch of them")
-
-    def image_bytes(self, data: bytes) -> F32:
-        """One sample from raw uint8 bytes in the model's layout (``(1, *shape)``)."""
-        if len(data) != self.size:
-            raise self._reject("count", f"image of {len(data)} bytes, not {self.size} "
-                               "(uint8, one per value)")
-        return self.batch(np.frombuffer(data, dtype=np.uint8))

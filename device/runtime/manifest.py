@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, TypeGuard, get_args
+from typing import Annotated, Any, Literal, TypeGuard, get_args
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 
 from edgefleet.device.core.config import StrictModel
 from edgefleet.device.core.errors import PackageError
@@ -76,6 +76,16 @@ class Variant(StrictModel):
     input_shape: list[int] | None = Field(default=None, min_length=1)
 
 
+def _positive(v: list[float]) -> list[float]:
+    if any(s <= 0 for s in v):
+        raise ValueError("every std must be > 0")
+    return v
+
+
+#: Standard deviations divide: every one must be positive.
+_Stds = Annotated[list[float], AfterValidator(_positive)]
+
+
 class Preprocessing(StrictModel):
     """How a raw input becomes the model's input: ``(x * scale - mean) / std``.
 
@@ -86,14 +96,7 @@ class Preprocessing(StrictModel):
 
     scale: float = Field(default=1.0, gt=0)
     mean: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
-    std: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
-
-    @field_validator("std")
-    @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if any(s <= 0 for s in v):
-            raise ValueError("every std must be > 0")
-        return v
+    std: _Stds = Field(default_factory=lambda: [1.0], min_length=1)
 
 
 class InputSpec(StrictModel):
@@ -139,14 +142,7 @@ class Normalization(StrictModel):
     """Per-feature standardization applied before the model: ``(x - mean) / std``."""
 
     mean: list[float]
-    std: list[float]
-
-    @field_validator("std")
-    @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if any(s <= 0 for s in v):
-            raise ValueError("every std must be > 0")
-        return v
+    std: _Stds
 
 
 class GoldenSample(StrictModel):

@@ -9,9 +9,11 @@ counts each as a declined node (by :data:`DECLINE_REASONS`), not a failure.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ARRAYS",
@@ -25,8 +27,10 @@ __all__ = [
     "HEAD_BACKBONE",
     "METRICS",
     "REJECTED_INPUT",
+    "RoundRequest",
     "from_arrays",
     "is_decline",
+    "round_request",
     "to_arrays",
 ]
 
@@ -94,3 +98,40 @@ def from_arrays(arrays: Sequence[npt.NDArray[np.generic]], sizes: Sequence[int] 
     if sizes is not None and tuple(got) != tuple(sizes):
         raise ValueError(f"layer sizes {tuple(got)} differ from expected {tuple(sizes)}")
     return out
+
+
+class RoundRequest(BaseModel):
+    """What the server asks of one training round, validated before any of it is used:
+    finite numbers in range, or the round is rejected as malformed. (Whether the device
+    accepts what is asked is its privacy policy's decision, checked after this.)"""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True,
+                              alias_generator=lambda name: name.replace("_", "-"))
+
+    dp: str = "sample"
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    num_rounds: int | None = Field(None, ge=1, le=1_000_000)
+    local_steps: int = Field(20, ge=1, le=1_000_000)
+    batch_size: int = Field(32, ge=1)
+    clip: float = Field(1.0, gt=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    proximal_mu: float = Field(0.0, ge=0)
+    server_round: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _sample_dp_is_planned(self) -> RoundRequest:
+        if self.dp == "sample" and None in (self.target_epsilon, self.delta, self.num_rounds):
+            raise ValueError("sample-level DP needs target-epsilon, delta and num-rounds")
+        return self
+
+
+def round_request(cfg: dict[str, Any]) -> RoundRequest:
+    """The round config as a :class:`RoundRequest` (``ValueError`` naming the bad key)."""
+    try:
+        return RoundRequest.model_validate(cfg)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "config"
+        raise ValueError(f"round config {where}: {first.get('msg', 'invalid')}") from None

@@ -101,6 +101,16 @@ def device_of_request(topic: str) -> str | None:
     return device if device and not any(c in device for c in "/+#\0") else None
 
 
+def _load(payload: bytes, limits: JsonLimits, what: str) -> Any:
+    """``payload`` by the guarded reader (its size check comes first); a refusal keeps
+    the reader's reason (``too_large``, ``too_deep``, ...)."""
+    try:
+        return loads_guarded(payload, limits)
+    except JsonRejected as exc:
+        raise LogProtocolError(f"{what} is not JSON within limits: {exc}",
+                               reason=exc.reason) from None
+
+
 def _bad(message: str) -> LogProtocolError:
     return LogProtocolError(message, reason="bad_request")
 
@@ -141,14 +151,7 @@ class LogRequest:
 def decode_request(payload: bytes) -> LogRequest:
     """Parse an untrusted request; raises :class:`LogProtocolError` (``too_large``,
     a guarded-reader reason, or ``bad_request``)."""
-    if len(payload) > MAX_REQUEST_BYTES:
-        raise LogProtocolError(f"request of {len(payload)} bytes exceeds {MAX_REQUEST_BYTES}",
-                               reason="too_large")
-    try:
-        d = loads_guarded(payload, _REQUEST_LIMITS)
-    except JsonRejected as exc:
-        raise LogProtocolError(f"request is not JSON within limits: {exc}",
-                               reason=exc.reason) from None
+    d = _load(payload, _REQUEST_LIMITS, "request")
     if not isinstance(d, dict):
         raise _bad("request is not a JSON object")
     if d.get("v") != PROTOCOL_VERSION or type(d.get("v")) is not int:
@@ -238,14 +241,7 @@ def decode_response(payload: bytes, device: str) -> LogResponse:
     """Parse an untrusted chunk from ``device``'s response topic; raises
     :class:`LogProtocolError` (``too_large``, a guarded-reader reason, ``bad_response``,
     ``device_mismatch``)."""
-    if len(payload) > MAX_RESPONSE_BYTES:
-        raise LogProtocolError(f"response of {len(payload)} bytes exceeds "
-                               f"{MAX_RESPONSE_BYTES}", reason="too_large")
-    try:
-        d = loads_guarded(payload, _RESPONSE_LIMITS)
-    except JsonRejected as exc:
-        raise LogProtocolError(f"response is not JSON within limits: {exc}",
-                               reason=exc.reason) from None
+    d = _load(payload, _RESPONSE_LIMITS, "response")
     if not isinstance(d, dict) or d.get("v") != PROTOCOL_VERSION:
         raise LogProtocolError("not a v1 log response object", reason="bad_response")
     if d.get("device") != device:

@@ -203,16 +203,18 @@ def decode_assignment(payload: bytes) -> Assignment | None:
 
     Raises :class:`UpdateRejected` (``reason`` ``too_large`` or ``bad_assignment``).
     """
-    if not payload:
-        return None
-    if len(payload) > MAX_ASSIGNMENT_BYTES:
-        raise UpdateRejected(f"assignment of {len(payload)} bytes exceeds "
-                             f"{MAX_ASSIGNMENT_BYTES}", reason="too_large")
+    return Assignment.from_dict(_load(payload)) if payload else None
+
+
+def _load(payload: bytes) -> Any:
+    """An assignment's JSON (v1 or v2) read by the guarded reader, whose size check
+    comes before anything else; its refusals become ``too_large`` or ``bad_assignment``."""
     try:
-        data = loads_guarded(payload, _ASSIGNMENT_LIMITS)
+        return loads_guarded(payload, _ASSIGNMENT_LIMITS)
     except JsonRejected as exc:
-        raise _bad(f"assignment is not JSON within limits ({exc.reason}): {exc}") from None
-    return Assignment.from_dict(data)
+        raise UpdateRejected(f"assignment is not JSON within limits ({exc.reason}): {exc}",
+                             reason="too_large" if exc.reason == "too_large"
+                             else "bad_assignment") from None
 
 
 # --- v2: director-signed assignments -------------------------------------------------
@@ -387,13 +389,7 @@ def decode_signed_assignment(payload: bytes) -> SignedAssignment | None:
     """
     if not payload:
         return None
-    if len(payload) > MAX_ASSIGNMENT_BYTES:
-        raise UpdateRejected(f"assignment of {len(payload)} bytes exceeds "
-                             f"{MAX_ASSIGNMENT_BYTES}", reason="too_large")
-    try:
-        data = loads_guarded(payload, _ASSIGNMENT_LIMITS)
-    except JsonRejected as exc:
-        raise _bad(f"assignment is not JSON within limits ({exc.reason}): {exc}") from None
+    data = _load(payload)
     if not isinstance(data, dict):
         raise _bad("assignment is not a JSON object")
     v = data.get("v", PROTOCOL_VERSION)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ from edgefleet.device.runtime.archive import ArchiveLimits
 from edgefleet.device.runtime.backends import _litert_interpreter, open_backend
 from edgefleet.device.runtime.golden import normalize
 from edgefleet.device.runtime.manifest import (
-    FileEntry,
-    GoldenSample,
     HeadCut,
     InputSpec,
     Manifest,
@@ -40,12 +37,20 @@ from edgefleet.device.runtime.manifest import (
     Variant,
     VariantName,
     file_sha256,
-    write_manifest,
 )
 from edgefleet.device.runtime.mlp import softmax
 from edgefleet.device.runtime.onnx_check import check_no_external_data
 from edgefleet.models.build.onnx_export import CALIB_METHODS, CalibMethod, quantize_onnx_int8
-from edgefleet.models.build.pipeline import N_GOLDEN, BuildResult, Progress, _check_out, created_now
+from edgefleet.models.build.pipeline import (
+    BuildResult,
+    Progress,
+    _check_out,
+    created_now,
+    measure_variants,
+    package_files,
+    publish,
+    staged,
+)
 from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
 from edgefleet.models.core.reference_stats import reference_stats
 
@@ -449,12 +454,8 @@ def import_model(opts: ImportOptions, progress: Progress | None = None) -> Build
     calib = _load_npz(opts.calibration, "calibration data")
     evald = _load_npz(opts.eval, "evaluation data")
     _check_out(opts.out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", dir=opts.out.resolve().parent))
-    try:
+    with staged(opts.out) as tmp:
         return _import(opts, kind, calib, evald, tmp, say)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, tmp: Path,
@@ -608,35 +609,13 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
     default: VariantName = "onnx-int8" if "onnx-int8" in variants else "tflite-int8"
     ref_backend = open_backend(tmp, variants[ref], threads=1)
     temperature = fit_temperature(ref_backend.run(xc), calib.y)
-    pick = np.linspace(0, len(evald.y) - 1, min(N_GOLDEN, len(evald.y))).astype(int)
+    m = measure_variants(tmp, variants, evald.x, xe, evald.y, temperature, default)
     metrics: dict[str, Any] = {"eval_samples": len(evald.y)}
-    golden_logits: dict[str, F32] = {}
-    atol: dict[str, float] = {}
-    held_out_conf: F32 | None = None
     for key, var in variants.items():
-        logits = open_backend(tmp, var, threads=1).run(xe)
-        if key == default:
-            # The drift reference: the confidences devices will see from this very
-            # variant, on data neither quantization nor temperature was fitted to.
-            held_out_conf = softmax(logits, temperature).max(axis=1)
-        golden_logits[key] = logits[pick]
-        scale = float(np.max(np.abs(logits[pick])))
-        atol[key] = 1e-3 if var.precision == "fp32" else max(0.05 * scale, 1e-2)
-        metrics[key] = {
-            "accuracy": _accuracy(logits, evald.y),
-            "ece": expected_calibration_error(softmax(logits, temperature), evald.y),
-            "size_bytes": (tmp / var.file).stat().st_size,
-        }
-        if key == ref:
-            metrics["ece_uncalibrated"] = expected_calibration_error(softmax(logits), evald.y)
-            metrics["ece_calibrated"] = metrics[key]["ece"]
-    golden = [
-        GoldenSample(input=[float(v) for v in evald.x[i].ravel()], label=int(evald.y[i]),
-                     logits={k: [float(v) for v in golden_logits[k][j]] for k in variants})
-        for j, i in enumerate(pick)
-    ]
-    files = {p.name: FileEntry(sha256=file_sha256(p), size=p.stat().st_size)
-             for p in sorted(tmp.iterdir()) if p.is_file()}
+        metrics[key] = {**m.metrics[key], "size_bytes": (tmp / var.file).stat().st_size}
+    metrics["ece_uncalibrated"] = expected_calibration_error(softmax(m.logits[ref]), evald.y)
+    metrics["ece_calibrated"] = metrics[ref]["ece"]
+    files = package_files(tmp)
     total = sum(f.size for f in files.values())
     if total > opts.max_bytes:
         raise _reject("too_large", f"the package would be {total} bytes; a device unpacks at "
@@ -664,22 +643,18 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
         variants=variants,
         default_variant=default,
         temperature=temperature,
-        golden=golden,
-        golden_atol=atol,
+        golden=m.golden,
+        golden_atol=m.golden_atol,
         files=files,
         metrics=metrics,
         lineage=lineage,
         head=head,
-        reference_stats=reference_stats(evald.x.reshape(len(evald.x), -1), held_out_conf,
+        reference_stats=reference_stats(evald.x.reshape(len(evald.x), -1), m.held_out_conf,
                                         max_features=MAX_DRIFT_FEATURES),
     )
-    write_manifest(tmp, manifest)
     if head is not None and head.trainable:
-        _keep_source_data(opts, tmp, "tflite-int8" in variants)
-    if opts.out.exists():
-        shutil.rmtree(opts.out)
-    tmp.rename(opts.out)
-    return BuildResult(opts.out, manifest)
+        _keep_source_data(opts, tmp, "tflite-int8" in variants)  # not a manifest file
+    return publish(tmp, manifest, opts.out)
 
 
 def _safe_name(path: Path) -> str:

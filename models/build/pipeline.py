@@ -11,12 +11,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from edgefleet.device.core.errors import UsageError
 from edgefleet.device.runtime.backends import open_backend
@@ -48,6 +50,7 @@ __all__ = ["BuildOptions", "BuildResult", "build_package", "created_now", "packa
 log = logging.getLogger(__name__)
 
 Format = Literal["onnx", "tflite", "all"]
+F32 = npt.NDArray[np.float32]
 N_GOLDEN = 4
 
 
@@ -106,6 +109,80 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"output path {out} exists and is not a folder")
 
 
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A folder beside ``out`` to build a package in (same file system, so
+    :func:`publish` is a rename); removed if building fails."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(tmp: Path, manifest: Manifest, out: Path) -> BuildResult:
+    """Write ``manifest`` into the staged folder and put the package at ``out``."""
+    write_manifest(tmp, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return BuildResult(out, manifest)
+
+
+def package_files(pkg: Path) -> dict[str, FileEntry]:
+    """The manifest's ``files``: every file at the package's top level."""
+    return {p.name: FileEntry(sha256=file_sha256(p), size=p.stat().st_size)
+            for p in sorted(pkg.iterdir()) if p.is_file()}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Every variant run on the held-out rows: what the manifest records of them."""
+
+    #: Per variant: ``accuracy`` and ``ece`` (with the package's temperature).
+    metrics: dict[str, dict[str, float]]
+    #: Per variant: its logits of every held-out row.
+    logits: dict[str, F32]
+    golden: list[GoldenSample]
+    golden_atol: dict[str, float]
+    #: The drift reference: the default variant's confidences on the held-out rows.
+    held_out_conf: F32 | None
+
+
+def measure_variants(pkg: Path, variants: dict[VariantName, Variant], x_raw: np.ndarray,
+                     x: F32, y: np.ndarray, temperature: float,
+                     default: VariantName) -> Measured:
+    """Run each variant on held-out rows ``x`` (``x_raw`` before normalization: what
+    golden samples record), once each."""
+    pick = np.linspace(0, len(y) - 1, min(N_GOLDEN, len(y))).astype(int)
+    metrics: dict[str, dict[str, float]] = {}
+    all_logits: dict[str, F32] = {}
+    atol: dict[str, float] = {}
+    held_out_conf: F32 | None = None
+    for key, var in variants.items():
+        logits = open_backend(pkg, var, threads=1).run(x)
+        if key == default:
+            # The drift reference: what devices will see from this very variant on data
+            # no step of building fitted (a federated model is pretrained on the
+            # calibration split, and temperature is fitted there: its confidences on
+            # that split are all but exactly 1.0, and no field looks like that).
+            held_out_conf = softmax(logits, temperature).max(axis=1)
+        all_logits[key] = logits
+        scale = float(np.max(np.abs(logits[pick])))
+        atol[key] = 1e-3 if var.precision == "fp32" else max(0.05 * scale, 1e-2)
+        metrics[key] = {
+            "accuracy": float(np.mean(logits.argmax(1) == y)),
+            "ece": expected_calibration_error(softmax(logits, temperature), y),
+        }
+    golden = [
+        GoldenSample(input=[float(v) for v in np.ravel(x_raw[i])], label=int(y[i]),
+                     logits={k: [float(v) for v in all_logits[k][i]] for k in variants})
+        for i in pick
+    ]
+    return Measured(metrics, all_logits, golden, atol, held_out_conf)
+
+
 def package_model(
     task: Task,
     model: MLP,
@@ -142,8 +219,7 @@ def package_model(
     ece_before = expected_calibration_error(softmax(logits_t), split.y_test)
     ece_after = expected_calibration_error(softmax(logits_t, temperature), split.y_test)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-    try:
+    with staged(out) as tmp:
         variants: dict[VariantName, Variant] = {}
         say("exporting ONNX fp32")
         export_onnx_fp32(model, tmp / "model_fp32.onnx")
@@ -168,40 +244,9 @@ def package_model(
         write_params(tmp / PARAMS_FILE, model.params)
 
         say("computing golden outputs and test metrics")
-        pick = np.linspace(0, len(split.y_test) - 1, N_GOLDEN).astype(int)
-        golden_logits: dict[str, np.ndarray] = {}
-        metrics: dict[str, Any] = {
-            "ece_uncalibrated": ece_before, "ece_calibrated": ece_after,
-            "test_samples": len(split.y_test),
-        }
-        atol: dict[str, float] = {}
         default_variant: VariantName = "onnx-int8"
-        held_out_conf = None
-        for key, var in variants.items():
-            backend = open_backend(tmp, var, threads=1)
-            logits = backend.run(xt)
-            if key == default_variant:
-                # The drift reference: what devices will see from this very variant on
-                # data no step of building fitted (a federated model is pretrained on the
-                # calibration split, and temperature is fitted there: its confidences on
-                # that split are all but exactly 1.0, and no field looks like that).
-                held_out_conf = softmax(logits, temperature).max(axis=1)
-            golden_logits[key] = logits[pick]
-            scale = float(np.max(np.abs(logits[pick])))
-            atol[key] = 1e-3 if var.precision == "fp32" else max(0.05 * scale, 1e-2)
-            metrics[key] = {
-                "accuracy": float(np.mean(logits.argmax(1) == split.y_test)),
-                "ece": expected_calibration_error(softmax(logits, temperature), split.y_test),
-            }
-        golden = [
-            GoldenSample(input=[float(v) for v in split.x_test[i]], label=int(split.y_test[i]),
-                         logits={k: [float(v) for v in golden_logits[k][j]] for k in variants})
-            for j, i in enumerate(pick)
-        ]
-        files = {
-            p.name: FileEntry(sha256=file_sha256(p), size=p.stat().st_size)
-            for p in sorted(tmp.iterdir()) if p.is_file()
-        }
+        m = measure_variants(tmp, variants, split.x_test, xt, split.y_test, temperature,
+                             default_variant)
         manifest = Manifest(
             name=name or f"{task.name}-mlp",
             version=version,
@@ -214,22 +259,16 @@ def package_model(
             variants=variants,
             default_variant=default_variant,
             temperature=temperature,
-            golden=golden,
-            golden_atol=atol,
-            files=files,
-            metrics=metrics,
+            golden=m.golden,
+            golden_atol=m.golden_atol,
+            files=package_files(tmp),
+            metrics={"ece_uncalibrated": ece_before, "ece_calibrated": ece_after,
+                     "test_samples": len(split.y_test), **m.metrics},
             lineage={"layers": list(model.sizes), "seed": seed, **extra_lineage,
                      **(lineage or {})},
-            reference_stats=reference_stats(split.x_train, held_out_conf),
+            reference_stats=reference_stats(split.x_train, m.held_out_conf),
         )
-        write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return BuildResult(out, manifest)
+        return publish(tmp, manifest, out)
 
 
 def build_package(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:

@@ -103,13 +103,21 @@ class RunSettings(StrictModel):
         """What each device needs to train (and account) a round.
 
         No seed: a device's DP noise and sampling come from its own OS entropy, whatever
-        the server sends (``seed`` only fixes the server's model initialization).
+        the server sends (``seed`` only fixes the server's model initialization). Checked
+        by the devices' own reader (:func:`~edgefleet.device.wire.federated.round_request`),
+        so a run cannot start with a config every device would reject.
         """
+        from edgefleet.device.wire.federated import round_request
+
         cfg: dict[str, Any] = {
             "dp": self.dp, "target-epsilon": self.epsilon, "delta": self.delta,
             "num-rounds": self.num_rounds, "local-steps": self.local_steps,
             "batch-size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
             "clip": self.clip}
+        try:
+            round_request(cfg)
+        except ValueError as exc:
+            raise UsageError(f"the run's {exc}") from None
         return {**cfg, **self.eval_config()}
 
     def eval_config(self) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import pytest
 from tuf.api.metadata import Metadata, Root
 
 from edgefleet.device.core import errors
-from edgefleet.device.runtime.manifest import MANIFEST_NAME
 from edgefleet.device.updates.tuf_client import (
     RESETS,
     HighestSeen,
@@ -36,6 +35,7 @@ from tests.support.updates import (
     Traffic,
     assign,
     fast_forward,
+    golden_input,
     make_device,
     make_registry,
     package_version,
@@ -73,8 +73,7 @@ class Bench:
         return self.dev.serving.active.manifest.version
 
     def sample(self) -> np.ndarray:
-        m = json.loads((self.src / MANIFEST_NAME).read_text())
-        return np.asarray(m["golden"][0]["input"], dtype=np.float32)
+        return golden_input(self.src)
 
     def close(self) -> None:
         self.srv.stop()

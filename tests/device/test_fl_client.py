@@ -178,6 +178,18 @@ def test_noised_evaluation_is_accounted(tmp_path: Path) -> None:
     assert 0 < ledger.spent() < 1.0
 
 
+@pytest.mark.parametrize("server_round", ["many", -2])
+def test_a_malformed_evaluation_round_is_rejected_and_nothing_is_recorded(
+        tmp_path: Path, server_round: object) -> None:
+    """The round number labels the ledger entry: read with the training round's rules."""
+    grid = _device(tmp_path, **{"privacy-evaluation": "noised"})
+    reply = _ask(grid, _msg("evaluate", **{"server-round": server_round}))
+    assert reply.has_error() and reply.error.code == REJECTED_INPUT, reply.error
+    assert "server-round" in (reply.error.reason or "")
+    assert not (tmp_path / "privacy-ledger.json").exists() or not PrivacyLedger(
+        tmp_path / "privacy-ledger.json", 10.0).entries
+
+
 def test_the_simulated_app_evaluates_its_public_share_exactly(tmp_path: Path) -> None:
     grid = InProcessGrid(sim_app, 1, lambda i: {"state-dir": str(tmp_path)})
     cfg = {**run_settings({}).eval_config(), "server-round": 1}
@@ -196,7 +208,7 @@ def test_the_simulated_app_evaluates_its_public_share_exactly(tmp_path: Path) ->
 def test_a_malformed_round_config_is_rejected_not_raised(tmp_path: Path, key: str,
                                                          value: object) -> None:
     """A hostile server's numbers are refused before any of them reaches training."""
-    from edgefleet.device.fl.client import round_request
+    from edgefleet.device.wire.federated import round_request
 
     cfg = {"dp": "sample", "target-epsilon": 3.0, "delta": 1e-5, "num-rounds": 2, key: value}
     with pytest.raises(ValueError, match=key):
@@ -204,3 +216,12 @@ def test_a_malformed_round_config_is_rejected_not_raised(tmp_path: Path, key: st
     ok = round_request({"dp": "sample", "target-epsilon": 3.0, "delta": 1e-5,
                         "num-rounds": 2, "norm-mean": [0.0]})  # other keys are ignored
     assert ok.local_steps == 20 and ok.batch_size == 32
+
+
+def test_the_server_cannot_start_a_run_every_device_would_reject() -> None:
+    """Both ends read the round config with the same function (device/wire/federated)."""
+    from edgefleet.device.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="local-steps"):
+        run_settings({"local-steps": 2_000_000}).train_config()
+    assert run_settings({"local-steps": 1_000_000}).train_config()["local-steps"] == 1_000_000

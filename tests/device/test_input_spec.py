@@ -52,7 +52,9 @@ def test_every_accepted_form_gives_the_same_samples(image_pkg: Path) -> None:
     batch = a.batch(x[:5].reshape(5, 64))
     np.testing.assert_array_equal(batch, x[:5])
     np.testing.assert_array_equal(a.batch(x[:5, ..., 0]), x[:5])
-    np.testing.assert_array_equal(a.image_bytes(one.astype(np.uint8).tobytes()), want)
+    # The local API's "image": raw uint8 bytes, as the row it makes of them.
+    raw = np.frombuffer(one.astype(np.uint8).tobytes(), dtype=np.uint8)[None, :]
+    np.testing.assert_array_equal(a.batch(raw), want)
 
 
 def test_preprocessing_reaches_the_model_exactly_once(image_pkg: Path) -> None:
@@ -99,10 +101,12 @@ def test_image_mismatches_are_named_and_counted(image_pkg: Path, bad: np.ndarray
 
 
 def test_image_bytes_of_the_wrong_length(image_pkg: Path) -> None:
+    """The local API's row of 63 raw bytes for a 64-value image (also end to end in
+    tests/e2e/test_inputs_by_spec.py)."""
     metrics = Metrics()
     a = InputAdapter(load_package(image_pkg).input, metrics)
-    with pytest.raises(InputError, match=r"image of 63 bytes, not 64") as exc:
-        a.image_bytes(bytes(63))
+    with pytest.raises(InputError, match=r"\(63 values\).*expected float32 \[8, 8, 1\]") as exc:
+        a.batch(np.frombuffer(bytes(63), dtype=np.uint8)[None, :])
     assert exc.value.reason == "count" and metrics.counter("input_rejected_count") == 1
 
 
@@ -174,3 +178,16 @@ def test_builtin_packages_keep_the_vibration_features(digits_package: Path) -> N
     assert mi.builtin and mi.windows is None
     [row] = mi.frame(_frame(0, np.arange(64) % 17, PayloadType.U8_VECTOR))
     assert row.shape == (64,)
+
+
+@pytest.mark.parametrize("std", [[0.0], [1.0, -2.0]])
+def test_a_std_that_is_not_positive_is_refused_where_a_package_declares_one(
+        std: list[float]) -> None:
+    """Both the declared preprocessing and the per-feature normalization divide by std."""
+    from pydantic import ValidationError
+
+    from edgefleet.device.runtime.manifest import Normalization, Preprocessing
+
+    for make in (lambda: Preprocessing(std=std), lambda: Normalization(mean=[0.0], std=std)):
+        with pytest.raises(ValidationError, match="every std must be > 0"):
+            make()

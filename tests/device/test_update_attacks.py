@@ -27,9 +27,11 @@ from tests.support.updates import (
     Device,
     Mode,
     Traffic,
+    assert_refused,
     assign,
     faulty_server,
     flip_bytes,
+    golden_input,
     make_device,
     make_registry,
     package_version,
@@ -50,30 +52,10 @@ class Env:
         return self.reg.push(pkg).sha256
 
     def sample(self) -> np.ndarray:
-        m = json.loads((self.src / MANIFEST_NAME).read_text())
-        return np.asarray(m["golden"][0]["input"], dtype=np.float32)
-
-    def active_digest(self) -> str:
-        slot, info = self.dev.updater.slots.active()
-        assert slot is not None and info is not None
-        return file_sha256(self.dev.updater.slots.path(slot) / MANIFEST_NAME)
+        return golden_input(self.src)
 
     def refused(self, version: str, exc_type: type[Exception], reason: str) -> Exception:
-        """Apply ``version`` under live traffic; assert the refusal and that nothing changed."""
-        before = self.active_digest()
-        with Traffic(self.dev.serving, self.sample()) as traffic, \
-                pytest.raises(exc_type) as info:
-            self.dev.updater.apply(assign(version))
-        assert traffic.failed == 0 and traffic.ok > 0
-        assert traffic.versions == {"1.0.0"}
-        assert self.active_digest() == before
-        assert self.dev.serving.active is not None
-        assert self.dev.serving.active.manifest.version == "1.0.0"
-        kind, data = self.dev.events[-1]
-        assert kind == "rejected" and data["reason"] == reason, self.dev.events[-1]
-        assert self.dev.metrics.counter(f"update_rejected_{reason}") >= 1
-        assert not any(self.dev.updater.downloads.iterdir()), "partial download left behind"
-        return info.value
+        return assert_refused(self.dev, self.sample(), version, exc_type, reason)
 
 
 def _env(tmp_path: Path, digits_package: Path, *, socket_timeout_s: float = 5.0,

@@ -102,6 +102,27 @@ def test_a_shadow_of_the_active_version_downloads_nothing(
     assert dev.metrics.counter("update_shadow_started") == 1  # only the real shadow
 
 
+def test_a_shadow_below_the_highest_seen_needs_a_signed_rollback(
+        bench: tuple[Registry, Device, list[str]]) -> None:
+    """A shadow is never served, but the device still downloads and runs it on live
+    inputs: the downgrade rule is the same as for an activation (docs/updates.md)."""
+    from edgefleet.device.core.errors import UpdateRejected
+
+    _reg, dev, paths = bench
+    assert dev.updater.apply(assign("1.1.0")) == "activated"
+    paths.clear()
+    with pytest.raises(UpdateRejected) as info:
+        dev.updater.apply(assign("1.0.0", shadow=True))
+    assert info.value.reason == "downgrade_refused"
+    assert dev.metrics.counter("update_rejected_downgrade_refused") == 1
+    assert dev.serving.shadow is None and archives(paths) == []
+    assert dev.updater.apply(assign("1.0.0", shadow=True, rollback=True)) == "shadow"
+    assert dev.serving.shadow is not None
+    assert dev.serving.shadow.manifest.version == "1.0.0"
+    active = dev.serving.active
+    assert active is not None and active.manifest.version == "1.1.0"
+
+
 def test_an_active_version_the_director_hashes_differently_is_checked(
         bench: tuple[Registry, Device, list[str]]) -> None:
     """``current`` only when the director's sha256 is the held one; otherwise the

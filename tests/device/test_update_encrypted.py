@@ -4,7 +4,6 @@ required) has its reason, counter and event while the current model keeps answer
 
 from __future__ import annotations
 
-import json
 import shutil
 import stat
 from collections.abc import Iterator
@@ -21,8 +20,9 @@ from edgefleet.server.registry.http import RegistryServer
 from edgefleet.server.registry.repository import Registry
 from tests.support.updates import (
     Device,
-    Traffic,
+    assert_refused,
     assign,
+    golden_input,
     make_device,
     make_registry,
     package_version,
@@ -41,25 +41,8 @@ class Env:
         rec = self.reg.push(pkg, encrypt_for=[k.public for k in (keys or [])] or None)
         return rec.sha256
 
-    def sample(self) -> np.ndarray:
-        m = json.loads((self.src / MANIFEST_NAME).read_text())
-        return np.asarray(m["golden"][0]["input"], dtype=np.float32)
-
     def refused(self, version: str, reason: str) -> None:
-        """Apply ``version`` under live traffic; 1.0.0 answers throughout and stays active."""
-        with Traffic(self.dev.serving, self.sample()) as traffic, \
-                pytest.raises(errors.UpdateRejected) as info:
-            self.dev.updater.apply(assign(version))
-        assert info.value.reason == reason, info.value
-        assert traffic.failed == 0 and traffic.ok > 0 and traffic.versions == {"1.0.0"}
-        _slot, active = self.dev.updater.slots.active()
-        assert active is not None and active.version == "1.0.0"
-        kind, data = self.dev.events[-1]
-        assert kind == "rejected" and data["reason"] == reason, self.dev.events[-1]
-        assert self.dev.metrics.counter(f"update_rejected_{reason}") == 1
-        assert not any(self.dev.updater.downloads.iterdir())
-        assert not any(p.name.startswith(".staging")
-                       for p in self.dev.updater.slots.slots_dir.iterdir())
+        assert_refused(self.dev, golden_input(self.src), version, errors.UpdateRejected, reason)
 
 
 @pytest.fixture
@@ -86,7 +69,7 @@ def test_encrypted_package_installs_serves_and_never_leaves_the_slot(env: Env) -
     assert info.hashes["sha256"] == file_sha256(stored)  # TUF signs the ciphertext
     assert info.unrecognized_fields["custom"]["encryption"]["key_ids"] == [
         env.key.public.key_id]
-    pred = env.dev.serving.predict(env.sample())
+    pred = env.dev.serving.predict(golden_input(env.src))
     assert np.isfinite(pred.confidence)
     slot, _ = env.dev.updater.slots.active()
     assert slot is not None

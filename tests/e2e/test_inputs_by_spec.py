@@ -16,23 +16,18 @@ import pytest
 
 from edgefleet.device.agent.daemon import Agent
 from edgefleet.device.agent.local_api import request
-from edgefleet.device.agent.settings import AgentConfig
-from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.wire.frames import PayloadType, encode_frame
 from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.device.serial_support import wait_until
 from tests.support.imported import image_model, window_model, windows_data
+from tests.support.local_agent import local_agent
 from tests.support.telemetry import raw_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
 def _agent(tmp_path: Path, package: Path, **sections: Any) -> Agent:
-    cfg = AgentConfig.model_validate({
-        "device_id": "dev-spec", "state_dir": str(tmp_path / "state"),
-        "model": {"package": str(package), "threads": 1},
-        "telemetry": {"enabled": False}, "fallback": {"mode": "off"}, **sections})
-    return Agent(cfg, Metrics()).start()
+    return local_agent(tmp_path, package, "dev-spec", **sections)
 
 
 def test_serial_samples_become_windows_over_a_pty(tmp_path: Path) -> None:

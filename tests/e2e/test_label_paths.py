@@ -14,13 +14,12 @@ import pytest
 
 from edgefleet.device.agent.daemon import Agent
 from edgefleet.device.agent.local_api import request
-from edgefleet.device.agent.settings import AgentConfig
-from edgefleet.device.core.metrics import Metrics
 from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.conftest import BIN
 from tests.device.serial_support import PtyPair, wait_until
 from tests.support import cascade as support
 from tests.support.cascade import digit_rows, scorer_thread
+from tests.support.local_agent import local_agent
 
 device_pkg = support.device_pkg
 cloud_pkg = support.cloud_pkg
@@ -29,11 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
 def _agent(tmp_path: Path, package: Path, **sections: Any) -> Agent:
-    cfg = AgentConfig.model_validate({
-        "device_id": "dev-lab", "state_dir": str(tmp_path / "state"),
-        "model": {"package": str(package), "threads": 1},
-        "telemetry": {"enabled": False}, "fallback": {"mode": "off"}, **sections})
-    return Agent(cfg, Metrics()).start()
+    return local_agent(tmp_path, package, "dev-lab", **sections)
 
 
 def test_local_api_labels_by_answer_id_by_input_and_in_batches(

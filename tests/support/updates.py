@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+import pytest
+
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.inference.serving import ServingModel
 from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
@@ -201,6 +204,37 @@ def assign(version: str, model: str = "digits-mlp", shadow: bool = False,
            rollback: bool = False) -> Assignment:
     """An assignment of ``model@version`` (``rollback``: one below the highest seen)."""
     return Assignment(model, version, shadow=shadow, rollback=rollback)
+
+
+def golden_input(package: Path) -> np.ndarray:
+    """The first golden sample of a package: a valid input for any version of it."""
+    m = json.loads((package / MANIFEST_NAME).read_text())
+    return np.asarray(m["golden"][0]["input"], dtype=np.float32)
+
+
+def assert_refused(dev: Device, sample: np.ndarray, version: str,
+                   exc_type: type[Exception], reason: str) -> Exception:
+    """Apply ``version`` under live traffic and assert it is refused with ``reason``
+    (exception, ``rejected`` event, one more ``update_rejected_<reason>``) while 1.0.0
+    answers every request and stays active, with nothing left downloaded or staged."""
+    slot, _ = dev.updater.slots.active()
+    assert slot is not None
+    manifest = dev.updater.slots.path(slot) / MANIFEST_NAME
+    before, counted = file_sha256(manifest), dev.metrics.counter(f"update_rejected_{reason}")
+    with Traffic(dev.serving, sample) as traffic, pytest.raises(exc_type) as info:
+        dev.updater.apply(assign(version))
+    assert getattr(info.value, "reason", reason) == reason, info.value  # if it has one
+    assert traffic.failed == 0 and traffic.ok > 0 and traffic.versions == {"1.0.0"}
+    assert dev.updater.slots.active()[0] == slot and file_sha256(manifest) == before
+    _slot, active = dev.updater.slots.active()
+    assert active is not None and active.version == "1.0.0"
+    assert dev.serving.active is not None and dev.serving.active.manifest.version == "1.0.0"
+    kind, data = dev.events[-1]
+    assert kind == "rejected" and data["reason"] == reason, dev.events[-1]
+    assert dev.metrics.counter(f"update_rejected_{reason}") == counted + 1
+    assert not any(dev.updater.downloads.iterdir()), "partial download left behind"
+    assert not any(p.name.startswith(".staging") for p in dev.updater.slots.slots_dir.iterdir())
+    return info.value
 
 
 def start_agent(device_id: str, state: Path, reg: Registry, url: str, broker_port: int,
