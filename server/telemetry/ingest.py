@@ -308,7 +308,7 @@ class IngestService:
                 try:
                     with st.savepoint():
                         if st.update_metrics(device, ts, _registry_fields(body),
-                                             body.model_dump(mode="json")):
+                                             body.model_dump_json()):
                             check_metrics(st, device, body, now, self.cfg.alerts)
                 except Exception as exc:
                     if _is_outage(exc):

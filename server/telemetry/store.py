@@ -342,13 +342,9 @@ class Store:
                      (1 if online else 0, ts, boot, device))
 
     def update_metrics(self, device: str, ts: float, fields: dict[str, Any],
-                       body: dict[str, Any]) -> bool:
+                       body: dict[str, Any] | str) -> bool:
         """Newest metrics win: an older spooled report never overwrites a newer one."""
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        return self.execute(
-            f"UPDATE devices SET {cols}, metrics_ts = ?, last_metrics = ? "
-            "WHERE device = ? AND (metrics_ts IS NULL OR metrics_ts <= ?)",
-            (*fields.values(), ts, json.dumps(body), device, ts)) == 1
+        return self.update_metrics_many([(device, ts, fields, body)])[0]
 
     def add_event(self, ts: float, device: str | None, kind: str, severity: str,
                   message: str, data: dict[str, Any] | None = None) -> None:
