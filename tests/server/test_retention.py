@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +13,10 @@ from edgefleet.server.telemetry.report import series
 from edgefleet.server.telemetry.retention import HOUR, parse_age, prune
 from edgefleet.server.telemetry.store import Store, open_store
 from tests.conftest import run_cli
-from tests.support.postgres import postgres_server
 
 DAY = 86400.0
 NOW = 1_000 * DAY  # a round instant: hours and days line up
 BOOT = "b" * 16
-
-
-@pytest.fixture(scope="module")
-def pg_dsn() -> Iterator[str]:
-    with postgres_server() as dsn:
-        yield dsn
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = open_store(tmp_path / "fleet.db")
-    else:
-        s = open_store(request.getfixturevalue("pg_dsn"))
-        for table in ("messages", "messages_hourly", "devices"):
-            s.execute(f"DELETE FROM {table}")
-    yield s
-    s.close()
 
 
 def _payload(inferences: int, fallback: int, p95: float, p50: float, psi: float) -> str:
