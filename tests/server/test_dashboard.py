@@ -3,6 +3,8 @@ bounds, actions that land in the stores and the audit log, the live stream."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import re
 import time
@@ -254,6 +256,32 @@ def test_event_stream_carries_live_numbers(fleet: Fleet) -> None:
         assert r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
     assert "event: fleet" in text and '"pi-01"' in text and '"inferences":300' in text
+
+
+def test_a_stream_dropped_before_its_first_byte_frees_its_slot(fleet: Fleet) -> None:
+    """A client gone before its stream starts (an aborted connect) gives its slot back:
+    after more such requests than ``max_streams`` the live view still opens."""
+    fleet.login()
+    cookie = f"{COOKIE}={fleet.client.cookies[COOKIE]}".encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/events", "raw_path": b"/events",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+             "server": ("testserver", 80),
+             "headers": [(b"host", b"testserver"), (b"cookie", cookie)]}
+
+    async def gone() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def drop(_message: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # a real transport's send gives the loop a turn
+
+    for _ in range(fleet.cfg.max_streams + 1):
+        asyncio.run(fleet.client.app(dict(scope), gone, drop))
+    gc.collect()
+    assert fleet.metrics.snapshot()["gauges"]["dashboard_streams_open"] == 0
+    with fleet.client.stream("GET", "/events") as r:
+        assert r.status_code == 200
+        assert "event: fleet" in "".join(r.iter_text())
 
 
 def test_cli_ack_is_the_same_action(fleet: Fleet, tmp_path: Path) -> None:
