@@ -188,7 +188,7 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
         return out
 
     def check(value: str, pattern: str, what: str) -> str:
-        if not re.match(pattern, value):
+        if not re.fullmatch(pattern, value):
             raise _Refused("bad_name", f"{what} is not a valid name")
         return value
 

@@ -40,7 +40,7 @@ def _live(device: str, field: str, value: str, fmt: str = "num") -> str:
 
 def device_link(name: str) -> str:
     """A link to a device's page, or plain text for a name no page can have."""
-    if re.match(DEVICE_ID_PATTERN, name):
+    if re.fullmatch(DEVICE_ID_PATTERN, name):
         return f'<a href="/devices/{quote(name)}">{e(name)}</a>'
     return e(name)
 

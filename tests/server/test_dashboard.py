@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.server.dashboard.app import COOKIE, MAX_FORM, DashboardConfig, create_app
 from edgefleet.server.dashboard.auth import LoginLimiter, SessionSigner, Users, load_secret
+from edgefleet.server.dashboard.pages import device_link
 from edgefleet.server.dashboard.views import Sources
 from edgefleet.server.fleet.audit import AuditLog
 from edgefleet.server.retrain.policy import Approvals
@@ -142,6 +143,8 @@ def test_users_store_hashes_owner_only(fleet: Fleet) -> None:
         Users(fleet.state).add("bob", "short")
     with pytest.raises(Exception, match="valid user"):
         Users(fleet.state).add("<b>", PASSWORD)
+    with pytest.raises(Exception, match="valid user"):
+        Users(fleet.state).add("bob\n", PASSWORD)
 
 
 def test_hostile_names_render_as_text(fleet: Fleet) -> None:
@@ -175,12 +178,15 @@ def test_query_and_names_checked(fleet: Fleet) -> None:
     cases = [("/?status=<x>", "bad_query", 400), ("/?q=" + "a" * 65, "bad_query", 400),
              ("/?group=nosuch", "bad_query", 400), ("/devices/%3Cb%3E", "bad_name", 400),
              ("/devices/nosuch", "unknown_device", 404), ("/report/../secret", "", 404),
-             ("/static/app.py", "unknown_file", 404)]
+             ("/static/app.py", "unknown_file", 404),
+             # ``$`` of a pattern matches before a final newline: names must match whole
+             ("/devices/pi-01%0A", "bad_name", 400)]
     for path, reason, status in cases:
         r = fleet.client.get(path)
         assert r.status_code == status, path
         if reason:
             assert r.headers["x-refused-reason"] == reason, path
+    assert "<a" in device_link("pi-01") and "<a" not in device_link("pi-01\n")
 
 
 def test_actions_need_csrf(fleet: Fleet) -> None:
@@ -190,6 +196,10 @@ def test_actions_need_csrf(fleet: Fleet) -> None:
         r = fleet.client.post("/alerts/ack", data=data)
         assert r.status_code == 403 and r.headers["x-refused-reason"] == "bad_csrf"
     assert fleet.metrics.counter("dashboard_refused_bad_csrf") == 2
+    assert not fleet.store.events(prefix="ack.")
+    r = fleet.client.post("/alerts/ack", data={"csrf": fleet.csrf(), "device": "pi-01\n",
+                                               "kind": "drift"})
+    assert r.status_code == 400 and r.headers["x-refused-reason"] == "bad_name"
     assert not fleet.store.events(prefix="ack.")
     fleet.client.cookies.clear()
     r = fleet.client.post("/alerts/ack", data={"device": "pi-01", "kind": "drift"})
