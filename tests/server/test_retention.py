@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from edgefleet.device.core.errors import UsageError
+from edgefleet.server.cli.devices_cmd import parse_since
 from edgefleet.server.telemetry.report import series
 from edgefleet.server.telemetry.retention import HOUR, parse_age, prune
 from edgefleet.server.telemetry.store import Store, open_store
@@ -164,9 +165,13 @@ def test_the_report_plots_rolled_up_history(store: Store) -> None:
 def test_bad_arguments_are_refused(store: Store) -> None:
     assert parse_age("7d") == 7 * DAY and parse_age("12h") == 12 * HOUR
     assert parse_age("90") == 90.0 and parse_age("2w") == 14 * DAY
-    for bad in ("", "d", "-1d", "0", "soon", "infd"):
+    for bad in ("", "d", "-1d", "0", "soon", "infd", "nan", "-30s"):
         with pytest.raises(UsageError):
             parse_age(bad)
+        with pytest.raises(UsageError, match="--since"):  # devices logs --since: the same
+            parse_since(bad)
+    assert parse_since("30s") == 30.0 and parse_since("10m") == 600.0
+    assert parse_since("2h") == 2 * HOUR and parse_since("1d") == DAY
     with pytest.raises(UsageError, match="keep-hourly"):
         prune(store, keep_raw=7 * DAY, keep_hourly=DAY)
 
