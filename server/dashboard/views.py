@@ -86,7 +86,7 @@ def fleet_rows(src: Sources, *, status: str = "", group: str = "",
     out: list[dict[str, Any]] = []
     matched = 0
     text = text.lower()
-    for d in src.store.devices():
+    for d in src.store.devices(with_metrics=True):  # one query, not one more per row
         r = device_row(d)
         r["group"] = src.groups.get(r["device"], "")
         if status and (status == "online") != r["online"]:
@@ -101,8 +101,7 @@ def fleet_rows(src: Sources, *, status: str = "", group: str = "",
             continue
         n = d["n_inferences"] or 0
         r["local_rate"] = round(d["n_local"] / n, 4) if n else None
-        full = src.store.device(r["device"]) or {}
-        body = full.get("last_metrics") or {}
+        body = json.loads(d["last_metrics"]) if d["last_metrics"] else {}
         r["latency"] = _latency(body)
         budget = (body.get("training") or {}).get("budget") if isinstance(body, dict) else None
         r["epsilon_budget"] = float(budget) if isinstance(budget, int | float) else \

@@ -383,10 +383,12 @@ class Store:
                      (keep,))
 
     # -- reads ------------------------------------------------------------------------------
-    def devices(self) -> list[dict[str, Any]]:
-        """Every registry row, by device id."""
-        rows = self.query(f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices ORDER BY device")
-        return [dict(zip(DEVICE_COLUMNS, r, strict=True)) for r in rows]
+    def devices(self, *, with_metrics: bool = False) -> list[dict[str, Any]]:
+        """Every registry row, by device id; ``with_metrics`` adds each row's latest
+        metrics body as stored, its JSON text (``last_metrics``: parse the rows you use)."""
+        cols = (*DEVICE_COLUMNS, "last_metrics") if with_metrics else DEVICE_COLUMNS
+        rows = self.query(f"SELECT {', '.join(cols)} FROM devices ORDER BY device")
+        return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def device(self, device: str) -> dict[str, Any] | None:
         """One registry row with its latest metrics body, or None."""
