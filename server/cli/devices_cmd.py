@@ -258,23 +258,16 @@ def sync(home: Path | None = _home_option(),
     console.print(f"synced {len(done)} device(s): {', '.join(done) or '-'}")
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
 def parse_since(value: str) -> float:
-    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` as seconds (positive)."""
+    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` as seconds (positive): ``fleet prune``'s
+    ages (:func:`~edgefleet.server.telemetry.retention.parse_age`)."""
     from edgefleet.device.core.errors import UsageError
+    from edgefleet.server.telemetry.retention import parse_age
 
-    v = value.strip().lower()
-    scale = _UNITS.get(v[-1:])
     try:
-        n = float(v[:-1] if scale is not None else v) * (scale or 1.0)
-    except ValueError:
-        raise UsageError(f"--since {value!r}: expected a duration such as 30s, 10m, 2h, 1d") \
-            from None
-    if not 0 < n < float("inf"):
-        raise UsageError(f"--since {value!r}: must be positive")
-    return n
+        return parse_age(value)
+    except UsageError as exc:
+        raise UsageError(f"--since: {exc}") from None
 
 
 @app.command()

@@ -7,7 +7,6 @@ Every command takes ``--db`` (a SQLite path or a ``postgresql://`` DSN; default
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import typer
 from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.device.core.errors import UsageError
 from edgefleet.server.cli.home_opts import HOME_OPTION
-from edgefleet.server.telemetry.rows import device_row
+from edgefleet.server.telemetry.rows import device_row, fmt_time, fmt_value
 
 __all__ = ["alerts", "app", "db_option", "report"]
 
@@ -36,12 +35,6 @@ def _store(db: str | None, home: Path | None = None) -> Any:
     from edgefleet.server.telemetry.store import open_store
 
     return open_store(store_target(db, home))
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
 
 
 def _seen(r: dict[str, Any]) -> str:
@@ -65,14 +58,6 @@ def _model(r: dict[str, Any]) -> str:
     return f"{r['model_name']}@{r['model_version']}" if r["model_name"] else r["model_version"]
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    if pct:
-        return f"{v:.1%}"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 #: ``fleet ls`` draws at most this many rows unless told otherwise (``--limit``, ``--all``).
 LS_LIMIT = 200
 #: Past this many rows the table is plain aligned text: rich measures and styles every
@@ -83,8 +68,8 @@ _LS_COLUMNS = ("device", "seen", "model", "inf", "fallback", "degraded", "PSI", 
 
 def _ls_cells(r: dict[str, Any]) -> list[str]:
     return [r["device"], _seen(r), _model(r), str(r["inferences"]),
-            _fmt(r["fallback_rate"], True), _fmt(r["degraded_rate"], True), _fmt(r["drift"]),
-            _fmt(r["epsilon"])]
+            fmt_value(r["fallback_rate"], True), fmt_value(r["degraded_rate"], True),
+            fmt_value(r["drift"]), fmt_value(r["epsilon"])]
 
 
 def _print_rich(title: str, rows: list[dict[str, Any]]) -> None:
@@ -181,23 +166,23 @@ def show(device: str = typer.Argument(..., help="Device id."), db: str | None = 
         return
     r = device_row(d)
     console.print(f"[bold]{device}[/]  {'[green]online[/]' if r['online'] else '[red]offline[/]'}"
-                  f"  last seen {_when(r['last_seen'])}  model {r['model_name'] or '-'} "
+                  f"  last seen {fmt_time(r['last_seen'])}  model {r['model_name'] or '-'} "
                   f"{r['model_version'] or ''}")
-    console.print(f"inferences {r['inferences']}  fallback {_fmt(r['fallback_rate'], True)}  "
-                  f"degraded {_fmt(r['degraded_rate'], True)}  drift {_fmt(r['drift'])}  "
-                  f"ε {_fmt(r['epsilon'])}  messages {d['messages']} "
+    console.print(f"inferences {r['inferences']}  fallback {fmt_value(r['fallback_rate'], True)}  "
+                  f"degraded {fmt_value(r['degraded_rate'], True)}  drift {fmt_value(r['drift'])}  "
+                  f"ε {fmt_value(r['epsilon'])}  messages {d['messages']} "
                   f"(duplicates dropped {d['duplicates']})  spool dropped {d['spool_dropped']}")
     body = d["last_metrics"] or {}
     lat = body.get("latency_ms") or {}
     if lat:
-        console.print(f"latency p50 {_fmt(lat.get('p50'))} ms  p95 {_fmt(lat.get('p95'))} ms  "
-                      f"p99 {_fmt(lat.get('p99'))} ms")
+        console.print(f"latency p50 {fmt_value(lat.get('p50'))} ms  "
+                      f"p95 {fmt_value(lat.get('p95'))} ms  p99 {fmt_value(lat.get('p99'))} ms")
     sysinfo = body.get("system") or {}
     if sysinfo:
         console.print("system " + "  ".join(f"{k} {v}" for k, v in sysinfo.items()
                                             if v is not None))
     for e in events:
-        console.print(f"  {_when(e['ts'])}  {e['kind']:24s} {e['message']}")
+        console.print(f"  {fmt_time(e['ts'])}  {e['kind']:24s} {e['message']}")
 
 
 @app.command()
@@ -268,11 +253,11 @@ def alerts(db: str | None = db_option(), home: Path | None = HOME_OPTION,
     for col in ("device", "alert", "since"):
         t.add_column(col)
     for a in open_:
-        t.add_row(a["device"], a["kind"], _when(a["since"]))
+        t.add_row(a["device"], a["kind"], fmt_time(a["since"]))
     console.print(t)
     for e in events:
         colour = "yellow" if e["kind"].startswith("alert.") else "green"
-        console.print(f"  {_when(e['ts'])}  {e['device'] or '-':16s} [{colour}]{e['kind']}[/]"
+        console.print(f"  {fmt_time(e['ts'])}  {e['device'] or '-':16s} [{colour}]{e['kind']}[/]"
                       f"  {e['message']}")
 
 

@@ -23,8 +23,6 @@ retrain_app = typer.Typer(help="Retrain a group when its alerts stay up (docs/re
 approvals_app = typer.Typer(help="Retraining requests waiting for an operator.",
                             invoke_without_command=True)
 
-STATE = "retrain.db"
-
 
 @retrain_app.command()
 def watch(
@@ -60,7 +58,7 @@ def watch(
         promote_with,
         push_with,
     )
-    from edgefleet.server.retrain.policy import RetrainConfig, RetrainController
+    from edgefleet.server.retrain.policy import APPROVALS_DB, RetrainConfig, RetrainController
     from edgefleet.server.rollout.controller import RolloutController
     from edgefleet.server.rollout.fleet_view import FleetView
     from edgefleet.server.rollout.health import CombinedHealth, StoreHealthSource
@@ -103,7 +101,7 @@ def watch(
         promote_with(rollout_ctl())(model)
 
     ctl = RetrainController(
-        policy, group, signals=signals, audit=registry.audit, state=home / STATE,
+        policy, group, signals=signals, audit=registry.audit, state=home / APPROVALS_DB,
         start_run=TrainCommand(home / "retrain", len(signals.members(group)), registry.home),
         push=push_with(registry), canary=canary, promote=promote)
     try:
@@ -146,9 +144,9 @@ def pending(
     if ctx.invoked_subcommand is not None:
         return
     from edgefleet.server.cli.home_opts import registry_path
-    from edgefleet.server.retrain.policy import Approvals
+    from edgefleet.server.retrain.policy import APPROVALS_DB, Approvals
 
-    rows = Approvals(registry_path(home, None) / STATE).rows(None if all_ else "pending")
+    rows = Approvals(registry_path(home, None) / APPROVALS_DB).rows(None if all_ else "pending")
     if json_out:
         print_json({"requests": rows})
         return
@@ -164,10 +162,10 @@ def pending(
 def _decide(rid: str, home: Path | None, approve: bool, json_out: bool) -> None:
     from edgefleet.server.cli.home_opts import registry_path
     from edgefleet.server.fleet.audit import AuditLog
-    from edgefleet.server.retrain.policy import Approvals, decide
+    from edgefleet.server.retrain.policy import APPROVALS_DB, Approvals, decide
 
     home = registry_path(home, None)
-    row = decide(Approvals(home / STATE), AuditLog(home / "audit.jsonl"), rid, approve,
+    row = decide(Approvals(home / APPROVALS_DB), AuditLog(home / "audit.jsonl"), rid, approve,
                  getpass.getuser())
     if json_out:
         print_json(row)

@@ -8,7 +8,8 @@ import time
 import typer
 
 from edgefleet.device.core.cli_support import console, print_json
-from edgefleet.server.cli.fleet_cmd import _store, _when, db_option
+from edgefleet.server.cli.fleet_cmd import _store, db_option
+from edgefleet.server.telemetry.rows import fmt_time
 
 __all__ = ["app"]
 
@@ -45,7 +46,7 @@ def tail(
                         f"psi={drift.get('input_psi')}")
             else:
                 what = json.dumps(body)[:120]
-            console.print(f"{_when(m['ts'])} {m['device']:16s} {m['boot'][:8]}#{m['seq']:<7d}"
+            console.print(f"{fmt_time(m['ts'])} {m['device']:16s} {m['boot'][:8]}#{m['seq']:<7d}"
                           f" {m['kind']:8s} {what}", highlight=False)
             last = m["id"]
         if not follow:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgefleet.server.dashboard.views import APPROVALS_DB, Sources
+from edgefleet.server.dashboard.views import Sources
 
 __all__ = ["acknowledge_alert", "actor_of", "decide_request", "promote", "rollback"]
 
@@ -24,7 +24,7 @@ def acknowledge_alert(src: Sources, user: str, device: str, kind: str) -> dict[s
 
 def decide_request(src: Sources, user: str, rid: str, approve: bool) -> dict[str, Any]:
     """``edgefleet approvals approve|deny RID``."""
-    from edgefleet.server.retrain.policy import Approvals, decide
+    from edgefleet.server.retrain.policy import APPROVALS_DB, Approvals, decide
 
     if src.registry is None:
         raise RuntimeError("no registry: no retraining requests")

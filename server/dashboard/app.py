@@ -16,7 +16,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,6 +34,7 @@ from starlette.responses import (
     StreamingResponse,
 )
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.core.metrics import Metrics
@@ -82,6 +83,22 @@ class _Refused(Exception):
     def __init__(self, reason: str, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.reason, self.message, self.status = reason, message, status
+
+
+class _Stream(StreamingResponse):
+    """Server-sent events holding one of ``max_streams`` slots for as long as the response
+    runs, however it ends: finished, client gone, or cancelled before its first byte (then
+    the generator never starts, so a ``finally`` in it would never give the slot back)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 class _Live:
@@ -171,7 +188,7 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
         return out
 
     def check(value: str, pattern: str, what: str) -> str:
-        if not re.match(pattern, value):
+        if not re.fullmatch(pattern, value):
             raise _Refused("bad_name", f"{what} is not a valid name")
         return value
 
@@ -356,20 +373,20 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
         streams["open"] += 1
         metrics.set("dashboard_streams_open", streams["open"])
 
+        def release() -> None:
+            streams["open"] -= 1
+            metrics.set("dashboard_streams_open", streams["open"])
+
         async def gen() -> AsyncIterator[str]:
             end = time.monotonic() + cfg.stream_seconds
-            try:
-                yield "retry: 3000\n\n"
-                while time.monotonic() < end:
-                    data = await run_in_threadpool(live.payload)
-                    yield f"event: fleet\ndata: {data}\n\n"
-                    await asyncio.sleep(cfg.interval)
-                    if await request.is_disconnected():
-                        break
-            finally:
-                streams["open"] -= 1
-                metrics.set("dashboard_streams_open", streams["open"])
-        resp = StreamingResponse(gen(), media_type="text/event-stream")
+            yield "retry: 3000\n\n"
+            while time.monotonic() < end:
+                data = await run_in_threadpool(live.payload)
+                yield f"event: fleet\ndata: {data}\n\n"
+                await asyncio.sleep(cfg.interval)
+                if await request.is_disconnected():
+                    break
+        resp = _Stream(gen(), release)
         resp.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
         return headers(resp)
 

@@ -37,7 +37,7 @@ _DUMMY = hash_password(secrets.token_urlsafe(16))
 
 
 def _check_user(name: str) -> str:
-    if not re.match(USER_PATTERN, name):
+    if not re.fullmatch(USER_PATTERN, name):
         raise UsageError(f"{name!r} is not a valid user name (letters, digits, '.', '_', "
                          "'-'; at most 32)")
     return name

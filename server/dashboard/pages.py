@@ -8,7 +8,6 @@ script (``static/dashboard.js``) fills them from the server-sent events.
 
 from __future__ import annotations
 
-import datetime as dt
 import html
 import re
 from typing import Any
@@ -16,6 +15,7 @@ from urllib.parse import quote
 
 from edgefleet.device.wire.logs import LEVELS
 from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
+from edgefleet.server.telemetry.rows import fmt_time, fmt_value
 
 __all__ = ["LOG_LINES", "alerts_page", "device_page", "e", "error_page", "fl_page",
            "fleet_page", "login_page", "logs_form", "logs_page", "rollouts_page"]
@@ -30,17 +30,7 @@ def e(value: Any) -> str:
 
 
 def _num(v: Any, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    if pct:
-        return f"{float(v) * 100:.1f}%"
-    return f"{v:.3f}" if isinstance(v, float) else e(v)
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+    return e(fmt_value(v, pct))
 
 
 def _live(device: str, field: str, value: str, fmt: str = "num") -> str:
@@ -50,7 +40,7 @@ def _live(device: str, field: str, value: str, fmt: str = "num") -> str:
 
 def device_link(name: str) -> str:
     """A link to a device's page, or plain text for a name no page can have."""
-    if re.match(DEVICE_ID_PATTERN, name):
+    if re.fullmatch(DEVICE_ID_PATTERN, name):
         return f'<a href="/devices/{quote(name)}">{e(name)}</a>'
     return e(name)
 
@@ -141,7 +131,7 @@ def fleet_page(rows: list[dict[str, Any]], matched: int, *, status: str, group: 
             f'<td data-label="drift PSI">{_live(d, "drift", _num(r["drift"]))}</td>'
             f'<td data-label="ε / budget"><span>{_live(d, "epsilon", _num(r["epsilon"]))} / '
             f'{_num(r["epsilon_budget"])}</span></td>'
-            f'<td data-label="last seen">{_live(d, "last_seen", e(_when(r["last_seen"])), "time")}</td></tr>')  # noqa: E501
+            f'<td data-label="last seen">{_live(d, "last_seen", e(fmt_time(r["last_seen"])), "time")}</td></tr>')  # noqa: E501
     more = (f"<p>showing {len(rows)} of {matched} devices; narrow the filter</p>"
             if matched > len(rows) else "")
     summary = (f'<p class="summary"><span data-live="devices" data-fmt="num">{matched}</span> '
@@ -166,13 +156,13 @@ def device_page(v: dict[str, Any], *, user: str, csrf: str) -> str:
              ("ε", _live(d, "epsilon", _num(r["epsilon"]))),
              ("latency p50 / p95 ms", f'{_num(v["latency"].get("p50"))} / '
                                       f'{_live(d, "p95", _num(v["latency"].get("p95")))}'),
-             ("last seen", _live(d, "last_seen", e(_when(r["last_seen"])), "time")),
+             ("last seen", _live(d, "last_seen", e(fmt_time(r["last_seen"])), "time")),
              ("messages", f'{e(r["messages"])} (duplicates dropped {e(r["duplicates"])})'),
              ("spool dropped", e(r["spool_dropped"]))]
     facts += [(f"system {k}", e(val)) for k, val in list(v["system"].items())[:12]]
     dl = "<dl class='facts'>" + "".join(f"<dt>{e(k)}</dt><dd>{val}</dd>"
                                         for k, val in facts) + "</dl>"
-    hist = "".join(f"<tr><td>{e(_when(h['ts']))}</td><td>{_num(h['inferences'])}</td>"
+    hist = "".join(f"<tr><td>{e(fmt_time(h['ts']))}</td><td>{_num(h['inferences'])}</td>"
                    f"<td>{_num(h['fallback_rate'], True)}</td><td>{_num(h['p95'])}</td>"
                    f"<td>{_num(h['drift_input'])}</td><td>{_num(h['drift_confidence'])}</td>"
                    "</tr>" for h in v["history"])
@@ -180,7 +170,7 @@ def device_page(v: dict[str, Any], *, user: str, csrf: str) -> str:
                "<th>inferences</th><th>cloud</th><th>p95 ms</th><th>input PSI</th>"
                f"<th>confidence PSI</th></tr>{hist}</table>" if hist
                else "<h3>History</h3><p>no metrics stored yet</p>")
-    events = "".join(f"<li>{e(_when(ev['ts']))} <b>{e(ev['kind'])}</b> {e(ev['message'])}</li>"
+    events = "".join(f"<li>{e(fmt_time(ev['ts']))} <b>{e(ev['kind'])}</b> {e(ev['message'])}</li>"
                      for ev in v["events"]) or "<li>none</li>"
     logs = (f'<section id="logs"><h3>Logs</h3>{logs_form(d)}<p class="muted">Asked of the '
             "device over MQTT when you click (<code>edgefleet devices logs</code>), redacted "
@@ -215,7 +205,7 @@ def logs_page(device: str, v: dict[str, Any], *, lines: str, level: str, user: s
     elif not v["lines"]:
         body = '<p id="logs-empty">the device answered with no lines</p>'
     else:
-        rows = "".join(f'<tr class="lv-{e(ln["level"]).lower()}"><td>{e(_when(ln["ts"]))}</td>'
+        rows = "".join(f'<tr class="lv-{e(ln["level"]).lower()}"><td>{e(fmt_time(ln["ts"]))}</td>'
                        f'<td>{e(ln["level"])}</td><td>{e(ln["logger"])}</td>'
                        f'<td class="msg">{e(ln["msg"])}</td></tr>' for ln in v["lines"])
         body = (f'<p class="muted">{len(v["lines"])} lines, oldest first</p>'
@@ -251,7 +241,7 @@ def rollouts_page(v: dict[str, Any], *, user: str, csrf: str) -> str:
             f'<article class="rollout" data-rollout="{e(r["id"])}"><h3>{e(r["model"])}@'
             f'{e(r["version"])} <span class="status {e(r["status"])}">{e(r["status"])}</span>'
             f'</h3><p>{progress}; threshold {_num(r["threshold"])}'
-            f'{" (shadow)" if r["shadow"] else ""}; started {e(_when(r["created"]))}</p>'
+            f'{" (shadow)" if r["shadow"] else ""}; started {e(fmt_time(r["created"]))}</p>'
             f'{"<p>reason: " + e(r["reason"]) + "</p>" if r["reason"] else ""}'
             f"<ul>{decisions}</ul>{buttons}</article>")
     models = "".join(f"<tr><td>{e(m.get('name'))}</td><td>{e(m.get('version'))}</td>"
@@ -299,11 +289,11 @@ def alerts_page(v: dict[str, Any], approvals: list[dict[str, Any]], *, user: str
         rows.append(f'<tr data-alert="{e(a["device"])}|{e(a["kind"])}">'
                     f'<td data-label="device">{device_link(a["device"])}</td>'
                     f'<td data-label="alert">{e(a["kind"])}</td>'
-                    f'<td data-label="since">{e(_when(a["since"]))}</td>'
+                    f'<td data-label="since">{e(fmt_time(a["since"]))}</td>'
                     f'<td data-label="">{ack}</td></tr>')
     alerts = (f"<table class='cards'><tr><th>device</th><th>alert</th><th>since</th><th></th>"
               f"</tr>{''.join(rows)}</table>" if rows else "<p>no open alerts</p>")
-    events = "".join(f"<li>{e(_when(ev['ts']))} {e(ev['device'] or '-')} <b>{e(ev['kind'])}"
+    events = "".join(f"<li>{e(fmt_time(ev['ts']))} {e(ev['device'] or '-')} <b>{e(ev['kind'])}"
                      f"</b> {e(ev['message'])}</li>" for ev in v["events"]) or "<li>none</li>"
     reqs = []
     for r in approvals:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from edgefleet.server.rollout.controller import RolloutController
     from edgefleet.server.rollout.fleet_view import FleetView
 
-__all__ = ["APPROVALS_DB", "LOG_REASONS", "MAX_DEVICES", "LogFetcher", "Sources", "alerts_view",
+__all__ = ["LOG_REASONS", "MAX_DEVICES", "LogFetcher", "Sources", "alerts_view",
            "approvals_view", "device_logs", "device_view", "fl_view", "fleet_rows", "live_rows",
            "rollouts_view"]
 
@@ -34,8 +34,6 @@ __all__ = ["APPROVALS_DB", "LOG_REASONS", "MAX_DEVICES", "LogFetcher", "Sources"
 MAX_DEVICES = 500
 #: Metrics messages shown on a device page.
 HISTORY = 50
-#: The retraining approvals' database in the registry folder (``edgefleet approvals``).
-APPROVALS_DB = "retrain.db"
 #: Why a device's logs are not shown, as counted and answered; anything else the device
 #: says (its ``error`` is device text) is counted as ``device_refused``.
 LOG_REASONS = ("timeout", "broker_unreachable", "rate_limited", "device_refused")
@@ -88,7 +86,7 @@ def fleet_rows(src: Sources, *, status: str = "", group: str = "",
     out: list[dict[str, Any]] = []
     matched = 0
     text = text.lower()
-    for d in src.store.devices():
+    for d in src.store.devices(with_metrics=True):  # one query, not one more per row
         r = device_row(d)
         r["group"] = src.groups.get(r["device"], "")
         if status and (status == "online") != r["online"]:
@@ -103,8 +101,7 @@ def fleet_rows(src: Sources, *, status: str = "", group: str = "",
             continue
         n = d["n_inferences"] or 0
         r["local_rate"] = round(d["n_local"] / n, 4) if n else None
-        full = src.store.device(r["device"]) or {}
-        body = full.get("last_metrics") or {}
+        body = json.loads(d["last_metrics"]) if d["last_metrics"] else {}
         r["latency"] = _latency(body)
         budget = (body.get("training") or {}).get("budget") if isinstance(body, dict) else None
         r["epsilon_budget"] = float(budget) if isinstance(budget, int | float) else \
@@ -185,10 +182,10 @@ def alerts_view(src: Sources, limit: int = 50) -> dict[str, Any]:
 
 def approvals_view(src: Sources) -> list[dict[str, Any]]:
     """``edgefleet approvals --all``: retraining requests, newest first."""
+    from edgefleet.server.retrain.policy import APPROVALS_DB, Approvals
+
     if src.registry is None or not (src.registry / APPROVALS_DB).exists():
         return []
-    from edgefleet.server.retrain.policy import Approvals
-
     approvals = Approvals(src.registry / APPROVALS_DB)
     try:
         return approvals.rows()[::-1]

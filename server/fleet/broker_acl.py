@@ -86,7 +86,7 @@ def verify_password(password: str, encoded: str) -> bool:
 
 
 def _check_name(name: str) -> str:
-    if not re.match(DEVICE_ID_PATTERN, name):
+    if not re.fullmatch(DEVICE_ID_PATTERN, name):
         raise UsageError(f"{name!r} is not a valid device or service name "
                          "(letters, digits, '.', '_', '-'; at most 64)")
     return name

@@ -131,7 +131,8 @@ class LogClient:
 
     def fetch(self, *, lines: int = 200, since_s: float | None = None, level: str = "DEBUG",
               timeout: float = 10.0) -> list[LogLine]:
-        """The device's recent lines (oldest first)."""
+        """The device's recent lines (oldest first), at most ``lines`` whatever the device
+        sends (chunks that never end would otherwise fill memory until the timeout)."""
         self._wait_ready(timeout)
         req = LogRequest(id=secrets.token_hex(8), op="fetch", lines=lines, since_s=since_s,
                          level=level)
@@ -144,7 +145,10 @@ class LogClient:
                 raise DeviceLogsError(f"{self.device} did not answer within {timeout:.0f} s "
                                       "(offline, or logs disabled)", reason="timeout")
             out += chunk.lines
-            if chunk.final:
+            if len(out) > lines:  # more than asked: a device never sends that many
+                self.rejected["too_many_lines"] += 1
+                return out[:lines]
+            if chunk.final or len(out) == lines:
                 return out
 
     def follow(self, *, lines: int = 50, since_s: float | None = None, level: str = "DEBUG",

@@ -96,10 +96,8 @@ def ensure(ring: KeyRing) -> bool:
     """Create the director key if the ring has none; True when it made one."""
     if ring.exists(DIRECTOR):
         return False
-    signer = ring.generate(DIRECTOR)
-    key = signer._private_key
-    assert isinstance(key, ed25519.Ed25519PrivateKey)
-    _write_public(ring, DirectorKey(key).public_raw)
+    ring.generate(DIRECTOR)
+    _write_public(ring, DirectorKey(_private(ring)).public_raw)
     return True
 
 

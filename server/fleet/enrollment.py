@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def check_device_name(name: str, group: str) -> None:
     """Refuse names the ACL could confuse with a service or a topic level."""
     for what, value in (("device name", name), ("group", group)):
-        if not re.match(DEVICE_ID_PATTERN, value):
+        if not re.fullmatch(DEVICE_ID_PATTERN, value):
             raise UsageError(f"{value!r} is not a valid {what} (letters, digits, '.', '_', "
                              "'-'; at most 64)")
     if name in RESERVED_NAMES or name in SERVICE_ROLES:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.server.telemetry.alerts import AlertThresholds
-from edgefleet.server.telemetry.store import DEVICE_COLUMNS, Store
+from edgefleet.server.telemetry.store import Store
 
 __all__ = ["DEFAULT_MAX_DEVICES", "FleetCollector"]
 
@@ -55,26 +56,24 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            rows = self.store.query(
-                f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices ORDER BY device")
+            devices = self.store.devices()
             alerts = self.store.open_alerts()
         except Exception:  # a store outage shows as a scrape counter, not a 500
             log.exception("reading the fleet store for metrics failed")
             self.metrics.inc("fleet_metrics_store_errors")
             return
         now = self.clock()
-        devices = [dict(zip(DEVICE_COLUMNS, r, strict=True)) for r in rows]
         yield from self._totals(devices, alerts, now)
         yield from self._per_device(devices[:self.max_devices], alerts, now)
 
-    def _totals(self, devices: list[dict[str, object]], alerts: list[dict[str, object]],
+    def _totals(self, devices: list[dict[str, Any]], alerts: list[dict[str, Any]],
                 now: float) -> Iterator[Metric]:
         silent_after = self.thresholds.silent_after
         status: dict[str, int] = {"online": 0, "offline": 0, "silent": 0}
         training: dict[str, int] = {}
         for d in devices:
             seen = d["last_seen"] or d["status_ts"]
-            quiet = seen is None or now - float(seen) > silent_after  # type: ignore[arg-type]
+            quiet = seen is None or now - float(seen) > silent_after
             key = "silent" if quiet else ("online" if d["online"] else "offline")
             status[key] += 1
             st = _label(d["training_state"] or "unknown")
@@ -118,7 +117,7 @@ class FleetCollector(Collector):
             yield GaugeMetricFamily(f"edgefleet_alert_threshold_{name}",
                                     f"Alert threshold: {what}.", value=float(value))
 
-    def _per_device(self, devices: list[dict[str, object]], alerts: list[dict[str, object]],
+    def _per_device(self, devices: list[dict[str, Any]], alerts: list[dict[str, Any]],
                     now: float) -> Iterator[Metric]:
         def fam(name: str, what: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
             return GaugeMetricFamily(_P + name, what, labels=["device", *extra])
@@ -139,21 +138,21 @@ class FleetCollector(Collector):
             online.add_metric([dev], 1.0 if d["online"] else 0.0)
             seen = d["last_seen"] or d["status_ts"]
             if seen is not None:
-                age.add_metric([dev], max(0.0, now - float(seen)))  # type: ignore[arg-type]
-            n = int(d["n_inferences"] or 0)  # type: ignore[call-overload]
+                age.add_metric([dev], max(0.0, now - float(seen)))
+            n = int(d["n_inferences"] or 0)
             inferences.add_metric([dev], n)
             if n:
                 for path, col in (("local", "n_local"), ("cloud", "n_fallback"),
                                   ("degraded", "n_degraded")):
-                    share.add_metric([dev, path], int(d[col] or 0) / n)  # type: ignore[call-overload]
+                    share.add_metric([dev, path], int(d[col] or 0) / n)
             for score, col in (("input", "drift_input"), ("confidence", "drift_confidence")):
                 if d[col] is not None:
-                    drift.add_metric([dev, score], float(d[col]))  # type: ignore[arg-type]
+                    drift.add_metric([dev, score], float(d[col]))
             if d["epsilon"] is not None:
-                eps.add_metric([dev], float(d["epsilon"]))  # type: ignore[arg-type]
+                eps.add_metric([dev], float(d["epsilon"]))
             if d["model_name"] is not None:
                 model.add_metric([dev, _label(d["model_name"]), _label(d["model_version"])], 1)
-            spool.add_metric([dev], int(d["spool_dropped"] or 0))  # type: ignore[call-overload]
+            spool.add_metric([dev], int(d["spool_dropped"] or 0))
         yield from (online, age, inferences, share, drift, eps, model, spool)
         exported = {str(d["device"]) for d in devices}
         g = fam("alert_open", "1 per open alert (`edgefleet alerts`).", ("kind",))

@@ -32,11 +32,13 @@ from edgefleet.device.core.errors import EdgefleetError, UsageError
 from edgefleet.device.core.sqlite import connect, migrate
 from edgefleet.server.fleet.audit import AuditLog
 
-__all__ = ["MIGRATIONS", "Approvals", "CanaryOutcome", "Evaluation", "FleetSignals",
+__all__ = ["APPROVALS_DB", "MIGRATIONS", "Approvals", "CanaryOutcome", "Evaluation", "FleetSignals",
            "RetrainConfig", "RetrainController", "RetrainPolicy", "RunOutcome", "decide"]
 
 log = logging.getLogger(__name__)
 ACTOR = "retrain-policy"
+#: The approvals' database in the registry folder (``edgefleet approvals``, the dashboard).
+APPROVALS_DB = "retrain.db"
 
 #: Schema versions of ``retrain.db`` (:mod:`edgefleet.device.core.sqlite`); version 1 is
 #: the schema it had before versions were recorded, hence ``IF NOT EXISTS``.

@@ -21,6 +21,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 from edgefleet.device.wire.updates import Assignment, device_topic, sign_assignment
 from edgefleet.server.fleet.director_key import DirectorKey
@@ -34,14 +35,11 @@ DEFAULT_TTL_S = 7 * 24 * 3600.0
 
 
 def _dump(a: Assignment) -> str:
-    return json.dumps({"model": a.model, "version": a.version, "shadow": a.shadow,
-                       "rollout": a.rollout, "rollback": a.rollback, "sha256": a.sha256})
+    return json.dumps(asdict(a))
 
 
 def _load(text: str) -> Assignment:
-    d = json.loads(text)
-    return Assignment(d["model"], d["version"], bool(d["shadow"]), d["rollout"],
-                      bool(d["rollback"]), d["sha256"])
+    return Assignment(**json.loads(text))
 
 
 class Director:

@@ -187,7 +187,7 @@ class FleetView:
         with self._lock:
             seen = json_object(json_object(self.states.get(device, {}).get("highest_seen"))
                                .get("models")).get(model)
-        return seen if isinstance(seen, str) and _VERSION_RE.match(seen) else None
+        return seen if isinstance(seen, str) and _VERSION_RE.fullmatch(seen) else None
 
     def health(self, device: str, since: float = 0.0,
                rollout: str | None = None) -> HealthRates | None:

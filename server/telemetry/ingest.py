@@ -295,8 +295,9 @@ class IngestService:
                     batch.rejects["store_error"] = batch.rejects.get("store_error", 0) + 1
                     self.metrics.inc("ingest_rejected_store_error")
                     batch.store_errors += 1
-                    batch.refused.append(_Refused(acc.device, f"edgefleet/v1/{acc.device}/"
-                                                  f"{acc.kind}", "store_error",
+                    batch.refused.append(_Refused(acc.device,
+                                                  f"{TOPIC_ROOT}/{acc.device}/{acc.kind}",
+                                                  "store_error",
                                                   f"{type(exc).__name__}: {exc}"[:200],
                                                   acc.text.encode(), now))
                     continue
@@ -308,7 +309,7 @@ class IngestService:
                 try:
                     with st.savepoint():
                         if st.update_metrics(device, ts, _registry_fields(body),
-                                             body.model_dump(mode="json")):
+                                             body.model_dump_json()):
                             check_metrics(st, device, body, now, self.cfg.alerts)
                 except Exception as exc:
                     if _is_outage(exc):

@@ -393,7 +393,8 @@ def run_load(devices: Sequence[VirtualDevice], cfg: LoadConfig, *, processes: in
             if p.is_alive():
                 p.kill()
     report.seconds = max(time.time() - (started or time.time()), 1e-9)
-    for r in sorted(got, key=lambda r: r.name):
+    report.per_device = sorted(got, key=lambda r: r.name)
+    for r in report.per_device:
         report.sent += r.sent
         report.acked += r.acked
         report.no_subscribers += r.no_subscribers
@@ -401,7 +402,6 @@ def run_load(devices: Sequence[VirtualDevice], cfg: LoadConfig, *, processes: in
         report.resent += r.resent
         report.connects += r.connects
     report.unacked = report.sent - report.acked - report.refused
-    report.per_device = sorted(got, key=lambda r: r.name)
     return report
 
 

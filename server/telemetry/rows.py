@@ -3,14 +3,32 @@ the dashboard shows (rates from the store's counters, the larger of the two drif
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-__all__ = ["SORTS", "STATUSES", "device_row", "select_rows"]
+__all__ = ["SORTS", "STATUSES", "device_row", "fmt_time", "fmt_value", "select_rows"]
 
 #: ``fleet ls --status``: reporting now, or heard of and not reporting now.
 STATUSES = ("online", "offline")
 #: ``fleet ls --sort``: by device id (A to Z), or most recently heard of first.
 SORTS = ("device", "last_seen")
+
+
+def fmt_value(v: Any, pct: bool = False) -> str:
+    """A value as a cell shows it: ``-`` for None, a rate as ``12.3%``, a float to three
+    places (the CLI prints it, the dashboard escapes it)."""
+    if v is None:
+        return "-"
+    if pct:
+        return f"{v:.1%}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def fmt_time(ts: float | None) -> str:
+    """A time stamp as a cell shows it (local time, to the second), ``-`` for None."""
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
 
 
 def _rate(n: int, total: int) -> float | None:

@@ -342,13 +342,9 @@ class Store:
                      (1 if online else 0, ts, boot, device))
 
     def update_metrics(self, device: str, ts: float, fields: dict[str, Any],
-                       body: dict[str, Any]) -> bool:
+                       body: dict[str, Any] | str) -> bool:
         """Newest metrics win: an older spooled report never overwrites a newer one."""
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        return self.execute(
-            f"UPDATE devices SET {cols}, metrics_ts = ?, last_metrics = ? "
-            "WHERE device = ? AND (metrics_ts IS NULL OR metrics_ts <= ?)",
-            (*fields.values(), ts, json.dumps(body), device, ts)) == 1
+        return self.update_metrics_many([(device, ts, fields, body)])[0]
 
     def add_event(self, ts: float, device: str | None, kind: str, severity: str,
                   message: str, data: dict[str, Any] | None = None) -> None:
@@ -387,10 +383,12 @@ class Store:
                      (keep,))
 
     # -- reads ------------------------------------------------------------------------------
-    def devices(self) -> list[dict[str, Any]]:
-        """Every registry row, by device id."""
-        rows = self.query(f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices ORDER BY device")
-        return [dict(zip(DEVICE_COLUMNS, r, strict=True)) for r in rows]
+    def devices(self, *, with_metrics: bool = False) -> list[dict[str, Any]]:
+        """Every registry row, by device id; ``with_metrics`` adds each row's latest
+        metrics body as stored, its JSON text (``last_metrics``: parse the rows you use)."""
+        cols = (*DEVICE_COLUMNS, "last_metrics") if with_metrics else DEVICE_COLUMNS
+        rows = self.query(f"SELECT {', '.join(cols)} FROM devices ORDER BY device")
+        return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def device(self, device: str) -> dict[str, Any] | None:
         """One registry row with its latest metrics body, or None."""

@@ -28,7 +28,8 @@ call refuses, takes the full path above, which names the reason.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
@@ -62,6 +63,13 @@ LIMITS = JsonLimits(max_bytes=MAX_PAYLOAD_BYTES, max_depth=16, max_keys=2048, ma
                     max_string=4096)
 #: The guarded reader's codes that the ingest names differently.
 _RENAMED = {"too_large": "oversized", "bad_utf8": "malformed"}
+
+
+@lru_cache(maxsize=8)
+def _limits(max_bytes: int) -> JsonLimits:
+    """:data:`LIMITS` with the ingest's byte limit; one instance per limit, not one per
+    message (both paths below read it)."""
+    return replace(LIMITS, max_bytes=max_bytes)
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,7 @@ def _validate(topic: str, payload: bytes, max_bytes: int, received: float,
         if fast is not None:
             return fast
     try:
-        raw: Any = loads_guarded(payload, JsonLimits(
-            max_bytes=max_bytes, max_depth=LIMITS.max_depth, max_keys=LIMITS.max_keys,
-            max_list=LIMITS.max_list, max_string=LIMITS.max_string))
+        raw: Any = loads_guarded(payload, _limits(max_bytes))
     except JsonRejected as exc:
         return Rejected(_RENAMED.get(exc.reason, exc.reason), str(exc)[:200])
     text = payload.decode("utf-8")
@@ -149,10 +155,7 @@ def _fast_metrics(device: str, payload: bytes, max_bytes: int, received: float,
     limits proven from the bytes first (:func:`within_limits_unparsed`), then the
     envelope and body models at once. None when anything is off: the full path then
     decides and names the reason, so this path accepts only what that one accepts."""
-    limits = JsonLimits(max_bytes=max_bytes, max_depth=LIMITS.max_depth,
-                        max_keys=LIMITS.max_keys, max_list=LIMITS.max_list,
-                        max_string=LIMITS.max_string)
-    if not within_limits_unparsed(payload, limits):
+    if not within_limits_unparsed(payload, _limits(max_bytes)):
         return None
     try:
         m = MetricsEnvelope.model_validate_json(payload)

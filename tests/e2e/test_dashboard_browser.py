@@ -246,13 +246,6 @@ def test_dashboard_over_tls_sets_a_secure_cookie(tmp_path: Path) -> None:
         proc.wait(20)
 
 
-def _say(path: Path, *lines: str) -> None:
-    """Lines the agent_sayer agent logs (it removes the file once they are logged)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-
-
 def _serve(tmp: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([str(BIN / "edgefleet"), *args],
                             stdout=(tmp / f"{name}.log").open("wb"), stderr=subprocess.STDOUT)
@@ -265,8 +258,6 @@ def test_real_fleet_live_numbers_and_device_logs(browser: Any, tmp_path: Path,
     the open device page's inference count moves over SSE without a reload; the page's
     logs button asks the agent over MQTT with the operator account and shows its lines,
     escaped; a stopped agent gets a clear "did not answer"."""
-    import os
-    import sys
 
     from selenium.webdriver.common.by import By
 
@@ -274,23 +265,13 @@ def test_real_fleet_live_numbers_and_device_logs(browser: Any, tmp_path: Path,
     from edgefleet.models.core.tasks import get_task
     from edgefleet.server.fleet.enrollment import enroll_device
     from edgefleet.server.fleet.home import FleetHome
+    from tests.support import agent_sayer
     from tests.support.enroll import device_password, home_broker
 
     home = FleetHome.create(tmp_path / "home", broker_port=free_port())
     broker = home_broker(home, tmp_path / "broker")
     bundle = enroll_device(home, "dev1", "line-1", out=tmp_path / "dev1", broker=broker)
-    pw_file = tmp_path / "dev1.pw"
-    pw_file.write_text(device_password(bundle) + "\n")
-    pw_file.chmod(0o600)
     state, db, say = tmp_path / "state", tmp_path / "fleet.db", tmp_path / "say"
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text("\n".join([
-        'device_id = "dev1"', f'state_dir = "{state}"',
-        "[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}", 'username = "dev1"',
-        f'password_file = "{pw_file}"', "backoff_base = 0.05", "backoff_cap = 0.5",
-        "[model]", f'package = "{device_pkg}"', "threads = 1",
-        "[telemetry]", "interval_s = 0.5", "[fallback]", 'mode = "off"',
-        "[data]", "enabled = false"]) + "\n")
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
     dash_state = tmp_path / "dash"
@@ -300,10 +281,8 @@ def test_real_fleet_live_numbers_and_device_logs(browser: Any, tmp_path: Path,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     procs = [_serve(tmp_path, "ingest", "ingest", "run", *on_broker, "--db", str(db))]
-    agent = subprocess.Popen([sys.executable, "-m", "tests.support.agent_sayer", "run",
-                              "--config", str(cfg)], env={**os.environ, "SAYER_FILE": str(say)},
-                             stdout=subprocess.DEVNULL,
-                             stderr=(tmp_path / "agent.log").open("wb"))
+    agent = agent_sayer.start(tmp_path, "dev1", device_password(bundle), broker.port,
+                              device_pkg)
     procs.append(agent)
     d = {"shots": tmp_path / "screenshots"}
     x = get_task("digits").split().x_test[:5].tolist()
@@ -335,7 +314,7 @@ def test_real_fleet_live_numbers_and_device_logs(browser: Any, tmp_path: Path,
         assert browser.execute_script("return window.notReloaded === true")
 
         # Logs: asked of the agent on the click, its lines shown as text.
-        _say(say, "hello from the dashboard test", f"{HOSTILE} \x1b[2J")
+        agent_sayer.say(say, "hello from the dashboard test", f"{HOSTILE} \x1b[2J")
         assert wait_until(lambda: not say.exists(), 10)
         browser.find_element(By.ID, "fetch-logs").click()
         table = _wait(browser, lambda b: b.find_elements(By.ID, "log-lines"), 30)[0]

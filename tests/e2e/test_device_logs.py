@@ -4,9 +4,7 @@ process enrolled with its own credentials, the operator CLI as a user runs it.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,16 +17,11 @@ from edgefleet.server.fleet.broker import free_port
 from edgefleet.server.fleet.enrollment import enroll_device
 from edgefleet.server.fleet.home import FleetHome
 from tests.conftest import BIN
+from tests.support import agent_sayer
 from tests.support.enroll import Inbox, device_password, home_broker
 from tests.support.telemetry import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(240)]
-
-
-def _say(path: Path, *lines: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -47,26 +40,9 @@ def test_operator_fetches_follows_and_devices_cannot(tmp_path: Path,
     broker = home_broker(home, tmp_path / "broker")
     bundles = {d: enroll_device(home, d, "g1", out=tmp_path / d, broker=broker)
                for d in ("dev1", "dev2")}
-    pw_file = tmp_path / "dev1.pw"
-    pw_file.write_text(device_password(bundles["dev1"]) + "\n")
-    pw_file.chmod(0o600)
     password = device_password(bundles["dev1"])
-    state = tmp_path / "state"
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text("\n".join([
-        'device_id = "dev1"', f'state_dir = "{state}"',
-        "[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}", 'username = "dev1"',
-        f'password_file = "{pw_file}"', "backoff_base = 0.05", "backoff_cap = 0.5",
-        "[model]", f'package = "{digits_package}"', "threads = 1",
-        "[telemetry]", "interval_s = 0.5",
-        "[fallback]", 'mode = "off"',
-        "[data]", "enabled = false"]) + "\n")
-    say = tmp_path / "say"
-    agent = subprocess.Popen([sys.executable, "-m", "tests.support.agent_sayer", "run",
-                              "--config", str(cfg)],
-                             env={**os.environ, "SAYER_FILE": str(say)},
-                             stdout=subprocess.DEVNULL,
-                             stderr=(tmp_path / "agent.log").open("wb"))
+    state, say = tmp_path / "state", tmp_path / "say"
+    agent = agent_sayer.start(tmp_path, "dev1", password, broker.port, digits_package)
     op = ["--broker", f"127.0.0.1:{broker.port}", "--home", str(home.root), "--json"]
     x = get_task("digits").split().x_test[:2].tolist()
     sock = state / "agent.sock"
@@ -75,9 +51,10 @@ def test_operator_fetches_follows_and_devices_cannot(tmp_path: Path,
         assert len(request(sock, {"id": 1, "input": x})["predictions"]) == 2
         pem = ("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnWPa\n"
                "-----END EC PRIVATE KEY-----")
-        _say(say, "hello from dev1", f"mqtt login with password={password}",
-             f"the current credential is {password}", "Authorization: Bearer tok3n.abc.def99",
-             f"loaded {pem}".replace("\n", " "))
+        agent_sayer.say(say, "hello from dev1", f"mqtt login with password={password}",
+                        f"the current credential is {password}",
+                        "Authorization: Bearer tok3n.abc.def99",
+                        f"loaded {pem}".replace("\n", " "))
         assert wait_until(lambda: not say.exists(), 10)
         time.sleep(0.3)  # the watcher logs right after removing the file
 
@@ -96,7 +73,7 @@ def test_operator_fetches_follows_and_devices_cannot(tmp_path: Path,
         # "hello" is older than --since below, "fresh line" is not, with 12 s for the CLI to
         # start and ask on a loaded machine
         time.sleep(20.0)
-        _say(say, "fresh line")
+        agent_sayer.say(say, "fresh line")
         assert wait_until(lambda: not say.exists(), 10)
         time.sleep(0.3)
         recent = [m["msg"] for m in _lines(_cli("dev1", "--since", "12s", *op))]
@@ -110,7 +87,7 @@ def test_operator_fetches_follows_and_devices_cannot(tmp_path: Path,
             assert follow.stdout is not None
             first = json.loads(follow.stdout.readline())  # the backlog: it is connected
             assert first["msg"]
-            _say(say, "streamed while following")
+            agent_sayer.say(say, "streamed while following")
             seen = []
             while True:  # the pytest timeout bounds this loop
                 line = json.loads(follow.stdout.readline())

@@ -52,6 +52,8 @@ def test_bad_names_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError):
         write_password_file(tmp_path / "pw", {"dev/1": "x"})
+    with pytest.raises(UsageError):  # a second line in the password file
+        write_password_file(tmp_path / "pw", {"dev1\n": "x"})
     with pytest.raises(UsageError):
         render_acl(services=["a b"])
 

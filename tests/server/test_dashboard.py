@@ -3,6 +3,8 @@ bounds, actions that land in the stores and the audit log, the live stream."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import re
 import time
@@ -16,6 +18,7 @@ from starlette.testclient import TestClient
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.server.dashboard.app import COOKIE, MAX_FORM, DashboardConfig, create_app
 from edgefleet.server.dashboard.auth import LoginLimiter, SessionSigner, Users, load_secret
+from edgefleet.server.dashboard.pages import device_link
 from edgefleet.server.dashboard.views import Sources
 from edgefleet.server.fleet.audit import AuditLog
 from edgefleet.server.retrain.policy import Approvals
@@ -140,6 +143,8 @@ def test_users_store_hashes_owner_only(fleet: Fleet) -> None:
         Users(fleet.state).add("bob", "short")
     with pytest.raises(Exception, match="valid user"):
         Users(fleet.state).add("<b>", PASSWORD)
+    with pytest.raises(Exception, match="valid user"):
+        Users(fleet.state).add("bob\n", PASSWORD)
 
 
 def test_hostile_names_render_as_text(fleet: Fleet) -> None:
@@ -173,12 +178,15 @@ def test_query_and_names_checked(fleet: Fleet) -> None:
     cases = [("/?status=<x>", "bad_query", 400), ("/?q=" + "a" * 65, "bad_query", 400),
              ("/?group=nosuch", "bad_query", 400), ("/devices/%3Cb%3E", "bad_name", 400),
              ("/devices/nosuch", "unknown_device", 404), ("/report/../secret", "", 404),
-             ("/static/app.py", "unknown_file", 404)]
+             ("/static/app.py", "unknown_file", 404),
+             # ``$`` of a pattern matches before a final newline: names must match whole
+             ("/devices/pi-01%0A", "bad_name", 400)]
     for path, reason, status in cases:
         r = fleet.client.get(path)
         assert r.status_code == status, path
         if reason:
             assert r.headers["x-refused-reason"] == reason, path
+    assert "<a" in device_link("pi-01") and "<a" not in device_link("pi-01\n")
 
 
 def test_actions_need_csrf(fleet: Fleet) -> None:
@@ -188,6 +196,10 @@ def test_actions_need_csrf(fleet: Fleet) -> None:
         r = fleet.client.post("/alerts/ack", data=data)
         assert r.status_code == 403 and r.headers["x-refused-reason"] == "bad_csrf"
     assert fleet.metrics.counter("dashboard_refused_bad_csrf") == 2
+    assert not fleet.store.events(prefix="ack.")
+    r = fleet.client.post("/alerts/ack", data={"csrf": fleet.csrf(), "device": "pi-01\n",
+                                               "kind": "drift"})
+    assert r.status_code == 400 and r.headers["x-refused-reason"] == "bad_name"
     assert not fleet.store.events(prefix="ack.")
     fleet.client.cookies.clear()
     r = fleet.client.post("/alerts/ack", data={"device": "pi-01", "kind": "drift"})
@@ -254,6 +266,32 @@ def test_event_stream_carries_live_numbers(fleet: Fleet) -> None:
         assert r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
     assert "event: fleet" in text and '"pi-01"' in text and '"inferences":300' in text
+
+
+def test_a_stream_dropped_before_its_first_byte_frees_its_slot(fleet: Fleet) -> None:
+    """A client gone before its stream starts (an aborted connect) gives its slot back:
+    after more such requests than ``max_streams`` the live view still opens."""
+    fleet.login()
+    cookie = f"{COOKIE}={fleet.client.cookies[COOKIE]}".encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/events", "raw_path": b"/events",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+             "server": ("testserver", 80),
+             "headers": [(b"host", b"testserver"), (b"cookie", cookie)]}
+
+    async def gone() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def drop(_message: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # a real transport's send gives the loop a turn
+
+    for _ in range(fleet.cfg.max_streams + 1):
+        asyncio.run(fleet.client.app(dict(scope), gone, drop))
+    gc.collect()
+    assert fleet.metrics.snapshot()["gauges"]["dashboard_streams_open"] == 0
+    with fleet.client.stream("GET", "/events") as r:
+        assert r.status_code == 200
+        assert "event: fleet" in "".join(r.iter_text())
 
 
 def test_cli_ack_is_the_same_action(fleet: Fleet, tmp_path: Path) -> None:

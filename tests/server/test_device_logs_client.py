@@ -81,3 +81,22 @@ def test_client_reports_refusal_and_silence(mosquitto: MosquittoBroker) -> None:
             pytest.raises(DeviceLogsError) as e:
         client.fetch(timeout=1)
     assert e.value.reason == "timeout"
+
+
+def test_fetch_keeps_no_more_lines_than_asked(mosquitto: MosquittoBroker) -> None:
+    """A device answering a fetch with chunk after chunk, never final, does not fill the
+    operator's memory: the client stops at the lines it asked for."""
+    def answer(req: Any) -> list[bytes]:
+        return [LogResponse(req.id, "dev1", seq, [LogLine(1.0, "INFO", "x", f"{seq}.{i}")
+                                                   for i in range(4)]).encode()
+                for seq in range(10)]
+
+    dev = _hostile_device(mosquitto.port, answer)
+    try:
+        with LogClient(MqttConfig(port=mosquitto.port), "dev1") as client:
+            got = client.fetch(lines=10, timeout=10)
+        assert [ln.msg for ln in got] == [f"{s}.{i}" for s in range(3) for i in range(4)][:10]
+        assert dict(client.rejected) == {"too_many_lines": 1}
+    finally:
+        dev.loop_stop()
+        dev.disconnect()

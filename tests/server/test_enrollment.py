@@ -88,7 +88,8 @@ def test_bundle_contents_and_modes(home: FleetHome, tmp_path: Path) -> None:
         home.broker_files().acl_file.read_text()
 
 
-@pytest.mark.parametrize("name", ["score", "update", "ingest", "operator", "a/b", "+", ""])
+@pytest.mark.parametrize("name", ["score", "update", "ingest", "operator", "a/b", "+", "",
+                                  "dev1\n"])
 def test_bad_or_reserved_names_refused(home: FleetHome, name: str) -> None:
     with pytest.raises(UsageError):
         enroll_device(home, name)

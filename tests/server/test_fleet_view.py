@@ -33,7 +33,8 @@ def _publish(port: int, topic: str, body: dict[str, Any]) -> None:
 def test_fleet_view_survives_a_broker_restart(mosquitto: Any) -> None:
     view = FleetView("127.0.0.1", mosquitto.port)
     try:
-        _publish(mosquitto.port, state_topic("pi-1"), {"version": "1.0.0"})
+        _publish(mosquitto.port, state_topic("pi-1"), {
+        "version": "1.0.0", "highest_seen": {"models": {"m": "2.0.0", "n": "9.9.9\n"}}})
         wait_for(lambda: view.fleet(0) == {"pi-1": "1.0.0"}, what="the first state")
         mosquitto.restart()
         wait_for(lambda: view.connected and view.link.generation > 1, what="the reconnect")
@@ -73,7 +74,8 @@ def test_hostile_states_and_events_are_refused_counted_and_quarantined(mosquitto
     _publish_raw(mosquitto.port, state_topic("pi-evil"), deep, retain=True)
     _publish_raw(mosquitto.port, state_topic("pi-liar"),
                  json.dumps({"device": "pi-1", "version": "6.6.6"}).encode(), retain=True)
-    _publish(mosquitto.port, state_topic("pi-1"), {"version": "1.0.0"})
+    _publish(mosquitto.port, state_topic("pi-1"), {
+        "version": "1.0.0", "highest_seen": {"models": {"m": "2.0.0", "n": "9.9.9\n"}}})
     view = FleetView("127.0.0.1", mosquitto.port)
     try:
         wait_for(lambda: view.fleet(0) == {"pi-1": "1.0.0"}
@@ -85,6 +87,8 @@ def test_hostile_states_and_events_are_refused_counted_and_quarantined(mosquitto
                      json.dumps({"event": "activated", "ts": time.time()}).encode(), False)
         wait_for(lambda: len(view.quarantine) == 3 and len(view.events) == 1,
                  what="the events")
+        assert view.highest("pi-1", "m") == "2.0.0"
+        assert view.highest("pi-1", "n") is None  # a version must match whole
         h = view.health("pi-1")
         assert h is not None and not h.rolled_back  # the forged event did not count
         assert view.events[0]["device"] == "pi-1"  # the topic's device, filled in

@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from edgefleet.device.core.errors import UsageError
+from edgefleet.server.cli.devices_cmd import parse_since
 from edgefleet.server.telemetry.report import series
 from edgefleet.server.telemetry.retention import HOUR, parse_age, prune
 from edgefleet.server.telemetry.store import Store, open_store
 from tests.conftest import run_cli
-from tests.support.postgres import postgres_server
 
 DAY = 86400.0
 NOW = 1_000 * DAY  # a round instant: hours and days line up
 BOOT = "b" * 16
-
-
-@pytest.fixture(scope="module")
-def pg_dsn() -> Iterator[str]:
-    with postgres_server() as dsn:
-        yield dsn
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = open_store(tmp_path / "fleet.db")
-    else:
-        s = open_store(request.getfixturevalue("pg_dsn"))
-        for table in ("messages", "messages_hourly", "devices"):
-            s.execute(f"DELETE FROM {table}")
-    yield s
-    s.close()
 
 
 def _payload(inferences: int, fallback: int, p95: float, p50: float, psi: float) -> str:
@@ -184,9 +165,13 @@ def test_the_report_plots_rolled_up_history(store: Store) -> None:
 def test_bad_arguments_are_refused(store: Store) -> None:
     assert parse_age("7d") == 7 * DAY and parse_age("12h") == 12 * HOUR
     assert parse_age("90") == 90.0 and parse_age("2w") == 14 * DAY
-    for bad in ("", "d", "-1d", "0", "soon", "infd"):
+    for bad in ("", "d", "-1d", "0", "soon", "infd", "nan", "-30s"):
         with pytest.raises(UsageError):
             parse_age(bad)
+        with pytest.raises(UsageError, match="--since"):  # devices logs --since: the same
+            parse_since(bad)
+    assert parse_since("30s") == 30.0 and parse_since("10m") == 600.0
+    assert parse_since("2h") == 2 * HOUR and parse_since("1d") == DAY
     with pytest.raises(UsageError, match="keep-hourly"):
         prune(store, keep_raw=7 * DAY, keep_hourly=DAY)
 

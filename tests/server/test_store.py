@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,26 +11,6 @@ from edgefleet.device.core.errors import EdgefleetError
 from edgefleet.device.wire.telemetry import MetricsBody
 from edgefleet.server.telemetry.alerts import AlertThresholds, check_metrics, check_silent
 from edgefleet.server.telemetry.store import MIGRATIONS, Store, open_store
-from tests.support.postgres import postgres_server
-
-
-@pytest.fixture(scope="module")
-def pg_dsn() -> Iterator[str]:
-    with postgres_server() as dsn:
-        yield dsn
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = open_store(tmp_path / "fleet.db")
-    else:
-        s = open_store(request.getfixturevalue("pg_dsn"))
-        for table in ("messages", "devices", "events", "open_alerts", "rejects",
-                      "quarantine"):
-            s.execute(f"DELETE FROM {table}")
-    yield s
-    s.close()
 
 
 def test_exactly_once_and_registry(store: Store) -> None:
