@@ -41,7 +41,7 @@ class EmbeddingCache:
 
     def __init__(self, folder: Path, backbone_sha256: str, *, max_rows: int = 10_000,
                  metrics: Metrics | None = None) -> None:
-        if not _SHA.match(backbone_sha256):
+        if not _SHA.fullmatch(backbone_sha256):
             raise ValueError("backbone_sha256 must be 64 hex digits")
         self.folder = folder
         self.path = folder / f"{backbone_sha256}.npz"

@@ -39,7 +39,7 @@ def key_id_for(public_key_raw: bytes) -> str:
 
 def trusted_entities_yaml(key_id: str, public_openssh: str) -> str:
     """Flower's ``--trusted-entities`` file trusting exactly this key."""
-    if not _KEY_ID.match(key_id):
+    if not _KEY_ID.fullmatch(key_id):
         raise ValueError(f"bad key id {key_id!r}")
     return f"# edgefleet: the only key this SuperNode accepts Flower apps from\n" \
            f"{key_id}: {json.dumps(public_openssh.strip())}\n"
@@ -63,9 +63,9 @@ class AppSignature:
         if not isinstance(value, str) or len(value) > 512:  # a record is ~150 characters
             return None
         parts = value.split(".")
-        if (len(parts) != 3 or not _KEY_ID.match(parts[0]) or not parts[1].isascii()
+        if (len(parts) != 3 or not _KEY_ID.fullmatch(parts[0]) or not parts[1].isascii()
                 or not parts[1].isdigit() or len(parts[1]) > 12
-                or not _B64URL.match(parts[2])):
+                or not _B64URL.fullmatch(parts[2])):
             return None
         try:
             base64.urlsafe_b64decode(parts[2] + "=" * (-len(parts[2]) % 4))

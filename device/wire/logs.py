@@ -127,7 +127,7 @@ class LogRequest:
     lease_s: float = 20.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not _ID.match(self.id):
+        if not isinstance(self.id, str) or not _ID.fullmatch(self.id):
             raise _bad("id must be 1-64 letters, digits, '_' or '-'")
         if self.op not in _OPS:
             raise _bad(f"unknown op {str(self.op)[:16]!r}")

@@ -165,12 +165,12 @@ class Assignment:
 
     def __post_init__(self) -> None:
         # Both ends construct through here: the server cannot send what a device refuses.
-        if not isinstance(self.model, str) or not _NAME.match(self.model):
+        if not isinstance(self.model, str) or not _NAME.fullmatch(self.model):
             raise _bad(f"bad model name {self.model!r}")
-        if not isinstance(self.version, str) or not _VERSION.match(self.version):
+        if not isinstance(self.version, str) or not _VERSION.fullmatch(self.version):
             raise _bad(f"bad version {self.version!r}")
         if self.sha256 is not None and (not isinstance(self.sha256, str)
-                                        or not _SHA256.match(self.sha256)):
+                                        or not _SHA256.fullmatch(self.sha256)):
             raise _bad("sha256 is not 64 lowercase hex digits")
 
     @property
@@ -228,7 +228,7 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: Any, what: str) -> bytes:
-    if not isinstance(text, str) or not _B64.match(text):
+    if not isinstance(text, str) or not _B64.fullmatch(text):
         raise _bad(f"{what} is not base64url")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -300,7 +300,7 @@ class KeyLink:
         checks signatures)."""
         if not isinstance(d, dict) or set(d) != {"key", "prev", "sig"}:
             raise _bad("a chain link is not {key, prev, sig}")
-        if not isinstance(d["prev"], str) or not _KEYID.match(d["prev"]):
+        if not isinstance(d["prev"], str) or not _KEYID.fullmatch(d["prev"]):
             raise _bad("a chain link's prev is not a key id")
         link = cls(d["key"], d["prev"], d["sig"])
         if len(link.public_raw) != 32 or len(_unb64(link.sig, "chain signature")) != 64:
@@ -360,7 +360,7 @@ class SignedAssignment:
 def sign_assignment(a: Assignment, *, device: str, seq: int, expires: int,
                     key: ed25519.Ed25519PrivateKey, chain: tuple[KeyLink, ...] = ()) -> bytes:
     """The retained payload of a director-signed assignment of ``a`` to ``device``."""
-    if not _DEVICE.match(device):
+    if not _DEVICE.fullmatch(device):
         raise _bad(f"bad device id {device!r}")
     signed = {"_type": _ASSIGNMENT_TYPE, "device": device, "model": a.model,
               "version": a.version, "shadow": a.shadow, "rollout": a.rollout,
@@ -404,10 +404,10 @@ def decode_signed_assignment(payload: bytes) -> SignedAssignment | None:
     if not isinstance(chain, list):
         raise _bad("chain is not a list")
     keyid = data.get("keyid")
-    if not isinstance(keyid, str) or not _KEYID.match(keyid):
+    if not isinstance(keyid, str) or not _KEYID.fullmatch(keyid):
         raise _bad("keyid is not a key id")
     device = signed.get("device")
-    if not isinstance(device, str) or not _DEVICE.match(device):
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise _bad("the signed part names no valid device")
     rollout = signed.get("rollout")
     if rollout is not None and (not isinstance(rollout, str) or len(rollout) > 64):

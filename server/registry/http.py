@@ -153,10 +153,10 @@ class RegistryHandler(BaseHTTPRequestHandler):
         path = url_path.split("?", 1)[0]
         if path.startswith("/metadata/"):
             name = path[len("/metadata/"):]
-            if _METADATA_NAME.match(name):
+            if _METADATA_NAME.fullmatch(name):
                 return self.server.metadata_dir / name
         elif path.startswith("/targets/"):
-            m = _TARGET_NAME.match(path[len("/targets/"):])
+            m = _TARGET_NAME.fullmatch(path[len("/targets/"):])
             if m:
                 return self.server.artifacts_dir / m.group(1)
         return None

@@ -91,7 +91,7 @@ class TufRepo(Repository):
             return p if p.exists() else None
         best: tuple[int, Path] | None = None
         for p in self.metadata_dir.glob(f"*.{role}.json"):
-            m = _VERSIONED.match(p.name)
+            m = _VERSIONED.fullmatch(p.name)
             if m and (best is None or int(m.group(1)) > best[0]):
                 best = (int(m.group(1)), p)
         return best[1] if best else None

@@ -81,6 +81,10 @@ def test_unsigned_and_malformed_v2_are_refused_with_their_reasons(
     for broken in ({**body, "v": 3}, {**body, "signed": {**body["signed"], "seq": -1}},
                    {**body, "signed": {**body["signed"], "shadow": 1}},
                    {**body, "signed": {**body["signed"], "device": "a/b"}},
+                   {**body, "signed": {**body["signed"], "device": "pi-1\n"}},
+                   {**body, "signed": {**body["signed"], "sha256": "a" * 64 + "\n"}},
+                   {**body, "keyid": body["keyid"] + "\n"},
+                   {**body, "sig": body["sig"] + "\n"},
                    {**body, "sig": "***"}, {**body, "chain": [{"key": "x"}]}):
         with pytest.raises(UpdateRejected) as exc:
             wire.decode_signed_assignment(json.dumps(broken).encode())

@@ -52,7 +52,8 @@ def test_request_round_trip_and_limits() -> None:
     for bad in (b"[]", b'{"v": 2, "id": "a"}', b'{"v": 1, "id": "a/b"}',
                 b'{"v": 1, "id": "a", "lines": 1e9}', b'{"v": 1, "id": "a", "op": "rm"}',
                 b'{"v": 1, "id": "a", "lease_s": 3600}', b'{"v": 1, "id": "a", "x": 1}',
-                b'{"v": 1, "id": "a", "level": "LOUD"}', b'{"v": true, "id": "a"}'):
+                b'{"v": 1, "id": "a", "level": "LOUD"}', b'{"v": true, "id": "a"}',
+                b'{"v": 1, "id": "a\\n"}'):
         with pytest.raises(LogProtocolError) as e:
             decode_request(bad)
         assert e.value.reason == "bad_request", bad

@@ -31,6 +31,9 @@ def test_assignment_round_trip() -> None:
     (b'{"model": "../x", "version": "1.0.0"}', "bad model name"),
     (b'{"model": "m", "version": "1.0.0; rm"}', "bad version"),
     (b'{"model": "m", "version": 1}', "bad version"),
+    # `$` in a pattern also matches before a final newline: every check is a full match
+    (b'{"model": "m\\n", "version": "1.0.0"}', "bad model name"),
+    (b'{"model": "m", "version": "1.0.0\\n"}', "bad version"),
     (b'{"v": 2, "model": "m", "version": "1.0.0"}', "unknown assignment version"),
     (b'{"v": true, "model": "m", "version": "1.0.0"}', "unknown assignment version"),
 ])
@@ -50,6 +53,8 @@ def test_oversized_assignment_is_refused_before_parsing() -> None:
 def test_the_server_cannot_encode_what_a_device_refuses() -> None:
     with pytest.raises(UpdateRejected, match="bad model name"):
         wire.Assignment("a/b", "1.0.0").encode()
+    with pytest.raises(UpdateRejected, match="sha256"):
+        wire.Assignment("m", "1.0.0", sha256="a" * 64 + "\n")
 
 
 def test_topics_and_reports() -> None:

@@ -46,7 +46,7 @@ def test_signature_record_round_trips_through_the_run_config(tmp_path: Path) -> 
     # a hostile SuperLink's run config: never an exception, only "no record"
     for bad in ("", "x", "a.b.c", "id.12.!!!", 5, None, "a b.1.AAAA",
                 f"{key_id}.{'9' * 5000}.AAAA", f"{key_id}.².AAAA",
-                f"{key_id}.1.{'A' * 100_000}"):
+                f"{key_id}.1.{'A' * 100_000}", f"{key_id}\n.1.AAAA", f"{key_id}.1.AAAA\n"):
         assert AppSignature.decode(bad) is None
     assert json.loads(sig.verification()[sig.key_id])["signed_at"] == 1700000000
 
