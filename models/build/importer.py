@@ -29,6 +29,7 @@ from edgefleet.device.runtime.archive import ArchiveLimits
 from edgefleet.device.runtime.backends import _litert_interpreter, open_backend
 from edgefleet.device.runtime.golden import normalize
 from edgefleet.device.runtime.manifest import (
+    GOLDEN_RULE_KEY,
     FileEntry,
     GoldenSample,
     HeadCut,
@@ -44,6 +45,7 @@ from edgefleet.device.runtime.manifest import (
 )
 from edgefleet.device.runtime.mlp import softmax
 from edgefleet.device.runtime.onnx_check import check_no_external_data
+from edgefleet.models.build.golden import golden_tolerances
 from edgefleet.models.build.onnx_export import CALIB_METHODS, CalibMethod, quantize_onnx_int8
 from edgefleet.models.build.pipeline import N_GOLDEN, BuildResult, Progress, _check_out, created_now
 from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
@@ -604,7 +606,6 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
     pick = np.linspace(0, len(evald.y) - 1, min(N_GOLDEN, len(evald.y))).astype(int)
     metrics: dict[str, Any] = {"eval_samples": len(evald.y)}
     golden_logits: dict[str, F32] = {}
-    atol: dict[str, float] = {}
     held_out_conf: F32 | None = None
     for key, var in variants.items():
         logits = open_backend(tmp, var, threads=1).run(xe)
@@ -613,8 +614,6 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
             # variant, on data neither quantization nor temperature was fitted to.
             held_out_conf = softmax(logits, temperature).max(axis=1)
         golden_logits[key] = logits[pick]
-        scale = float(np.max(np.abs(logits[pick])))
-        atol[key] = 1e-3 if var.precision == "fp32" else max(0.05 * scale, 1e-2)
         metrics[key] = {
             "accuracy": _accuracy(logits, evald.y),
             "ece": expected_calibration_error(softmax(logits, temperature), evald.y),
@@ -623,6 +622,8 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
         if key == ref:
             metrics["ece_uncalibrated"] = expected_calibration_error(softmax(logits), evald.y)
             metrics["ece_calibrated"] = metrics[key]["ece"]
+    atol, rules = golden_tolerances(
+        golden_logits, {k: v.precision for k, v in variants.items()})
     golden = [
         GoldenSample(input=[float(v) for v in evald.x[i].ravel()], label=int(evald.y[i]),
                      logits={k: [float(v) for v in golden_logits[k][j]] for k in variants})
@@ -659,6 +660,7 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
         temperature=temperature,
         golden=golden,
         golden_atol=atol,
+        extra={GOLDEN_RULE_KEY: rules} if rules else {},
         files=files,
         metrics=metrics,
         lineage=lineage,

@@ -21,6 +21,7 @@ import numpy as np
 from edgefleet.device.core.errors import UsageError
 from edgefleet.device.runtime.backends import open_backend
 from edgefleet.device.runtime.manifest import (
+    GOLDEN_RULE_KEY,
     FileEntry,
     GoldenSample,
     InputSpec,
@@ -31,6 +32,7 @@ from edgefleet.device.runtime.manifest import (
     write_manifest,
 )
 from edgefleet.device.runtime.mlp import MLP, PARAMS_FILE, softmax, write_params
+from edgefleet.models.build.golden import golden_tolerances
 from edgefleet.models.build.onnx_export import export_onnx_fp32, quantize_onnx_int8
 from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
 from edgefleet.models.core.distill import DistillSpec
@@ -174,7 +176,6 @@ def package_model(
             "ece_uncalibrated": ece_before, "ece_calibrated": ece_after,
             "test_samples": len(split.y_test),
         }
-        atol: dict[str, float] = {}
         default_variant: VariantName = "onnx-int8"
         held_out_conf = None
         for key, var in variants.items():
@@ -187,12 +188,12 @@ def package_model(
                 # that split are all but exactly 1.0, and no field looks like that).
                 held_out_conf = softmax(logits, temperature).max(axis=1)
             golden_logits[key] = logits[pick]
-            scale = float(np.max(np.abs(logits[pick])))
-            atol[key] = 1e-3 if var.precision == "fp32" else max(0.05 * scale, 1e-2)
             metrics[key] = {
                 "accuracy": float(np.mean(logits.argmax(1) == split.y_test)),
                 "ece": expected_calibration_error(softmax(logits, temperature), split.y_test),
             }
+        atol, rules = golden_tolerances(
+            golden_logits, {k: v.precision for k, v in variants.items()})
         golden = [
             GoldenSample(input=[float(v) for v in split.x_test[i]], label=int(split.y_test[i]),
                          logits={k: [float(v) for v in golden_logits[k][j]] for k in variants})
@@ -216,6 +217,7 @@ def package_model(
             temperature=temperature,
             golden=golden,
             golden_atol=atol,
+            extra={GOLDEN_RULE_KEY: rules} if rules else {},
             files=files,
             metrics=metrics,
             lineage={"layers": list(model.sizes), "seed": seed, **extra_lineage,

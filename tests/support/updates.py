@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.inference.serving import ServingModel
 from edgefleet.device.runtime.manifest import MANIFEST_NAME, file_sha256
@@ -70,6 +72,22 @@ def package_version(src: Path, dest: Path, version: str,
     (dest / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
     rehash(dest)
     return dest
+
+
+def perturb_int8_weights(path: Path, rel_sigma: float, seed: int = 0) -> None:
+    """Gaussian noise of ``rel_sigma`` × each int8 weight tensor's spread, in place: what
+    a model trained a little differently (or a wrong checkpoint) looks like."""
+    import onnx
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:
+        w = numpy_helper.to_array(t)
+        if w.dtype == np.int8 and w.ndim > 1:
+            noisy = np.round(w + rng.normal(0.0, rel_sigma * float(w.std()), w.shape))
+            t.CopyFrom(numpy_helper.from_array(noisy.clip(-127, 127).astype(np.int8), t.name))
+    onnx.save(model, str(path))
 
 
 def flip_bytes(path: Path, offset_from_end: int = 64, count: int = 8) -> None:
