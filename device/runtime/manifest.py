@@ -239,9 +239,12 @@ class Manifest(StrictModel):
     def golden_rule(self, variant: str) -> GoldenRule | None:
         """``variant``'s golden rule, or None: then ``golden_atol`` and an equal arg-max on
         every golden input apply, as for packages written before rules existed. A rule this
-        reader does not know also means None (the older, stricter check)."""
+        reader does not know, or one on an fp32 variant, also means None (the older,
+        stricter check)."""
         raw = self.extra.get(GOLDEN_RULE_KEY)
-        if not isinstance(raw, dict) or not isinstance(raw.get(variant), dict):
+        var = self.variants.get(variant) if is_variant_name(variant) else None
+        if (var is None or var.precision != "int8" or not isinstance(raw, dict)
+                or not isinstance(raw.get(variant), dict)):
             return None
         try:
             return GoldenRule.model_validate(raw[variant])

@@ -125,6 +125,10 @@ def test_an_unknown_or_malformed_rule_falls_back_to_the_old_check() -> None:
         assert m.golden_rule("onnx-int8") is None
         with pytest.raises(ModelRejected, match=r"max diff 0\.4 > 0\.25\)"):
             check_golden(m, "onnx-int8", _Fixed(pi))
+    # A rule is for int8: one written for an fp32 variant is ignored.
+    m = _manifest(rule=True)
+    m.variants["onnx-int8"] = Variant(file="m.onnx", format="onnx", precision="fp32")
+    assert m.golden_rule("onnx-int8") is None
 
 
 @pytest.mark.slow
