@@ -380,10 +380,10 @@ def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict
             + md_table(["emulated CPU", "variant", "argmax agreement", "max abs Δ logit",
                         "accuracy x86-64", "accuracy arm64", "golden check on arm64"], arm_rows)
             + ("\n\n**The device refuses " + " and ".join(refused) + "**: its logits on the "
-               "package's golden inputs differ from x86-64's by more than the tolerance the "
-               "importer recorded (5 % of the largest golden logit), so a Pi would not load "
-               "it. The row shows the variant run straight through its backend, to show by "
-               "how much it differs." if refused else "")
+               "package's golden inputs differ from x86-64's by more than the package's golden "
+               "check allows (its int8-gap rule, docs/model-package.md), so a Pi would not "
+               "load it. The row shows the variant run straight through its backend, to show "
+               "by how much it differs." if refused else "")
             + "\n\nSeconds per parity run (both architectures): "
             + ", ".join(f"{cpu} {r['seconds']:.0f} s" for cpu, r in arm.items()) + ".")
     else:

@@ -21,8 +21,10 @@ from edgefleet.device.core.errors import PackageError
 
 __all__ = [
     "FORMAT_VERSION",
+    "GOLDEN_RULE_KEY",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
+    "GoldenRule",
     "GoldenSample",
     "HeadCut",
     "InputSpec",
@@ -153,6 +155,33 @@ class GoldenSample(StrictModel):
     logits: dict[str, list[float]]
 
 
+#: Where a package keeps its per-variant golden rules: in ``extra``, which readers of
+#: format 1 accept whatever it holds, so older agents still load the package (and keep
+#: applying ``golden_atol`` the old way).
+GOLDEN_RULE_KEY = "golden_rule"
+
+
+class GoldenRule(StrictModel):
+    """How a device compares an int8 variant's golden logits (docs/model-package.md).
+
+    Two correct int8 runtimes (onnxruntime on x86-64 and on aarch64) round differently, and
+    a deep network amplifies that; the recorded tolerance is therefore the variant's own
+    quantization error on the golden inputs (int8 against fp32), not a share of the logits.
+    """
+
+    rule: Literal["int8-gap"]
+    #: Largest absolute logit difference allowed on any golden logit.
+    atol: float = Field(gt=0)
+    #: Largest mean absolute logit difference over all golden logits.
+    mean_atol: float = Field(gt=0)
+    #: A golden input whose recorded top-2 margin exceeds this must keep its arg-max.
+    argmax_margin: float = Field(ge=0)
+    #: What the bounds were derived from (informational).
+    reference: str | None = None
+    fp32_gap_max: float | None = None
+    fp32_gap_mean: float | None = None
+
+
 class FileEntry(StrictModel):
     """Size and digest of one file in the package."""
 
@@ -202,6 +231,21 @@ class Manifest(StrictModel):
             return self.variants[key]
         have = ", ".join(sorted(self.variants))
         raise PackageError(f"package has no variant {key!r} (it has: {have})")
+
+    def golden_rule(self, variant: str) -> GoldenRule | None:
+        """``variant``'s golden rule, or None: then ``golden_atol`` and an equal arg-max on
+        every golden input apply, as for packages written before rules existed. A rule this
+        reader does not know, or one on an fp32 variant, also means None (the older,
+        stricter check)."""
+        raw = self.extra.get(GOLDEN_RULE_KEY)
+        var = self.variants.get(variant) if is_variant_name(variant) else None
+        if (var is None or var.precision != "int8" or not isinstance(raw, dict)
+                or not isinstance(raw.get(variant), dict)):
+            return None
+        try:
+            return GoldenRule.model_validate(raw[variant])
+        except ValidationError:
+            return None
 
     def variant_for_backend(self, backend: str) -> str:
         """The best variant for ``onnx`` or ``tflite`` (int8 first)."""

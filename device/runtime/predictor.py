@@ -233,8 +233,10 @@ class Predictor:
             raise UsageError(f"variant {variant!r} is {var.format}, not {backend}")
         runner = open_backend(root, var, threads)
         worst = check_golden(manifest, variant, runner)
-        log.info("loaded %s %s variant %s (golden max diff %.3g)",
-                 manifest.name, manifest.version, variant, worst)
+        rule = manifest.golden_rule(variant)
+        log.info("loaded %s %s variant %s (golden max diff %.3g, %s)", manifest.name,
+                 manifest.version, variant, worst,
+                 f"{rule.rule} rule, atol {rule.atol:.3g}" if rule else "golden_atol")
         pred = cls(manifest, root, variant, runner, metrics)
         pred.warm_up()
         return pred

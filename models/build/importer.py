@@ -28,6 +28,7 @@ from edgefleet.device.runtime.archive import ArchiveLimits
 from edgefleet.device.runtime.backends import _litert_interpreter, open_backend
 from edgefleet.device.runtime.golden import normalize
 from edgefleet.device.runtime.manifest import (
+    GOLDEN_RULE_KEY,
     HeadCut,
     InputSpec,
     Manifest,
@@ -645,6 +646,7 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
         temperature=temperature,
         golden=m.golden,
         golden_atol=m.golden_atol,
+        extra={GOLDEN_RULE_KEY: m.golden_rules} if m.golden_rules else {},
         files=files,
         metrics=metrics,
         lineage=lineage,

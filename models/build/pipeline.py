@@ -23,6 +23,7 @@ import numpy.typing as npt
 from edgefleet.device.core.errors import UsageError
 from edgefleet.device.runtime.backends import open_backend
 from edgefleet.device.runtime.manifest import (
+    GOLDEN_RULE_KEY,
     FileEntry,
     GoldenSample,
     InputSpec,
@@ -33,6 +34,7 @@ from edgefleet.device.runtime.manifest import (
     write_manifest,
 )
 from edgefleet.device.runtime.mlp import MLP, PARAMS_FILE, softmax, write_params
+from edgefleet.models.build.golden import golden_tolerances
 from edgefleet.models.build.onnx_export import export_onnx_fp32, quantize_onnx_int8
 from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
 from edgefleet.models.core.distill import DistillSpec
@@ -146,6 +148,8 @@ class Measured:
     logits: dict[str, F32]
     golden: list[GoldenSample]
     golden_atol: dict[str, float]
+    #: Per int8 variant with an fp32 sibling: its ``int8-gap`` rule (models/build/golden.py).
+    golden_rules: dict[str, dict[str, Any]]
     #: The drift reference: the default variant's confidences on the held-out rows.
     held_out_conf: F32 | None
 
@@ -158,7 +162,6 @@ def measure_variants(pkg: Path, variants: dict[VariantName, Variant], x_raw: np.
     pick = np.linspace(0, len(y) - 1, min(N_GOLDEN, len(y))).astype(int)
     metrics: dict[str, dict[str, float]] = {}
     all_logits: dict[str, F32] = {}
-    atol: dict[str, float] = {}
     held_out_conf: F32 | None = None
     for key, var in variants.items():
         logits = open_backend(pkg, var, threads=1).run(x)
@@ -169,8 +172,6 @@ def measure_variants(pkg: Path, variants: dict[VariantName, Variant], x_raw: np.
             # that split are all but exactly 1.0, and no field looks like that).
             held_out_conf = softmax(logits, temperature).max(axis=1)
         all_logits[key] = logits
-        scale = float(np.max(np.abs(logits[pick])))
-        atol[key] = 1e-3 if var.precision == "fp32" else max(0.05 * scale, 1e-2)
         metrics[key] = {
             "accuracy": float(np.mean(logits.argmax(1) == y)),
             "ece": expected_calibration_error(softmax(logits, temperature), y),
@@ -180,7 +181,9 @@ def measure_variants(pkg: Path, variants: dict[VariantName, Variant], x_raw: np.
                      logits={k: [float(v) for v in all_logits[k][i]] for k in variants})
         for i in pick
     ]
-    return Measured(metrics, all_logits, golden, atol, held_out_conf)
+    atol, rules = golden_tolerances({k: v[pick] for k, v in all_logits.items()},
+                                    {k: v.precision for k, v in variants.items()})
+    return Measured(metrics, all_logits, golden, atol, rules, held_out_conf)
 
 
 def package_model(
@@ -261,6 +264,7 @@ def package_model(
             temperature=temperature,
             golden=m.golden,
             golden_atol=m.golden_atol,
+            extra={GOLDEN_RULE_KEY: m.golden_rules} if m.golden_rules else {},
             files=package_files(tmp),
             metrics={"ece_uncalibrated": ece_before, "ece_calibrated": ece_after,
                      "test_samples": len(split.y_test), **m.metrics},

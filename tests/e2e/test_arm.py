@@ -179,3 +179,38 @@ def test_an_imported_package_agrees_on_arm64(rootfs: Path, tmp_path: Path) -> No
         assert v["accuracy_arm64"] > 0.85, (name, v)
         assert v["golden_arm64"] == v["golden_x86"] == "passes", (name, v)
     assert report["variants"]["onnx-fp32"]["max_abs_logit_diff"] < 1e-3
+
+
+def test_an_imported_int8_cnn_passes_its_golden_check_on_arm64_and_a_perturbed_one_does_not(
+        rootfs: Path, tmp_path: Path) -> None:
+    """The worked example's Keras CNN, imported: each int8 variant passes its golden check
+    (the ``int8-gap`` rule) on the emulated Pi as on x86-64, and the same package with
+    its int8 ONNX weights moved by 10 % noise (re-hashed, as a signer would) is refused
+    there."""
+    import shutil
+
+    from edgefleet.models.build.importer import import_model
+    from tests.support.byom import import_opts, make_data, make_keras_model
+    from tests.support.updates import perturb_int8_weights, rehash
+
+    data = make_data(tmp_path)
+    pkg = import_model(import_opts(data, make_keras_model(data), tmp_path / "cnn")).path
+    x, y = data["x_eval"][:64], data["y_eval"][:64]
+    report = parity_module().compare_data(pkg, x, y, rootfs=str(rootfs), source=REPO)
+    assert report["device_machine"] == "aarch64"
+    assert set(report["variants"]) == {"onnx-int8", "tflite-int8", "onnx-fp32"}
+    for name, v in report["variants"].items():
+        assert v["golden_arm64"] == v["golden_x86"] == "passes", (name, v)
+        assert v["argmax_agreement"] >= 0.95, (name, v)
+    bad = tmp_path / "perturbed"
+    shutil.copytree(pkg, bad)
+    perturb_int8_weights(bad / "model_int8.onnx", 0.10)
+    rehash(bad)
+    np.save(tmp_path / "rows.npy", x[:1])
+    dev = run_in_device(
+        ["edgefleet", "predict", "/mnt/pkg", "--input", "/mnt/io/rows.npy",
+         "--backend", "onnx", "--threads", "1"],
+        rootfs=rootfs, ro_binds={bad: "/mnt/pkg", tmp_path: "/mnt/io"})
+    assert dev.returncode != 0
+    assert "onnx-int8: golden inputs give different outputs" in dev.stderr + dev.stdout
+    assert "Traceback" not in dev.stderr

@@ -75,6 +75,22 @@ def package_version(src: Path, dest: Path, version: str,
     return dest
 
 
+def perturb_int8_weights(path: Path, rel_sigma: float, seed: int = 0) -> None:
+    """Gaussian noise of ``rel_sigma`` × each int8 weight tensor's spread, in place: what
+    a model trained a little differently (or a wrong checkpoint) looks like."""
+    import onnx
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:
+        w = numpy_helper.to_array(t)
+        if w.dtype == np.int8 and w.ndim > 1:
+            noisy = np.round(w + rng.normal(0.0, rel_sigma * float(w.std()), w.shape))
+            t.CopyFrom(numpy_helper.from_array(noisy.clip(-127, 127).astype(np.int8), t.name))
+    onnx.save(model, str(path))
+
+
 def flip_bytes(path: Path, offset_from_end: int = 64, count: int = 8) -> None:
     """Corrupt a model file in place (weights sit near the end of these small graphs)."""
     data = bytearray(path.read_bytes())
