@@ -44,7 +44,12 @@ from edgefleet.device.runtime.manifest import (
 )
 from edgefleet.device.runtime.mlp import softmax
 from edgefleet.device.runtime.onnx_check import check_no_external_data
-from edgefleet.models.build.onnx_export import CALIB_METHODS, CalibMethod, quantize_onnx_int8
+from edgefleet.models.build.onnx_export import (
+    CALIB_METHODS,
+    IMPORT_INT8,
+    CalibMethod,
+    quantize_onnx_int8,
+)
 from edgefleet.models.build.pipeline import N_GOLDEN, BuildResult, Progress, _check_out, created_now
 from edgefleet.models.core.calibration import expected_calibration_error, fit_temperature
 from edgefleet.models.core.reference_stats import reference_stats
@@ -61,19 +66,6 @@ _VERSIONED = ("edgefleet", "onnx", "onnxruntime", "tf2onnx", "tensorflow", "ai-e
 #: into this many run means, so the manifest and the device's drift window stay small.
 MAX_DRIFT_FEATURES = 256
 _HEAD_TAIL = frozenset({"Add", "Relu", "Identity", "Flatten", "Reshape", "Squeeze"})
-#: How the int8 ONNX variant is quantized (``quantize_onnx_int8`` keywords; the calibration
-#: method is chosen per model). docs/bench/mobilenetv2.md has the measurements: without
-#: ``quant_pre_process`` batch norm's Mul/Add and Keras' Pad stay separate nodes that get
-#: their own Q/DQ pairs; with int8 activations onnxruntime's x86 CPU provider leaves residual
-#: Adds and some 1x1 convolutions as float DequantizeLinear->op->QuantizeLinear chains,
-#: with NHWC<->NCHW Transposes around them. uint8 activations fuse every node into an
-#: integer kernel. QOperator writes those kernels (QLinearConv, QLinearAdd, QGemm) into the
-#: file, so every device runs the same integer graph whatever its onnxruntime fuses at load
-#: time, and the file carries no Q/DQ nodes. 7-bit weights (``reduce_range``) keep x86 CPUs
-#: without VNNI from saturating their 16-bit u8*s8 pair sums, so they compute what the build
-#: machine computed.
-ONNX_INT8: dict[str, Any] = {"quant_format": "qoperator", "activations": "uint8",
-                             "per_channel": True, "reduce_range": True, "preprocess": True}
 
 
 class ImportRejected(ModelError):
@@ -390,7 +382,7 @@ def _choose_quantization(fp32: Path, tmp: Path, inp: str, shape: tuple[int, ...]
         say(f"quantizing ONNX int8 ({method} calibration)")
         cand = tmp / f".int8-{method}.onnx"
         quantize_onnx_int8(fp32, cand, fit.reshape(-1, *shape), input_name=inp, method=method,
-                           **ONNX_INT8)
+                           **IMPORT_INT8)
         if n_hold:
             backend = open_backend(tmp, Variant(file=cand.name, format="onnx",
                                                 precision="int8", input_name=inp,
@@ -531,12 +523,12 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                                             "symbolic_shape_inference": False,
                                             "onnx_shape_inference": True,
                                             "ort_graph_optimization": True}
-                             if ONNX_INT8["preprocess"] else None,
+                             if IMPORT_INT8["preprocess"] else None,
                              "format": {"qdq": "QDQ", "qoperator": "QOperator"}[
-                                 ONNX_INT8["quant_format"]],
-                             "per_channel": ONNX_INT8["per_channel"], "weights": "int8",
-                             "reduce_range": ONNX_INT8["reduce_range"],
-                             "activations": ONNX_INT8["activations"],
+                                 IMPORT_INT8["quant_format"]],
+                             "per_channel": IMPORT_INT8["per_channel"], "weights": "int8",
+                             "reduce_range": IMPORT_INT8["reduce_range"],
+                             "activations": IMPORT_INT8["activations"],
                              "weight_symmetric": True, "activation_symmetric": False,
                              "calibrator_options": "onnxruntime's defaults "
                                                    "(versions.onnxruntime)",

@@ -22,12 +22,25 @@ import numpy.typing as npt
 from edgefleet.device.core.errors import MissingExtraError
 from edgefleet.device.runtime.mlp import MLP
 
-__all__ = ["CALIB_METHODS", "CalibMethod", "export_onnx_fp32", "quantize_onnx_int8",
-           "save_graph"]
+__all__ = ["CALIB_METHODS", "IMPORT_INT8", "CalibMethod", "export_onnx_fp32",
+           "quantize_onnx_int8", "save_graph"]
 
 OPSET = 17
 CalibMethod = Literal["minmax", "entropy", "percentile"]
 CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "entropy", "percentile")
+#: How ``models import`` quantizes int8 ONNX (``quantize_onnx_int8`` keywords; the
+#: calibration method is chosen per model); docs/bench/mobilenetv2.md has the numbers.
+#: Without ``quant_pre_process``, batch norm's Mul/Add and Keras' Pad stay separate nodes
+#: with their own Q/DQ pairs; with int8 activations onnxruntime's x86 CPU provider leaves
+#: residual Adds and some 1x1 convolutions as float DequantizeLinear->op->QuantizeLinear
+#: chains, with NHWC<->NCHW Transposes around them; uint8 activations fuse every node into
+#: an integer kernel. QOperator writes those kernels (QLinearConv, QLinearAdd, QGemm) into
+#: the file, so every device runs the same integer graph whatever its onnxruntime would
+#: fuse at load time, and the file carries no Q/DQ nodes. 7-bit weights (``reduce_range``)
+#: keep x86 CPUs without VNNI from saturating their 16-bit u8*s8 pair sums, so they compute
+#: what the build machine computed.
+IMPORT_INT8: dict[str, Any] = {"quant_format": "qoperator", "activations": "uint8",
+                               "per_channel": True, "reduce_range": True, "preprocess": True}
 
 
 def export_onnx_fp32(model: MLP, path: Path, input_name: str = "input",
