@@ -7,10 +7,8 @@ graphs, so they need no TensorFlow.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.runtime.manifest import file_sha256, load_package
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.models.build.importer import ImportOptions, ImportRejected, import_model
-from tests.support.byom import import_opts, save_npz
+from tests.support.byom import FLOAT_COMPUTE, import_opts, int8_graph_ops, save_npz
 
 # -- Keras source ------------------------------------------------------------------------
 
@@ -170,26 +168,6 @@ def test_onnx_import_without_tensorflow(mlp_onnx: Path, data: dict[str, Any],
     assert m.head is not None and m.head.node == "MatMul1" and m.head.dim == 32
     p = Predictor.load(res.path, threads=1)
     assert p.predict(data["x_eval"][0].reshape(64)).label in range(10)
-
-
-#: Operators that compute in float; none may stay in an int8 ONNX variant.
-FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "Add", "Mul"}
-
-
-def int8_graph_ops(path: Path) -> tuple[collections.Counter[str], collections.Counter[str]]:
-    """Operator counts of an ONNX file and of onnxruntime's optimized graph of it."""
-    import onnx
-    import onnxruntime as ort
-
-    def ops(f: Path) -> collections.Counter[str]:
-        return collections.Counter(n.op_type for n in onnx.load(str(f)).graph.node)
-
-    with tempfile.TemporaryDirectory() as td:
-        opts = ort.SessionOptions()
-        opts.optimized_model_filepath = str(Path(td) / "optimized.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return ops(path), ops(Path(td) / "optimized.onnx")
 
 
 def test_int8_onnx_is_an_integer_graph_with_its_settings_recorded(
