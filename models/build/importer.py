@@ -559,8 +559,9 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
 
 def _split_head(tmp: Path, head: HeadCut, fp32: Variant, xc: F32, method: CalibMethod,
                 quant: dict[str, Any], say: Progress) -> HeadCut:
-    """Backbone (int8, quantized like the model) and head weights, when the head is an MLP
-    a device can train; otherwise the cut stays recorded and the reason is in the lineage."""
+    """Backbone (int8, on the model's calibration rows and method) and head weights, when
+    the head is an MLP a device can train; otherwise the cut stays recorded and the reason
+    is in the lineage."""
     from edgefleet.models.build.head import HeadError, split_model
 
     say("cutting the backbone and the head")
