@@ -10,6 +10,10 @@ by :func:`edgefleet.models.build.importer.import_model` (the function behind
 - int8/fp32 latency in onnxruntime and LiteRT, int8 against the best fp32 of *either*
   runtime (a TFLite fp32 baseline is converted from the same SavedModel);
 - file size int8/fp32;
+- why int8 ONNX was slower than fp32: the package's fp32 graph re-quantized with the
+  settings packages used before (QDQ, int8 activations, no ``quant_pre_process``) and each
+  change alone, timed side by side, with the operators left in onnxruntime's optimized
+  graph (``SessionOptions.optimized_model_filepath``);
 - one DP-SGD step of the head (the package's ``head``: a dense layer from the embedding to
   10 classes; per-example clipping without materialized per-example gradients, noise,
   update: :func:`edgefleet.device.fl.dp_sgd.private_gradient` on a one-layer
@@ -49,6 +53,7 @@ from edgefleet.device.fl.dp_sgd import private_gradient
 from edgefleet.device.runtime.backends import open_backend
 from edgefleet.device.runtime.manifest import Variant, load_package
 from edgefleet.device.runtime.mlp import MLP
+from edgefleet.models.build.onnx_export import IMPORT_INT8
 
 REPO = Path(__file__).resolve().parents[1]
 CROSS = REPO / "cross"
@@ -105,6 +110,48 @@ def train_keras(x: np.ndarray, y: np.ndarray, steps: int, path: Path) -> float:
     seconds = time.perf_counter() - t0
     model.save(path)
     return seconds
+
+
+#: Quantization settings compared on the same fp32 graph (minmax calibration): what
+#: packages shipped before, each change alone, and what ``models import`` ships now.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "QDQ, int8 act., no pre-process (before)": {},
+    "QDQ, int8 act., pre-processed": {"preprocess": True},
+    "QDQ, uint8 act., no pre-process": {"activations": "uint8"},
+    "QDQ, uint8 act., pre-processed": {"activations": "uint8", "preprocess": True},
+    "QOperator, uint8 act., pre-processed, 7-bit weights (now)": IMPORT_INT8,
+}
+#: Operators that compute in float (what a quantized graph should not keep).
+FLOAT_OPS = ("Conv", "Add", "Mul", "MatMul", "Gemm", "Pad")
+
+
+def optimized_ops(path: Path) -> dict[str, int]:
+    """Operator counts of onnxruntime's optimized graph (the CPU provider's default level,
+    which the device's ``OnnxBackend`` keeps) for ``path``."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as td:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(Path(td) / "opt.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return dict(collections.Counter(n.op_type for n in onnx.load(
+            str(Path(td) / "opt.onnx")).graph.node))
+
+
+def settings_variants(fp32: Path, calib: np.ndarray, out: Path,
+                      input_name: str) -> dict[str, Path]:
+    """The package's fp32 graph quantized with each of :data:`SETTINGS`."""
+    from edgefleet.models.build.onnx_export import quantize_onnx_int8
+
+    paths = {}
+    for i, (name, kw) in enumerate(SETTINGS.items()):
+        paths[name] = quantize_onnx_int8(fp32, out / f"setting{i}.onnx", calib,
+                                         input_name=input_name, method="minmax", **kw)
+    return paths
 
 
 def tflite_fp32(keras_path: Path, out: Path) -> Path:
@@ -250,6 +297,19 @@ def main() -> int:
         backends = {k: open_backend(root_of[k], v, threads=1) for k, v in variants.items()}
         size = {k: (root_of[k] / v.file).stat().st_size for k, v in variants.items()}
         acc = {k: float(np.mean(b.run(xn).argmax(1) == ye)) for k, b in backends.items()}
+        print("quantizing with each compared setting", flush=True)
+        xcal = normalize(x[n_train:n_train + N_CALIB].reshape(N_CALIB, -1),
+                         manifest.normalization).reshape(-1, SIZE, SIZE, 3)
+        fp32_var = manifest.variants["onnx-fp32"]
+        diag_paths = settings_variants(pkg / fp32_var.file, xcal, tmp,
+                                       fp32_var.input_name)
+        for name, path in diag_paths.items():
+            backends[name] = open_backend(tmp, fp32_var.model_copy(
+                update={"file": path.name, "precision": "int8"}), threads=1)
+        diag = {name: {"ops": optimized_ops(path), "size": path.stat().st_size,
+                       "accuracy": float(np.mean(backends[name].run(xn).argmax(1) == ye))}
+                for name, path in diag_paths.items()}
+        diag["onnx-fp32"] = {"ops": optimized_ops(pkg / fp32_var.file)}
         lat = batch1_latency(backends, xn)
         head = head_costs(manifest.head.dim)
         anatomy = {k: onnx_bytes(pkg / variants[k].file) for k in ("onnx-fp32", "onnx-int8")}
@@ -259,9 +319,9 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
     print(json.dumps({"size": size, "accuracy": acc, "latency_ms": lat, "head_ms": head,
-                      "onnx_bytes": anatomy, "arm": arm, "arm_skipped": arm_why}, indent=1),
-          flush=True)
-    body = report(manifest, size, acc, lat, head, anatomy, arm, arm_why,
+                      "onnx_bytes": anatomy, "settings": diag, "arm": arm,
+                      "arm_skipped": arm_why}, indent=1), flush=True)
+    body = report(manifest, size, acc, lat, head, anatomy, diag, arm, arm_why,
                   {"train": train_s, "import": import_s, "total": elapsed},
                   load_before, load_after, args.steps, len(ye))
     path = write_section("mobilenetv2", "MobileNetV2 0.35 96x96: imported, int8 vs fp32, "
@@ -334,7 +394,8 @@ one backbone inference.{note}"""
 
 def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict[str, float],
            head: dict[str, float], anatomy: dict[str, dict[str, int]],
-           arm: dict[str, Any], arm_why: str | None, secs: dict[str, float],
+           diag: dict[str, dict[str, Any]], arm: dict[str, Any], arm_why: str | None,
+           secs: dict[str, float],
            load_before: tuple[float, ...], load_after: tuple[float, ...], steps: int,
            n_eval: int) -> str:
     """The markdown section."""
@@ -357,12 +418,28 @@ def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict
                      f"{sum(a.values()) / kib:,.0f}"] for k, a in anatomy.items()]
     int8_file = anatomy["onnx-int8"]
     fp32_weights = anatomy["onnx-fp32"].get("float", 0)
-    method = manifest.lineage.get("quantization", {}).get("onnx", {}).get("method", "?")
+    q_onnx = manifest.lineage.get("quantization", {}).get("onnx", {})
+    method = q_onnx.get("method", "?")
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in q_onnx.get("method_scores_heldout", {}).items())
 
     def golden(verdict: str) -> str:
         return ("passes" if verdict == "passes"
                 else "REFUSED " + verdict.rsplit("outputs ", maxsplit=1)[-1])
 
+    def integer(ops: dict[str, int]) -> int:
+        return sum(n for op, n in ops.items() if op.startswith("QLinear") or op == "QGemm")
+
+    fp32_ops = diag["onnx-fp32"]["ops"]
+    diag_rows = [[name, f"{lat[name]:.3g}", f"{lat[name] / lat['onnx-fp32']:.2f}",
+                  f"{d['accuracy']:.3f}", f"{d['size'] / kib:,.0f}", integer(d["ops"]),
+                  ", ".join(f"{d['ops'][op]} {op}" for op in FLOAT_OPS if d["ops"].get(op))
+                  or "none",
+                  d["ops"].get("QuantizeLinear", 0) + d["ops"].get("DequantizeLinear", 0),
+                  d["ops"].get("Transpose", 0)]
+                 for name, d in diag.items() if name != "onnx-fp32"]
+    names = list(SETTINGS)
+    before, s8_pre = names[0], names[1]
+    before_ops, s8_ops = diag[before]["ops"], diag[s8_pre]["ops"]
     if arm:
         arm_rows = [[f"{cpu} ({CPUS[cpu]})", f"`{v}`",
                      f"{r['variants'][v]['argmax_agreement'] * 100:.1f} %",
@@ -396,8 +473,8 @@ input_shape=(96, 96, 3), classes=10)` (architecture only, nothing downloaded), t
 to 96x96x3 so that int8 calibration sees realistic activations, saved as `.keras`
 and packaged by `edgefleet models import` (`import_model`, {secs['import']:.0f} s;
 calibration {N_CALIB} images, evaluation {n_eval}, `--scale 1/8 --mean 1`). The ONNX
-calibration method chosen was `{method}`. A LiteRT fp32 baseline is converted from the
-same SavedModel (packages ship only int8 TFLite).
+calibration method chosen was `{method}` (held-out accuracy: {scores}). A LiteRT fp32
+baseline is converted from the same SavedModel (packages ship only int8 TFLite).
 
 Latency: batch 1, **one thread** in both runtimes, median of the bare runtime call on a
 prepared input, {RUNS_B1} calls per variant in interleaved rounds. Whole script
@@ -414,6 +491,46 @@ Ratios (same run). "vs best fp32" divides by the faster fp32 of either runtime
 {md_table(["int8 variant", "latency / same runtime fp32", "latency / best fp32",
            "size / same format fp32"], ratio_rows)}
 
+**Why `onnx-int8` was slower than fp32, and what changed.** The package's fp32 graph
+quantized with the settings packages used before and with each change alone (minmax
+calibration; the shipped variant's method is chosen by held-out accuracy, so its own row
+above may differ a little), timed in the same interleaved run as the table above. The
+operator columns count onnxruntime's *optimized* graph (`optimized_model_filepath`, the
+CPU provider's default `ORT_ENABLE_ALL`, which the device's `OnnxBackend` keeps): its fp32
+graph is {fp32_ops.get("Conv", 0)} `Conv` nodes with batch norm, ReLU6 and padding folded in.
+
+{md_table(["settings", "p50 ms", "/ onnx-fp32", "accuracy", "size KiB",
+           "integer kernels", "float ops left", "Q + DQ left", "Transpose"], diag_rows)}
+
+Two things made the old variant slow, each visible in the counts:
+
+1. **No `quant_pre_process`.** tf2onnx writes Keras' batch norm as separate `Mul`/`Add`
+   nodes and `ZeroPadding2D` as `Pad`. In fp32, onnxruntime folds them into the
+   convolutions when it loads the model; quantized first, every one of them got its own
+   QuantizeLinear/DequantizeLinear pair, which blocks that folding, so they ran as float
+   operators between int8 ones (before: {before_ops.get("Mul", 0)} `Mul`,
+   {before_ops.get("Add", 0)} `Add`, {before_ops.get("Pad", 0)} `Pad` left).
+   `quant_pre_process` (ONNX shape inference and onnxruntime's graph optimizations before
+   quantization) folds them first, so only the convolutions, the residual adds and the
+   dense layer are quantized.
+2. **int8 activations on x86.** With int8 (S8S8) activations, onnxruntime's x86 CPU
+   provider leaves, even after pre-processing, the {s8_ops.get("Add", 0)} residual `Add`s and
+   {s8_ops.get("Conv", 0)} of the 1x1 convolutions as float DequantizeLinear -> op ->
+   QuantizeLinear chains, and puts {s8_ops.get("Transpose", 0)} NHWC<->NCHW `Transpose`s
+   between them and its NHWC int8 convolutions. With uint8
+   activations (U8S8, onnxruntime's x86 fast path) every convolution becomes a
+   `QLinearConv` and every add a `QLinearAdd`: one QuantizeLinear at the input, one
+   DequantizeLinear before the logits.
+
+What `models import` ships now (the last row, `IMPORT_INT8` in
+`models/build/onnx_export.py`): pre-processed, uint8 activations, per-channel int8
+weights, written as QOperator: the integer kernels are in the file, so
+every device runs the same integer graph whatever its onnxruntime would fuse at load time,
+and the file carries no Q/DQ nodes (smaller). Weights use 7 bits (`reduce_range`): x86
+CPUs without VNNI compute u8×s8 in 16-bit pair sums that can saturate with 8-bit weights,
+and would then not compute what the build machine computed. The lineage records every
+setting (`quantization.onnx`).
+
 Where the ONNX files' bytes go (KiB; initializers by element type, "other" = graph
 structure and node/tensor names, which tf2onnx makes long: e.g.
 `StatefulPartitionedCall/.../block_16_project/Conv2D`):
@@ -423,8 +540,8 @@ structure and node/tensor names, which tf2onnx makes long: e.g.
 
 The int8 weights are {int8_file.get("int8", 0) / max(fp32_weights, 1):.2f} of the fp32
 weights, as expected; on a network this small (about {fp32_weights / 4 / 1e3:,.0f} k
-parameters) the per-channel scales and zero points, the int32 biases and the QDQ nodes'
-names keep the whole file well above a quarter of fp32.
+parameters) the per-channel scales and zero points, the int32 biases and tf2onnx's long
+tensor names keep the whole file above a quarter of fp32.
 
 {head_paragraph}
 

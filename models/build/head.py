@@ -200,7 +200,7 @@ def split_model(fp32: Path, cut: HeadCut, out_dir: Path, calib_x: F32, input_nam
     import onnx.utils
 
     from edgefleet.device.runtime.backends import open_backend
-    from edgefleet.models.build.onnx_export import quantize_onnx_int8
+    from edgefleet.models.build.onnx_export import IMPORT_INT8, quantize_onnx_int8
 
     params = head_params(fp32, cut)
     with tempfile.TemporaryDirectory(prefix=".backbone.", dir=out_dir) as td:
@@ -214,7 +214,7 @@ def split_model(fp32: Path, cut: HeadCut, out_dir: Path, calib_x: F32, input_nam
                             f"takes (n, {params[0].shape[0]})", reason="head_shape")
         quantize_onnx_int8(bb, out_dir / BACKBONE_FILE,
                            calib_x.reshape(-1, *input_shape), input_name=input_name,
-                           method=method)
+                           method=method, **IMPORT_INT8)  # as the model's own int8 variant
     _write_npz(out_dir / HEAD_FILE, params)
     return cut.model_copy(update={"backbone": BACKBONE_FILE, "params": HEAD_FILE,
                                   "dim": int(params[0].shape[0]), "layers": len(params) // 2})

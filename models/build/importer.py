@@ -41,7 +41,12 @@ from edgefleet.device.runtime.manifest import (
 )
 from edgefleet.device.runtime.mlp import softmax
 from edgefleet.device.runtime.onnx_check import check_no_external_data
-from edgefleet.models.build.onnx_export import CALIB_METHODS, CalibMethod, quantize_onnx_int8
+from edgefleet.models.build.onnx_export import (
+    CALIB_METHODS,
+    IMPORT_INT8,
+    CalibMethod,
+    quantize_onnx_int8,
+)
 from edgefleet.models.build.pipeline import (
     BuildResult,
     Progress,
@@ -385,7 +390,8 @@ def _choose_quantization(fp32: Path, tmp: Path, inp: str, shape: tuple[int, ...]
     for method in opts.methods:
         say(f"quantizing ONNX int8 ({method} calibration)")
         cand = tmp / f".int8-{method}.onnx"
-        quantize_onnx_int8(fp32, cand, fit.reshape(-1, *shape), input_name=inp, method=method)
+        quantize_onnx_int8(fp32, cand, fit.reshape(-1, *shape), input_name=inp, method=method,
+                           **IMPORT_INT8)
         if n_hold:
             backend = open_backend(tmp, Variant(file=cand.name, format="onnx",
                                                 precision="int8", input_name=inp,
@@ -518,9 +524,21 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                 input_name=variants["onnx-fp32"].input_name,
                 output_name=_out_name(tmp / "model_int8.onnx"), input_shape=list(shape))
             quant["onnx"] = {"tool": "onnxruntime.quantization.quantize_static",
-                             "format": "QDQ", "per_channel": True, "weights": "int8",
-                             "activations": "int8", "weight_symmetric": True,
-                             "activation_symmetric": False, "method": best,
+                             "preprocess": {"tool": "onnxruntime.quantization.shape_inference"
+                                                    ".quant_pre_process",
+                                            "symbolic_shape_inference": False,
+                                            "onnx_shape_inference": True,
+                                            "ort_graph_optimization": True}
+                             if IMPORT_INT8["preprocess"] else None,
+                             "format": {"qdq": "QDQ", "qoperator": "QOperator"}[
+                                 IMPORT_INT8["quant_format"]],
+                             "per_channel": IMPORT_INT8["per_channel"], "weights": "int8",
+                             "reduce_range": IMPORT_INT8["reduce_range"],
+                             "activations": IMPORT_INT8["activations"],
+                             "weight_symmetric": True, "activation_symmetric": False,
+                             "calibrator_options": "onnxruntime's defaults "
+                                                   "(versions.onnxruntime)",
+                             "method": best,
                              "methods_tried": list(opts.methods), "holdout": opts.holdout,
                              **qinfo}
             if head is not None:
@@ -547,8 +565,9 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
 
 def _split_head(tmp: Path, head: HeadCut, fp32: Variant, xc: F32, method: CalibMethod,
                 quant: dict[str, Any], say: Progress) -> HeadCut:
-    """Backbone (int8, quantized like the model) and head weights, when the head is an MLP
-    a device can train; otherwise the cut stays recorded and the reason is in the lineage."""
+    """Backbone (int8, on the model's calibration rows and method) and head weights, when
+    the head is an MLP a device can train; otherwise the cut stays recorded and the reason
+    is in the lineage."""
     from edgefleet.models.build.head import HeadError, split_model
 
     say("cutting the backbone and the head")

@@ -1,15 +1,17 @@
 """Export the NumPy MLP to ONNX and quantize it to int8 with onnxruntime.
 
 The fp32 graph is built with ``onnx.helper`` (MatMul + Add + Relu), so it needs no
-training framework. Quantization is onnxruntime's static QDQ quantization with
-per-channel int8 weights and int8 activations calibrated on training data, the format
-onnxruntime runs fastest on ARM and x86 CPUs.
+training framework. Quantization is onnxruntime's static quantization with per-channel
+int8 weights and activation ranges calibrated on training data. The built-in MLPs ship QDQ
+with int8 activations; ``models import`` asks for ``quant_pre_process`` and uint8
+activations, which onnxruntime's x86 CPU kernels fuse completely (docs/bench/mobilenetv2.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -20,12 +22,25 @@ import numpy.typing as npt
 from edgefleet.device.core.errors import MissingExtraError
 from edgefleet.device.runtime.mlp import MLP
 
-__all__ = ["CALIB_METHODS", "CalibMethod", "export_onnx_fp32", "quantize_onnx_int8",
-           "save_graph"]
+__all__ = ["CALIB_METHODS", "IMPORT_INT8", "CalibMethod", "export_onnx_fp32",
+           "quantize_onnx_int8", "save_graph"]
 
 OPSET = 17
 CalibMethod = Literal["minmax", "entropy", "percentile"]
 CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "entropy", "percentile")
+#: How ``models import`` quantizes int8 ONNX (``quantize_onnx_int8`` keywords; the
+#: calibration method is chosen per model); docs/bench/mobilenetv2.md has the numbers.
+#: Without ``quant_pre_process``, batch norm's Mul/Add and Keras' Pad stay separate nodes
+#: with their own Q/DQ pairs; with int8 activations onnxruntime's x86 CPU provider leaves
+#: residual Adds and some 1x1 convolutions as float DequantizeLinear->op->QuantizeLinear
+#: chains, with NHWC<->NCHW Transposes around them; uint8 activations fuse every node into
+#: an integer kernel. QOperator writes those kernels (QLinearConv, QLinearAdd, QGemm) into
+#: the file, so every device runs the same integer graph whatever its onnxruntime would
+#: fuse at load time, and the file carries no Q/DQ nodes. 7-bit weights (``reduce_range``)
+#: keep x86 CPUs without VNNI from saturating their 16-bit u8*s8 pair sums, so they compute
+#: what the build machine computed.
+IMPORT_INT8: dict[str, Any] = {"quant_format": "qoperator", "activations": "uint8",
+                               "per_channel": True, "reduce_range": True, "preprocess": True}
 
 
 def export_onnx_fp32(model: MLP, path: Path, input_name: str = "input",
@@ -78,14 +93,21 @@ def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calib_x: npt.NDArray[np
                        input_name: str = "input", per_channel: bool = True, *,
                        quant_format: Literal["qdq", "qoperator"] = "qdq",
                        activations: Literal["int8", "uint8"] = "int8",
-                       method: CalibMethod = "minmax") -> Path:
+                       method: CalibMethod = "minmax", reduce_range: bool = False,
+                       preprocess: bool = False) -> Path:
     """Static int8 quantization of ``fp32_path`` calibrated on ``calib_x`` (normalized).
 
     The defaults (QDQ, int8 activations) are what packages ship; ``quant_format`` and
     ``activations`` exist so the benchmark can show onnxruntime's other int8 kernels
     (QOperator ``QLinearConv``, uint8 activations as x86 CPUs without VNNI prefer).
     ``method`` is how activation ranges are calibrated: ``minmax``, ``entropy`` or
-    ``percentile`` (``models import`` picks one by held-out accuracy).
+    ``percentile`` (``models import`` picks one by held-out accuracy). ``reduce_range``
+    quantizes weights to 7 bits. ``preprocess`` runs onnxruntime's ``quant_pre_process``
+    first (ONNX shape inference and onnxruntime's graph optimizations: batch norm's Mul/Add
+    and Pad folded into the convolutions, MatMul+Add into Gemm), so fewer, larger operators
+    are quantized and none is left between a DequantizeLinear and a QuantizeLinear that
+    onnxruntime cannot fuse. Symbolic shape inference is skipped: imported models have fixed
+    sample shapes, and it would need sympy.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -112,13 +134,22 @@ def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calib_x: npt.NDArray[np
             return next(self._it, None)
 
     # The histogram calibrators print progress to stdout, which is the CLIs' JSON channel.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.ExitStack() as stack:
+        source = fp32_path
+        if preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix=".preprocess.", dir=int8_path.parent)))
+            source = tmp / "preprocessed.onnx"
+            quant_pre_process(str(fp32_path), str(source), skip_symbolic_shape=True)
         quantize_static(
-            str(fp32_path),
+            str(source),
             str(int8_path),
             _Reader(),
             quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
             per_channel=per_channel,
+            reduce_range=reduce_range,
             activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method={"minmax": CalibrationMethod.MinMax,

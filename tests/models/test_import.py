@@ -19,7 +19,7 @@ from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.runtime.manifest import file_sha256, load_package
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.models.build.importer import ImportOptions, ImportRejected, import_model
-from tests.support.byom import import_opts, save_npz
+from tests.support.byom import FLOAT_COMPUTE, import_opts, int8_graph_ops, save_npz
 
 # -- Keras source ------------------------------------------------------------------------
 
@@ -60,6 +60,10 @@ def test_keras_import_packages_fp32_int8_onnx_and_tflite(keras_pkg: Path, keras_
     assert set(q["method_scores_heldout"]) == {"minmax", "entropy", "percentile"}
     assert q["method_scores_heldout"][q["method"]] == max(q["method_scores_heldout"].values())
     assert lin["quantization"]["tflite"]["full_integer"] is True
+    # every convolution and dense layer runs as an integer kernel (no float chains)
+    in_file, optimized = int8_graph_ops(keras_pkg / "model_int8.onnx")
+    assert not FLOAT_COMPUTE & set(in_file) and not FLOAT_COMPUTE & set(optimized)
+    assert in_file["QLinearConv"] >= 1
     # no machine paths in the manifest
     assert str(data["root"]) not in (keras_pkg / "manifest.json").read_text()
 
@@ -189,6 +193,23 @@ def test_onnx_import_without_tensorflow(mlp_onnx: Path, data: dict[str, Any],
     assert m.head is not None and m.head.node == "MatMul1" and m.head.dim == 32
     p = Predictor.load(res.path, threads=1)
     assert p.predict(data["x_eval"][0].reshape(64)).label in range(10)
+
+
+def test_int8_onnx_is_an_integer_graph_with_its_settings_recorded(
+        mlp_onnx: Path, data: dict[str, Any], tmp_path: Path) -> None:
+    # A QDQ graph with int8 activations left float DequantizeLinear->op->QuantizeLinear
+    # chains on x86 (docs/bench/mobilenetv2.md): the variant is now quantized after
+    # quant_pre_process into QOperator uint8 kernels, one Q at the input, one DQ at the end.
+    res = import_model(import_opts(data, mlp_onnx, tmp_path / "mlp", calibration=data["calib_flat"],
+                                   eval=data["eval_flat"], methods=("minmax",)))
+    in_file, optimized = int8_graph_ops(res.path / "model_int8.onnx")
+    for ops in (in_file, optimized):
+        assert not FLOAT_COMPUTE & set(ops), ops
+        assert ops["QGemm"] == 2 and ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
+    q = res.manifest.lineage["quantization"]["onnx"]
+    assert q["preprocess"]["tool"].endswith("quant_pre_process")
+    assert (q["format"], q["activations"], q["weights"]) == ("QOperator", "uint8", "int8")
+    assert q["per_channel"] is True and q["reduce_range"] is True
 
 
 def test_head_from_names_a_node(mlp_onnx: Path, data: dict[str, Any], tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from edgefleet.device.runtime.manifest import load_package
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.models.build.importer import ImportOptions, import_model
+from tests.support.byom import FLOAT_COMPUTE, int8_graph_ops
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -55,6 +56,11 @@ def test_mobilenetv2_imports_with_its_head_cut_and_matches_keras(tmp_path: Path)
     want = keras.ops.convert_to_numpy(model(x[128:] / 8 - 1, training=False))
     fp32 = Predictor.load(tmp_path / "pkg", variant="onnx-fp32", threads=1)
     np.testing.assert_allclose(fp32.logits(x[128:]), want, atol=1e-3)
+    # Every convolution, residual add and the dense layer run as integer kernels in
+    # onnxruntime's optimized int8 graph (no float DequantizeLinear->op->QuantizeLinear).
+    _, ops = int8_graph_ops(tmp_path / "pkg" / "model_int8.onnx")
+    assert ops["QLinearConv"] == 52 and ops["QLinearAdd"] == 10 and ops["QGemm"] == 1, ops
+    assert not FLOAT_COMPUTE & set(ops), ops
     for name in ("onnx-int8", "tflite-int8"):  # each passes its golden check on load
         pred = Predictor.load(tmp_path / "pkg", variant=name, threads=1)
         assert pred.logits(x[128:]).shape == (32, 10)

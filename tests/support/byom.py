@@ -4,6 +4,8 @@ makes them session fixtures, so the CNN is trained once per test worker)."""
 
 from __future__ import annotations
 
+import collections
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,8 @@ import numpy as np
 from edgefleet.models.build.importer import ImportOptions
 from edgefleet.models.sim.head_fleet import digits_images, make_data, save_npz
 
-__all__ = ["digits_images", "import_opts", "make_data", "make_keras_model", "make_mlp_onnx",
-           "save_npz"]
+__all__ = ["FLOAT_COMPUTE", "digits_images", "import_opts", "int8_graph_ops", "make_data",
+           "make_keras_model", "make_mlp_onnx", "save_npz"]
 
 
 def make_mlp_onnx(data: dict[str, Any]) -> Path:
@@ -41,3 +43,23 @@ def import_opts(data: dict[str, Any], model: Path, out: Path, **kw: Any) -> Impo
                             "labels": data["labels"], "scale": 1 / 16}
     base.update(kw)
     return ImportOptions(model=model, out=out, **base)
+
+
+#: Operators that compute in float; none may stay in an int8 ONNX variant.
+FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "Add", "Mul"}
+
+
+def int8_graph_ops(path: Path) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """Operator counts of an ONNX file and of onnxruntime's optimized graph of it."""
+    import onnx
+    import onnxruntime as ort
+
+    def ops(f: Path) -> collections.Counter[str]:
+        return collections.Counter(n.op_type for n in onnx.load(str(f)).graph.node)
+
+    with tempfile.TemporaryDirectory() as td:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(Path(td) / "optimized.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ops(path), ops(Path(td) / "optimized.onnx")
