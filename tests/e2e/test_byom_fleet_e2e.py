@@ -91,6 +91,7 @@ def test_an_imported_cnn_is_served_fine_tuned_and_canaried_on_real_agents(
         fleet.cli("promote", "cnn")
         fleet.wait(lambda: fleet.version("pi-01") == "1.0.1", "pi-01 on 1.0.1 after promote")
         assert _answers(fleet, "pi-01", x) == _labels(ft, "onnx-int8", x)
-        assert fleet.counters("pi-01").get("update_activated", 0) >= 2
+        fleet.wait(lambda: fleet.counters("pi-01").get("update_activated", 0) == 2,
+                   "pi-01's telemetry counting both activations")
     finally:
         fleet.close()
