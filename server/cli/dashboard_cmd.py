@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -21,7 +22,11 @@ from edgefleet.server.cli.metrics_cmd import METRICS_HOST_OPTION, METRICS_PORT_O
 from edgefleet.server.cli.registry_cmd import HOME as REGISTRY_OPTION
 from edgefleet.server.cli.rollout_cmd import BROKER
 
-__all__ = ["app"]
+if TYPE_CHECKING:
+    from edgefleet.server.dashboard.proxies import TrustedProxies
+    from edgefleet.server.fleet.home import FleetHome
+
+__all__ = ["app", "trusted_proxies"]
 
 app = typer.Typer(help="The live web dashboard (docs/operations.md).", no_args_is_help=True)
 user_app = typer.Typer(help="Who may sign in to the dashboard.", no_args_is_help=True)
@@ -39,6 +44,16 @@ def _state(state: Path | None, home: Path | None) -> Path:
 
     fh = fleet_home(home)
     return (fh.root if fh is not None else default_root()) / "dashboard"
+
+
+def trusted_proxies(flags: list[str] | None, fh: FleetHome | None) -> TrustedProxies:
+    """``--trusted-proxy`` (every one given), else the home's ``[server]
+    dashboard_trusted_proxies``, else none."""
+    from edgefleet.server.dashboard.proxies import TrustedProxies
+
+    if flags:
+        return TrustedProxies(flags)
+    return TrustedProxies(fh.settings.server.dashboard_trusted_proxies if fh else ())
 
 
 def _read_password(password_file: Path | None) -> str:
@@ -111,6 +126,11 @@ def serve(
     logs_timeout: float = typer.Option(5.0, "--logs-timeout", min=0.5, max=30.0,
                                        help="Seconds a device page waits for the device's "
                                             "logs."),
+    trusted_proxy: list[str] | None = typer.Option(
+        None, "--trusted-proxy", help="A reverse proxy (address or network; repeat for "
+                                      "more) whose X-Forwarded-For names the client "
+                                      "(default: the home's [server] "
+                                      "dashboard_trusted_proxies; else none)."),
     metrics_port: int | None = METRICS_PORT_OPTION,
     metrics_host: str = METRICS_HOST_OPTION,
     state: Path | None = STATE_OPTION,
@@ -125,6 +145,8 @@ def serve(
       edgefleet dashboard serve                       (http://127.0.0.1:8600)
 
       edgefleet dashboard serve --host 0.0.0.0 --tls-cert dash.pem --tls-key dash.key
+
+      edgefleet dashboard serve --trusted-proxy 127.0.0.1   (behind nginx on this host)
     """
     import uvicorn
 
@@ -145,6 +167,7 @@ def serve(
         raise UsageError(f"no dashboard users in {st} (run `edgefleet dashboard user add "
                          "NAME` first)")
     fh = fleet_home(home)
+    proxies = trusted_proxies(trusted_proxy, fh)
     reg = registry_path(registry, home)
     has_registry = (reg / "registry.db").is_file()
     groups = {d.name: d.group for d in fh.devices.active()} if fh is not None else {}
@@ -161,12 +184,16 @@ def serve(
         logs=(lambda dev: LogClient(operator, dev, metrics=metrics)) if operator else None)
     cfg = DashboardConfig(sources=src, state=st, secret=load_secret(st),
                           tls=tls_cert is not None, interval=interval,
-                          logs_timeout=logs_timeout)
+                          logs_timeout=logs_timeout, trusted_proxies=proxies)
     endpoint = start_metrics(metrics_port, metrics_host, metrics)
     scheme = "https" if tls_cert else "http"
     console.print(f"dashboard on {scheme}://{host}:{port}/ (Ctrl-C to stop)")
     try:
+        # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from
+        # 127.0.0.1 (or $FORWARDED_ALLOW_IPS) before the app sees the peer; the app's
+        # trusted proxies are the one place that decides.
         uvicorn.run(create_app(cfg, metrics), host=host, port=port, log_level="warning",
+                    proxy_headers=False,
                     ssl_certfile=str(tls_cert) if tls_cert else None,
                     ssl_keyfile=str(tls_key) if tls_key else None,
                     timeout_graceful_shutdown=2)

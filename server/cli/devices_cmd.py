@@ -32,13 +32,9 @@ def _open(home: Path | None) -> Any:
 
 
 def _host_port(value: str, what: str) -> tuple[str, int]:
-    from edgefleet.device.core.errors import UsageError
-    from edgefleet.server.cli.scorer_cmd import parse_broker
+    from edgefleet.server.cli.home_opts import parse_broker
 
-    try:
-        return parse_broker(value)
-    except UsageError:
-        raise UsageError(f"{what} must be HOST:PORT, not {value!r}") from None
+    return parse_broker(value, what)
 
 
 def fleet_init(

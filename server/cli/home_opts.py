@@ -8,6 +8,7 @@ broker 127.0.0.1:1883, ``./registry``-less errors, ``~/.local/share/edgefleet/fl
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,18 +43,39 @@ BROKER_CA_OPTION: Any = typer.Option(
                               "service on another machine than the broker).")
 
 
-def parse_broker(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``, port 1883) → ``(host, port)``."""
-    host, sep, port = value.rpartition(":")
+def parse_broker(value: str, what: str = "--broker") -> tuple[str, int]:
+    """``HOST:PORT`` → ``(host, port)``; the one parser of every command's ``--broker``.
+
+    Also accepted: ``HOST`` (port 1883), ``[IPV6]:PORT`` and ``[IPV6]`` (brackets
+    removed: the socket layer wants the bare address), ``:PORT`` (127.0.0.1). An
+    unbracketed IPv6 address is split at its last colon (``::1:8883`` is ``::1`` port
+    8883), so write IPv6 in brackets. A port alone (``1884``) is refused rather than
+    taken for a host name.
+    """
+    text = value.strip()
+    bad = UsageError(f"{what} must be HOST:PORT (or HOST, [IPV6]:PORT), not {value!r}")
+    if text.startswith("["):
+        addr, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise bad
+        try:
+            ipaddress.IPv6Address(addr)
+        except ValueError:
+            raise bad from None
+        host, sep, port = addr, rest[:1], rest[1:]
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host = port
+        elif not host:
+            host = "127.0.0.1"
+    if not host or host.isdigit() or any(c.isspace() or c in "[]/@" for c in host):
+        raise bad
     if not sep:
-        return value, 1883
-    try:
-        num = int(port)
-    except ValueError:
-        raise UsageError(f"--broker must be HOST:PORT, not {value!r}") from None
-    if not host or not 0 < num < 65536:
-        raise UsageError(f"--broker must be HOST:PORT, not {value!r}")
-    return host, num
+        return host, 1883
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise bad
+    return host, int(port)
 
 
 def fleet_home(home: Path | None) -> FleetHome | None:

@@ -13,8 +13,9 @@ from typing import Any
 import typer
 
 from edgefleet.device.core.cli_support import console, print_json
+from edgefleet.server.cli.home_opts import parse_broker
 from edgefleet.server.cli.registry_cmd import HOME
-from edgefleet.server.cli.rollout_cmd import BROKER
+from edgefleet.server.cli.rollout_cmd import BROKER, _view
 
 __all__ = ["approvals_app", "retrain_app"]
 
@@ -33,7 +34,7 @@ def watch(
                                       help="Fleet home (group membership); without it every "
                                            "device in the store is the group."),
     home: Path = HOME,
-    broker: str = BROKER,
+    broker: str | None = BROKER,
     superlink: str | None = typer.Option(None, "--superlink", help="Overrides retrain.superlink."),
     root_certificates: Path | None = typer.Option(None, "--root-certificates",
                                                   help="Overrides retrain.root_certificates."),
@@ -64,6 +65,8 @@ def watch(
     from edgefleet.server.rollout.health import CombinedHealth, StoreHealthSource
     from edgefleet.server.telemetry.store import open_store
 
+    if broker:
+        parse_broker(broker)  # a typo fails now, not at the first canary
     over: dict[str, Any] = {}
     if superlink:
         over["superlink"] = superlink
@@ -79,13 +82,8 @@ def watch(
 
     def fleet_view() -> FleetView:
         nonlocal view
-        if view is None:
-            host, _, port = broker.rpartition(":")
-            import os
-
-            view = FleetView(host or "127.0.0.1", int(port),
-                             username=os.environ.get("EDGEFLEET_MQTT_USERNAME"),
-                             password=os.environ.get("EDGEFLEET_MQTT_PASSWORD"))
+        if view is None:  # the operator's view, as `rollout` opens it
+            view = _view(broker, fleet)
         return view
 
     def rollout_ctl() -> RolloutController:

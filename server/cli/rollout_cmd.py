@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 
 from edgefleet.device.core.cli_support import console, print_json
 from edgefleet.device.core.errors import UsageError
-from edgefleet.server.cli.home_opts import HOME_OPTION
+from edgefleet.server.cli.home_opts import HOME_OPTION, parse_broker
 from edgefleet.server.cli.metrics_cmd import (
     METRICS_HOST_OPTION,
     METRICS_PORT_OPTION,
@@ -59,21 +59,13 @@ BROKER = typer.Option(None, "--broker", envvar="EDGEFLEET_BROKER",
                            "$EDGEFLEET_MQTT_USERNAME, $EDGEFLEET_MQTT_PASSWORD).")
 
 
-def _host_port(broker: str) -> tuple[str, int]:
-    host, _, port = broker.rpartition(":")
-    try:
-        return host or "127.0.0.1", int(port)
-    except ValueError:
-        raise UsageError(f"--broker {broker!r}: expected HOST:PORT") from None
-
-
 def _view(broker: str | None, fleet: Path | None = None) -> FleetView:
     """The operator's view of the fleet: the home's operator account unless overridden."""
     from edgefleet.server.cli.home_opts import mqtt_for
     from edgefleet.server.rollout.fleet_view import FleetView
 
     if broker:
-        _host_port(broker)
+        parse_broker(broker)  # a typo fails before anything is opened
     cfg = mqtt_for("operator", fleet, broker=broker)
     return FleetView(cfg.host, cfg.port, username=cfg.username, password=cfg.secret())
 
@@ -228,7 +220,7 @@ def guard(
     from edgefleet.server.telemetry.store import open_store
 
     if broker:
-        _host_port(broker)
+        parse_broker(broker)  # a typo fails before anything is opened
     reg = open_registry(home, fleet=fleet_home)
     fh = find_fleet_home(fleet_home)
     if db is None and fh is not None:  # the home's store, once the ingest has made it

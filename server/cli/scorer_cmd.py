@@ -14,25 +14,19 @@ from edgefleet.server.cli.home_opts import (
     PASSWORD_FILE_OPTION,
     USERNAME_OPTION,
 )
-from edgefleet.server.cli.home_opts import parse_broker as _parse_broker
 from edgefleet.server.cli.metrics_cmd import (
     METRICS_HOST_OPTION,
     METRICS_PORT_OPTION,
     start_metrics,
 )
 
-__all__ = ["app", "parse_broker"]
+__all__ = ["app"]
 
 app = typer.Typer(
     help="The cloud scorer: answers the samples devices are unsure about (MQTT 5 "
          "request/response, shared subscription, micro-batching).",
     no_args_is_help=True,
 )
-
-
-def parse_broker(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``, port 1883) → ``(host, port)``."""
-    return _parse_broker(value)
 
 
 @app.command()

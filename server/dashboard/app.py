@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ from edgefleet.device.wire.logs import LEVELS
 from edgefleet.device.wire.telemetry import DEVICE_ID_PATTERN
 from edgefleet.server.dashboard import actions, pages, views
 from edgefleet.server.dashboard.auth import LoginLimiter, Session, SessionSigner, Users
+from edgefleet.server.dashboard.proxies import TrustedProxies
+from edgefleet.server.fleet.audit import audit_details
 
 __all__ = ["COOKIE", "MAX_FORM", "DashboardConfig", "create_app"]
 
@@ -74,6 +76,9 @@ class DashboardConfig:
     max_streams: int = 32
     login_attempts: int = 5
     login_window: float = 300.0
+    #: Reverse proxies whose ``X-Forwarded-For`` names the client (sign-in limit, audit
+    #: entries); none: the peer address is the client.
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
     #: A device page's logs: seconds to wait for the device, fetches running at once.
     logs_timeout: float = 5.0
     max_log_fetches: int = 4
@@ -147,6 +152,14 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
         resp.headers["X-Refused-Reason"] = exc.reason
         return resp
 
+    def client_of(request: Request) -> str:
+        """The client's address: the peer's, or the forwarded one from a trusted proxy."""
+        peer = request.client.host if request.client else "?"
+        found = cfg.trusted_proxies.client(peer, request.headers.getlist("x-forwarded-for"))
+        if found.ignored is not None:
+            metrics.inc(f"dashboard_forwarded_ignored_{found.ignored}")
+        return found.host
+
     def session_of(request: Request) -> Session | None:
         s = signer.verify(request.cookies.get(COOKIE))
         return s if s is not None and s.user in users.names() else None
@@ -212,7 +225,7 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
         return html(pages.login_page(next_url=safe_next(request.query_params.get("next", "/"))))
 
     async def login(request: Request) -> Response:
-        client = request.client.host if request.client else "?"
+        client = client_of(request)
         try:
             if limiter.blocked(client):
                 raise _Refused("rate_limited", "too many failed sign-ins from this address; "
@@ -328,9 +341,14 @@ def create_app(cfg: DashboardConfig, metrics: Metrics | None = None) -> Starlett
     # -- actions -----------------------------------------------------------------------
     async def act(request: Request, fields: tuple[str, ...], run: Any, back: str) -> Response:
         session: Session | None = None
+        client = client_of(request)
+
+        def audited(s: Session, f: dict[str, str]) -> None:
+            with audit_details(client=client):  # in the worker thread that writes them
+                run(s, f)
         try:
             session, form = await authed_post(request, fields)
-            await run_in_threadpool(run, session, form)
+            await run_in_threadpool(audited, session, form)
         except _Refused as exc:
             return refuse(exc, session)
         except (EdgefleetError, RuntimeError, OSError) as exc:

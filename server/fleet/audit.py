@@ -14,6 +14,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +24,26 @@ from typing import Any
 from edgefleet.device.core.durable import atomic_write_json, read_json
 from edgefleet.device.core.errors import EdgefleetError
 
-__all__ = ["AuditLog", "AuditReport", "AuditTampered"]
+__all__ = ["AuditLog", "AuditReport", "AuditTampered", "audit_details"]
 
 GENESIS = "0" * 64
+_EXTRA: ContextVar[tuple[tuple[str, Any], ...]] = ContextVar("edgefleet_audit_extra",
+                                                            default=())
+
+
+@contextmanager
+def audit_details(**details: Any) -> Iterator[None]:
+    """Add ``details`` to every entry appended inside (in this thread or task).
+
+    The dashboard records the client address of an action this way: the entries are
+    written deep inside the calls the CLI shares (alerts, approvals, the rollout
+    controller), which know nothing of HTTP.
+    """
+    token = _EXTRA.set((*_EXTRA.get(), *details.items()))
+    try:
+        yield
+    finally:
+        _EXTRA.reset(token)
 
 
 class AuditTampered(EdgefleetError):
@@ -69,7 +89,7 @@ class AuditLog:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "actor": actor or os.environ.get("USER", "unknown"),
                 "action": action,
-                "details": details,
+                "details": {**dict(_EXTRA.get()), **details},
                 "prev": head["hash"],
             }
             entry["hash"] = _entry_hash(entry)

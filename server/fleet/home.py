@@ -28,6 +28,7 @@ Default location: ``$EDGEFLEET_HOME``, else ``$XDG_DATA_HOME/edgefleet``, else
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import pwd
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from edgefleet.device.core.config import StrictModel, dump_toml, load_config, registry_is_https
 from edgefleet.device.core.durable import atomic_write_bytes
@@ -99,9 +100,24 @@ class ServerSettings(StrictModel):
     dashboard_port: int | None = Field(default=None, ge=1, le=65535, description=(
         "`edgefleet dashboard serve` on 127.0.0.1 at this port, off when unset (put a TLS "
         "proxy in front to reach it from elsewhere); needs a dashboard user."))
+    dashboard_trusted_proxies: list[str] = Field(default_factory=list, max_length=64,
+                                                 description=(
+        "Reverse proxies (addresses or networks, e.g. [\"127.0.0.1\"]) whose "
+        "X-Forwarded-For names the dashboard's client for the sign-in limit and the audit "
+        "log; none by default: the peer address is the client."))
     max_restarts: int = Field(default=5, ge=0, description=(
         "Restart budget of each service: at most this many restarts ..."))
     restart_window_s: float = Field(default=60.0, gt=0, description="... within this window.")
+
+    @field_validator("dashboard_trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for v in value:
+            try:
+                ipaddress.ip_network(v.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address or network") from None
+        return value
 
 
 class FleetSettings(StrictModel):

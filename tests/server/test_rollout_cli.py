@@ -70,3 +70,27 @@ def test_rollout_promote_rollback_cli(tmp_path: Path, digits_package: Path,
     assert res.returncode == 64 and "no devices" in res.stderr
     res = run_cli("audit", "verify", "--json", env=env)
     assert res.returncode == 0 and json.loads(res.stdout)["entries"] == 4
+
+
+def test_broker_forms_are_the_one_parsers(tmp_path: Path, digits_package: Path,
+                                          mosquitto: Any) -> None:
+    """`rollout` and `retrain watch` read --broker with `home_opts.parse_broker`: the
+    forms it accepts reach the broker, the ones it refuses fail before anything runs."""
+    reg = make_registry(tmp_path / "registry")
+    reg.push(package_version(digits_package, tmp_path / "p1", "1.0.0"))
+    reg.close()
+    env = {"EDGEFLEET_REGISTRY": str(tmp_path / "registry")}
+    for i, broker in enumerate((f":{mosquitto.port}", f"localhost:{mosquitto.port}")):
+        res = run_cli("rollout", "digits-mlp@1.0.0", "--devices", f"d{i}", "--json",
+                      "--broker", broker, env=env)
+        assert res.returncode == 0, res.stderr
+    seen = _retained(mosquitto.port, "edgefleet/v1/update/assign/#")
+    assert sorted(seen) == ["edgefleet/v1/update/assign/device/d0",
+                            "edgefleet/v1/update/assign/device/d1"]
+    for cmd in (("rollout", "guard", "--once"),
+                ("retrain", "watch", "--group", "g", "--db", str(tmp_path / "no.db"),
+                 "--once")):
+        for bad in ("1884", "[::1", "h:port"):
+            res = run_cli(*cmd, "--broker", bad, env=env)
+            assert res.returncode == 64, (cmd, bad, res.stderr)
+            assert "--broker must be HOST:PORT" in res.stderr

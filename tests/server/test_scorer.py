@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgefleet.device.core.errors import UsageError
 from edgefleet.device.core.metrics import Metrics
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.device.wire.scoring import (
@@ -20,7 +21,7 @@ from edgefleet.device.wire.scoring import (
     request_topic,
     response_topic,
 )
-from edgefleet.server.cli.scorer_cmd import parse_broker
+from edgefleet.server.cli.home_opts import parse_broker
 from edgefleet.server.fleet.broker import MosquittoBroker
 from tests.conftest import run_cli
 from tests.support import cascade as support
@@ -152,10 +153,25 @@ def test_overloaded_queue_answers_overloaded(cloud_pkg: Path,
     assert m.counter("scorer_overloaded") == 3
 
 
-@pytest.mark.parametrize(("text", "want"), [("h:1883", ("h", 1883)), ("h", ("h", 1883)),
-                                            ("::1:8883", ("::1", 8883))])
+@pytest.mark.parametrize(("text", "want"), [
+    ("h:1883", ("h", 1883)), ("h", ("h", 1883)), ("::1:8883", ("::1", 8883)),
+    ("broker.example.org:8883", ("broker.example.org", 8883)),
+    ("10.0.0.5", ("10.0.0.5", 1883)),
+    ("[::1]:1883", ("::1", 1883)), ("[::1]", ("::1", 1883)),
+    ("[2001:db8::7]:8883", ("2001:db8::7", 8883)),
+    (":1884", ("127.0.0.1", 1884)),  # `retrain watch` took this for loopback
+    (" h:1883 ", ("h", 1883)),
+])
 def test_parse_broker(text: str, want: tuple[str, int]) -> None:
     assert parse_broker(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "h:", "h:0", "h:65536", "h:port", "1884", "[::1",
+                                  "[::1]1883", "[::1]:", "[nohost]:1883", "h: 1883",
+                                  "user@h:1883", "h:１８８３"])
+def test_parse_broker_refuses(text: str) -> None:
+    with pytest.raises(UsageError, match="--superlink must be HOST:PORT"):
+        parse_broker(text, "--superlink")
 
 
 def test_cli_refuses_bad_broker_and_tampered_package(cloud_pkg: Path, tmp_path: Path) -> None:
