@@ -115,6 +115,8 @@ def evaluate(
     out["accuracy"] = None
     if len(y_test):
         model = Predictor.load(package, threads=1)
+        # The store keeps inputs flattened; an image model wants its (H, W, C) back.
+        x_test = x_test.reshape(len(y_test), *model.manifest.input.shape)
         pred = [p.label for i in range(0, len(y_test), 256)
                 for p in model.predict_batch(x_test[i:i + 256])]
         out["accuracy"] = float(np.mean(np.asarray(pred) == y_test))
