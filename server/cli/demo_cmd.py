@@ -105,24 +105,29 @@ def _print_cnn_report(r: dict[str, Any]) -> None:
 
 def _print_cnn_fleet(f: dict[str, Any]) -> None:
     before, after = f["versions"]
-    t = Table("agent", "camera shift", "served", "inferences", f"labelled ({before})",
-              f"accuracy {before}", f"labelled ({after})", f"accuracy {after}",
-              "same frames", f"{before} / {after} on them",
-              title=f"on the fleet: {before} fleet-wide, {after} canary then promoted "
-                    "(accuracy on the sensors' labelled frames)")
+
+    def acc(x: Any, n: int) -> str:
+        return f"{_pct(x)} of {n}"
+
+    t = Table("agent", "served", "inferences", f"{before} answered", f"{after} answered",
+              f"same frames: {before} → {after}",
+              title=f"on the fleet: {before} fleet-wide, {after} canary then promoted",
+              caption="accuracy on the frames each sensor labelled; agent dev-0k has "
+                      "device dev(k-1)'s camera")
     for row in f["per_agent"]:
-        t.add_row(row["device"], row["shift"] or "none", " → ".join(row["served"]),
-                  str(row["inferences"]), str(row["labelled_before"]),
-                  _pct(row["accuracy_before"]), str(row["labelled_after"]),
-                  _pct(row["accuracy_after"]), str(row["same_frames"]),
-                  f"{_pct(row['same_frames_before'])} / {_pct(row['same_frames_after'])}")
-    t.add_row("all", "", "", str(f["inferences"]), "", _pct(f["accuracy_before"]), "",
-              _pct(f["accuracy_after"]), "", "")
+        t.add_row(row["device"], " → ".join(row["served"]), str(row["inferences"]),
+                  acc(row["accuracy_before"], row["labelled_before"]),
+                  acc(row["accuracy_after"], row["labelled_after"]),
+                  f"{_pct(row['same_frames_before'])} → {_pct(row['same_frames_after'])}"
+                  f" of {row['same_frames']}")
+    t.add_row("all", "", str(f["inferences"]), _pct(f["accuracy_before"]),
+              _pct(f["accuracy_after"]),
+              f"{_pct(f['same_frames_before'])} → {_pct(f['same_frames_after'])}")
     console.print(t)
     console.print("rollout: " + "; ".join(
         f"{e['event']} {e.get('model')}@{e.get('version')} on "
-        f"{', '.join(e.get('devices') or []) or 'the fleet'} ({e.get('status')})"
-        for e in f["rollout"]))
+        f"{', '.join(e.get('devices') or []) if e['event'] == 'canary' else 'the fleet'}"
+        f" ({e.get('status')})" for e in f["rollout"]))
     console.print(f"fleet work folder: {f['workdir']}")
 
 

@@ -104,13 +104,17 @@ def _report(demo: Demo, packages: dict[str, Path], name: str, v_before: str,
                    "answered by the package of the version that served it",
         "inferences": sum(r["inferences"] for r in rows),
         "rollout": demo.s.rollout, "per_agent": rows,
-        "accuracy_before": _pooled(rows, "before"), "accuracy_after": _pooled(rows, "after"),
+        # Pooled over the frames each version answered (different frames: the canary
+        # answered more of them with the new version) and over the same frames.
+        "accuracy_before": _pooled(rows, "accuracy_before", "labelled_before"),
+        "accuracy_after": _pooled(rows, "accuracy_after", "labelled_after"),
+        "same_frames_before": _pooled(rows, "same_frames_before", "same_frames"),
+        "same_frames_after": _pooled(rows, "same_frames_after", "same_frames"),
         "workdir": str(demo.s.work), "timings_s": demo.s.timings}
 
 
-def _pooled(rows: list[dict[str, Any]], key: str) -> float | None:
-    n = sum(r[f"labelled_{key}"] for r in rows if r[f"accuracy_{key}"] is not None)
-    if not n:
-        return None
-    return float(sum(r[f"accuracy_{key}"] * r[f"labelled_{key}"] for r in rows
-                     if r[f"accuracy_{key}"] is not None) / n)
+def _pooled(rows: list[dict[str, Any]], key: str, count: str) -> float | None:
+    """``key`` averaged over the agents, weighted by ``count``."""
+    got = [(r[key], r[count]) for r in rows if r[key] is not None]
+    n = sum(c for _, c in got)
+    return float(sum(a * c for a, c in got) / n) if n else None

@@ -91,6 +91,8 @@ def _assert_fleet_part(f: dict[str, Any], shifts: list[str]) -> None:
                     "same_frames_after"):
             assert 0.0 < a[key] <= 1.0, (key, a)
     assert f["inferences"] == sum(a["inferences"] for a in f["per_agent"])
+    assert all(0.0 < f[k] <= 1.0 for k in ("accuracy_before", "accuracy_after",
+                                            "same_frames_before", "same_frames_after"))
     # the fleet's store saw what the report says: every agent online and on 1.0.1
     st = Store(Path(f["workdir"]) / "fleet.db")
     try:
