@@ -83,21 +83,40 @@ def stats(config: list[Path] = CONFIG, json_out: bool = JSON) -> None:
 def evaluate(
     package: Path = typer.Argument(..., help="Model package to evaluate."),
     config: list[Path] = CONFIG,
+    source: str | None = typer.Option(None, "--source", help="Only samples labelled this "
+                                      "way (api, serial, scorer, import)."),
+    answered_by: str | None = typer.Option(None, "--answered-by", help="Only samples "
+                                           "that NAME@VERSION answered."),
+    every: bool = typer.Option(False, "--all", help="Every matching sample, not only the "
+                               "held-out share (for a model that never trains on them)."),
     json_out: bool = JSON,
 ) -> None:
     """Accuracy of a model package on the store's held-out samples (the ClientApp's split).
 
-    Example: edgefleet-agent data eval /var/lib/edgefleet/updates/slots/a -c agent.toml
+    Examples:
+      edgefleet-agent data eval /var/lib/edgefleet/updates/slots/a -c agent.toml
+      edgefleet-agent data eval pkg -c agent.toml --all --source serial --answered-by cnn@1.0.0
     """
+    from edgefleet.device.data.store import SOURCES, held_out
     from edgefleet.device.runtime.predictor import Predictor
 
+    if source is not None and source not in SOURCES:
+        raise UsageError(f"--source {source!r}: one of {', '.join(SOURCES)}")
     with _store(_cfg(config)) as st:
         got = st.samples()
-    _, _, x_test, y_test = got.split()
-    out: dict[str, Any] = {"held_out": len(y_test), "train": len(got.y) - len(y_test),
-                           "accuracy": None}
+    keep = np.ones(len(got.y), dtype=bool) if every else held_out(got.ids)
+    if source is not None:
+        keep &= np.asarray([s == source for s in got.sources], dtype=bool)
+    if answered_by is not None:
+        keep &= np.asarray([m == answered_by for m in got.models], dtype=bool)
+    x_test, y_test = got.x[keep], got.y[keep]
+    out: dict[str, Any] = ({"samples": len(y_test)} if every else
+                           {"held_out": len(y_test), "train": len(got.y) - len(y_test)})
+    out["accuracy"] = None
     if len(y_test):
         model = Predictor.load(package, threads=1)
+        # The store keeps inputs flattened; an image model wants its (H, W, C) back.
+        x_test = x_test.reshape(len(y_test), *model.manifest.input.shape)
         pred = [p.label for i in range(0, len(y_test), 256)
                 for p in model.predict_batch(x_test[i:i + 256])]
         out["accuracy"] = float(np.mean(np.asarray(pred) == y_test))
@@ -105,7 +124,7 @@ def evaluate(
         print_json(out)
     else:
         acc = "n/a" if out["accuracy"] is None else f"{out['accuracy']:.3f}"
-        console.print(f"accuracy {acc} on {out['held_out']} held-out samples")
+        console.print(f"accuracy {acc} on {len(y_test)} {'' if every else 'held-out '}samples")
 
 
 @app.command("import")

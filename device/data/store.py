@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,8 @@ class StoredSamples:
     x: F32
     y: I64
     sources: list[str]
+    #: ``name@version`` of the model that answered each input when it was labelled.
+    models: list[str] = field(default_factory=list)
 
     def split(self, seed: int = 0) -> tuple[F32, I64, F32, I64]:
         """(x_train, y_train, x_test, y_test) by :func:`held_out`."""
@@ -256,10 +258,13 @@ class SampleStore:
             return int(self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
 
     def stats(self) -> dict[str, Any]:
-        """Counts per source and per class, bytes, oldest and newest time: never contents."""
+        """Counts per source, per class and per answering model (``by_model``), bytes,
+        oldest and newest time: never contents."""
         with self._lock:
             rows = self._db.execute("SELECT source, label, COUNT(*) FROM samples "
                                     "GROUP BY source, label").fetchall()
+            models = self._db.execute("SELECT model, COUNT(*) FROM samples "
+                                      "GROUP BY model ORDER BY MIN(id)").fetchall()
             nbytes, oldest, newest = self._db.execute(
                 "SELECT COALESCE(SUM(LENGTH(payload)), 0), MIN(ts), MAX(ts) "
                 "FROM samples").fetchone()
@@ -270,6 +275,7 @@ class SampleStore:
             by_class[str(label)] = by_class.get(str(label), 0) + int(n)
         return {"total": sum(by_source.values()), "bytes": int(nbytes),
                 "by_source": by_source, "by_class": by_class,
+                "by_model": {str(m): int(n) for m, n in models},
                 "oldest": oldest, "newest": newest, "encrypted": self._aead is not None}
 
     def _rows(self) -> Iterator[tuple[Any, ...]]:
@@ -280,12 +286,13 @@ class SampleStore:
 
     def samples(self) -> StoredSamples:
         """Every sample, decrypted (all rows must have the same number of features)."""
-        ids, xs, ys, sources = [], [], [], []
+        ids, xs, ys, sources, models = [], [], [], [], []
         for sid, ts, label, source, model, n, sealed, payload in self._rows():
             xs.append(self._open(payload, sealed, ts, label, source, model, n))
             ids.append(sid)
             ys.append(label)
             sources.append(source)
+            models.append(model)
         widths = {len(x) for x in xs}
         if len(widths) > 1:
             raise EdgefleetError(f"{self.path}: stored samples have different sizes "
@@ -293,7 +300,7 @@ class SampleStore:
                                  "store (edgefleet-agent data wipe)")
         x = np.stack(xs).astype(np.float32) if xs else np.zeros((0, 0), np.float32)
         return StoredSamples(np.asarray(ids, dtype=np.int64), x,
-                             np.asarray(ys, dtype=np.int64), sources)
+                             np.asarray(ys, dtype=np.int64), sources, models)
 
     def close(self) -> None:
         """Close the connection."""

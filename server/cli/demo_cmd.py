@@ -19,8 +19,11 @@ def demo(
     rounds: int = typer.Option(3, "--rounds", "-r", min=1, help="Federated rounds."),
     task: str = typer.Option("digits", "--task", help="digits or vibration."),
     model: str = typer.Option("mlp", "--model", help="mlp: the whole fleet with the task's "
-                              "built-in model; cnn: import a Keras CNN and fine-tune its "
-                              "head with DP on shifted devices (in-process, no agents)."),
+                              "built-in model; cnn: import a Keras CNN, fine-tune its head "
+                              "with DP on shifted devices (in-process), then serve both "
+                              "versions on up to 3 real agents (canary, promote)."),
+    fleet: bool = typer.Option(True, "--fleet/--no-fleet",
+                               help="--model cnn: also serve it on real agents (default)."),
     epsilon: float = typer.Option(8.0, "--epsilon", min=0.01, help="DP budget of the run."),
     rate: float = typer.Option(20.0, "--rate", min=0.1, help="Sensor frames/s per device."),
     stream: float = typer.Option(20.0, "--stream", min=0.0,
@@ -42,6 +45,7 @@ def demo(
       edgefleet demo --devices 5 --rounds 3 --task digits
       edgefleet demo --devices 3 --arm-devices 2 --rounds 2 --tampered-update   # as root
       edgefleet demo --model cnn --devices 3 --rounds 4 --epsilon 3
+      edgefleet demo --model cnn --no-fleet    # the fine-tuning only, no processes
     """
     if model not in ("mlp", "cnn"):
         raise typer.BadParameter(f"--model {model!r}: mlp or cnn")
@@ -66,7 +70,8 @@ def demo(
         if model == "cnn":
             from edgefleet.server.demo.cnn import run_cnn_demo
 
-            report = run_cnn_demo(workdir, devices, rounds, epsilon, say)
+            report = run_cnn_demo(workdir, devices, rounds, epsilon, say, on_fleet=fleet,
+                                  rate=rate, stream_s=stream)
         else:
             report = run_demo(opts, say)
         say("done")
@@ -92,8 +97,38 @@ def _print_cnn_report(r: dict[str, Any]) -> None:
     console.print(t)
     console.print(f"imported CNN on unshifted images: {_pct(r['accuracy_unshifted'])}; "
                   f"packages: {r['packages']['imported']} -> {r['packages']['fine_tuned']}")
+    if r.get("fleet"):
+        _print_cnn_fleet(r["fleet"])
     console.print("step times (s): " + ", ".join(f"{k}: {v}" for k, v in
                                                   r["timings_s"].items()))
+
+
+def _print_cnn_fleet(f: dict[str, Any]) -> None:
+    before, after = f["versions"]
+
+    def acc(x: Any, n: int) -> str:
+        return f"{_pct(x)} of {n}"
+
+    t = Table("agent", "served", "inferences", f"{before} answered", f"{after} answered",
+              f"same frames: {before} → {after}",
+              title=f"on the fleet: {before} fleet-wide, {after} canary then promoted",
+              caption="accuracy on the frames each sensor labelled; agent dev-0k has "
+                      "device dev(k-1)'s camera")
+    for row in f["per_agent"]:
+        t.add_row(row["device"], " → ".join(row["served"]), str(row["inferences"]),
+                  acc(row["accuracy_before"], row["labelled_before"]),
+                  acc(row["accuracy_after"], row["labelled_after"]),
+                  f"{_pct(row['same_frames_before'])} → {_pct(row['same_frames_after'])}"
+                  f" of {row['same_frames']}")
+    t.add_row("all", "", str(f["inferences"]), _pct(f["accuracy_before"]),
+              _pct(f["accuracy_after"]),
+              f"{_pct(f['same_frames_before'])} → {_pct(f['same_frames_after'])}")
+    console.print(t)
+    console.print("rollout: " + "; ".join(
+        f"{e['event']} {e.get('model')}@{e.get('version')} on "
+        f"{', '.join(e.get('devices') or []) if e['event'] == 'canary' else 'the fleet'}"
+        f" ({e.get('status')})" for e in f["rollout"]))
+    console.print(f"fleet work folder: {f['workdir']}")
 
 
 def _num(x: Any) -> str:

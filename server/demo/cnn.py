@@ -6,9 +6,11 @@ it with ``models import``, gives N simulated devices a shifted camera each
 (:mod:`edgefleet.models.sim.head_fleet`: turned, dimmed, noisy, thicker or thinner
 strokes; 800 images each), runs one federated DP head fine-tuning through
 the real ServerApp and ClientApp in the in-process grid, and reports each device's
-accuracy on its own held-out shifted images before and after. No broker, registry or
-agents: the fleet demo shows those; this one shows what federated learning adds to an
-imported model. It does not slow the default demo (a separate path).
+accuracy on its own held-out shifted images before and after. Then (unless
+``--no-fleet``) both versions go onto a real fleet (:mod:`.cnn_fleet`): agents fed by
+sensor simulators with the same cameras serve the imported version, then the fine-tuned
+one (canary on one agent, promote), and the report says what each agent served and how
+accurately. It does not slow the default demo (a separate path).
 """
 
 from __future__ import annotations
@@ -47,17 +49,19 @@ def run_head_fl(fleet: dict[str, Any], run_config: dict[str, Any], *, state: str
                                   run_config=s.flower_config()))
 
 
-def run_cnn_demo(workdir: Path, devices: int, rounds: int, epsilon: float, say: Say
+def run_cnn_demo(workdir: Path, devices: int, rounds: int, epsilon: float, say: Say, *,
+                 on_fleet: bool = True, rate: float = 20.0, stream_s: float = 20.0
                  ) -> dict[str, Any]:
-    """Train, import, fine-tune with DP on ``devices`` shifted devices; the report."""
+    """Train, import, fine-tune with DP on ``devices`` shifted devices; with ``on_fleet``,
+    serve both versions on real agents (:mod:`.cnn_fleet`); the report."""
     from edgefleet.models.build.example_cnn import train_digits_cnn
     from edgefleet.models.build.importer import ImportOptions, import_model
     from edgefleet.models.sim.head_fleet import FIELD_SHIFTS, make_data, make_fleet
     from edgefleet.models.sim.shift import package_accuracy
-    from edgefleet.server.demo.fleet import _fresh_workdir
+    from edgefleet.server.demo.fleet import fresh_workdir
     from edgefleet.server.fl.store import FlStore
 
-    work = _fresh_workdir(workdir)
+    work = fresh_workdir(workdir)
     times: dict[str, float] = {}
     t = time.monotonic()
 
@@ -99,8 +103,16 @@ def run_cnn_demo(workdir: Path, devices: int, rounds: int, epsilon: float, say: 
             "held_out": len(d["y_test"]), "epsilon": ledger.run_spent("1", DELTA),
             "accuracy_before": package_accuracy(pkg, d["x_test"], d["y_test"]),
             "accuracy_after": package_accuracy(out, d["x_test"], d["y_test"])})
+    served = None
+    if on_fleet:
+        from edgefleet.server.demo.cnn_fleet import MAX_AGENTS, serve_on_fleet
+
+        served = serve_on_fleet(work / "fleet-run", pkg, out, shifts[:MAX_AGENTS],
+                                rate=rate, stream_s=stream_s, say=say)
+        times.update(served["timings_s"])
     return {
         "model": "cnn", "workdir": str(work), "devices": devices, "rounds": rounds,
+        "fleet": served,
         "epsilon_target": epsilon,
         "epsilon_spent": max(d["epsilon"] for d in per_device),
         "accuracy_unshifted": package_accuracy(pkg, data["x_eval"].reshape(

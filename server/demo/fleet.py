@@ -45,7 +45,7 @@ from edgefleet.server.demo.arm import (
 )
 from edgefleet.server.fleet.broker import BrokerConfig, MosquittoBroker, free_port
 
-__all__ = ["DemoError", "DemoOptions", "run_demo"]
+__all__ = ["Demo", "DemoError", "DemoOptions", "fresh_workdir", "run_demo", "running"]
 
 BIN = Path(sys.executable).parent
 
@@ -73,10 +73,18 @@ class DemoOptions:
     tampered_update: bool = False
     #: Each device's sensor sees a somewhat different, shifted field (:func:`device_shift`).
     device_shifts: bool = True
+    #: Device i's ``--shift`` is ``shifts[i % len]`` instead of :func:`device_shift`'s.
+    shifts: tuple[str, ...] = ()
+    #: Agents run SuperNodes and the SuperLink runs (federated training on the fleet).
+    federated: bool = True
+    #: The cloud scorer and the rollout guard run; agents escalate to the scorer.
+    cloud: bool = True
 
     def shift(self, i: int) -> str:
         """Device ``i``'s ``--shift`` ("" when every device sees the training field)."""
-        return device_shift(self.task, i) if self.device_shifts else ""
+        if not self.device_shifts:
+            return ""
+        return self.shifts[i % len(self.shifts)] if self.shifts else device_shift(self.task, i)
 
     @property
     def formats(self) -> str:
@@ -170,7 +178,7 @@ class Demo:
     def __init__(self, opts: DemoOptions, say: Say) -> None:
         self.opts = opts
         self.say = say
-        self.s = DemoState(work=_fresh_workdir(opts.workdir))
+        self.s = DemoState(work=fresh_workdir(opts.workdir))
         self.procs = ProcessGroup(self.s.work / "logs")
         self.fed: Any = None
         self._sockets: Path | None = None
@@ -199,52 +207,76 @@ class Demo:
     # -- 2. services --------------------------------------------------------------------
     def start_services(self) -> None:
         """Fleet home, broker with ACL, registry, ingest, scorer, rollout guard, SuperLink."""
-        from edgefleet.server.fl.runner import EmbeddedFederation
-        from edgefleet.server.fleet import home as fleet_home
+        keys = self.start_registry()
+        self.start_broker(keys)
+        self.start_ingest()
+        if self.opts.cloud:
+            self.start_cloud()
 
-        w = self.s.work
-        reg = w / "registry"
-        keys = _cli_json("registry keys", "keys", "init", "--registry", str(reg))
+    def start_registry(self) -> dict[str, Any]:
+        """Registry keys, the bootstrap model signed in, ``registry serve``; the keys."""
+        reg = self.s.work / "registry"
+        keys: dict[str, Any] = _cli_json("registry keys", "keys", "init", "--registry", str(reg))
         _cli_json("register bootstrap model", "registry", "push", str(self.s.device_pkg),
                   "--registry", str(reg))
         port = free_port()
         self.procs.start("registry", [str(BIN / "edgefleet"), "registry", "serve", "--registry",
                                       str(reg), "--port", str(port)])
         self.s.registry_url = f"http://127.0.0.1:{port}"
-        self.fed = EmbeddedFederation(w / "fl", devices=0, secure=True)
-        self.fed.start()
-        self.s.superlink = self.fed.conn
+        return keys
+
+    def start_broker(self, keys: dict[str, Any]) -> None:
+        """The fleet home (with the SuperLink when federated) and mosquitto with its ACL."""
+        from edgefleet.server.fleet import home as fleet_home
+
+        w = self.s.work
+        fl: dict[str, Any] = {}
+        if self.opts.federated:
+            from edgefleet.server.fl.runner import EmbeddedFederation
+
+            self.fed = EmbeddedFederation(w / "fl", devices=0, secure=True)
+            self.fed.start()
+            self.s.superlink = self.fed.conn
+            fl = {"superlink": f"127.0.0.1:{self.fed.port}", "superlink_ca": self.fed.certs.ca}
         self.home = fleet_home.FleetHome.create(
             w / "fleet", broker_host="127.0.0.1", broker_port=free_port(),
-            superlink=f"127.0.0.1:{self.fed.port}", superlink_ca=self.fed.certs.ca,
             metadata_url=f"{self.s.registry_url}/metadata/",
             targets_url=f"{self.s.registry_url}/targets/",
-            trusted_root=Path(keys["root"]), server={"registry": reg})
+            trusted_root=Path(keys["root"]), server={"registry": w / "registry"}, **fl)
         files = self.home.broker_files()
         self.s.broker = MosquittoBroker(w / "broker", BrokerConfig(
             port=self.home.settings.broker_port, allow_anonymous=False,
             password_file=files.password_file, acl_file=files.acl_file,
             extra=["user root"] if os.geteuid() == 0 else [])).start()
-        bport = self.s.broker.port
+
+    def start_ingest(self) -> None:
+        """The telemetry ingest into ``fleet.db`` (the report reads the fleet from there)."""
+        assert self.s.broker is not None
+        w = self.s.work
         ingest = self.home.service_credentials("ingest")
         self.procs.start("ingest", [str(BIN / "edgefleet"), "ingest", "run", "--host",
-                                    "127.0.0.1", "--port", str(bport), "--username",
-                                    ingest.username, "--db",
+                                    "127.0.0.1", "--port", str(self.s.broker.port),
+                                    "--username", ingest.username, "--db",
                                     str(w / "fleet.db")],
                          env={"EDGEFLEET_MQTT_PASSWORD": ingest.password})
+        _wait((w / "fleet.db").exists, 30, "the ingest service")
+
+    def start_cloud(self) -> None:
+        """The cloud scorer and the rollout guard."""
+        assert self.s.broker is not None
+        bport = self.s.broker.port
         scorer = self.home.service_credentials("scorer")
         self.procs.start("scorer", [str(BIN / "edgefleet"), "scorer", "run", "--package",
                                     str(self.s.cloud_pkg), "--broker", f"127.0.0.1:{bport}",
                                     "--username", scorer.username, "--password-env",
                                     "SCORER_PASSWORD", "--threads", "1"],
                          env={"SCORER_PASSWORD": scorer.password})
-        _wait((w / "fleet.db").exists, 30, "the ingest service")
         # Canaries stop on bad health even after `rollout --watch` has returned.
         op = self.home.service_credentials("operator")
         self.procs.start("rollout-guard", [str(BIN / "edgefleet"), "rollout", "guard",
-                                           "--registry", str(reg), "--broker",
-                                           f"127.0.0.1:{bport}", "--db", str(w / "fleet.db"),
-                                           "--interval", "2"],
+                                           "--registry", str(self.s.work / "registry"),
+                                           "--broker", f"127.0.0.1:{bport}", "--db",
+                                           str(self.s.work / "fleet.db"), "--interval", "2"],
                          env={"EDGEFLEET_MQTT_USERNAME": op.username,
                               "EDGEFLEET_MQTT_PASSWORD": op.password,
                               "EDGEFLEET_LOG": "INFO"})
@@ -272,6 +304,7 @@ class Demo:
             sensor = ddir / "sensor"
             if len(os.fsencode(ddir / "state" / "agent.sock")) > 100:  # AF_UNIX limit: 107
                 extra["api"] = {"socket": str(self._socket_dir() / f"{name}.sock")}
+            cloud = self.opts.cloud
             cfg = install_bundle(bundle, ddir / "state", config_out=ddir / "agent.toml",
                                  overrides={
                                      "model": {"package": str(self.s.device_pkg), "threads": 1,
@@ -279,24 +312,11 @@ class Demo:
                                      "input": {"serial": str(sensor)},
                                      **({"api": extra["api"]} if "api" in extra else {}),
                                      "telemetry": {"interval_s": 1.0},
-                                     "data": {"label_sources": ["api", "serial", "scorer",
-                                                                "import"],
-                                              "cloud_labels": True,
+                                     "data": {"label_sources": ["api", "serial", "import",
+                                                                *(["scorer"] if cloud else [])],
+                                              "cloud_labels": cloud,
                                               "cloud_min_confidence": 0.9},
-                                     "fl": {"runtime_port": free_port(), "node_config": {
-                                         "task": self.opts.task, "partition-id": i,
-                                         "num-partitions": n,
-                                         **extra.get("node_config", {})},
-                                         # Each device's own policy admits the demo's run:
-                                         # its ε (DP-SGD plus noised evaluations, each
-                                         # accounted) and the σ that ε calibrates to on
-                                         # stores of ~1,500 samples (q ≈ 0.02).
-                                         "privacy": {"budget": max(50.0, self.opts.epsilon),
-                                                     "max_run_epsilon": self.opts.epsilon + 2,
-                                                     "min_noise_multiplier": 0.2,
-                                                     "evaluation": "noised"},
-                                         **extra["fl"]},
-                                 })
+                                     "fl": self._fl_section(i, extra)})
             self._configs[name] = cfg
             self._api[name] = Path(extra["api"]["socket"]) if "api" in extra else \
                 ddir / "state" / "agent.sock"
@@ -317,6 +337,21 @@ class Demo:
             self.s.devices.append(name)
         _wait(lambda: self._agents_alive() and self._online() >= n,
               120 * self.opts.slow_factor, f"{n} devices online")
+
+    def _fl_section(self, i: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """Device ``i``'s ``[fl]``: a SuperNode with the demo's privacy policy, or off."""
+        if not self.opts.federated:
+            return {"enabled": False}
+        return {"runtime_port": free_port(), "node_config": {
+            "task": self.opts.task, "partition-id": i, "num-partitions": self.opts.devices,
+            **extra.get("node_config", {})},
+            # Each device's own policy admits the demo's run: its ε (DP-SGD plus noised
+            # evaluations, each accounted) and the σ that ε calibrates to on stores of
+            # ~1,500 samples (q ≈ 0.02).
+            "privacy": {"budget": max(50.0, self.opts.epsilon),
+                        "max_run_epsilon": self.opts.epsilon + 2,
+                        "min_noise_multiplier": 0.2, "evaluation": "noised"},
+            **extra["fl"]}
 
     def _socket_dir(self) -> Path:
         """A short folder for the agents' Unix sockets when the work folder is deep."""
@@ -426,8 +461,7 @@ class Demo:
     # -- 5. sign and roll out -----------------------------------------------------------
     def rollout(self) -> None:
         """τ for the new model, sign it into the registry, canary, then promote."""
-        assert self.s.fl_pkg is not None and self.s.broker is not None
-        reg = str(self.s.work / "registry")
+        assert self.s.fl_pkg is not None
         cascade = _cli_json("choose τ", "models", "cascade", str(self.s.fl_pkg),
                             str(self.s.cloud_pkg))
         # The canary stops on error+degraded+fallback: asking the cloud is this model's
@@ -435,22 +469,57 @@ class Demo:
         # margin for a short window's noise and a slow scorer, not a fixed 0.2.
         designed = 1.0 - float(cascade.get("test", {}).get("local_share", 1.0))
         threshold = round(min(0.5, designed + 0.15), 2)
-        pushed = _cli_json("sign new model", "registry", "push", str(self.s.fl_pkg),
-                           "--registry", reg)
-        ref = f"{pushed['name']}@{pushed['version']}"
+        self.canary_promote(self.s.fl_pkg, threshold)
+
+    def _operator(self) -> tuple[dict[str, str], str, str]:
+        """(env with the operator's MQTT account, broker HOST:PORT, registry folder)."""
+        assert self.s.broker is not None
         op = self.home.service_credentials("operator")
         env = {"EDGEFLEET_MQTT_USERNAME": op.username, "EDGEFLEET_MQTT_PASSWORD": op.password}
-        broker = f"127.0.0.1:{self.s.broker.port}"
-        canary = _cli_json("canary", "rollout", ref, "--canary", "20%", "--watch", "8",
+        return env, f"127.0.0.1:{self.s.broker.port}", str(self.s.work / "registry")
+
+    def canary_promote(self, package: Path, threshold: float, share: str = "20%") -> None:
+        """Sign ``package`` in, canary it on ``share`` of the fleet (watched, auto-stop
+        past ``threshold``), then promote it and wait for every device to run it."""
+        env, broker, reg = self._operator()
+        pushed = _cli_json("sign new model", "registry", "push", str(package),
+                           "--registry", reg)
+        ref = f"{pushed['name']}@{pushed['version']}"
+        canary = _cli_json("canary", "rollout", ref, "--canary", share, "--watch", "8",
                            "--threshold", str(threshold), "--registry", reg, "--broker",
                            broker, env=env)
         self.s.rollout.append({"event": "canary", **canary})
         if canary.get("status") not in ("stopped", "rolled_back"):
+            # What each device runs once the canary is on it (the rest: the old version).
+            n = len(canary.get("devices") or [])
+            _wait(lambda: self._on_version(pushed["version"], pushed["name"]) >= n,
+                  60 * self.opts.slow_factor, f"the canary on {ref}")
+            self.s.rollout[-1]["serving"] = self.serving()
             promoted = _cli_json("promote", "promote", pushed["name"], "--registry", reg,
                                  "--broker", broker, env=env)
             self.s.rollout.append({"event": "promote", **promoted})
             _wait(lambda: self._on_version(pushed["version"], pushed["name"]) >= len(
                 self.s.devices), 120 * self.opts.slow_factor, f"every device on {ref}")
+
+    def assign_fleet(self, ref: str) -> None:
+        """``rollout REF --fleet`` and wait until every device reports it."""
+        env, broker, reg = self._operator()
+        out = _cli_json("fleet-wide rollout", "rollout", ref, "--fleet", "--registry", reg,
+                        "--broker", broker, env=env)
+        self.s.rollout.append({"event": "fleet", **out})
+        name, _, version = ref.partition("@")
+        _wait(lambda: self._on_version(version, name) >= len(self.s.devices),
+              120 * self.opts.slow_factor, f"every device on {ref}")
+        self.s.rollout[-1]["serving"] = self.serving()
+
+    def serving(self) -> dict[str, str]:
+        """``name@version`` each device's last telemetry reports."""
+        st = self._store()
+        try:
+            return {d["device"]: f"{d['model_name']}@{d['model_version']}"
+                    for d in st.devices()}
+        finally:
+            st.close()
 
     def tamper(self) -> None:
         """Sign one more version, corrupt its stored archive, assign it to the fleet and
@@ -495,6 +564,10 @@ class Demo:
     def stream_and_stop(self) -> None:
         """Let inferences stream, then stop simulators and agents (agents flush their spools)."""
         time.sleep(self.opts.stream_s)
+        self.stop_devices()
+
+    def stop_devices(self) -> None:
+        """Stop simulators, then agents (they flush their spools); ingest commits the tail."""
         sims = [f"sim-{d}" for d in self.s.devices]
         self.procs.stop_many(sims, 10, signal.SIGINT)
         time.sleep(1.5)  # the last frames through the agents, the last reports out
@@ -518,7 +591,7 @@ class Demo:
 MARKER = ".edgefleet-demo"
 
 
-def _fresh_workdir(path: Path) -> Path:
+def fresh_workdir(path: Path) -> Path:
     """An empty work folder; a previous demo's folder (it has a marker) is replaced."""
     path = path.resolve()
     if path.exists() and any(path.iterdir()):
@@ -618,14 +691,7 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
         raise DemoError("the demo needs at least 2 devices")
     if not 0 <= opts.arm_devices <= opts.devices:
         raise DemoError(f"--arm-devices must be between 0 and --devices ({opts.devices})")
-    demo = Demo(opts, say)
-    interrupted = False
-
-    def _interrupt(_sig: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    with running(Demo(opts, say)) as demo:
         with demo.step("building the device and cloud models"):
             demo.build_models()
         with demo.step("starting broker, registry, ingest, scorer, guard and SuperLink"):
@@ -648,13 +714,27 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
         report = build_report(demo)
         report["html_report"] = _html_report(demo)
         return report
+
+
+@contextmanager
+def running(demo: Demo) -> Iterator[Demo]:
+    """Run a demo's steps: SIGTERM stops it like Ctrl-C, and every process it started is
+    stopped at the end, whatever happened."""
+    interrupted = False
+
+    def _interrupt(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield demo
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
         if interrupted:
-            say("stopping every process")
+            demo.say("stopping every process")
         demo.close()
 
 

@@ -23,12 +23,14 @@ def test_rows_round_trip_with_owner_only_files(tmp_path: Path) -> None:
     path = tmp_path / "data" / "samples.db"
     with SampleStore(path, metrics=Metrics()) as st:
         ids = st.add_many([(_x(1), 0), (_x(2), 1), (_x(3), 1)], "api", "m@1")
-        st.add(_x(4), 2, "serial", "m@1")
+        st.add(_x(4), 2, "serial", "m@2")
         got = st.samples()
         assert got.ids.tolist() == [*ids, ids[-1] + 1]
         assert got.y.tolist() == [0, 1, 1, 2] and got.x[:, 0].tolist() == [1, 2, 3, 4]
+        assert got.models == ["m@1", "m@1", "m@1", "m@2"]  # which model answered each
         s = st.stats()
         assert s["by_source"] == {"api": 3, "serial": 1}
+        assert s["by_model"] == {"m@1": 3, "m@2": 1} and list(s["by_model"]) == ["m@1", "m@2"]
         assert s["by_class"] == {"0": 1, "1": 2, "2": 1} and s["total"] == 4
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

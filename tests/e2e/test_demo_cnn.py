@@ -1,26 +1,32 @@
 """`edgefleet demo --model cnn`: a user's Keras CNN imported and its head fine-tuned with DP
-on shifted devices, asserted on the report and the packages it wrote."""
+on shifted devices, then both versions served by real agents fed by sensor simulators
+with the same cameras (fleet-wide, canary, promote); asserted on the report, the packages
+it wrote and the fleet's own store."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edgefleet.device.runtime.manifest import load_package
+from edgefleet.server.telemetry.store import Store
 from tests.conftest import BIN
+from tests.e2e.test_demo import _leftovers
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.mark.timeout(600)
-def test_demo_cnn_fine_tunes_the_imported_head_with_dp(
+def test_demo_cnn_fine_tunes_the_imported_head_with_dp_and_serves_it_on_a_fleet(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "demo"
     proc = subprocess.run([str(BIN / "edgefleet"), "demo", "--model", "cnn", "--devices", "3",
-                           "--rounds", "2", "--epsilon", "3", "--workdir", str(work), "--json"],
+                           "--rounds", "2", "--epsilon", "3", "--stream", "12",
+                           "--workdir", str(work), "--json"],
                           capture_output=True, text=True, timeout=580, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
@@ -51,6 +57,62 @@ def test_demo_cnn_fine_tunes_the_imported_head_with_dp(
     _print_cnn_report(r)
     out = capsys.readouterr().out
     assert "head fine-tuning at ε = 3" in out and "dev2" in out
+    assert "on the fleet: 1.0.0 fleet-wide, 1.0.1 canary then promoted" in out
+    assert "dev-03" in out and "canary cnn@1.0.1" in out
+    _assert_fleet_part(r["fleet"], [d["shift"] for d in r["per_device"]])
+    assert _leftovers(work) == []
+
+
+def _assert_fleet_part(f: dict[str, Any], shifts: list[str]) -> None:
+    """Both versions served by every agent, the canary before the promotion."""
+    assert f["agents"] == 3 and f["versions"] == ["1.0.0", "1.0.1"]
+    agents = [a["device"] for a in f["per_agent"]]
+    assert agents == ["dev-01", "dev-02", "dev-03"]
+    # each agent's sensor streams through its in-process twin's camera
+    assert [a["shift"] for a in f["per_agent"]] == shifts
+    events = [e["event"] for e in f["rollout"]]
+    assert events == ["fleet", "canary", "promote"], f["rollout"]
+    fleet, canary, promote = f["rollout"]
+    assert fleet["version"] == "1.0.0" and fleet["serving"] == dict.fromkeys(agents,
+                                                                             "cnn@1.0.0")
+    # the canary ran 1.0.1 on one agent while the others still served 1.0.0
+    assert canary["version"] == "1.0.1" and len(canary["devices"]) == 1
+    (pilot,) = canary["devices"]
+    assert canary["serving"] == {a: "cnn@1.0.1" if a == pilot else "cnn@1.0.0"
+                                 for a in agents}
+    assert promote["status"] == "promoted" and promote["id"] == canary["id"]
+    for a in f["per_agent"]:
+        # its labelled frames were answered by 1.0.0 first, then by 1.0.1
+        assert a["served"] == ["1.0.0", "1.0.1"] and a["model"] == "cnn@1.0.1", a
+        assert a["inferences"] > 0
+        assert a["labelled_before"] > 0 and a["labelled_after"] > 0
+        assert a["same_frames"] == a["labelled_before"] + a["labelled_after"]
+        for key in ("accuracy_before", "accuracy_after", "same_frames_before",
+                    "same_frames_after"):
+            assert 0.0 < a[key] <= 1.0, (key, a)
+    assert f["inferences"] == sum(a["inferences"] for a in f["per_agent"])
+    assert all(0.0 < f[k] <= 1.0 for k in ("accuracy_before", "accuracy_after",
+                                            "same_frames_before", "same_frames_after"))
+    # the fleet's store saw what the report says: every agent online and on 1.0.1
+    st = Store(Path(f["workdir"]) / "fleet.db")
+    try:
+        rows = {d["device"]: d for d in st.devices()}
+    finally:
+        st.close()
+    assert sorted(rows) == agents
+    assert all((d["model_name"], d["model_version"]) == ("cnn", "1.0.1") for d in rows.values())
+
+
+@pytest.mark.timeout(300)
+def test_demo_cnn_no_fleet_stays_in_process(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    proc = subprocess.run([str(BIN / "edgefleet"), "demo", "--model", "cnn", "--devices", "2",
+                           "--rounds", "1", "--no-fleet", "--workdir", str(work), "--json"],
+                          capture_output=True, text=True, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    assert r["fleet"] is None and len(r["per_device"]) == 2
+    assert not (work / "fleet-run").exists()
 
 
 def test_demo_refuses_an_unknown_model(tmp_path: Path) -> None:
