@@ -46,6 +46,7 @@ from edgefleet.models.build.onnx_export import (
     CALIB_OPTIONS,
     IMPORT_INT8,
     CalibMethod,
+    Renamed,
     quantize_onnx_int8,
     shorten_names,
 )
@@ -476,8 +477,9 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
         head: HeadCut | None = None
         removed_softmax = False
         sm_dir: Path | None = None
-        #: tf2onnx's node names -> the short ones the package's graphs use (empty: as given)
-        renamed: dict[str, str] = {}
+        #: tf2onnx's names -> the short ones the package's graphs use (None: as given)
+        renamed: Renamed | None = None
+        source_names: dict[str, str] | None = None
         if kind == "tflite":
             shape, n_classes, var = _tflite_source(opts.model)
             shutil.copyfile(opts.model, tmp / "model_int8.tflite")
@@ -507,8 +509,12 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
             probe = open_backend(tmp, variants["onnx-fp32"], threads=1)
             n_classes = g.n_classes or int(
                 probe.run(np.zeros((1, int(np.prod(shape))), np.float32)).shape[-1])
-            head = _head_cut(fp32, renamed.get(opts.head_from, opts.head_from)
-                             if opts.head_from is not None else None)
+            head_from = opts.head_from
+            if renamed is not None and head_from is not None:
+                head_from = renamed.nodes.get(head_from, head_from)
+            head = _head_cut(fp32, head_from)
+            if renamed is not None:
+                source_names = {} if head is None else _source_names(renamed, head)
         labels = _labels(opts.labels, n_classes)
         for d, what in ((calib, "calibration data"), (evald, "evaluation data")):
             _check_data(d, shape, n_classes, what)
@@ -566,7 +572,15 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                                "optimizations": ["DEFAULT"],
                                "representative_rows": min(len(xc), MAX_REPRESENTATIVE)}
     return _finish(opts, kind, calib, evald, tmp, say, variants, quant, head, labels, shape,
-                   layout, pre, norm, xc, xe, removed_softmax, bool(renamed))
+                   layout, pre, norm, xc, xe, removed_softmax, source_names)
+
+
+def _source_names(renamed: Renamed, head: HeadCut) -> dict[str, str]:
+    """The head cut's node and embedding as tf2onnx named them (``models inspect``)."""
+    nodes = {new: old for old, new in renamed.nodes.items()}
+    tensors = {new: old for old, new in renamed.tensors.items()}
+    return {"head_node": nodes.get(head.node, head.node),
+            "embedding": tensors.get(head.embedding, head.embedding)}
 
 
 def _split_head(tmp: Path, head: HeadCut, fp32: Variant, xc: F32, method: CalibMethod,
@@ -603,10 +617,10 @@ def _keep_source_data(opts: ImportOptions, tmp: Path, tflite: bool) -> None:
 
 @contextmanager
 def _tf_to_onnx(model: Path, fp32: Path, say: Progress
-                ) -> Iterator[tuple[Path, bool, dict[str, str]]]:
+                ) -> Iterator[tuple[Path, bool, Renamed]]:
     """Convert a Keras/SavedModel source to ``fp32``; yields the SavedModel folder (for
     the TFLite conversion), which lives as long as the context, whether a Keras softmax
-    was removed before the export, and tf2onnx's node names' short replacements
+    was removed before the export, and tf2onnx's names' short replacements
     (:func:`~.onnx_export.shorten_names`; an operator's own ONNX keeps its names)."""
     from edgefleet.models.build.tf_convert import (
         open_saved_model,
@@ -634,7 +648,7 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
             say: Progress, variants: dict[VariantName, Variant], quant: dict[str, Any],
             head: HeadCut | None, labels: list[str], shape: tuple[int, ...], layout: Layout,
             pre: Preprocessing, norm: Normalization, xc: F32, xe: F32,
-            removed_softmax: bool, short_names: bool) -> BuildResult:
+            removed_softmax: bool, source_names: dict[str, str] | None) -> BuildResult:
     say("calibrating temperature and measuring every variant")
     ref: VariantName = "onnx-fp32" if "onnx-fp32" in variants else "tflite-int8"
     default: VariantName = "onnx-int8" if "onnx-int8" in variants else "tflite-int8"
@@ -655,8 +669,10 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
         "source": "models import",
         "model": {"kind": kind, "file": opts.model.name, "sha256": _tree_sha256(opts.model),
                   "removed_softmax": removed_softmax,
-                  # tf2onnx's scope names replaced by n0.../t0... (input/output kept)
-                  "short_names": short_names},
+                  # tf2onnx's scope names replaced by n0.../t0... (input/output kept);
+                  # the head cut's names in the converted graph, for the operator
+                  "short_names": source_names is not None,
+                  **({"source_names": source_names} if source_names else {})},
         "calibration": {"file": opts.calibration.name, "sha256": calib.sha256,
                         "samples": len(calib.y)},
         "eval": {"file": opts.eval.name, "sha256": evald.sha256, "samples": len(evald.y)},

@@ -14,7 +14,7 @@ import io
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -22,8 +22,8 @@ import numpy.typing as npt
 from edgefleet.device.core.errors import MissingExtraError, ModelError
 from edgefleet.device.runtime.mlp import MLP
 
-__all__ = ["CALIB_METHODS", "CALIB_OPTIONS", "IMPORT_INT8", "CalibMethod", "export_onnx_fp32",
-           "quantize_onnx_int8", "save_graph", "shorten_names"]
+__all__ = ["CALIB_METHODS", "CALIB_OPTIONS", "IMPORT_INT8", "CalibMethod", "Renamed",
+           "export_onnx_fp32", "quantize_onnx_int8", "save_graph", "shorten_names"]
 
 OPSET = 17
 CalibMethod = Literal["minmax", "entropy", "percentile"]
@@ -207,10 +207,17 @@ def _histogram_ranges(model: Path, method: Any, options: dict[str, Any], reader:
     save_tensors_data(calibrator.compute_data(), cache)
 
 
-def shorten_names(path: Path) -> dict[str, str]:
+class Renamed(NamedTuple):
+    """Old name -> new name, for nodes and for tensors (separate namespaces in ONNX)."""
+
+    nodes: dict[str, str]
+    tensors: dict[str, str]
+
+
+def shorten_names(path: Path) -> Renamed:
     """Rename the nodes (``n0``, ``n1``, ...) and tensors (``t0``, ...) of the ONNX file
     ``path`` in order of first use, keeping the graph's input and output names; returns
-    the old node names' new names (an old name given as ``--head-from`` is translated).
+    the renaming (an old node name given as ``--head-from`` is translated with it).
 
     tf2onnx names every node and tensor after its TensorFlow scope
     (``StatefulPartitionedCall/.../block_16_project/Conv2D``): about 100 KiB of a
@@ -223,7 +230,7 @@ def shorten_names(path: Path) -> dict[str, str]:
     graph = proto.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for n in graph.node for a in n.attribute):
-        return {n.name: n.name for n in graph.node}
+        return Renamed({}, {})
     keep = {v.name for v in (*graph.input, *graph.output)} | {""}
     tensors = {k: k for k in keep}
     used = set(keep)
@@ -253,4 +260,4 @@ def shorten_names(path: Path) -> dict[str, str]:
             item.name = tensor(item.name)
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(path))
-    return nodes
+    return Renamed(nodes, tensors)

@@ -87,6 +87,7 @@ def test_keras_import_packages_fp32_int8_onnx_and_tflite(keras_pkg: Path, keras_
         assert _graph_io(keras_pkg / v.file) == (v.input_name, v.output_name) == fp32_graph
     assert re.fullmatch(r"n\d+", m.head.node) and re.fullmatch(r"t\d+", m.head.embedding)
     assert m.head.trainable and m.head.backbone == "backbone_int8.onnx"
+    assert lin["model"]["source_names"]["head_node"].startswith("StatefulPartitionedCall/")
 
 
 @pytest.mark.slow
@@ -152,7 +153,7 @@ def test_eval_and_inspect_report_an_imported_package(keras_pkg: Path,
     res = runner.invoke(app, ["models", "inspect", str(keras_pkg)])
     assert res.exit_code == 0, res.output
     for text in ("layout NHWC", "head cut", file_sha256(data["calib"]), "tensorflow",
-                 "method_scores_heldout"):
+                 "method_scores_heldout", "converted as node", "calibrator_options"):
         assert text in res.output, text
 
 
@@ -264,6 +265,7 @@ def test_head_from_takes_the_converted_graphs_own_node_names(
     head = res.manifest.head
     assert head is not None and head.auto is False and re.fullmatch(r"n\d+", head.node)
     assert head.trainable
+    assert res.manifest.lineage["model"]["source_names"]["head_node"] == last
 
 
 def test_entropy_searches_thresholds_and_is_deterministic(mlp_onnx: Path, data: dict[str, Any],
@@ -304,7 +306,8 @@ def test_shorten_names_keeps_the_graph_and_its_input_and_output(
     onnx.save_model(proto, str(long))
     short = Path(shutil.copyfile(long, tmp_path / "short.onnx"))
     renamed = shorten_names(short)
-    assert renamed["StatefulPartitionedCall/sequential/MatMul1/BiasAdd"] == "n3"
+    assert renamed.nodes["StatefulPartitionedCall/sequential/MatMul1/BiasAdd"] == "n3"
+    assert renamed.tensors["a0"] == "t4" and renamed.tensors["input"] == "input"
     assert _graph_io(short) == _graph_io(long) == ("input", "logits")
     assert all(re.fullmatch(r"[nt]\d+|input|logits", n) for n in _names(short))
     assert short.stat().st_size < long.stat().st_size
