@@ -339,7 +339,7 @@ def only_head_cost(manifest: Any, lat: dict[str, float], head: dict[str, float],
     note = (f" Measured by `--only head-cost` in a run of its own (load average {loads}): "
             "the backbone time is that run's, not the table's.")
     print(json.dumps({"latency_ms": lat, "head_ms": head}, indent=1), flush=True)
-    paragraph, bullet = head_text(manifest.head, lat, head, note)
+    paragraph, bullet = head_text(manifest, lat, head, note)
     text = path.read_text()
     para = re.compile(r"\*\*Head fine-tuning cost per sample\.\*\*.*?(?=\n\n)", re.S)
     line = re.compile(r"^- one DP head step.*?(?=\n- |\n\n|\Z)", re.S | re.M)
@@ -362,15 +362,19 @@ def verdict(value: float, target: float) -> str:
     return f"{value:.3g} (target ≤ {target:g}: {'met' if value <= target else 'NOT met'})"
 
 
-def head_text(cut: Any, lat: dict[str, float], head: dict[str, float],
+def head_text(manifest: Any, lat: dict[str, float], head: dict[str, float],
               note: str = "") -> tuple[str, str]:
     """The head cost paragraph and its line under "Targets"."""
+    cut = manifest.head
+    # the package's graphs have short names; the lineage keeps tf2onnx's for the cut
+    names = manifest.lineage.get("model", {}).get("source_names") or {}
+    node, emb = names.get("head_node", cut.node), names.get("embedding", cut.embedding)
     fastest_int8 = min(("onnx-int8", "tflite-int8"), key=lambda k: lat[k])
     backbone = lat[fastest_int8]
     ratio, ratio32 = head["one"] / backbone, head["batch32"] / 32 / backbone
     n_params = cut.dim * 10 + 10
     paragraph = f"""**Head fine-tuning cost per sample.** The package's head cut is
-`{short(cut.node)}` ({cut.op}) on `{short(cut.embedding)}`, embedding width {cut.dim}
+`{short(node)}` ({cut.op}) on `{short(emb)}`, embedding width {cut.dim}
 (MobileNetV2 keeps 1280 channels in its last conv for alpha ≤ 1). One DP-SGD step of
 that dense layer ({cut.dim}×10 + 10; `edgefleet.device.fl.dp_sgd.private_gradient`,
 then the update), fp32 NumPy, median. Per-example gradients are not materialized:
@@ -411,7 +415,7 @@ def report(manifest: Any, size: dict[str, int], acc: dict[str, float], lat: dict
                            f"{lat[k] / lat[best_fp32]:.2f}", f"{size[k] / size[same]:.3f}"])
     lat_ratio = lat[fastest_int8] / lat[best_fp32]
     size_ratio = size[fastest_int8] / size[fastest_int8.replace("int8", "fp32")]
-    head_paragraph, head_bullet = head_text(manifest.head, lat, head)
+    head_paragraph, head_bullet = head_text(manifest, lat, head)
     kib = 1024
     anatomy_rows = [[f"`{k}`", *(f"{a.get(t, 0) / kib:,.0f}"
                                  for t in ("float", "int8", "int32", "other")),

@@ -43,9 +43,12 @@ from edgefleet.device.runtime.mlp import softmax
 from edgefleet.device.runtime.onnx_check import check_no_external_data
 from edgefleet.models.build.onnx_export import (
     CALIB_METHODS,
+    CALIB_OPTIONS,
     IMPORT_INT8,
     CalibMethod,
+    Renamed,
     quantize_onnx_int8,
+    shorten_names,
 )
 from edgefleet.models.build.pipeline import (
     BuildResult,
@@ -405,6 +408,7 @@ def _choose_quantization(fp32: Path, tmp: Path, inp: str, shape: tuple[int, ...]
     if best is None:
         raise _reject("quantization", "no calibration method given")
     (tmp / f".int8-{best}.onnx").rename(tmp / "model_int8.onnx")
+    shorten_names(tmp / "model_int8.onnx")  # onnxruntime's suffixed names: ~2 % of the file
     for method in opts.methods:
         (tmp / f".int8-{method}.onnx").unlink(missing_ok=True)
     return best, {"method_scores_heldout": scores, "fit_rows": len(fit),
@@ -473,6 +477,9 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
         head: HeadCut | None = None
         removed_softmax = False
         sm_dir: Path | None = None
+        #: tf2onnx's names -> the short ones the package's graphs use (None: as given)
+        renamed: Renamed | None = None
+        source_names: dict[str, str] | None = None
         if kind == "tflite":
             shape, n_classes, var = _tflite_source(opts.model)
             shutil.copyfile(opts.model, tmp / "model_int8.tflite")
@@ -484,7 +491,7 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                 shutil.copyfile(opts.model, fp32)
                 sm_dir = opts.tflite_source
             else:
-                sm_dir, removed_softmax = stack.enter_context(
+                sm_dir, removed_softmax, renamed = stack.enter_context(
                     _tf_to_onnx(opts.model, fp32, say))
             g = _check_onnx(fp32)
             shape = g.shape
@@ -502,7 +509,12 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
             probe = open_backend(tmp, variants["onnx-fp32"], threads=1)
             n_classes = g.n_classes or int(
                 probe.run(np.zeros((1, int(np.prod(shape))), np.float32)).shape[-1])
-            head = _head_cut(fp32, opts.head_from)
+            head_from = opts.head_from
+            if renamed is not None and head_from is not None:
+                head_from = renamed.nodes.get(head_from, head_from)
+            head = _head_cut(fp32, head_from)
+            if renamed is not None:
+                source_names = {} if head is None else _source_names(renamed, head)
         labels = _labels(opts.labels, n_classes)
         for d, what in ((calib, "calibration data"), (evald, "evaluation data")):
             _check_data(d, shape, n_classes, what)
@@ -536,8 +548,8 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                              "reduce_range": IMPORT_INT8["reduce_range"],
                              "activations": IMPORT_INT8["activations"],
                              "weight_symmetric": True, "activation_symmetric": False,
-                             "calibrator_options": "onnxruntime's defaults "
-                                                   "(versions.onnxruntime)",
+                             "calibrator_options": {m: dict(CALIB_OPTIONS[m])
+                                                    for m in opts.methods},
                              "method": best,
                              "methods_tried": list(opts.methods), "holdout": opts.holdout,
                              **qinfo}
@@ -560,7 +572,15 @@ def _import(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
                                "optimizations": ["DEFAULT"],
                                "representative_rows": min(len(xc), MAX_REPRESENTATIVE)}
     return _finish(opts, kind, calib, evald, tmp, say, variants, quant, head, labels, shape,
-                   layout, pre, norm, xc, xe, removed_softmax)
+                   layout, pre, norm, xc, xe, removed_softmax, source_names)
+
+
+def _source_names(renamed: Renamed, head: HeadCut) -> dict[str, str]:
+    """The head cut's node and embedding as tf2onnx named them (``models inspect``)."""
+    nodes = {new: old for old, new in renamed.nodes.items()}
+    tensors = {new: old for old, new in renamed.tensors.items()}
+    return {"head_node": nodes.get(head.node, head.node),
+            "embedding": tensors.get(head.embedding, head.embedding)}
 
 
 def _split_head(tmp: Path, head: HeadCut, fp32: Variant, xc: F32, method: CalibMethod,
@@ -572,8 +592,11 @@ def _split_head(tmp: Path, head: HeadCut, fp32: Variant, xc: F32, method: CalibM
 
     say("cutting the backbone and the head")
     try:
-        return split_model(tmp / fp32.file, head, tmp, xc, fp32.input_name,
-                           list(fp32.input_shape or []), method)
+        cut = split_model(tmp / fp32.file, head, tmp, xc, fp32.input_name,
+                          list(fp32.input_shape or []), method)
+        if cut.backbone is not None:
+            shorten_names(tmp / cut.backbone)  # its output (the embedding) keeps its name
+        return cut
     except HeadError as exc:
         quant["head"] = {"skipped": str(exc), "reason": exc.reason}
         return head
@@ -593,10 +616,12 @@ def _keep_source_data(opts: ImportOptions, tmp: Path, tflite: bool) -> None:
 
 
 @contextmanager
-def _tf_to_onnx(model: Path, fp32: Path, say: Progress) -> Iterator[tuple[Path, bool]]:
+def _tf_to_onnx(model: Path, fp32: Path, say: Progress
+                ) -> Iterator[tuple[Path, bool, Renamed]]:
     """Convert a Keras/SavedModel source to ``fp32``; yields the SavedModel folder (for
-    the TFLite conversion), which lives as long as the context, and whether a Keras
-    softmax was removed before the export."""
+    the TFLite conversion), which lives as long as the context, whether a Keras softmax
+    was removed before the export, and tf2onnx's names' short replacements
+    (:func:`~.onnx_export.shorten_names`; an operator's own ONNX keeps its names)."""
     from edgefleet.models.build.tf_convert import (
         open_saved_model,
         saved_model_for,
@@ -616,14 +641,14 @@ def _tf_to_onnx(model: Path, fp32: Path, say: Progress) -> Iterator[tuple[Path, 
         if sm.dtype != "float32":
             raise _reject("input_dtype", f"input is {sm.dtype}, expected float32")
         saved_model_to_onnx(sm, tuple(int(d or 0) for d in dims), fp32)
-        yield sm_dir, stripped
+        yield sm_dir, stripped, shorten_names(fp32)
 
 
 def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, tmp: Path,
             say: Progress, variants: dict[VariantName, Variant], quant: dict[str, Any],
             head: HeadCut | None, labels: list[str], shape: tuple[int, ...], layout: Layout,
             pre: Preprocessing, norm: Normalization, xc: F32, xe: F32,
-            removed_softmax: bool) -> BuildResult:
+            removed_softmax: bool, source_names: dict[str, str] | None) -> BuildResult:
     say("calibrating temperature and measuring every variant")
     ref: VariantName = "onnx-fp32" if "onnx-fp32" in variants else "tflite-int8"
     default: VariantName = "onnx-int8" if "onnx-int8" in variants else "tflite-int8"
@@ -643,7 +668,11 @@ def _finish(opts: ImportOptions, kind: SourceKind, calib: _Data, evald: _Data, t
     lineage: dict[str, Any] = {
         "source": "models import",
         "model": {"kind": kind, "file": opts.model.name, "sha256": _tree_sha256(opts.model),
-                  "removed_softmax": removed_softmax},
+                  "removed_softmax": removed_softmax,
+                  # tf2onnx's scope names replaced by n0.../t0... (input/output kept);
+                  # the head cut's names in the converted graph, for the operator
+                  "short_names": source_names is not None,
+                  **({"source_names": source_names} if source_names else {})},
         "calibration": {"file": opts.calibration.name, "sha256": calib.sha256,
                         "samples": len(calib.y)},
         "eval": {"file": opts.eval.name, "sha256": evald.sha256, "samples": len(evald.y)},

@@ -374,6 +374,10 @@ def inspect(
     if m.head is not None:
         console.print(f"head cut: {m.head.op} node {m.head.node!r} on {m.head.embedding!r} "
                       f"(dim {m.head.dim}, {'auto' if m.head.auto else '--head-from'})")
+        src = m.lineage.get("model", {}).get("source_names")
+        if isinstance(src, dict) and src:
+            console.print(f"  converted as node {src.get('head_node')!r} on "
+                          f"{src.get('embedding')!r}")
     for key in m.variants:
         r = m.metrics.get(key)
         if isinstance(r, dict) and "accuracy" in r:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,12 @@ from edgefleet.device.core.metrics import default_metrics
 from edgefleet.device.runtime.manifest import file_sha256, load_package
 from edgefleet.device.runtime.predictor import Predictor
 from edgefleet.models.build.importer import ImportOptions, ImportRejected, import_model
+from edgefleet.models.build.onnx_export import (
+    CALIB_OPTIONS,
+    IMPORT_INT8,
+    quantize_onnx_int8,
+    shorten_names,
+)
 from tests.support.byom import FLOAT_COMPUTE, import_opts, int8_graph_ops, save_npz
 
 # -- Keras source ------------------------------------------------------------------------
@@ -59,6 +67,8 @@ def test_keras_import_packages_fp32_int8_onnx_and_tflite(keras_pkg: Path, keras_
     assert q["method"] in ("minmax", "entropy", "percentile") and q["per_channel"] is True
     assert set(q["method_scores_heldout"]) == {"minmax", "entropy", "percentile"}
     assert q["method_scores_heldout"][q["method"]] == max(q["method_scores_heldout"].values())
+    assert q["calibrator_options"]["entropy"] == CALIB_OPTIONS["entropy"]
+    assert q["calibrator_options"]["entropy"]["num_bins"] > 128  # onnxruntime's: 1 threshold
     assert lin["quantization"]["tflite"]["full_integer"] is True
     # every convolution and dense layer runs as an integer kernel (no float chains)
     in_file, optimized = int8_graph_ops(keras_pkg / "model_int8.onnx")
@@ -66,6 +76,18 @@ def test_keras_import_packages_fp32_int8_onnx_and_tflite(keras_pkg: Path, keras_
     assert in_file["QLinearConv"] >= 1
     # no machine paths in the manifest
     assert str(data["root"]) not in (keras_pkg / "manifest.json").read_text()
+    # tf2onnx's scope names are replaced by short ones; the input and output keep theirs,
+    # and the head cut names the short node and embedding (the backbone was cut there)
+    assert lin["model"]["short_names"] is True
+    for f in ("model_fp32.onnx", "model_int8.onnx", "backbone_int8.onnx"):
+        assert not [n for n in _names(keras_pkg / f) if "/" in n or len(n) > 24], f
+    fp32_graph = _graph_io(keras_pkg / "model_fp32.onnx")
+    for key in ("onnx-fp32", "onnx-int8"):
+        v = m.variants[key]  # type: ignore[index]
+        assert _graph_io(keras_pkg / v.file) == (v.input_name, v.output_name) == fp32_graph
+    assert re.fullmatch(r"n\d+", m.head.node) and re.fullmatch(r"t\d+", m.head.embedding)
+    assert m.head.trainable and m.head.backbone == "backbone_int8.onnx"
+    assert lin["model"]["source_names"]["head_node"].startswith("StatefulPartitionedCall/")
 
 
 @pytest.mark.slow
@@ -131,7 +153,7 @@ def test_eval_and_inspect_report_an_imported_package(keras_pkg: Path,
     res = runner.invoke(app, ["models", "inspect", str(keras_pkg)])
     assert res.exit_code == 0, res.output
     for text in ("layout NHWC", "head cut", file_sha256(data["calib"]), "tensorflow",
-                 "method_scores_heldout"):
+                 "method_scores_heldout", "converted as node", "calibrator_options"):
         assert text in res.output, text
 
 
@@ -188,11 +210,111 @@ def test_onnx_import_without_tensorflow(mlp_onnx: Path, data: dict[str, Any],
     assert m.input.shape == [64] and m.input.layout == "flat"
     assert m.files["model_fp32.onnx"].sha256 == file_sha256(mlp_onnx)
     assert m.lineage["model"]["kind"] == "onnx" and m.lineage["model"]["removed_softmax"] is False
+    assert m.lineage["model"]["short_names"] is False  # an operator's ONNX keeps its names
+    # ... but the int8 files are the import's own: short names, input and output kept
+    assert all(re.fullmatch(r"[nt]\d+|input|logits", n) for n in _names(res.path /
+                                                                        "model_int8.onnx"))
+    assert _graph_io(res.path / "model_int8.onnx") == ("input", "logits")
+    assert m.lineage["quantization"]["onnx"]["calibrator_options"]["percentile"] == {
+        "num_bins": 2048, "percentile": 99.999, "symmetric": True}
     assert m.metrics["onnx-fp32"]["accuracy"] > 0.9
     assert m.metrics["onnx-int8"]["accuracy"] >= m.metrics["onnx-fp32"]["accuracy"] - 0.02
     assert m.head is not None and m.head.node == "MatMul1" and m.head.dim == 32
     p = Predictor.load(res.path, threads=1)
     assert p.predict(data["x_eval"][0].reshape(64)).label in range(10)
+
+
+def _names(path: Path) -> list[str]:
+    """Every node, tensor and initializer name of an ONNX file."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    return [n.name for n in g.node] + [t for n in g.node for t in (*n.input, *n.output)] + [
+        t.name for t in g.initializer]
+
+
+def _graph_io(path: Path) -> tuple[str, str]:
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    inits = {t.name for t in g.initializer}
+    return next(i.name for i in g.input if i.name not in inits), g.output[0].name
+
+
+@pytest.mark.slow
+def test_head_from_takes_the_converted_graphs_own_node_names(
+        data: dict[str, Any], keras_model: Path, tmp_path: Path) -> None:
+    # The operator reads node names off tf2onnx's conversion; the package's graph has
+    # short ones, so the import translates --head-from.
+    import onnx
+
+    from edgefleet.models.build.tf_convert import (
+        open_saved_model,
+        saved_model_for,
+        saved_model_to_onnx,
+    )
+
+    with saved_model_for(keras_model) as (sm_dir, _):
+        sm = open_saved_model(sm_dir)
+        saved_model_to_onnx(sm, (8, 8, 1), tmp_path / "converted.onnx")
+    nodes = onnx.load(str(tmp_path / "converted.onnx")).graph.node
+    last = next(n.name for n in reversed(nodes) if n.op_type in ("MatMul", "Gemm"))
+    assert "/" in last  # tf2onnx's scope name
+    res = import_model(import_opts(data, keras_model, tmp_path / "pkg", head_from=last,
+                                   methods=("minmax",)))
+    head = res.manifest.head
+    assert head is not None and head.auto is False and re.fullmatch(r"n\d+", head.node)
+    assert head.trainable
+    assert res.manifest.lineage["model"]["source_names"]["head_node"] == last
+
+
+def test_entropy_searches_thresholds_and_is_deterministic(mlp_onnx: Path, data: dict[str, Any],
+                                                          tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    # onnxruntime's entropy defaults (128 bins, 128 quantized bins) leave one threshold,
+    # the full range: the file was MinMax's byte for byte. With CALIB_OPTIONS, on rows
+    # with a rare outlier (one pixel 20x brighter), entropy clips the range and MinMax
+    # does not; calibrating twice gives the same bytes (import-twice reproducibility).
+    with np.load(data["calib_flat"]) as f:
+        x = (f["x"][:300] / 16).astype(np.float32)
+    x[0, 20] = 20.0
+
+    def quantize(name: str, method: Any) -> bytes:
+        out = quantize_onnx_int8(mlp_onnx, tmp_path / name, x, method=method, **IMPORT_INT8)
+        return out.read_bytes()
+
+    minmax = quantize("minmax.onnx", "minmax")
+    entropy = quantize("entropy.onnx", "entropy")
+    assert entropy != minmax
+    assert quantize("entropy2.onnx", "entropy") == entropy
+    assert quantize("percentile.onnx", "percentile") not in (minmax, entropy)
+    monkeypatch.setitem(CALIB_OPTIONS, "entropy",
+                        {"num_bins": 128, "num_quantized_bins": 128, "symmetric": False})
+    assert quantize("entropy-ort-defaults.onnx", "entropy") == minmax
+
+
+def test_shorten_names_keeps_the_graph_and_its_input_and_output(
+        mlp_onnx: Path, data: dict[str, Any], tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    long = tmp_path / "long.onnx"
+    proto = onnx.load(str(mlp_onnx))
+    for node in proto.graph.node:  # tf2onnx-like scope names
+        node.name = f"StatefulPartitionedCall/sequential/{node.name}/BiasAdd"
+    onnx.save_model(proto, str(long))
+    short = Path(shutil.copyfile(long, tmp_path / "short.onnx"))
+    renamed = shorten_names(short)
+    assert renamed.nodes["StatefulPartitionedCall/sequential/MatMul1/BiasAdd"] == "n3"
+    assert renamed.tensors["a0"] == "t4" and renamed.tensors["input"] == "input"
+    assert _graph_io(short) == _graph_io(long) == ("input", "logits")
+    assert all(re.fullmatch(r"[nt]\d+|input|logits", n) for n in _names(short))
+    assert short.stat().st_size < long.stat().st_size
+    x = (np.load(data["calib_flat"])["x"][:8] / 16).astype(np.float32)
+    run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0] for p in (long, short)]
+    np.testing.assert_array_equal(run[0], run[1])
 
 
 def test_int8_onnx_is_an_integer_graph_with_its_settings_recorded(
@@ -210,6 +332,7 @@ def test_int8_onnx_is_an_integer_graph_with_its_settings_recorded(
     assert q["preprocess"]["tool"].endswith("quant_pre_process")
     assert (q["format"], q["activations"], q["weights"]) == ("QOperator", "uint8", "int8")
     assert q["per_channel"] is True and q["reduce_range"] is True
+    assert q["calibrator_options"] == {"minmax": {}}
 
 
 def test_head_from_names_a_node(mlp_onnx: Path, data: dict[str, Any], tmp_path: Path) -> None:

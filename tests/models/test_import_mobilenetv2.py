@@ -50,7 +50,9 @@ def test_mobilenetv2_imports_with_its_head_cut_and_matches_keras(tmp_path: Path)
     assert set(manifest.variants) == {"onnx-fp32", "onnx-int8", "tflite-int8"}
     assert manifest.head is not None
     assert (manifest.head.op, manifest.head.dim) == ("MatMul", 1280)
-    assert "predictions" in manifest.head.node
+    # the graph's names are short; the lineage keeps the head's tf2onnx (Keras) names
+    assert manifest.lineage["model"]["short_names"] is True
+    assert "predictions" in manifest.lineage["model"]["source_names"]["head_node"]
     # The package's fp32 graph computes Keras' logits (softmax removed) from raw pixels.
     model.layers[-1].activation = keras.activations.linear
     want = keras.ops.convert_to_numpy(model(x[128:] / 8 - 1, training=False))
