@@ -536,16 +536,17 @@ and would then not compute what the build machine computed. The lineage records 
 setting (`quantization.onnx`).
 
 Where the ONNX files' bytes go (KiB; initializers by element type, "other" = graph
-structure and node/tensor names, which tf2onnx makes long: e.g.
-`StatefulPartitionedCall/.../block_16_project/Conv2D`):
+structure and node/tensor names; tf2onnx's long names, e.g.
+`StatefulPartitionedCall/.../block_16_project/Conv2D`, are shortened at import to `n0…`/`t0…`,
+the originals kept in the lineage):
 
 {md_table(["file", "float32 tensors", "int8 tensors", "int32 tensors (biases)",
            "other", "total"], anatomy_rows)}
 
 The int8 weights are {int8_file.get("int8", 0) / max(fp32_weights, 1):.2f} of the fp32
 weights, as expected; on a network this small (about {fp32_weights / 4 / 1e3:,.0f} k
-parameters) the per-channel scales and zero points, the int32 biases and tf2onnx's long
-tensor names keep the whole file above a quarter of fp32.
+parameters) the per-channel scales and zero points and the int32 biases keep the whole
+file above a quarter of fp32.
 
 {head_paragraph}
 
