@@ -91,6 +91,21 @@ def perturb_int8_weights(path: Path, rel_sigma: float, seed: int = 0) -> None:
     onnx.save(model, str(path))
 
 
+def assert_perturbed_int8_refused(src: Path, dest: Path, rel_sigma: float = 0.10) -> Path:
+    """A copy of package ``src`` at ``dest`` whose int8 ONNX weights carry
+    :func:`perturb_int8_weights` noise, re-hashed as a signer would: its golden check
+    must refuse it. Returns the copy."""
+    from edgefleet.device.core.errors import ModelRejected
+    from edgefleet.device.runtime.predictor import Predictor
+
+    shutil.copytree(src, dest)
+    perturb_int8_weights(dest / "model_int8.onnx", rel_sigma)
+    rehash(dest)
+    with pytest.raises(ModelRejected, match="onnx-int8: golden inputs give different outputs"):
+        Predictor.load(dest, variant="onnx-int8", threads=1)
+    return dest
+
+
 def flip_bytes(path: Path, offset_from_end: int = 64, count: int = 8) -> None:
     """Corrupt a model file in place (weights sit near the end of these small graphs)."""
     data = bytearray(path.read_bytes())
