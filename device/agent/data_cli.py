@@ -65,7 +65,7 @@ def stats(config: list[Path] = CONFIG, json_out: bool = JSON) -> None:
     Example: edgefleet-agent data stats -c /etc/edgefleet/agent.toml
     """
     with _store(_cfg(config)) as st:
-        s = st.stats()
+        s = st.stats(by_model=True)
     s["path"] = str(st.path)
     if json_out:
         print_json(s)

@@ -257,14 +257,15 @@ class SampleStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
 
-    def stats(self) -> dict[str, Any]:
-        """Counts per source, per class and per answering model (``by_model``), bytes,
-        oldest and newest time: never contents."""
+    def stats(self, by_model: bool = False) -> dict[str, Any]:
+        """Counts per source and per class, bytes, oldest and newest time: never contents.
+        ``by_model`` adds counts per answering model (`data stats`; the telemetry loop,
+        which calls this every report, does not send them, so it does not scan for them)."""
         with self._lock:
             rows = self._db.execute("SELECT source, label, COUNT(*) FROM samples "
                                     "GROUP BY source, label").fetchall()
-            models = self._db.execute("SELECT model, COUNT(*) FROM samples "
-                                      "GROUP BY model ORDER BY MIN(id)").fetchall()
+            models = self._db.execute("SELECT model, COUNT(*) FROM samples GROUP BY model "
+                                      "ORDER BY MIN(id)").fetchall() if by_model else []
             nbytes, oldest, newest = self._db.execute(
                 "SELECT COALESCE(SUM(LENGTH(payload)), 0), MIN(ts), MAX(ts) "
                 "FROM samples").fetchone()
@@ -275,7 +276,7 @@ class SampleStore:
             by_class[str(label)] = by_class.get(str(label), 0) + int(n)
         return {"total": sum(by_source.values()), "bytes": int(nbytes),
                 "by_source": by_source, "by_class": by_class,
-                "by_model": {str(m): int(n) for m, n in models},
+                **({"by_model": {str(m): int(n) for m, n in models}} if by_model else {}),
                 "oldest": oldest, "newest": newest, "encrypted": self._aead is not None}
 
     def _rows(self) -> Iterator[tuple[Any, ...]]:

@@ -28,9 +28,10 @@ def test_rows_round_trip_with_owner_only_files(tmp_path: Path) -> None:
         assert got.ids.tolist() == [*ids, ids[-1] + 1]
         assert got.y.tolist() == [0, 1, 1, 2] and got.x[:, 0].tolist() == [1, 2, 3, 4]
         assert got.models == ["m@1", "m@1", "m@1", "m@2"]  # which model answered each
-        s = st.stats()
+        s = st.stats(by_model=True)
         assert s["by_source"] == {"api": 3, "serial": 1}
         assert s["by_model"] == {"m@1": 3, "m@2": 1} and list(s["by_model"]) == ["m@1", "m@2"]
+        assert "by_model" not in st.stats()  # the telemetry loop's call does not scan for it
         assert s["by_class"] == {"0": 1, "1": 2, "2": 1} and s["total"] == 4
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
